@@ -1,0 +1,1 @@
+"""keywatch features package."""

@@ -1,0 +1,151 @@
+"""The public event contract: what a gateway reports for every call made with a key.
+
+Validation lives here, at the edge, so that everything behind it (features, models,
+rules) can trust its input. A bad event is refused whole with a message that names
+the field; unknown fields are ignored so that gateways can send more than we read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_FUTURE_SKEW_S = 24 * 3600
+"""Events stamped more than a day in the future are refused: clocks are never that wrong."""
+
+MAX_BATCH_EVENTS = 1000
+"""Largest batch accepted by `POST /v1/events:batch`."""
+
+ShortStr = Annotated[str, Field(max_length=256)]
+UserAgentStr = Annotated[str, Field(max_length=2048)]
+
+
+def parse_timestamp(value: Any, *, now: float | None = None) -> float:
+    """Turn an RFC 3339 string or epoch seconds into epoch seconds (UTC).
+
+    Naive RFC 3339 strings are read as UTC. Raises ValueError with a readable reason.
+    """
+    if value is None:
+        return time.time() if now is None else now
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be an RFC 3339 string or epoch seconds, not a boolean")
+    if isinstance(value, int | float):
+        ts = float(value)
+    elif isinstance(value, datetime):
+        ts = (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            ts = float(text)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValueError(
+                    f"timestamp {value!r} is neither RFC 3339 nor epoch seconds"
+                ) from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            ts = parsed.timestamp()
+    else:
+        raise ValueError("timestamp must be an RFC 3339 string or epoch seconds")
+    if not math.isfinite(ts) or ts < 0:
+        raise ValueError("timestamp must be a finite, non-negative time")
+    reference = time.time() if now is None else now
+    if ts > reference + MAX_FUTURE_SKEW_S:
+        raise ValueError("timestamp is more than a day in the future")
+    return ts
+
+
+class Event(BaseModel):
+    """One call made with an API key, as reported by the gateway.
+
+    `timestamp` is normalised to epoch seconds (float, UTC). The raw `api_key` is only
+    ever used to derive the HMAC `key_id`; it is excluded from every dump of the model.
+    """
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, frozen=True)
+
+    api_key: str = Field(min_length=1, max_length=512, exclude=True, repr=False)
+    timestamp: float = Field(default_factory=time.time)
+    endpoint: ShortStr = "/"
+    method: Annotated[str, Field(max_length=16)] = "POST"
+    status: int = Field(default=200, ge=100, le=599)
+    tokens: int = Field(default=0, ge=0, le=100_000_000)
+    prompt_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
+    completion_tokens: int | None = Field(default=None, ge=0, le=100_000_000)
+    latency_ms: float = Field(default=0.0, ge=0.0, le=86_400_000.0, allow_inf_nan=False)
+    source_ip: str | None = Field(default=None, max_length=64)
+    user_agent: UserAgentStr = ""
+    model: ShortStr | None = None
+    country: Annotated[str, Field(min_length=2, max_length=2)] | None = None
+    asn: ShortStr | None = None
+    lat: float | None = Field(default=None, ge=-90.0, le=90.0, allow_inf_nan=False)
+    lon: float | None = Field(default=None, ge=-180.0, le=180.0, allow_inf_nan=False)
+    event_id: ShortStr | None = None
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _parse_timestamp(cls, value: Any) -> float:
+        return parse_timestamp(value)
+
+    @field_validator("source_ip")
+    @classmethod
+    def _check_ip(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"source_ip {value!r} is not an IPv4 or IPv6 address") from None
+
+    @field_validator("country")
+    @classmethod
+    def _upper_country(cls, value: str | None) -> str | None:
+        return value.upper() if value else value
+
+    @field_validator("method")
+    @classmethod
+    def _upper_method(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("asn", mode="before")
+    @classmethod
+    def _asn_to_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _fill_tokens(self) -> Event:
+        if self.tokens == 0 and (self.prompt_tokens or self.completion_tokens):
+            object.__setattr__(
+                self, "tokens", (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+            )
+        if (self.lat is None) != (self.lon is None):
+            raise ValueError("lat and lon must be given together")
+        return self
+
+    @property
+    def is_auth_failure(self) -> bool:
+        return self.status in (401, 403)
+
+    @property
+    def is_failure(self) -> bool:
+        return self.status >= 400
+
+
+class EventBatch(BaseModel):
+    """A list of events scored in input order; refused whole if any event is bad."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    events: list[Event] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
+
+
+def event_time_iso(ts: float) -> str:
+    """Epoch seconds as an RFC 3339 UTC string with a `Z` suffix."""
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,1 @@
+"""keywatch serving package."""
