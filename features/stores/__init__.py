@@ -1,0 +1,1 @@
+"""State stores: one interface, an in-memory and a Redis backend."""

@@ -1,0 +1,80 @@
+"""The state-store interface: a tiny, generic operation set applied atomically per entity.
+
+Features are defined once, in Python (`features.extractor`). They need a handful of
+primitive updates on per-entity state — time-bucketed counters, "last seen" fields,
+distinct members over a window, novelty — and read-backs of the same. Expressing them as
+a list of generic operations lets one definition run on any backend: the memory store
+applies them with dicts, the Redis store ships the same list to a Lua script, so an event
+costs one atomic round trip however many counters it touches.
+
+Entities are `(kind, id)` pairs such as `("k", key_id)` or `("ip", "203.0.113.9")`.
+Every hash value is a string (as in Redis); callers parse what they read.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Operation codes. Each op is a tuple (code, *args); results come back in the same order.
+GET = "get"  # (GET, field) -> str | None
+SET = "set"  # (SET, field, value: str) -> None
+DEL = "del"  # (DEL, field) -> None
+INCR = "incr"  # (INCR, field, amount: float) -> float (new value)
+RING_ADD = "ring_add"  # (RING_ADD, name, slot, stamp, amount) -> float | None (None: too late)
+RING_GET = "ring_get"  # (RING_GET, name, slot, stamp) -> float (0.0 when the slot is stale)
+RING_SUM = "ring_sum"  # (RING_SUM, name, size, stamp_lo, stamp_hi) -> float over live slots
+EWM = "ewm"  # (EWM, name, x, alpha) -> None; updates name:m, name:v, name:n
+RECENT_ADD = "recent_add"  # (RECENT_ADD, zname, member, ts, window_s, cap) -> int distinct
+RECENT_COUNT = "recent_count"  # (RECENT_COUNT, zname, ts, window_s) -> int distinct
+SEEN_ADD = "seen_add"  # (SEEN_ADD, zname, member, ts, cap) -> int (1 if new, else 0)
+
+OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
+    RECENT_ADD, RECENT_COUNT, SEEN_ADD)
+
+Op = tuple[Any, ...]
+
+
+class StoreError(RuntimeError):
+    """The state store failed; no operation of the failing request was applied."""
+
+
+@dataclass(slots=True)
+class EntityOps:
+    """Operations applied atomically, in order, to one entity's state."""
+
+    kind: str
+    entity_id: str
+    ops: list[Op] = field(default_factory=list)
+
+    def add(self, *op: Any) -> int:
+        """Append an op and return the index of its result."""
+        self.ops.append(op)
+        return len(self.ops) - 1
+
+
+class StateStore(ABC):
+    """Per-entity state shared by every scorer that uses the same store."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
+        """Apply each entity's ops atomically and return their results.
+
+        All requests go in one round trip where the backend has one. Each entity's ops
+        are atomic; different entities are independent (they may live on different
+        Redis Cluster nodes).
+        """
+
+    @abstractmethod
+    def ping(self) -> bool:
+        """True when the store is reachable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or files."""
+
+    def describe(self) -> str:
+        return self.name

@@ -1,0 +1,188 @@
+"""The HTTP API: gateways POST events and get decisions back.
+
+`create_app` builds everything from `Settings`; it is the only place (with the CLI) that
+reads configuration. All scoring goes through the one `Scorer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from features.contract import Event
+from features.keys import KeyHasher
+from features.stores.base import StoreError
+from serving.decision import Decision
+from serving.scorer import Scorer
+from serving.settings import Settings
+from serving.stores import open_store
+
+log = logging.getLogger("keywatch")
+
+_EVENT_LIST = TypeAdapter(list[Event])
+
+
+class BadRequest(Exception):
+    """A request refused before anything was applied."""
+
+    def __init__(self, status: int, message: str, detail: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail or []
+
+
+def _field_errors(errors: list[Any], drop_prefix: int = 0) -> list[dict[str, Any]]:
+    """Pydantic errors as `{field, message}` pairs with a dotted field path."""
+    out = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())][drop_prefix:]
+        msg = err.get("msg", "invalid")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        out.append({"field": ".".join(loc) or "body", "message": msg, "type": err.get("type")})
+    return out
+
+
+def _summary(detail: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{d['field']}: {d['message']}" for d in detail[:5])
+
+
+def get_scorer(request: Request) -> Scorer:
+    return request.app.state.scorer
+
+
+ScorerDep = Annotated[Scorer, Depends(get_scorer)]
+
+
+def build_scorer(settings: Settings) -> Scorer:
+    store = open_store(
+        settings.store,
+        namespace=settings.redis_namespace,
+        timeout_s=settings.redis_timeout_s,
+        memory_max_entities=settings.memory_max_entities,
+    )
+    return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run)
+
+
+def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
+    settings = settings or Settings()
+    scorer = scorer or build_scorer(settings)
+    if settings.insecure_secret:
+        log.warning("development mode: key ids use a built-in, insecure secret")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        try:
+            scorer.flush()
+        finally:
+            scorer.store.close()
+
+    app = FastAPI(
+        title="keywatch",
+        version="0.1.0",
+        summary="Behavioural anomaly detection and graduated response for API keys",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.scorer = scorer
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = _field_errors(list(exc.errors()), drop_prefix=1)
+        if any(d["type"] == "json_invalid" for d in detail):
+            return JSONResponse(status_code=400, content={
+                "error": "the request body is not valid JSON", "detail": detail})
+        return JSONResponse(status_code=422, content=jsonable_encoder(
+            {"error": f"invalid event: {_summary(detail)}", "detail": detail}))
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse(status_code=exc.status,
+                            content={"error": exc.message, "detail": exc.detail})
+
+    @app.exception_handler(StoreError)
+    async def _store_down(_: Request, exc: StoreError) -> JSONResponse:
+        log.error("state store error: %s", exc)
+        return JSONResponse(status_code=503, content={"error": "state store unavailable"})
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Alive: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(scorer: ScorerDep) -> JSONResponse:
+        """Ready: the state store answers and the models are loaded."""
+        store_ok = scorer.store.ping()
+        body = {
+            "status": "ready" if store_ok else "degraded",
+            "store": {"backend": scorer.store.describe(), "reachable": store_ok},
+            "models": scorer.model_versions(),
+            "dry_run": scorer.dry_run,
+        }
+        return JSONResponse(status_code=200 if store_ok else 503, content=body)
+
+    @app.post("/v1/events", tags=["scoring"], response_model=Decision)
+    def score_event(event: Event, scorer: ScorerDep) -> Decision:
+        """Score one event and return the decision for it."""
+        return scorer.score(event)
+
+    @app.post(
+        "/v1/events:batch",
+        tags=["scoring"],
+        response_model=list[Decision],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {
+                    "oneOf": [
+                        {"type": "array", "items": {"$ref": "#/components/schemas/Event"},
+                         "maxItems": settings.max_batch_events},
+                        {"type": "object", "required": ["events"], "properties": {
+                            "events": {"type": "array",
+                                       "items": {"$ref": "#/components/schemas/Event"},
+                                       "maxItems": settings.max_batch_events}}},
+                    ]}}},
+            }
+        },
+    )
+    async def score_batch(request: Request) -> list[Decision]:
+        """Score a list of events in order; a batch with one bad event is refused whole."""
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            raise BadRequest(413, f"request body over {settings.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(400, f"the request body is not valid JSON: {exc}") from None
+        items = body.get("events") if isinstance(body, dict) else body
+        if not isinstance(items, list):
+            raise BadRequest(422, "the body must be a list of events or {\"events\": [...]}")
+        if len(items) > settings.max_batch_events:
+            raise BadRequest(413, f"batch of {len(items)} events is over the limit of "
+                                  f"{settings.max_batch_events}")
+        if not items:
+            raise BadRequest(422, "the batch is empty")
+        try:
+            events = _EVENT_LIST.validate_python(items)
+        except ValidationError as exc:
+            detail = _field_errors(list(exc.errors()))
+            first = detail[0]["field"].split(".", 1)[0]
+            raise BadRequest(422, f"event {first} is invalid, batch refused: "
+                                  f"{_summary(detail)}", detail) from None
+        scorer: Scorer = request.app.state.scorer
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(scorer.score_many, events)
+
+    return app

@@ -1,0 +1,101 @@
+"""The `keywatch` command line: one verb per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from serving.settings import Settings, SettingsError
+
+    overrides: dict[str, object] = {}
+    if getattr(args, "dev", False):
+        overrides["env"] = "development"
+    if getattr(args, "store", None):
+        overrides["store"] = args.store
+    if getattr(args, "model_dir", None):
+        overrides["model_dir"] = args.model_dir
+    if getattr(args, "dry_run", False):
+        overrides["dry_run"] = True
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except (SettingsError, ValidationError) as exc:
+        msg = str(exc)
+        if isinstance(exc, ValidationError):
+            msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        print(f"keywatch: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings = _settings(args)
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from serving.app import build_scorer
+    from serving.replay import replay
+
+    settings = _settings(args)
+    if not args.events.exists():
+        print(f"keywatch: no such events file: {args.events}", file=sys.stderr)
+        return 2
+    scorer = build_scorer(settings)
+    out_path: Path = args.out
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        summary = replay(scorer, args.events, out, progress=not args.quiet)
+    os.replace(tmp, out_path)
+    scorer.store.close()
+    print(json.dumps({"replay": summary.as_dict(), "out": str(out_path)}), file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keywatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--store", help="'memory' (default) or a redis:// URL")
+    serve.add_argument("--model-dir", type=Path)
+    serve.add_argument("--dev", action="store_true",
+                       help="development mode: allow running without KEYWATCH_SECRET")
+    serve.add_argument("--dry-run", action="store_true", help="score and alert, never enforce")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    rep = sub.add_parser("replay", help="score an events file through the pipeline")
+    rep.add_argument("events", type=Path, help="JSONL or Parquet events")
+    rep.add_argument("--out", type=Path, required=True, help="decisions, one JSON line each")
+    rep.add_argument("--store", help="'memory' (default) or a redis:// URL")
+    rep.add_argument("--model-dir", type=Path)
+    rep.add_argument("--dev", action="store_true")
+    rep.add_argument("--dry-run", action="store_true")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

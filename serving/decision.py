@@ -1,0 +1,54 @@
+"""The decision keywatch returns for an event: what to do, how sure, and why."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Severity = Literal["none", "low", "medium", "high", "critical"]
+SEVERITIES: tuple[str, ...] = ("none", "low", "medium", "high", "critical")
+Verdict = Literal["allow", "throttle", "block"]
+ActionType = Literal["none", "log", "alert", "throttle", "temp_ban", "perm_ban", "refuse"]
+
+
+def severity_rank(severity: str) -> int:
+    return SEVERITIES.index(severity)
+
+
+def max_severity(*severities: str) -> str:
+    return max(severities, key=severity_rank, default="none")
+
+
+class Reason(BaseModel):
+    """One reason behind a decision: a stable code, how bad, a sentence, the numbers."""
+
+    code: str
+    severity: Severity
+    message: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["active", "monitor"] = "active"
+
+
+class Action(BaseModel):
+    """What the gateway should do with this key (or address) now."""
+
+    type: ActionType = "none"
+    scope: Literal["key", "ip"] | None = None
+    until: str | None = None
+    retry_after_s: int | None = None
+    limit_per_min: int | None = None
+
+
+class Decision(BaseModel):
+    """The answer to one event; contains the key id, never the raw key."""
+
+    key_id: str
+    decision: Verdict
+    severity: Severity
+    score: float = Field(ge=0.0, le=1.0)
+    reasons: list[Reason] = Field(default_factory=list)
+    action: Action = Field(default_factory=Action)
+    model_versions: dict[str, str | None] = Field(default_factory=dict)
+    event_time: str | None = None
+    dry_run: bool = False

@@ -1,0 +1,53 @@
+"""Service settings, read from `KEYWATCH_*` environment variables by entry points only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "keywatch-development-secret-do-not-use-in-production"
+
+
+class SettingsError(ValueError):
+    """The settings are unusable; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Library code takes parameters, not these."""
+
+    model_config = SettingsConfigDict(env_prefix="KEYWATCH_", extra="ignore")
+
+    env: Literal["development", "production"] = "production"
+    secret: str | None = Field(default=None, repr=False)
+    admin_token: str | None = Field(default=None, repr=False)
+    store: str = "memory"
+    redis_namespace: str = "kw"
+    redis_timeout_s: float = 0.5
+    model_dir: Path | None = None
+    data_dir: Path = Path("var")
+    dry_run: bool = False
+    max_batch_events: int = 1000
+    max_body_bytes: int = 4 * 1024 * 1024
+    memory_max_entities: int = 200_000
+
+    @model_validator(mode="after")
+    def _require_secret(self) -> Settings:
+        if not self.secret:
+            if self.env != "development":
+                raise SettingsError(
+                    "KEYWATCH_SECRET is not set: keywatch needs a server secret to derive key "
+                    "ids from API keys. Set KEYWATCH_SECRET (e.g. `openssl rand -hex 32`), or "
+                    "run in development mode (KEYWATCH_ENV=development or `keywatch serve "
+                    "--dev`) to use a built-in, insecure secret."
+                )
+            self.secret = DEV_SECRET
+        elif self.env != "development" and len(self.secret) < 16:
+            raise SettingsError("KEYWATCH_SECRET must be at least 16 characters long")
+        return self
+
+    @property
+    def insecure_secret(self) -> bool:
+        return self.secret == DEV_SECRET

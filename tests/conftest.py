@@ -1,0 +1,52 @@
+"""Shared fixtures: a real Redis server process, the real app over HTTP, test secrets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from features.stores.redis_server import LocalRedisServer
+from serving.app import create_app
+from serving.settings import Settings
+
+TEST_SECRET = "test-secret-0123456789abcdef"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedisServer]:
+    server = LocalRedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedisServer) -> Iterator[str]:
+    """A clean database on the shared test server."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield redis_server.url
+    client.close()
+
+
+def make_settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {"secret": TEST_SECRET, "admin_token": ADMIN_TOKEN}
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c

@@ -1,0 +1,136 @@
+"""The memory store and the Redis store apply the generic ops identically.
+
+The Redis side runs against a real redis-server process.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from features.stores.base import (
+    DEL,
+    EWM,
+    GET,
+    INCR,
+    RECENT_ADD,
+    RECENT_COUNT,
+    RING_ADD,
+    RING_GET,
+    RING_SUM,
+    SEEN_ADD,
+    SET,
+    EntityOps,
+    StoreError,
+)
+from features.stores.memory import MemoryStore
+from features.stores.redis_store import RedisStore
+
+
+def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
+    ops: list[tuple[object, ...]] = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.choice(["get", "set", "del", "incr", "ring", "ring_get", "ring_sum", "ewm",
+                           "recent", "recent_count", "seen"])
+        stamp = int(ts // 60) - rng.randint(-1, 3)
+        if kind == "get":
+            ops.append((GET, rng.choice(["a", "b", "c"])))
+        elif kind == "set":
+            ops.append((SET, rng.choice(["a", "b"]), str(rng.randint(0, 9))))
+        elif kind == "del":
+            ops.append((DEL, rng.choice(["a", "b", "c"])))
+        elif kind == "incr":
+            ops.append((INCR, "c", rng.choice([1, 2.5, -1])))
+        elif kind == "ring":
+            ops.append((RING_ADD, "r", stamp % 8, stamp, rng.choice([1, 3, 0.5])))
+        elif kind == "ring_get":
+            ops.append((RING_GET, "r", stamp % 8, stamp))
+        elif kind == "ring_sum":
+            ops.append((RING_SUM, "r", 8, stamp - rng.randint(0, 9), stamp))
+        elif kind == "ewm":
+            ops.append((EWM, "e", rng.uniform(0, 10), 0.1))
+            ops.append((GET, "e:m"))
+            ops.append((GET, "e:v"))
+        elif kind == "recent":
+            ops.append((RECENT_ADD, "z", f"m{rng.randint(0, 12)}", ts, 300, 6))
+        elif kind == "recent_count":
+            ops.append((RECENT_COUNT, "z", ts, 120))
+        else:
+            ops.append((SEEN_ADD, "s", f"m{rng.randint(0, 8)}", ts, 5))
+    return ops
+
+
+def normalise(results: list[list[object]]) -> list[list[object]]:
+    out = []
+    for res in results:
+        row = []
+        for v in res:
+            row.append(round(float(v), 9) if isinstance(v, (int, float)) or (
+                isinstance(v, str) and v.replace(".", "", 1).replace("-", "", 1).replace(
+                    "e", "", 1).isdigit()) else v)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_memory_and_redis_give_the_same_results(redis_url: str, seed: int) -> None:
+    rng = random.Random(seed)
+    mem, red = MemoryStore(), RedisStore(redis_url, namespace=f"eq{seed}")
+    ts = 1_700_000_000.0
+    for _ in range(300):
+        ts += rng.uniform(0, 40)
+        reqs = []
+        for ent in rng.sample(["x", "y", "z"], k=rng.randint(1, 2)):
+            reqs.append(EntityOps("k", ent, random_ops(rng, ts)))
+        assert normalise(mem.execute(reqs)) == normalise(red.execute(reqs))
+    red.close()
+
+
+def test_one_round_trip_per_event_and_hash_tagged_keys(redis_url: str) -> None:
+    import redis
+
+    store = RedisStore(redis_url, namespace="rt")
+    store.execute([EntityOps("k", "warm", [(INCR, "n", 1)])])  # loads the script
+    before = store.round_trips
+    for i in range(10):
+        store.execute([EntityOps("k", "abc", [(INCR, "n", 1), (RECENT_ADD, "ips", f"1.1.1.{i}",
+                                                            1e9 + i, 60, 10)]),
+                       EntityOps("ip", "1.2.3.4", [(INCR, "n", 1)])])
+    assert store.round_trips - before == 10
+    keys = sorted(redis.Redis.from_url(redis_url, decode_responses=True).keys("rt:*"))
+    assert keys == ["rt:{ip:1.2.3.4}:h", "rt:{k:abc}:h", "rt:{k:abc}:z:ips", "rt:{k:warm}:h"]
+    ttl = redis.Redis.from_url(redis_url).ttl("rt:{k:abc}:h")
+    assert 0 < ttl <= store.idle_ttl_s
+
+
+def test_a_script_flush_is_recovered_without_double_applying(redis_url: str) -> None:
+    import redis
+
+    store = RedisStore(redis_url, namespace="fl")
+    store.execute([EntityOps("k", "a", [(INCR, "n", 1)])])
+    redis.Redis.from_url(redis_url).script_flush()
+    res = store.execute([EntityOps("k", "a", [(INCR, "n", 1)])])
+    assert res == [[2.0]]
+
+
+def test_unreachable_redis_is_a_clear_store_error() -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", timeout_s=0.2)
+    assert store.ping() is False
+    with pytest.raises(StoreError, match="redis store failed"):
+        store.execute([EntityOps("k", "a", [(INCR, "n", 1)])])
+
+
+def test_bad_op_is_refused_before_anything_is_applied() -> None:
+    store = MemoryStore()
+    with pytest.raises(StoreError, match="unknown store operation"):
+        store.execute([EntityOps("k", "a", [(INCR, "n", 1), ("explode",)])])
+    assert store.execute([EntityOps("k", "a", [(GET, "n")])]) == [[None]]
+
+
+def test_memory_store_is_bounded() -> None:
+    store = MemoryStore(max_entities=1000)
+    for i in range(5000):
+        store.execute([EntityOps("ip", f"10.0.{i // 256}.{i % 256}", [(INCR, "n", 1)])])
+    assert len(store) == 1000
+    assert store.evictions == 4000
