@@ -21,6 +21,7 @@ from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.base import StoreError
 from serving.decision import Decision
+from serving.event_log import EventLog
 from serving.scorer import Scorer
 from serving.settings import Settings
 from serving.stores import open_store
@@ -78,13 +79,22 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     scorer = scorer or build_scorer(settings)
     if settings.insecure_secret:
         log.warning("development mode: key ids use a built-in, insecure secret")
+    event_log = (
+        EventLog(settings.data_dir / "events",
+                 retention_days=settings.event_log_retention_days)
+        if settings.event_log else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        if event_log is not None:
+            event_log.prune()
         yield
         try:
             scorer.flush()
         finally:
+            if event_log is not None:
+                event_log.flush()
             scorer.store.close()
 
     app = FastAPI(
@@ -95,6 +105,12 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     )
     app.state.settings = settings
     app.state.scorer = scorer
+    app.state.event_log = event_log
+
+    def record(events: list[Event], decisions: list[Decision]) -> None:
+        if event_log is not None:
+            for event, decision in zip(events, decisions, strict=True):
+                event_log.append(event, decision.key_id)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,13 +145,16 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             "store": {"backend": scorer.store.describe(), "reachable": store_ok},
             "models": scorer.model_versions(),
             "dry_run": scorer.dry_run,
+            "event_log": event_log.status() if event_log is not None else None,
         }
         return JSONResponse(status_code=200 if store_ok else 503, content=body)
 
     @app.post("/v1/events", tags=["scoring"], response_model=Decision)
     def score_event(event: Event, scorer: ScorerDep) -> Decision:
         """Score one event and return the decision for it."""
-        return scorer.score(event)
+        decision = scorer.score(event)
+        record([event], [decision])
+        return decision
 
     @app.post(
         "/v1/events:batch",
@@ -183,6 +202,8 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         scorer: Scorer = request.app.state.scorer
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(scorer.score_many, events)
+        decisions = await run_in_threadpool(scorer.score_many, events)
+        record(events, decisions)
+        return decisions
 
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -36,7 +38,8 @@ def redis_url(redis_server: LocalRedisServer) -> Iterator[str]:
 
 
 def make_settings(**overrides: object) -> Settings:
-    base: dict[str, object] = {"secret": TEST_SECRET, "admin_token": ADMIN_TOKEN}
+    base: dict[str, object] = {"secret": TEST_SECRET, "admin_token": ADMIN_TOKEN,
+                               "data_dir": Path(tempfile.mkdtemp(prefix="keywatch-test-"))}
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
 
