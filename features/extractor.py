@@ -24,7 +24,7 @@ from typing import Any
 
 from features.contract import Event
 from features.stores.base import EWM, GET, RECENT_ADD, EntityOps
-from features.windows import WINDOWS, Window, add_counter_ops, read_window_ops, window_value
+from features.windows import WINDOWS, Window, counter_ops, ring_window
 
 KEY = "k"
 IP = "ip"
@@ -40,13 +40,13 @@ DISTINCT_CAP = 512
 EPS = 1e-9
 
 COUNTER_METRICS = ("requests", "tokens", "errors", "auth_fails")
-KEY_WINDOWED = {
+_KEY_WINDOWS = {
     "requests": ("count", WINDOWS),
     "tokens": ("sum", WINDOWS),
     "errors": ("count", WINDOWS),
     "auth_fails": ("count", (WINDOWS[1],)),
 }
-IP_WINDOWED = {
+_IP_WINDOWS = {
     "requests": ("count", WINDOWS[:3]),
     "tokens": ("sum", WINDOWS[:3]),
     "errors": ("count", WINDOWS[1:2]),
@@ -63,6 +63,16 @@ def windowed_name(metric: str, agg: str, entity: str, window: Window) -> str:
     singular = {"requests": "requests", "tokens": "tokens", "errors": "errors",
                 "auth_fails": "auth_fail"}[metric]
     return f"{singular}_{agg}_by_{entity}_{window.label}"
+
+
+def _windowed(spec: dict[str, tuple[str, tuple[Window, ...]]],
+              entity: str) -> dict[tuple[str, Window], str]:
+    return {(metric, w): windowed_name(metric, agg, entity, w)
+            for metric, (agg, windows) in spec.items() for w in windows}
+
+
+KEY_WINDOWED = _windowed(_KEY_WINDOWS, "key")
+IP_WINDOWED = _windowed(_IP_WINDOWS, "ip")
 
 
 @dataclass(slots=True)
@@ -107,26 +117,15 @@ class FeatureExtractor:
         key_ops = EntityOps(KEY, key_id)
         ip_ops = EntityOps(IP, event.source_ip) if event.source_ip else None
         plan = Plan(event=event, key_id=key_id, key_ops=key_ops, ip_ops=ip_ops)
-        amounts = {
-            "requests": 1.0,
-            "tokens": float(event.tokens),
-            "errors": 1.0 if event.is_failure else 0.0,
-            "auth_fails": 1.0 if event.is_auth_failure else 0.0,
-        }
-        for ops, idx, windowed, entity in (
-            (key_ops, plan.key_idx, KEY_WINDOWED, "key"),
-            (ip_ops, plan.ip_idx, IP_WINDOWED, "ip"),
-        ):
-            if ops is None:
-                continue
-            for metric, amount in amounts.items():
-                if amount:
-                    add_counter_ops(ops, metric, ts, amount)
-            for metric, (agg, windows) in windowed.items():
-                for window in windows:
-                    idx[windowed_name(metric, agg, entity, window)] = read_window_ops(
-                        ops, metric, ts, window
-                    )
+        amounts = (
+            1.0,
+            float(event.tokens),
+            1.0 if event.is_failure else 0.0,
+            1.0 if event.is_auth_failure else 0.0,
+        )
+        plan.key_idx["counters"] = counter_ops(key_ops, ts, amounts)
+        if ip_ops is not None:
+            plan.ip_idx["counters"] = counter_ops(ip_ops, ts, amounts)
         if event.source_ip:
             plan.key_idx["distinct_ips"] = key_ops.add(
                 RECENT_ADD, "ips", event.source_ip, ts, 3600, DISTINCT_CAP
@@ -149,18 +148,18 @@ class FeatureExtractor:
         ip_res = results[1] if plan.ip_ops is not None else None
         v: dict[str, float] = {}
 
-        for windowed, entity, idx, res in (
-            (KEY_WINDOWED, "key", plan.key_idx, key_res),
-            (IP_WINDOWED, "ip", plan.ip_idx, ip_res),
+        width = len(COUNTER_METRICS)
+        for windowed, idx, res in (
+            (KEY_WINDOWED, plan.key_idx, key_res),
+            (IP_WINDOWED, plan.ip_idx, ip_res),
         ):
-            for metric, (agg, windows) in windowed.items():
-                for window in windows:
-                    name = windowed_name(metric, agg, entity, window)
-                    if res is None:
-                        v[name] = 0.0
-                        continue
-                    whole, edge = idx[name]
-                    v[name] = window_value(ts, window, res[whole], res[edge])
+            rings = (res[idx["counters"][0]], res[idx["counters"][1]]) if res else None
+            for (metric, window), name in windowed.items():
+                if rings is None:
+                    v[name] = 0.0
+                    continue
+                ring = rings[0] if window.bucket_s == 60 else rings[1]
+                v[name] = ring_window(ts, window, ring, width, COUNTER_METRICS.index(metric))
 
         v["failure_ratio_by_key_5m"] = _ratio(v["errors_count_by_key_5m"],
                                               v["requests_count_by_key_5m"])

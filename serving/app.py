@@ -207,3 +207,8 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         return decisions
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory serving.app:app_from_env` (settings from env)."""
+    return create_app(Settings())

@@ -64,6 +64,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving.bench import format_report, run_bench
+
+    report = run_bench(size=args.size, out=args.out, redis_url=args.redis,
+                       http=not args.no_http, rss=not args.no_rss)
+    print(format_report(report))
+    print(f"\nwritten to {args.out}" if args.out else "")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keywatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=cmd_replay)
+
+    bench = sub.add_parser("bench", help="speed of every path, as ratios against baselines")
+    bench.add_argument("--size", choices=["smoke", "full"], default="full")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    bench.add_argument("--redis", help="use this Redis instead of starting a local one")
+    bench.add_argument("--no-http", action="store_true")
+    bench.add_argument("--no-rss", action="store_true")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from features.contract import Event
 from features.keys import KeyHasher
 from tests.conftest import TEST_SECRET
 
@@ -121,9 +122,9 @@ def test_batch_with_one_bad_event_is_refused_whole(
     # nothing was applied: the good key's first event now is still its first
     first = client.post("/v1/events", json=good).json()
     assert first["severity"] == "none"
-    snapshot = client.app.state.scorer.store  # type: ignore[attr-defined]
-    key_id = KeyHasher(TEST_SECRET).key_id("sk-batch-good")
-    assert snapshot._entities[("k", key_id)].hash["requests:m:" + str((T0 // 60) % 8)] == "1"
+    scorer = client.app.state.scorer  # type: ignore[attr-defined]
+    _, features = scorer.score_with_features(Event.model_validate(good))
+    assert features["requests_count_by_key_1m"] == 2  # the refused batch counted nothing
 
 
 def test_non_json_bodies_are_refused(client: TestClient) -> None:

@@ -134,3 +134,20 @@ def test_memory_store_is_bounded() -> None:
         store.execute([EntityOps("ip", f"10.0.{i // 256}.{i % 256}", [(INCR, "n", 1)])])
     assert len(store) == 1000
     assert store.evictions == 4000
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_counter_rings_agree_including_late_events(redis_url: str, seed: int) -> None:
+    from features.stores.base import COUNTERS
+
+    rng = random.Random(seed)
+    mem, red = MemoryStore(), RedisStore(redis_url, namespace=f"ring{seed}")
+    stamp = 1000
+    for _ in range(400):
+        stamp += rng.choice([0, 0, 1, 2, 9])
+        at = stamp - rng.choice([0, 0, 0, 1, 3, 12])  # some events arrive late
+        amounts = f"1,{rng.randint(0, 5000)},{rng.randint(0, 1)},0.5"
+        req = [EntityOps("k", "r", [(COUNTERS, "cm", 8, at, amounts)])]
+        a, b = mem.execute(req), red.execute(req)
+        assert a == b
+        assert len(a[0][0]) == 8 * 4

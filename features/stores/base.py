@@ -26,15 +26,22 @@ INCR = "incr"  # (INCR, field, amount: float) -> float (new value)
 RING_ADD = "ring_add"  # (RING_ADD, name, slot, stamp, amount) -> float | None (None: too late)
 RING_GET = "ring_get"  # (RING_GET, name, slot, stamp) -> float (0.0 when the slot is stale)
 RING_SUM = "ring_sum"  # (RING_SUM, name, size, stamp_lo, stamp_hi) -> float over live slots
+COUNTERS = "counters"  # (COUNTERS, ring, size, stamp, "a1,a2,...") -> list[float], see below
 EWM = "ewm"  # (EWM, name, x, alpha) -> None; updates name:m, name:v, name:n
 RECENT_ADD = "recent_add"  # (RECENT_ADD, zname, member, ts, window_s, cap) -> int distinct
 RECENT_COUNT = "recent_count"  # (RECENT_COUNT, zname, ts, window_s) -> int distinct
 SEEN_ADD = "seen_add"  # (SEEN_ADD, zname, member, ts, cap) -> int (1 if new, else 0)
 
-OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
+OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, COUNTERS, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD)
 
 Op = tuple[Any, ...]
+
+# COUNTERS is the workhorse of windowed features: a ring of `size` time buckets, each
+# holding a vector of counters. It adds the amounts to the bucket of `stamp` (unless that
+# bucket was already reused for a newer stamp: the event is too late for this ring) and
+# returns the ring as seen from `stamp`: size * len(amounts) numbers, oldest bucket first,
+# zeros for buckets that hold another stamp.
 
 
 class StoreError(RuntimeError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from features.stores.base import (
+    COUNTERS,
     DEL,
     EWM,
     GET,
@@ -35,6 +36,7 @@ from features.stores.base import (
 class _EntityState:
     hash: dict[str, str] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
+    rings: dict[str, list[list[float] | None]] = field(default_factory=dict)
     last_ts: float = 0.0
 
 
@@ -147,6 +149,29 @@ class MemoryStore(StateStore):
             total += self._ring_get(s, name, stamp % size, stamp)
         return total
 
+    def _counters(self, s: _EntityState, name: str, size: int, stamp: int,
+                  amounts: str) -> list[float]:
+        ring = s.rings.get(name)
+        if ring is None:
+            ring = s.rings[name] = [None] * size
+        add = [float(a) for a in amounts.split(",")]
+        slot = stamp % size
+        held = ring[slot]
+        if held is None or held[0] < stamp:
+            ring[slot] = [float(stamp), *add]
+        elif held[0] == stamp:
+            for j, a in enumerate(add, start=1):
+                held[j] += a
+        width = len(add)
+        out: list[float] = []
+        for st in range(stamp - size + 1, stamp + 1):
+            b = ring[st % size]
+            if b is not None and b[0] == st:
+                out.extend(b[1:])
+            else:
+                out.extend([0.0] * width)
+        return out
+
     def _ewm(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
         n = float(s.hash.get(f"{name}:n", "0"))
         if n == 0:
@@ -218,6 +243,7 @@ _HANDLERS = {
     RING_GET: MemoryStore._ring_get,
     RING_SUM: MemoryStore._ring_sum,
     EWM: MemoryStore._ewm,
+    COUNTERS: MemoryStore._counters,
     RECENT_ADD: MemoryStore._recent_add,
     RECENT_COUNT: MemoryStore._recent_count,
     SEEN_ADD: MemoryStore._seen_add,

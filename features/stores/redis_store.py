@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from features.stores.base import (
+    COUNTERS,
     INCR,
     RECENT_ADD,
     RECENT_COUNT,
@@ -147,6 +148,8 @@ class RedisStore(StateStore):
                 results.append(None)
             elif code in (INCR, RING_ADD, RING_GET, RING_SUM):
                 results.append(float(value))
+            elif code == COUNTERS:
+                results.append([float(x) for x in value.split(",")])
             elif code in _ZSET_OPS:
                 results.append(int(value))
             else:

@@ -69,6 +69,57 @@ while i <= #ARGV do
     end
     out[#out + 1] = tostring(total)
     i = i + 5
+  elseif code == 'counters' then
+    local name = ARGV[i + 1]
+    local size = tonumber(ARGV[i + 2])
+    local stamp = tonumber(ARGV[i + 3])
+    local add = {}
+    for a in string.gmatch(ARGV[i + 4], '[^,]+') do add[#add + 1] = tonumber(a) end
+    local width = #add
+    local fields = {}
+    for st = stamp - size + 1, stamp do fields[#fields + 1] = name .. ':' .. tostring(st % size) end
+    local raw = redis.call('HMGET', h, unpack(fields))
+    -- raw[size] is this event's bucket
+    local cur = raw[size]
+    local vals
+    if cur then
+      vals = {}
+      for x in string.gmatch(cur, '[^,]+') do vals[#vals + 1] = tonumber(x) end
+    end
+    if (not vals) or vals[1] < stamp then
+      vals = {stamp}
+      for j = 1, width do vals[j + 1] = add[j] end
+    elseif vals[1] == stamp then
+      for j = 1, width do vals[j + 1] = vals[j + 1] + add[j] end
+    else
+      vals = nil  -- too late for this ring: the bucket holds a newer stamp
+    end
+    if vals then
+      local parts = {}
+      for j = 1, width + 1 do parts[j] = string.format('%.17g', vals[j]) end
+      local enc = table.concat(parts, ',')
+      redis.call('HSET', h, fields[size], enc)
+      raw[size] = enc
+    end
+    local outv = {}
+    for k = 1, size do
+      local b = raw[k]
+      local st = stamp - size + k
+      local got = false
+      if b then
+        local bv = {}
+        for x in string.gmatch(b, '[^,]+') do bv[#bv + 1] = x end
+        if tonumber(bv[1]) == st then
+          for j = 1, width do outv[#outv + 1] = bv[j + 1] end
+          got = true
+        end
+      end
+      if not got then
+        for j = 1, width do outv[#outv + 1] = '0' end
+      end
+    end
+    out[#out + 1] = table.concat(outv, ',')
+    i = i + 5
   elseif code == 'ewm' then
     local name = ARGV[i + 1]
     local x = tonumber(ARGV[i + 2])

@@ -1,0 +1,328 @@
+"""`keywatch bench`: the speed of every path, each as a ratio against a baseline run
+alongside it in the same process (these machines are noisy; absolute numbers are not
+comparable between runs, ratios are).
+
+Figures:
+- full pipeline in process on the memory store (baseline: event validation alone);
+- the same on a Redis store, with round trips per event (baseline: the naive approach of
+  ~27 sequential Redis calls per event);
+- single-event Isolation Forest scoring (baseline: scikit-learn's `score_samples` on one
+  row), once a model is trained;
+- HTTP `POST /v1/events` p50/p99 at concurrency 1, 16 and 64 on one worker, and the batch
+  endpoint's events/s (baseline: a FastAPI endpoint that only parses the event);
+- resident memory after many events over many keys and addresses (baseline: before).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from features.contract import Event
+from features.keys import KeyHasher
+from features.stores.base import StateStore
+from features.stores.memory import MemoryStore
+from serving.scorer import Scorer
+
+BENCH_SECRET = "keywatch-benchmark-secret-0123456789"
+T0 = 1_794_999_960.0
+
+SIZES: dict[str, dict[str, int]] = {
+    "smoke": {"pipeline": 2_000, "redis": 500, "naive": 100, "iforest": 500,
+              "http": 200, "batch": 2_000, "rss_events": 20_000, "rss_keys": 2_000},
+    "full": {"pipeline": 50_000, "redis": 10_000, "naive": 1_000, "iforest": 50_000,
+             "http": 3_000, "batch": 50_000, "rss_events": 1_000_000, "rss_keys": 100_000},
+}
+
+
+@dataclass(slots=True)
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline_name: str
+    baseline_value: float
+    target: str = ""
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float:
+        if not self.baseline_value:
+            return float("nan")
+        return self.value / self.baseline_value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": round(self.value, 3), "unit": self.unit,
+                "baseline": self.baseline_name, "baseline_value": round(self.baseline_value, 3),
+                "ratio": round(self.ratio, 3), "target": self.target}
+
+
+def synthetic_payloads(n: int, *, keys: int = 2_000, ips: int = 5_000, seed: int = 0,
+                       unique_ips: bool = False) -> list[dict[str, Any]]:
+    """Plausible gateway traffic: many keys, each from a few addresses, varied sizes."""
+    rng = np.random.default_rng(seed)
+    key_of = rng.integers(0, keys, n)
+    ip_of = np.arange(n) if unique_ips else (key_of * 7 + rng.integers(0, 3, n)) % ips
+    tokens = rng.lognormal(6.0, 1.0, n).astype(int)
+    latency = rng.lognormal(6.5, 0.5, n)
+    status = rng.choice([200, 200, 200, 200, 200, 200, 200, 200, 429, 401], n)
+    ts = T0 + np.cumsum(rng.exponential(0.01, n))
+    models = ["gpt-4o-mini", "gpt-4o", "claude-3-5-sonnet"]
+    out = []
+    for i in range(n):
+        ip_n = int(ip_of[i])
+        out.append({
+            "api_key": f"sk-bench-{int(key_of[i]):06d}", "timestamp": float(ts[i]),
+            "endpoint": "/v1/chat/completions", "status": int(status[i]),
+            "tokens": int(tokens[i]), "latency_ms": float(latency[i]),
+            "source_ip": f"{11 + ip_n // 65536 % 200}.{ip_n // 256 % 256}.{ip_n % 256}.9",
+            "user_agent": "openai-python/1.54.3", "model": models[int(key_of[i]) % 3],
+        })
+    return out
+
+
+def _rate(fn: Callable[[], int]) -> float:
+    t0 = time.perf_counter()
+    count = fn()
+    return count / (time.perf_counter() - t0)
+
+
+def make_scorer(store: StateStore, model_dir: Path | None = None) -> Scorer:
+    return Scorer(store=store, hasher=KeyHasher(BENCH_SECRET))
+
+
+def bench_pipeline(events: list[Event], store: StateStore,
+                   model_dir: Path | None = None) -> float:
+    scorer = make_scorer(store, model_dir)
+    for e in events[:200]:  # warm-up
+        scorer.score(e)
+
+    def run() -> int:
+        for e in events:
+            scorer.score(e)
+        return len(events)
+
+    return _rate(run)
+
+
+def bench_validation(payloads: list[dict[str, Any]]) -> float:
+    def run() -> int:
+        for p in payloads:
+            Event.model_validate(p)
+        return len(payloads)
+
+    return _rate(run)
+
+
+def bench_naive_redis(payloads: list[dict[str, Any]], url: str) -> tuple[float, int]:
+    """The design document's approach: one Redis call per counter, sequentially."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    hasher = KeyHasher(BENCH_SECRET)
+    calls = 0
+
+    def one(p: dict[str, Any]) -> int:
+        k = "naive:" + hasher.key_id(p["api_key"])
+        ip = "naive:ip:" + p["source_ip"]
+        n = 0
+        minute, hour = int(p["timestamp"] // 60), int(p["timestamp"] // 3600)
+        for scope, ttl in ((f"{k}:m:{minute}", 120), (f"{k}:h:{hour}", 7200),
+                           (f"{k}:d:{hour // 24}", 172800)):
+            for metric, amount in (("req", 1), ("tok", p["tokens"]),
+                                   ("err", int(p["status"] >= 400))):
+                client.incrby(f"{scope}:{metric}", amount)
+                client.expire(f"{scope}:{metric}", ttl)
+                n += 2
+        client.sadd(f"{k}:ips", p["source_ip"])
+        client.expire(f"{k}:ips", 3600)
+        client.scard(f"{k}:ips")
+        client.get(f"{k}:last_loc")
+        client.set(f"{k}:last_loc", p["source_ip"], ex=86400)
+        client.incr(f"{ip}:req")
+        client.expire(f"{ip}:req", 300)
+        client.sadd(f"{ip}:keys", k)
+        client.expire(f"{ip}:keys", 3600)
+        client.get(f"{k}:ban")
+        return n + 10
+
+    def run() -> int:
+        nonlocal calls
+        for p in payloads:
+            calls += one(p)
+        return len(payloads)
+
+    rate = _rate(run)
+    client.close()
+    return rate, round(calls / len(payloads))
+
+
+def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Figure]:
+    from features.stores.redis_server import _free_port
+    from serving.http_load import json_bodies, run_load
+
+    figures: list[Figure] = []
+    env = {**os.environ, "KEYWATCH_SECRET": BENCH_SECRET, "KEYWATCH_EVENT_LOG": "false"}
+    results: dict[str, dict[int, Any]] = {}
+    for name, target in (("baseline", "serving.trivial_app:app"),
+                         ("keywatch", "serving.app:app_from_env")):
+        port = _free_port()
+        cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port",
+               str(port), "--log-level", "warning", "--no-access-log"]
+        if name == "keywatch":
+            cmd.append("--factory")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            _wait_port(port)
+            bodies = json_bodies(payloads)
+            run_load("127.0.0.1", port, "/v1/events", bodies, total=200, concurrency=4)
+            results[name] = {}
+            for conc in (1, 16, 64):
+                results[name][conc] = run_load("127.0.0.1", port, "/v1/events", bodies,
+                                               total=sizes["http"], concurrency=conc)
+            if name == "keywatch":
+                batch = [payloads[i:i + 500] for i in range(0, sizes["batch"], 500)]
+                body = json_bodies([{"events": b} for b in batch])
+                res = run_load("127.0.0.1", port, "/v1/events:batch", body,
+                               total=len(batch), concurrency=2)
+                results["batch"] = {0: res.requests * 500 / res.seconds}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    base, kw = results["baseline"], results["keywatch"]
+    figures.append(Figure("http_p99_ms_c1", kw[1].pct(99), "ms", "parse-only p99 c1",
+                          base[1].pct(99), "<= 5 ms", higher_is_better=False))
+    figures.append(Figure("http_p50_ms_c1", kw[1].pct(50), "ms", "parse-only p50 c1",
+                          base[1].pct(50), "", higher_is_better=False))
+    for conc in (16, 64):
+        figures.append(Figure(f"http_rps_c{conc}", kw[conc].rps, "req/s",
+                              f"parse-only c{conc}", base[conc].rps,
+                              ">= 0.6 x baseline" if conc == 16 else ""))
+        figures.append(Figure(f"http_p99_ms_c{conc}", kw[conc].pct(99), "ms",
+                              f"parse-only p99 c{conc}", base[conc].pct(99), "",
+                              higher_is_better=False))
+    errors = sum(r.errors for r in kw.values())
+    figures.append(Figure("http_batch_events_per_s", results["batch"][0], "events/s",
+                          "single-event req/s c16", kw[16].rps, ">= 10,000"))
+    if errors:
+        figures.append(Figure("http_errors", errors, "count", "requests", sizes["http"] * 3))
+    return figures
+
+
+def _wait_port(port: int, timeout_s: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_rss(n_events: int, n_keys: int) -> Figure:
+    """Resident memory after n_events over n_keys keys, every event from a new address."""
+    gc.collect()
+    before = rss_mib()
+    scorer = make_scorer(MemoryStore())
+    chunk = 20_000
+    for start in tqdm(range(0, n_events, chunk), desc="rss", unit="chunk", leave=False):
+        payloads = synthetic_payloads(min(chunk, n_events - start), keys=n_keys,
+                                      seed=start, unique_ips=True)
+        for j, p in enumerate(payloads):
+            n = start + j
+            p["source_ip"] = f"{11 + n // 65536 % 200}.{n // 256 % 256}.{n % 256}.{n % 7}"
+            p["timestamp"] = T0 + n * 0.01
+            scorer.score(Event.model_validate(p))
+    gc.collect()
+    return Figure("rss_mib_after_events", rss_mib(), "MiB", "rss before", before,
+                  f"{n_events:,} events, {n_keys:,} keys, {n_events:,} addresses",
+                  higher_is_better=False)
+
+
+def run_bench(*, size: str = "smoke", out: Path | None = None,
+              redis_url: str | None = None, http: bool = True,
+              rss: bool = True) -> dict[str, Any]:
+    sizes = SIZES[size]
+    figures: list[Figure] = []
+    payloads = synthetic_payloads(sizes["pipeline"])
+    events = [Event.model_validate(p) for p in payloads]
+
+    validation = bench_validation(payloads)
+    memory = bench_pipeline(events, MemoryStore())
+    figures.append(Figure("pipeline_memory_events_per_s", memory, "events/s",
+                          "event validation alone", validation, ">= 10,000"))
+
+    server = None
+    if redis_url is None:
+        from features.stores.redis_server import LocalRedisServer
+
+        server = LocalRedisServer().start()
+        redis_url = server.url
+    try:
+        from features.stores.redis_store import RedisStore
+
+        store = RedisStore(redis_url, namespace="bench")
+        redis_events = events[: sizes["redis"]]
+        before = store.round_trips
+        redis_rate = bench_pipeline(redis_events, store)
+        trips = (store.round_trips - before) / (len(redis_events) + 200)
+        naive_rate, naive_calls = bench_naive_redis(payloads[: sizes["naive"]], redis_url)
+        figures.append(Figure("pipeline_redis_events_per_s", redis_rate, "events/s",
+                              f"naive {naive_calls} sequential calls/event", naive_rate,
+                              ">= 2,000"))
+        figures.append(Figure("redis_round_trips_per_event", trips, "round trips",
+                              "naive calls per event", naive_calls, "1",
+                              higher_is_better=False))
+        store.close()
+    finally:
+        if server is not None:
+            server.close()
+
+    if http:
+        figures.extend(bench_http(sizes, payloads))
+    if rss:
+        figures.append(bench_rss(sizes["rss_events"], sizes["rss_keys"]))
+
+    report = {
+        "size": size,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "processor": platform.machine()},
+        "figures": [f.as_dict() for f in figures],
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = ["| figure | value | baseline | baseline value | ratio | target |",
+             "|---|---|---|---|---|---|"]
+    for f in report["figures"]:
+        lines.append(f"| {f['name']} | {f['value']:,} {f['unit']} | {f['baseline']} | "
+                     f"{f['baseline_value']:,} | {f['ratio']}x | {f['target']} |")
+    return "\n".join(lines)
