@@ -16,6 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from features.contract import Event
 from features.keys import KeyHasher
@@ -149,12 +150,23 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         }
         return JSONResponse(status_code=200 if store_ok else 503, content=body)
 
-    @app.post("/v1/events", tags=["scoring"], response_model=Decision)
-    def score_event(event: Event, scorer: ScorerDep) -> Decision:
-        """Score one event and return the decision for it."""
+    def score_one(event: Event, scorer: Scorer) -> Decision:
         decision = scorer.score(event)
         record([event], [decision])
         return decision
+
+    if scorer.store.name == "memory":
+        # In-process state never blocks: score on the event loop and skip the thread hop.
+        @app.post("/v1/events", tags=["scoring"], response_model=Decision)
+        async def score_event(event: Event, scorer: ScorerDep) -> Decision:
+            """Score one event and return the decision for it."""
+            return score_one(event, scorer)
+    else:
+        # A network store blocks for a round trip: score in the thread pool.
+        @app.post("/v1/events", tags=["scoring"], response_model=Decision)
+        def score_event_blocking(event: Event, scorer: ScorerDep) -> Decision:
+            """Score one event and return the decision for it."""
+            return score_one(event, scorer)
 
     @app.post(
         "/v1/events:batch",
@@ -200,9 +212,10 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             raise BadRequest(422, f"event {first} is invalid, batch refused: "
                                   f"{_summary(detail)}", detail) from None
         scorer: Scorer = request.app.state.scorer
-        from starlette.concurrency import run_in_threadpool
-
-        decisions = await run_in_threadpool(scorer.score_many, events)
+        if scorer.store.name == "memory":
+            decisions = scorer.score_many(events)
+        else:
+            decisions = await run_in_threadpool(scorer.score_many, events)
         record(events, decisions)
         return decisions
 
