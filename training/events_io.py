@@ -1,0 +1,69 @@
+"""Load events for training: JSONL or Parquet files, or the service's own event log.
+
+Training files may carry the raw `api_key` (simulated traffic, a gateway export) or the
+`key_id` already (the service's event log never holds raw keys). Either way the loaded
+frame has a `key_id` column and no raw key, sorted by event time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from features.contract import parse_timestamp
+from features.keys import KeyHasher
+
+
+def load_events(path: Path, *, hasher: KeyHasher | None = None,
+                since: float | None = None, until: float | None = None) -> pd.DataFrame:
+    """Events from a file or an event-log directory, as a DataFrame in time order.
+
+    Raises ValueError naming the file and line when a record cannot be read, and when a
+    file holds raw keys but no hasher was given.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("date=*/*.jsonl")) or sorted(path.glob("*.jsonl")) or sorted(
+            path.glob("*.parquet"))
+    else:
+        files = [path]
+    if not files:
+        raise ValueError(f"no events found under {path}")
+    frames = []
+    for f in files:
+        if f.suffix in (".parquet", ".pq"):
+            frames.append(pd.read_parquet(f))
+            continue
+        rows = []
+        with f.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if fh.read(1) == "":
+                        break  # a torn last line after a crash
+                    raise ValueError(f"{f}:{n}: not valid JSON") from None
+        frames.append(pd.DataFrame(rows))
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if df.empty:
+        raise ValueError(f"no events found under {path}")
+    if "key_id" not in df.columns:
+        if "api_key" not in df.columns:
+            raise ValueError(f"{path}: events carry neither api_key nor key_id")
+        if hasher is None:
+            raise ValueError(f"{path}: events carry raw api keys; a key hasher is needed")
+        df["key_id"] = [hasher.key_id(str(k)) for k in df["api_key"]]
+    if "api_key" in df.columns:
+        df = df.drop(columns=["api_key"])
+    df["timestamp"] = [parse_timestamp(t, now=float("inf")) if not isinstance(t, float) else t
+                       for t in df["timestamp"]]
+    if since is not None:
+        df = df[df["timestamp"] >= since]
+    if until is not None:
+        df = df[df["timestamp"] < until]
+    return df.sort_values("timestamp", kind="stable").reset_index(drop=True)
