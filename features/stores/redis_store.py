@@ -23,12 +23,15 @@ from features.stores.base import (
     RING_GET,
     RING_SUM,
     SEEN_ADD,
+    ZITEMS,
+    ZREM,
+    ZSET,
     EntityOps,
     StateStore,
     StoreError,
 )
 
-_ZSET_OPS = (RECENT_ADD, RECENT_COUNT, SEEN_ADD)
+_ZSET_OPS = (RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS)
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 
 
@@ -147,6 +150,10 @@ class RedisStore(StateStore):
                 results.append(None)
             elif code in (INCR, RING_ADD, RING_GET, RING_SUM):
                 results.append(float(value))
+            elif code == ZITEMS:
+                results.append([[m, float(t)] for m, t in value])
+            elif code == ZSET:
+                results.append(None)
             elif code in _ZSET_OPS:
                 results.append(int(value))
             else:
