@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from serving.rules import AnyRule, RuleBase
 
@@ -171,6 +171,9 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+_RULE: TypeAdapter[RuleBase] = TypeAdapter(AnyRule)
+
+
 # ---- loading, with line numbers ------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -262,30 +265,39 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(source, [Problem(1, "", "a policy is a mapping with at least "
                                                   "'rules'")])
+    problems: list[Problem] = []
+    policy: Policy | None = None
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
             loc = tuple(err.get("loc", ()))
             msg = err.get("msg", "invalid").removeprefix("Value error, ")
             if err.get("type") == "extra_forbidden":
                 msg = f"unknown key {loc[-1]!r}"
             problems.append(Problem(_line_of(root, loc), _path(loc, data), msg))
-        raise PolicyError(source, problems) from None
-    problems = []
+    # checks across fields, on every rule that is valid on its own (so one run of
+    # `policy check` reports everything it can, not one layer of errors at a time)
+    raw_rules = data.get("rules") if isinstance(data.get("rules"), list) else []
     seen: dict[str, int] = {}
-    for i, rule in enumerate(policy.rules):
-        if rule.id in seen:
-            loc: tuple[Any, ...] = ("rules", i, "id")
-            first = seen[rule.id]
-            problems.append(Problem(_line_of(root, loc), _path(loc, data),
-                                    f"duplicate rule id {rule.id!r} (first at rules[{first}])"))
-        seen.setdefault(rule.id, i)
+    for i, raw in enumerate(raw_rules):
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        if isinstance(rid, str):
+            if rid in seen:
+                loc = ("rules", i, "id")
+                problems.append(Problem(_line_of(root, loc), _path(loc, data),
+                                        f"duplicate rule id {rid!r} (first at "
+                                        f"rules[{seen[rid]}])"))
+            seen.setdefault(rid, i)
+        try:
+            rule = _RULE.validate_python(raw)
+        except ValidationError:
+            continue  # already reported above
         for sub, msg in rule.problems():
             loc = ("rules", i, *sub)
             problems.append(Problem(_line_of(root, loc), _path(loc, data), msg))
-    if problems:
+    if problems or policy is None:
+        problems.sort(key=lambda p: p.line or 0)
         raise PolicyError(source, problems)
     return policy
 

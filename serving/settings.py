@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     model_dir: Path | None = None
     data_dir: Path = Path("var")
     dry_run: bool = False
+    policy: Path | None = None
+    """Policy file (KEYWATCH_POLICY); None = the policy packaged with keywatch."""
     max_batch_events: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     memory_max_entities: int = 200_000
