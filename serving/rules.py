@@ -377,6 +377,8 @@ class TravelSpeedParams(Params):
     require_new_country: bool = True
     """Fire only when the destination is new for the key, so a multi-region deployment
     alternating between known places is not flagged on every event."""
+    key_warm: bool | None = None
+    """True: only keys with a learned pattern (a leaked key is one somebody used)."""
 
 
 class TravelSpeedRule(RuleBase):
@@ -408,6 +410,8 @@ class TravelSpeedRule(RuleBase):
         if speed is None or math.isinf(speed):
             speed = km / max(elapsed, 1.0) * 3600.0
         if speed <= p.max_speed_kmh:
+            return None
+        if p.key_warm is not None and bool(fv.context.get("key_warm")) != p.key_warm:
             return None
         if p.require_new_country:
             new = _num(fv, "new_country_by_key")
