@@ -18,7 +18,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from features.extractor import FeatureVector
 from serving.decision import Reason
@@ -146,6 +146,16 @@ class RuleBase(BaseModel):
 
     kind: ClassVar[Literal["rule", "model", "ban"]] = "rule"
     default_message: ClassVar[str] = "{value}"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` / `on` as a boolean; say what the writer meant
+        if value is False:
+            return "off"
+        if value is True:
+            return "active"
+        return value
 
     # -- subclasses implement ---------------------------------------------------------------
     def check(self, inp: RuleInput) -> dict[str, Any] | None:
