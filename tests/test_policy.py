@@ -219,3 +219,20 @@ def test_reload_is_checked_at_most_once_per_interval(tmp_path: Path) -> None:
     src = PolicySource(path, check_interval_s=3600)
     _touch_later(path, POLICY_B)
     assert [r.id for r in src.current().rules] == ["rule_a"]
+
+
+def test_a_running_scorer_picks_up_a_policy_change(tmp_path: Path) -> None:
+    from features.contract import Event
+    from features.keys import KeyHasher
+    from features.stores.memory import MemoryStore
+    from serving.scorer import Scorer
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_A.replace("limit: 10", "limit: 1000"))
+    s = Scorer(store=MemoryStore(), hasher=KeyHasher("x" * 20),
+               policy=PolicySource(path, check_interval_s=0.0))
+    t0 = 1_794_999_960
+    out = [s.score(Event(api_key="sk-a", timestamp=t0 + i)) for i in range(15)]
+    assert {d.decision for d in out} == {"allow"}
+    _touch_later(path, POLICY_A)  # the limit drops to 10 per minute
+    assert s.score(Event(api_key="sk-a", timestamp=t0 + 16)).decision == "throttle"
