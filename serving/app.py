@@ -15,14 +15,17 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.base import StoreError
+from serving.admin import AdminError
+from serving.admin import router as admin_router
 from serving.decision import Decision
 from serving.event_log import EventLog
+from serving.policy import PolicySource
 from serving.scorer import Scorer
 from serving.settings import Settings
 from serving.stores import open_store
@@ -72,7 +75,30 @@ def build_scorer(settings: Settings) -> Scorer:
         timeout_s=settings.redis_timeout_s,
         memory_max_entities=settings.memory_max_entities,
     )
-    return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run)
+    return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
+                  policy=PolicySource(settings.policy))
+
+
+class CheckRequest(BaseModel):
+    """Gateway pre-flight: may this key, from this address, make a call now?"""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    api_key: str = Field(min_length=1, max_length=512, exclude=True, repr=False)
+    source_ip: str | None = Field(default=None, max_length=64)
+
+    @field_validator("source_ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        return Event._check_ip(value)  # the event contract's own rule
+
+
+class CheckResponse(BaseModel):
+    key_id: str
+    allowed: bool
+    reason: str | None = None
+    retry_after_s: int | None = None
+    dry_run: bool = False
 
 
 def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
@@ -127,6 +153,11 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         return JSONResponse(status_code=exc.status,
                             content={"error": exc.message, "detail": exc.detail})
 
+    @app.exception_handler(AdminError)
+    async def _admin(_: Request, exc: AdminError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"error": exc.message},
+                            headers=exc.headers)
+
     @app.exception_handler(StoreError)
     async def _store_down(_: Request, exc: StoreError) -> JSONResponse:
         log.error("state store error: %s", exc)
@@ -145,7 +176,9 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             "status": "ready" if store_ok else "degraded",
             "store": {"backend": scorer.store.describe(), "reachable": store_ok},
             "models": scorer.model_versions(),
-            "dry_run": scorer.dry_run,
+            "dry_run": scorer.dry_run or scorer.policy.dry_run,
+            "policy": {"version": scorer.policy_source.version,
+                       "last_error": scorer.policy_source.last_error},
             "event_log": event_log.status() if event_log is not None else None,
         }
         return JSONResponse(status_code=200 if store_ok else 503, content=body)
@@ -219,6 +252,12 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         record(events, decisions)
         return decisions
 
+    @app.post("/v1/check", tags=["scoring"], response_model=CheckResponse)
+    def check(body: CheckRequest, scorer: ScorerDep) -> dict[str, Any]:
+        """Pre-flight for gateways: is the key or the address banned? One store read."""
+        return scorer.check(body.api_key, body.source_ip).as_dict()
+
+    app.include_router(admin_router)
     return app
 
 

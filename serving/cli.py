@@ -23,6 +23,8 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         overrides["model_dir"] = args.model_dir
     if getattr(args, "dry_run", False):
         overrides["dry_run"] = True
+    if getattr(args, "policy", None):
+        overrides["policy"] = args.policy
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except (SettingsError, ValidationError) as exc:
@@ -33,12 +35,24 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit(2) from None
 
 
+def _load_or_exit(settings):  # type: ignore[no-untyped-def]
+    """Refuse to start on a broken policy file, saying what and where."""
+    from serving.policy import PolicyError, load_policy
+
+    try:
+        load_policy(settings.policy)
+    except PolicyError as exc:
+        print(f"keywatch: the policy file is invalid:\n{exc.report()}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import create_app
 
     settings = _settings(args)
+    _load_or_exit(settings)
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -52,6 +66,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not args.events.exists():
         print(f"keywatch: no such events file: {args.events}", file=sys.stderr)
         return 2
+    _load_or_exit(settings)
     scorer = build_scorer(settings)
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +89,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from serving.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc.report(), file=sys.stderr)
+        print(f"keywatch: {args.file}: {len(exc.problems)} problem(s), policy refused",
+              file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok: {policy.summary()}")
+    return 0
+
+
+def cmd_policy_impact(args: argparse.Namespace) -> int:
+    from serving.impact import impact_report
+
+    if not args.decisions.exists():
+        print(f"keywatch: no such decisions file: {args.decisions}", file=sys.stderr)
+        return 2
+    report = impact_report(args.decisions)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keywatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dev", action="store_true",
                        help="development mode: allow running without KEYWATCH_SECRET")
     serve.add_argument("--dry-run", action="store_true", help="score and alert, never enforce")
+    serve.add_argument("--policy", type=Path, help="policy file (default: the packaged one)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
@@ -96,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model-dir", type=Path)
     rep.add_argument("--dev", action="store_true")
     rep.add_argument("--dry-run", action="store_true")
+    rep.add_argument("--policy", type=Path, help="policy file (default: the packaged one)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=cmd_replay)
 
@@ -106,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-http", action="store_true")
     bench.add_argument("--no-rss", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    pol = sub.add_parser("policy", help="validate a policy file, or report its impact")
+    pol_sub = pol.add_subparsers(dest="policy_command", required=True)
+    chk = pol_sub.add_parser("check", help="validate a policy file, naming what is wrong "
+                                          "and on which line")
+    chk.add_argument("file", type=Path)
+    chk.set_defaults(func=cmd_policy_check)
+    imp = pol_sub.add_parser("impact", help="events and keys a policy would throttle or "
+                                           "block, by rule, from `replay` decisions")
+    imp.add_argument("decisions", type=Path, help="decisions JSONL written by `replay`")
+    imp.add_argument("--json", action="store_true", help="machine-readable output")
+    imp.set_defaults(func=cmd_policy_impact)
     return parser
 
 

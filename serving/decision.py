@@ -28,6 +28,8 @@ class Reason(BaseModel):
     message: str
     evidence: dict[str, Any] = Field(default_factory=dict)
     mode: Literal["active", "monitor"] = "active"
+    """`monitor`: the rule is in shadow mode; it explains and alerts, never enforces."""
+    scope: Literal["key", "ip"] | None = None
 
 
 class Action(BaseModel):
@@ -38,6 +40,17 @@ class Action(BaseModel):
     until: str | None = None
     retry_after_s: int | None = None
     limit_per_min: int | None = None
+
+
+class Outcome(BaseModel):
+    """What keywatch would have done had nothing been in shadow mode (dry-run, monitor
+    rules, allow-list): the same shape as the decision's own verdict and action."""
+
+    decision: Verdict
+    severity: Severity
+    action: Action = Field(default_factory=Action)
+    drivers: list[str] = Field(default_factory=list)
+    """Codes of the reasons that produced this outcome."""
 
 
 class Decision(BaseModel):
@@ -52,3 +65,9 @@ class Decision(BaseModel):
     model_versions: dict[str, str | None] = Field(default_factory=dict)
     event_time: str | None = None
     dry_run: bool = False
+    drivers: list[str] = Field(default_factory=list)
+    """Codes of the reasons behind the severity."""
+    would: Outcome | None = None
+    """Present when shadow mode changed the outcome: what would have happened."""
+    enforced: bool = True
+    """False when this decision was not enforced (dry-run, allow-list)."""

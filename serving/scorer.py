@@ -1,37 +1,82 @@
 """The one path from an event to a decision, shared by the API, `replay` and notebooks.
 
-event → key id → features (one store round trip) → detectors → rules → fusion →
-response → decision. Baseline learning happens only for events that were not flagged,
+event → key id → features (one store round trip, which also reads the ban state of the
+key and the address, and refreshes the allow-list cache when it is stale) → detectors →
+rules (the policy in force, hot-reloaded) → fusion → response → decision.
+
+Shadow mode is computed, not skipped: rules in `monitor` mode, a global dry-run and the
+allow-list all go through the same fusion and response planning, and the decision
+carries what *would* have happened (`would`) while nothing is enforced.
+
+Baseline learning happens only for events that were not flagged,
 and is sent to the store ahead of the next event's operations, so it costs no extra
 round trip and an attacker cannot teach the baselines that the attack is normal.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from features.contract import Event, event_time_iso
-from features.extractor import FeatureExtractor, FeatureVector
+from features.extractor import IP, KEY, FeatureExtractor, FeatureVector
 from features.keys import KeyHasher
 from features.stores.base import EntityOps, StateStore
-from serving.decision import Action, Decision, Reason, max_severity, severity_rank
+from serving.decision import Action, Decision, Outcome, Reason, severity_rank
+from serving.fusion import SEVERITY_SCORE, fuse
+from serving.policy import Policy, PolicySource, load_policy
 from serving.responses import (
+    AllowListCache,
+    BanState,
     EscalationLadder,
     add_ban_reads,
-    ban_action,
-    ban_ops,
+    ban_writes,
+    plan_response,
     read_ban,
 )
-from serving.rules import FOUNDATION_RULES, ThresholdRule, evaluate_rules
+from serving.rules import RuleInput, evaluate_rules
+from serving.signals import ModelSignals
 
-SEVERITY_SCORE = {"none": 0.0, "low": 0.3, "medium": 0.55, "high": 0.8, "critical": 0.95}
-THROTTLE_RETRY_S = 60
+__all__ = ["SEVERITY_SCORE", "CheckResult", "Scorer", "decision_line"]
+
+log = logging.getLogger("keywatch.scorer")
+
+SignalsFn = Callable[[FeatureVector], ModelSignals]
+
+
+@dataclass(slots=True)
+class CheckResult:
+    """The gateway pre-flight answer: may this key (from this address) call now?"""
+
+    key_id: str
+    allowed: bool
+    reason: str | None = None
+    retry_after_s: int | None = None
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "allowed": self.allowed, "reason": self.reason,
+                "retry_after_s": self.retry_after_s, "dry_run": self.dry_run}
 
 
 class Scorer:
-    """Scores events against shared state; safe to call from several threads."""
+    """Scores events against shared state; safe to call from several threads.
+
+    Parameters
+    ----------
+    policy:
+        A `Policy`, a `PolicySource` (hot-reloaded file) or None for the packaged policy.
+    signals_fn:
+        Turns a feature vector into `ModelSignals`; None means no models yet (every score
+        None), so fusion runs on rules alone.
+    dry_run:
+        Score, explain and alert, never enforce (also settable in the policy file).
+    """
 
     def __init__(
         self,
@@ -39,20 +84,30 @@ class Scorer:
         store: StateStore,
         hasher: KeyHasher,
         extractor: FeatureExtractor | None = None,
-        rules: tuple[ThresholdRule, ...] = FOUNDATION_RULES,
-        ladder: EscalationLadder | None = None,
+        policy: Policy | PolicySource | None = None,
         dry_run: bool = False,
+        signals_fn: SignalsFn | None = None,
+        allow_list_ttl_s: float = 5.0,
     ) -> None:
         self.store = store
         self.hasher = hasher
         self.extractor = extractor or FeatureExtractor()
-        self.rules = rules
-        self.ladder = ladder or EscalationLadder()
+        if isinstance(policy, PolicySource):
+            self.policy_source = policy
+        else:
+            self.policy_source = PolicySource.fixed(policy if policy is not None
+                                                    else load_policy())
         self.dry_run = dry_run
+        self.signals_fn = signals_fn
+        self.allow_list = AllowListCache(ttl_s=allow_list_ttl_s)
         self._pending: list[EntityOps] = []
         self._lock = threading.Lock()
 
     # ---- public -----------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self.policy_source.current()
+
     def score(self, event: Event) -> Decision:
         decision, _ = self.score_with_features(event)
         return decision
@@ -73,73 +128,144 @@ class Scorer:
     def model_versions(self) -> dict[str, str | None]:
         return {"online": None, "offline": None}
 
+    def model_signals(self, fv: FeatureVector) -> ModelSignals:
+        return self.signals_fn(fv) if self.signals_fn is not None else ModelSignals()
+
     # ---- pipeline ---------------------------------------------------------------------
+    def _execute(self, requests: list[EntityOps]) -> list[list[Any]]:
+        """One round trip: queued learning, then `requests`, then an allow-list refresh
+        when the cache is stale. Returns the results of `requests` only."""
+        refresh = [AllowListCache.read_ops()] if self.allow_list.stale() else []
+        pending = self._take_pending()
+        try:
+            results = self.store.execute([*pending, *requests, *refresh])
+        except Exception:
+            self._requeue(pending)
+            raise
+        if refresh:
+            self.allow_list.update(results[-1][0])
+        return results[len(pending):len(pending) + len(requests)]
+
     def score_with_features(self, event: Event) -> tuple[Decision, FeatureVector]:
+        policy = self.policy
         key_id = self.hasher.key_id(event.api_key)
         ts = event.timestamp
         plan = self.extractor.plan(event, key_id)
         key_ban_idx = add_ban_reads(plan.key_ops)
         ip_ban_idx = add_ban_reads(plan.ip_ops) if plan.ip_ops is not None else None
-
-        pending = self._take_pending()
-        try:
-            results = self.store.execute([*pending, *plan.requests()])[len(pending):]
-        except Exception:
-            self._requeue(pending)
-            raise
+        results = self._execute(plan.requests())
         fv = self.extractor.build(plan, results)
 
-        reasons: list[Reason] = evaluate_rules(self.rules, fv)
-        key_ban = read_ban(results[0], key_ban_idx)
-        ip_ban = read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None else None
-        banned_action: Action | None = None
-        if key_ban.active(ts):
-            reasons.insert(0, Reason(code="banned_key", severity="critical",
-                                     message=f"key is banned until {event_time_iso(key_ban.until)}",
-                                     evidence={"until": event_time_iso(key_ban.until)}))
-            banned_action = ban_action("key", key_ban.until, ts)
-        elif ip_ban is not None and ip_ban.active(ts):
-            reasons.insert(0, Reason(code="banned_ip", severity="critical",
-                                     message=f"address is banned until "
-                                             f"{event_time_iso(ip_ban.until)}",
-                                     evidence={"until": event_time_iso(ip_ban.until)}))
-            banned_action = ban_action("ip", ip_ban.until, ts)
+        bans = {"key": read_ban(results[0], key_ban_idx),
+                "ip": read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None
+                else BanState()}
+        entities = {"key": key_id}
+        if event.source_ip:
+            entities["ip"] = event.source_ip
+        signals = self.model_signals(fv)
+        findings = evaluate_rules(policy.active_rules(), RuleInput(
+            fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()}))
+        active = [f for f in findings if f.mode == "active"]
+        ladder = EscalationLadder.from_settings(policy.responses.bans)
 
-        severity = max_severity(*(r.severity for r in reasons))
-        score = SEVERITY_SCORE[severity]
-        verdict, action = "allow", Action(type="log" if reasons else "none")
-        if banned_action is not None:
-            verdict, action = "block", banned_action
-        elif severity == "critical":
-            duration, level = self.ladder.next_duration(key_ban, ts)
-            until = ts + duration
-            if not self.dry_run:
-                self.store.execute([ban_ops("k", key_id, until=until, level=level, ts=ts)])
-            verdict, action = "block", ban_action("key", until, ts)
-        elif severity == "high":
-            verdict = "throttle"
-            action = Action(type="throttle", scope="key", retry_after_s=THROTTLE_RETRY_S)
-        elif severity == "medium":
-            action = Action(type="alert", scope="key")
-        if self.dry_run and verdict != "allow":
+        fused = fuse(active, signals, fv, policy.fusion)
+        plan_active = plan_response(fused, active, policy.responses, bans=bans,
+                                    entities=entities, ladder=ladder, ts=ts)
+        if len(active) == len(findings):
+            shadow, plan_shadow = fused, plan_active
+        else:
+            shadow = fuse(findings, signals, fv, policy.fusion)
+            plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
+                                        entities=entities, ladder=ladder, ts=ts)
+
+        allow = self.allow_list.entries(policy.allow_list, self.hasher)
+        exempt = allow.key_allowed(key_id) or allow.ip_allowed(event.source_ip)
+        operator_ban = any(f.kind == "ban" and bans[f.scope].by == "admin" for f in active)
+        dry_run = self.dry_run or policy.dry_run
+        enforce = not dry_run and (not exempt or operator_ban)
+
+        reasons: list[Reason] = [f.reason for f in findings]
+        if fused.model_reason is not None:
+            reasons.append(fused.model_reason)
+            reasons.sort(key=lambda r: -severity_rank(r.severity))
+        if enforce:
+            verdict, action = plan_active.verdict, plan_active.action
+        else:
             verdict = "allow"
+            action = Action(type="alert" if plan_shadow.verdict != "allow"
+                            else ("log" if findings else "none"))
+            if exempt and findings:
+                reasons.append(Reason(code="allow_listed", severity="none",
+                                      message="key or address is on the allow-list: "
+                                              "scored and explained, not enforced"))
+        would = None
+        if (plan_shadow.verdict, plan_shadow.action) != (verdict, action):
+            would = Outcome(decision=plan_shadow.verdict,  # type: ignore[arg-type]
+                            severity=shadow.severity,  # type: ignore[arg-type]
+                            action=plan_shadow.action, drivers=shadow.drivers)
 
-        if severity_rank(severity) < severity_rank("medium"):
+        if enforce and plan_active.writes:
+            ops = []
+            for w in plan_active.writes:
+                ops.extend(ban_writes(w.scope, w.entity_id, until=w.until, level=w.level,
+                                      ts=ts, reason=w.reason))
+                log.warning("ban %s %s until %s (offence %d): %s", w.scope,
+                            w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
+            self.store.execute(ops)
+
+        if severity_rank(shadow.severity) < severity_rank("medium"):
             with self._lock:
                 self._pending.extend(self.extractor.learn_ops(fv))
 
         decision = Decision(
             key_id=key_id,
             decision=verdict,  # type: ignore[arg-type]
-            severity=severity,  # type: ignore[arg-type]
-            score=score,
+            severity=fused.severity,  # type: ignore[arg-type]
+            score=fused.score,
             reasons=reasons,
             action=action,
             model_versions=self.model_versions(),
             event_time=event_time_iso(ts),
-            dry_run=self.dry_run,
+            dry_run=dry_run,
+            drivers=fused.drivers,
+            would=would,
+            enforced=enforce,
         )
         return decision, fv
+
+    # ---- pre-flight -------------------------------------------------------------------
+    def check(self, api_key: str, source_ip: str | None = None,
+              now: float | None = None) -> CheckResult:
+        """Is the key (or its address) banned right now? One store round trip."""
+        ts = time.time() if now is None else now
+        key_id = self.hasher.key_id(api_key)
+        policy = self.policy
+        requests = [EntityOps(KEY, key_id)]
+        idx = {"key": add_ban_reads(requests[0])}
+        if source_ip:
+            requests.append(EntityOps(IP, source_ip))
+            idx["ip"] = add_ban_reads(requests[1])
+        results = self._execute(requests)
+        allow = self.allow_list.entries(policy.allow_list, self.hasher)
+        exempt = allow.key_allowed(key_id) or allow.ip_allowed(source_ip)
+        dry_run = self.dry_run or policy.dry_run
+        enforced_scopes = {r.scope for r in policy.rules
+                           if r.type == "banned" and r.mode == "active"}
+        for n, scope in enumerate(idx):
+            ban = read_ban(results[n], idx[scope])
+            if scope not in enforced_scopes or not ban.active(ts):
+                continue
+            if exempt and ban.by != "admin":
+                continue
+            subject = "key" if scope == "key" else "address"
+            until = "permanently" if ban.permanent else f"until {event_time_iso(ban.until)}"
+            why = f" ({ban.reason})" if ban.reason else ""
+            retry = None if ban.permanent else max(1, math.ceil(ban.until - ts))
+            if dry_run:
+                return CheckResult(key_id, True, f"dry-run: {subject} would be blocked, "
+                                                 f"banned {until}{why}", None, True)
+            return CheckResult(key_id, False, f"{subject} banned {until}{why}", retry)
+        return CheckResult(key_id, True, None, None, dry_run)
 
     def _take_pending(self) -> list[EntityOps]:
         with self._lock:

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     dry_run: bool = False
     event_log: bool = True
     event_log_retention_days: int = Field(default=30, ge=1)
+    policy: Path | None = None
+    """Policy file (KEYWATCH_POLICY); None = the policy packaged with keywatch."""
     max_batch_events: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     memory_max_entities: int = 200_000

@@ -14,6 +14,7 @@ from features.stores.base import (
     EWM,
     GET,
     INCR,
+    PERSIST,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
@@ -21,6 +22,9 @@ from features.stores.base import (
     RING_SUM,
     SEEN_ADD,
     SET,
+    ZITEMS,
+    ZREM,
+    ZSET,
     EntityOps,
     StoreError,
 )
@@ -32,7 +36,8 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
     ops: list[tuple[object, ...]] = []
     for _ in range(rng.randint(1, 12)):
         kind = rng.choice(["get", "set", "del", "incr", "ring", "ring_get", "ring_sum", "ewm",
-                           "recent", "recent_count", "seen"])
+                           "recent", "recent_count", "seen", "zset", "zrem", "zitems",
+                           "persist"])
         stamp = int(ts // 60) - rng.randint(-1, 3)
         if kind == "get":
             ops.append((GET, rng.choice(["a", "b", "c"])))
@@ -56,6 +61,14 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             ops.append((RECENT_ADD, "z", f"m{rng.randint(0, 12)}", ts, 300, 6))
         elif kind == "recent_count":
             ops.append((RECENT_COUNT, "z", ts, 120))
+        elif kind == "zset":
+            ops.append((ZSET, "ix", f"m{rng.randint(0, 9)}", rng.choice([ts, 1e18, ts + 0.5]), 6))
+        elif kind == "zrem":
+            ops.append((ZREM, "ix", f"m{rng.randint(0, 9)}"))
+        elif kind == "zitems":
+            ops.append((ZITEMS, "ix", ts - rng.randint(0, 60), rng.randint(1, 8)))
+        elif kind == "persist":
+            ops.append((PERSIST, rng.randint(0, 1)))
         else:
             ops.append((SEEN_ADD, "s", f"m{rng.randint(0, 8)}", ts, 5))
     return ops
@@ -151,3 +164,22 @@ def test_counter_rings_agree_including_late_events(redis_url: str, seed: int) ->
         a, b = mem.execute(req), red.execute(req)
         assert a == b
         assert len(a[0][0]) == 8 * 4
+
+
+def test_persisted_entities_do_not_idle_out(redis_url: str) -> None:
+    """A permanent ban must outlive the idle TTL that clears ordinary entity state."""
+    import redis
+
+    store = RedisStore(redis_url, namespace="ps", idle_ttl_s=100)
+    store.execute([EntityOps("k", "perm", [(SET, "ban:until", "1e18"), (PERSIST, 1),
+                                          (ZSET, "ix", "a", 5, 10)])])
+    client = redis.Redis.from_url(redis_url)
+    assert client.ttl("ps:{k:perm}:h") == -1 and client.ttl("ps:{k:perm}:z:ix") == -1
+    store.execute([EntityOps("k", "perm", [(PERSIST, 0)])])
+    assert 0 < client.ttl("ps:{k:perm}:h") <= 100
+
+    mem = MemoryStore(idle_ttl_s=100)
+    mem.execute([EntityOps("k", "perm", [(SET, "ban:until", "1e18"), (PERSIST, 1),
+                                        (SEEN_ADD, "s", "x", 1000.0, 5)])])
+    mem.execute([EntityOps("k", "other", [(SEEN_ADD, "s", "x", 5000.0, 5)])])
+    assert mem.execute([EntityOps("k", "perm", [(GET, "ban:until")])]) == [["1e18"]]

@@ -31,9 +31,15 @@ EWM = "ewm"  # (EWM, name, x, alpha) -> None; updates name:m, name:v, name:n
 RECENT_ADD = "recent_add"  # (RECENT_ADD, zname, member, ts, window_s, cap) -> int distinct
 RECENT_COUNT = "recent_count"  # (RECENT_COUNT, zname, ts, window_s) -> int distinct
 SEEN_ADD = "seen_add"  # (SEEN_ADD, zname, member, ts, cap) -> int (1 if new, else 0)
+# Small indexes on "global" entities (active bans, allow-list, audit trail):
+ZSET = "zset"  # (ZSET, zname, member, score, cap) -> None; sets the score, keeps the top `cap`
+ZREM = "zrem"  # (ZREM, zname, member) -> int (1 if it was there)
+ZITEMS = "zitems"  # (ZITEMS, zname, min_score, limit) -> [[member, score], ...] highest first
+PERSIST = "persist"  # (PERSIST, 1 | 0) -> None; 1: the entity never idles out (a permanent ban)
 
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, COUNTERS, EWM,
-    RECENT_ADD, RECENT_COUNT, SEEN_ADD)
+    RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS, PERSIST)
+PERSIST_FIELD = "_persist"
 
 Op = tuple[Any, ...]
 

@@ -19,6 +19,8 @@ from features.stores.base import (
     EWM,
     GET,
     INCR,
+    PERSIST,
+    PERSIST_FIELD,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
@@ -26,6 +28,9 @@ from features.stores.base import (
     RING_SUM,
     SEEN_ADD,
     SET,
+    ZITEMS,
+    ZREM,
+    ZSET,
     EntityOps,
     StateStore,
     StoreError,
@@ -87,7 +92,8 @@ class MemoryStore(StateStore):
         key = (kind, entity_id)
         state = self._entities.get(key)
         if state is not None:
-            if state.last_ts and self._newest_ts - state.last_ts > self.idle_ttl_s:
+            if (state.last_ts and self._newest_ts - state.last_ts > self.idle_ttl_s
+                    and state.hash.get(PERSIST_FIELD) != "1"):
                 state = _EntityState()
                 self._entities[key] = state
             self._entities.move_to_end(key)
@@ -221,6 +227,29 @@ class MemoryStore(StateStore):
         return 1 if is_new else 0
 
 
+    def _zset(self, s: _EntityState, zname: str, member: str, score: float, cap: int) -> None:
+        z = s.zsets.setdefault(zname, {})
+        z[member] = float(score)
+        _cap(z, cap)
+
+    def _zrem(self, s: _EntityState, zname: str, member: str) -> int:
+        z = s.zsets.get(zname, {})
+        return 1 if z.pop(member, None) is not None else 0
+
+    def _zitems(self, s: _EntityState, zname: str, min_score: float, limit: int) -> list[Any]:
+        z = s.zsets.get(zname, {})
+        # ZREVRANGEBYSCORE order: highest score first, ties by member, reversed
+        items = sorted(((m, t) for m, t in z.items() if t >= float(min_score)),
+                       key=lambda kv: (kv[1], kv[0]), reverse=True)
+        return [[m, t] for m, t in items[: int(limit)]]
+
+    def _persist(self, s: _EntityState, flag: int) -> None:
+        if int(flag):
+            s.hash[PERSIST_FIELD] = "1"
+        else:
+            s.hash.pop(PERSIST_FIELD, None)
+
+
 def _g17(value: float) -> str:
     """17 significant digits, as the Lua script writes them (exact float round trip)."""
     return f"{value:.17g}"
@@ -247,4 +276,8 @@ _HANDLERS = {
     RECENT_ADD: MemoryStore._recent_add,
     RECENT_COUNT: MemoryStore._recent_count,
     SEEN_ADD: MemoryStore._seen_add,
+    ZSET: MemoryStore._zset,
+    ZREM: MemoryStore._zrem,
+    ZITEMS: MemoryStore._zitems,
+    PERSIST: MemoryStore._persist,
 }

@@ -24,12 +24,15 @@ from features.stores.base import (
     RING_GET,
     RING_SUM,
     SEEN_ADD,
+    ZITEMS,
+    ZREM,
+    ZSET,
     EntityOps,
     StateStore,
     StoreError,
 )
 
-_ZSET_OPS = (RECENT_ADD, RECENT_COUNT, SEEN_ADD)
+_ZSET_OPS = (RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS)
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 
 
@@ -150,6 +153,10 @@ class RedisStore(StateStore):
                 results.append(float(value))
             elif code == COUNTERS:
                 results.append([float(x) for x in value.split(",")])
+            elif code == ZITEMS:
+                results.append([[m, float(t)] for m, t in value])
+            elif code == ZSET:
+                results.append(None)
             elif code in _ZSET_OPS:
                 results.append(int(value))
             else:

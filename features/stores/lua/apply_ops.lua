@@ -162,12 +162,35 @@ while i <= #ARGV do
     cap_z(zk, tonumber(ARGV[i + 4]))
     out[#out + 1] = is_new and '1' or '0'
     i = i + 5
+  elseif code == 'zset' then
+    local zk = zkeys[ARGV[i + 1]]
+    redis.call('ZADD', zk, ARGV[i + 3], ARGV[i + 2])
+    cap_z(zk, tonumber(ARGV[i + 4]))
+    out[#out + 1] = false
+    i = i + 5
+  elseif code == 'zrem' then
+    out[#out + 1] = tostring(redis.call('ZREM', zkeys[ARGV[i + 1]], ARGV[i + 2]))
+    i = i + 3
+  elseif code == 'zitems' then
+    local raw = redis.call('ZREVRANGEBYSCORE', zkeys[ARGV[i + 1]], '+inf', ARGV[i + 2],
+      'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[i + 3]))
+    local items = {}
+    for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
+    out[#out + 1] = items
+    i = i + 4
+  elseif code == 'persist' then
+    if ARGV[i + 1] == '1' then redis.call('HSET', h, '_persist', '1')
+    else redis.call('HDEL', h, '_persist') end
+    out[#out + 1] = false
+    i = i + 2
   else
     return redis.error_reply('unknown store operation ' .. tostring(code))
   end
 end
 
-if ttl > 0 then
+if redis.call('HGET', h, '_persist') == '1' then
+  for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
+elseif ttl > 0 then
   for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
 end
 return out

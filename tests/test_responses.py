@@ -1,0 +1,129 @@
+"""Graduated responses through the real Scorer: escalation, decay, dry-run, allow-lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from features.contract import Event
+from features.keys import KeyHasher
+from features.stores.base import GET, EntityOps
+from features.stores.memory import MemoryStore
+from serving.policy import parse_policy
+from serving.responses import PERMANENT, BanState, EscalationLadder
+from serving.scorer import Scorer
+from tests.conftest import TEST_SECRET
+
+T0 = 1_794_999_960
+HOUR = 3600.0
+
+POLICY = """
+rules:
+  - {id: banned_key, type: banned, scope: key, severity: critical}
+  - {id: banned_ip, type: banned, scope: ip, severity: critical}
+  - {id: rate_soft, type: rate_limit, group: volume, severity: high,
+     params: {window: 1m, limit: 10}}
+  - {id: rate_hard, type: rate_limit, group: volume, severity: critical,
+     params: {window: 1m, limit: 20}}
+  - id: stuffing
+    type: distinct_count
+    scope: ip
+    severity: critical
+    params: {feature: distinct_keys_by_ip_1h, limit: 5, min: {auth_fail_count_by_ip_5m: 3}}
+responses:
+  bans: {ladder: [30m, 2h, 24h, permanent], decay_after: 2d}
+allow_list:
+  keys: [sk-trusted]
+  cidrs: [10.0.0.0/8]
+"""
+
+
+def scorer(**kw: object) -> Scorer:
+    return Scorer(store=MemoryStore(), hasher=KeyHasher(TEST_SECRET),
+                  policy=parse_policy(POLICY), **kw)  # type: ignore[arg-type]
+
+
+def burst(s: Scorer, start: float, key: str = "sk-a", n: int = 25, ip: str = "81.2.69.160"):
+    return [s.score(Event(api_key=key, timestamp=start + i * 0.1, source_ip=ip))
+            for i in range(n)]
+
+
+def stored_ban(s: Scorer, kind: str, entity: str) -> str | None:
+    return s.store.execute([EntityOps(kind, entity, [(GET, "ban:until")])])[0][0]
+
+
+def test_throttle_then_ban_then_the_ban_holds() -> None:
+    s = scorer()
+    d = burst(s, T0)
+    assert d[5].decision == "allow"
+    assert d[10].decision == "throttle" and d[10].action.limit_per_min == 60
+    assert d[20].decision == "block" and d[20].action.type == "temp_ban"
+    assert d[20].action.retry_after_s == 1800 and d[20].drivers == ["rate_hard"]
+    later = s.score(Event(api_key="sk-a", timestamp=T0 + 600, source_ip="81.2.69.160"))
+    assert later.decision == "block" and later.reasons[0].code == "banned_key"
+    assert later.action.retry_after_s == pytest.approx(1800 - 600 + 2.1, abs=1)
+
+
+def test_repeat_offences_escalate_to_a_permanent_ban() -> None:
+    s = scorer()
+    ts = T0
+    lengths = []
+    for _ in range(4):
+        d = burst(s, ts)
+        blocked = next(x for x in d if x.decision == "block")
+        lengths.append(blocked.action.retry_after_s or blocked.action.type)
+        ts += (blocked.action.retry_after_s or 0) + 120  # come back after the ban
+    assert lengths == [1800, 7200, 86400, "perm_ban"]
+    key_id = KeyHasher(TEST_SECRET).key_id("sk-a")
+    assert float(stored_ban(s, "k", key_id) or 0) >= PERMANENT
+
+
+def test_a_clean_period_forgives_one_step_at_a_time() -> None:
+    ladder = EscalationLadder(durations_s=(1800, 7200, 86400, float("inf")),
+                              decay_after_s=2 * 86400)
+    after_third = BanState(until=T0 + 86400, level=3, last=T0)
+    end = T0 + 86400
+    assert ladder.next_duration(after_third, end + 3600) == (float("inf"), 4)
+    assert ladder.next_duration(after_third, end + 2 * 86400 + 1) == (86400, 3)
+    assert ladder.next_duration(after_third, end + 4 * 86400 + 1) == (7200, 2)
+    assert ladder.next_duration(after_third, end + 30 * 86400) == (1800, 1)
+
+
+def test_dry_run_scores_and_explains_but_enforces_nothing() -> None:
+    s = scorer(dry_run=True)
+    d = burst(s, T0)
+    assert {x.decision for x in d} == {"allow"}
+    assert d[20].severity == "critical" and d[20].dry_run and not d[20].enforced
+    assert d[20].would is not None and d[20].would.decision == "block"
+    assert d[20].would.action.type == "temp_ban" and d[20].would.drivers == ["rate_hard"]
+    assert d[20].action.type == "alert"
+    assert d[10].would is not None and d[10].would.decision == "throttle"
+    key_id = KeyHasher(TEST_SECRET).key_id("sk-a")
+    assert stored_ban(s, "k", key_id) is None
+    later = s.score(Event(api_key="sk-a", timestamp=T0 + 600, source_ip="81.2.69.160"))
+    assert later.decision == "allow" and later.reasons == []
+
+
+def test_allow_listed_keys_and_ranges_are_not_enforced() -> None:
+    s = scorer()
+    d = burst(s, T0, key="sk-trusted")
+    assert {x.decision for x in d} == {"allow"}
+    assert d[20].would is not None and d[20].would.decision == "block"
+    assert any(r.code == "allow_listed" for r in d[20].reasons)
+    # credential stuffing from an allow-listed office range bans nothing
+    for i in range(8):
+        x = s.score(Event(api_key=f"sk-guess-{i}", timestamp=T0 + i, status=401,
+                          source_ip="10.1.2.3"))
+    assert x.decision == "allow" and x.would is not None and x.would.decision == "block"
+    assert stored_ban(s, "ip", "10.1.2.3") is None
+
+
+def test_credential_stuffing_bans_the_address_not_the_keys() -> None:
+    s = scorer()
+    out = [s.score(Event(api_key=f"sk-guess-{i}", timestamp=T0 + i, status=401,
+                         source_ip="203.0.113.7")) for i in range(8)]
+    assert out[5].decision == "block" and out[5].action.scope == "ip"
+    assert out[6].reasons[0].code == "banned_ip"
+    assert stored_ban(s, "ip", "203.0.113.7") is not None
+    # the same key from another address is fine
+    assert s.score(Event(api_key="sk-guess-5", timestamp=T0 + 9,
+                         source_ip="198.51.100.4")).decision == "allow"
