@@ -168,71 +168,96 @@ def test_training_contamination_is_declared(week_run) -> None:
         assert _ts(incident["start"]) < _ts(meta["test_start"])
 
 
-def _incident_events(data: dict, scenario: str) -> list[tuple[dict, dict]]:
-    return [
-        (e, lab)
-        for e, lab in zip(data["events"], data["labels"], strict=True)
-        if lab["scenario"] == scenario
-    ]
+def _by_incident(data: dict, scenario: str) -> list[tuple[dict, list[tuple[dict, dict]]]]:
+    """Each incident of a scenario with its labelled (event, label) pairs."""
+    events: dict[str, list[tuple[dict, dict]]] = {}
+    for event, label in zip(data["events"], data["labels"], strict=True):
+        if label["scenario"] == scenario:
+            events.setdefault(label["incident_id"], []).append((event, label))
+    incidents = [i for i in data["incidents"] if i["scenario"] == scenario]
+    assert incidents
+    return [(i, events[i["id"]]) for i in incidents]
 
 
-def test_scenarios_have_their_signatures(week_run, geoip: GeoIP2Fast) -> None:
+def test_runaway_loop_repeats_one_request_on_a_timer(week_run) -> None:
     _, data = week_run
     tenants = {t["key"]: t for t in data["meta"]["tenants"]}
+    for incident, pairs in _by_incident(data, "runaway_loop"):
+        served = [e for e, _ in pairs if e["status"] == 200]
+        assert len({(e["endpoint"], e["model"], e["prompt_tokens"]) for e in served}) == 1
+        assert len({(e["source_ip"], e["user_agent"]) for e, _ in pairs}) == 1
+        gaps = np.diff([_ts(e["timestamp"]).timestamp() for e, _ in pairs])
+        assert np.std(gaps) / np.mean(gaps) < 0.1  # metronomic
+        assert len(pairs) / (gaps.sum() / 60) > 20  # requests per minute
+        victim = incident["victim_keys"][0]
+        owner_ips = {
+            e["source_ip"]
+            for e, lab in zip(data["events"], data["labels"], strict=True)
+            if e["api_key"] == victim and not lab["incident_id"]
+        }
+        assert pairs[0][0]["source_ip"] in owner_ips, tenants[victim]["kind"]
 
-    loops = _incident_events(data, "runaway_loop")
-    served = [e for e, _ in loops if e["status"] == 200]
-    assert len({(e["endpoint"], e["model"], e["prompt_tokens"]) for e in served}) == 1
-    gaps = np.diff([_ts(e["timestamp"]).timestamp() for e, _ in loops])
-    assert np.std(gaps) / np.mean(gaps) < 0.1  # metronomic
 
-    drains = _incident_events(data, "token_drain")
-    assert np.median([e["prompt_tokens"] for e, _ in drains if e["status"] == 200]) > 15_000
+def test_token_drain_sends_huge_prompts(week_run) -> None:
+    _, data = week_run
+    for _, pairs in _by_incident(data, "token_drain"):
+        assert np.median([e["prompt_tokens"] for e, _ in pairs if e["status"] == 200]) > 15_000
 
-    stuffing = _incident_events(data, "credential_stuffing")
-    invalid = [e for e, lab in stuffing if lab["tenant_kind"] == "invalid_key"]
-    assert len({e["api_key"] for e in invalid}) > 500
-    assert all(e["status"] == 401 for e in invalid)
-    abused = {e["api_key"] for e, lab in stuffing if lab["tenant_kind"] != "invalid_key"}
-    assert abused and abused <= set(tenants)
-    stuffer_ips = {e["source_ip"] for e in invalid}
-    assert len(stuffer_ips) <= 4
-    assert {e["source_ip"] for e, lab in stuffing if lab["tenant_kind"] != "invalid_key"} <= (
-        stuffer_ips
-    )
 
-    resale = _incident_events(data, "key_resale")
-    countries = {geoip.lookup(e["source_ip"]).country_code for e, _ in resale}
-    assert len({e["source_ip"] for e, _ in resale}) >= 20 and len(countries) >= 8
+def test_credential_stuffing_sweeps_then_abuses(week_run) -> None:
+    _, data = week_run
+    tenants = {t["key"] for t in data["meta"]["tenants"]}
+    for incident, pairs in _by_incident(data, "credential_stuffing"):
+        invalid = [e for e, lab in pairs if lab["tenant_kind"] == "invalid_key"]
+        valid = [e for e, lab in pairs if lab["tenant_kind"] != "invalid_key"]
+        assert len({e["api_key"] for e in invalid}) > 500
+        assert all(e["status"] == 401 and e["tokens"] == 0 for e in invalid)
+        assert {e["api_key"] for e in valid} == set(incident["victim_keys"]) <= tenants
+        stuffers = {e["source_ip"] for e in invalid}
+        assert 2 <= len(stuffers) <= 4
+        assert {e["source_ip"] for e in valid} <= stuffers
+        assert min(_ts(e["timestamp"]) for e in valid) > min(_ts(e["timestamp"]) for e in invalid)
 
-    for incident in (i for i in data["incidents"] if i["scenario"] == "llm_jacking"):
+
+def test_key_resale_spreads_over_many_countries(week_run, geoip: GeoIP2Fast) -> None:
+    _, data = week_run
+    for _, pairs in _by_incident(data, "key_resale"):
+        countries = {geoip.lookup(e["source_ip"]).country_code for e, _ in pairs}
+        assert len({e["source_ip"] for e, _ in pairs}) >= 20 and len(countries) >= 8
+
+
+def test_llm_jacking_probes_then_bursts_with_a_new_model(week_run) -> None:
+    _, data = week_run
+    tenants = {t["key"]: t for t in data["meta"]["tenants"]}
+    for incident, pairs in _by_incident(data, "llm_jacking"):
         victim = tenants[incident["victim_keys"][0]]
-        events = [e for e, lab in _incident_events(data, "llm_jacking")
-                  if lab["incident_id"] == incident["id"] and e["model"]]  # fmt: skip
+        events = [e for e, _ in pairs if e["model"]]
         model = incident["details"]["model"]
         assert model not in victim["models"]
         assert events[0]["model"] == model and events[0]["completion_tokens"] <= 2
         assert np.median([e["completion_tokens"] for e in events[1:]]) > 1000
 
-    for incident in (i for i in data["incidents"] if i["scenario"] == "leaked_key_abroad"):
-        victim = tenants[incident["victim_keys"][0]]
-        ips = {
-            e["source_ip"]
-            for e, lab in _incident_events(data, "leaked_key_abroad")
-            if lab["incident_id"] == incident["id"]
-        }
-        for ip in ips:
-            country = geoip.lookup(ip).country_code
-            assert COUNTRIES[country].continent != COUNTRIES[victim["country"]].continent
 
-    for incident in (i for i in data["incidents"] if i["scenario"] == "leaked_key_domestic_vps"):
+def test_leaks_come_from_where_the_story_says(week_run, geoip: GeoIP2Fast) -> None:
+    _, data = week_run
+    tenants = {t["key"]: t for t in data["meta"]["tenants"]}
+    for incident, pairs in _by_incident(data, "leaked_key_abroad"):
+        home = COUNTRIES[tenants[incident["victim_keys"][0]]["country"]].continent
+        for ip in {e["source_ip"] for e, _ in pairs}:
+            assert COUNTRIES[geoip.lookup(ip).country_code].continent != home
+    for incident, pairs in _by_incident(data, "leaked_key_domestic_vps"):
         victim = tenants[incident["victim_keys"][0]]
-        events = [e for e, lab in _incident_events(data, "leaked_key_domestic_vps")
-                  if lab["incident_id"] == incident["id"]]  # fmt: skip
-        assert {geoip.lookup(e["source_ip"]).country_code for e in events} == {victim["country"]}
+        found = [geoip.lookup(e["source_ip"]) for e, _ in pairs]
+        assert {f.country_code for f in found} == {victim["country"]}
         zone = ZoneInfo(victim["timezone"])
-        hours = [_ts(e["timestamp"]).astimezone(zone).hour for e in events]
+        hours = [_ts(e["timestamp"]).astimezone(zone).hour for e, _ in pairs]
         assert np.mean([h < 7 for h in hours]) > 0.8  # at night, owner's local time
+    for incident, pairs in _by_incident(data, "slow_and_low"):
+        victim = tenants[incident["victim_keys"][0]]
+        assert len({e["source_ip"] for e, _ in pairs}) == 1
+        assert geoip.lookup(pairs[0][0]["source_ip"]).country_code != victim["country"]
+        hours = (_ts(incident["end"]) - _ts(incident["start"])).total_seconds() / 3600
+        assert hours >= 4 and len(pairs) / hours < 90
 
 
 # ------------------------------------------------------------------ benign surprises
@@ -245,8 +270,7 @@ def test_flash_sale_is_a_real_surge_in_the_test_period(week_run) -> None:
     assert end - start == timedelta(hours=2)
     assert start >= _ts(data["meta"]["test_start"])
     assert flash["keys_affected"] >= 0.5 * sum(
-        t["kind"] in ("mobile_app", "backend_service", "batch_job")
-        for t in data["meta"]["tenants"]
+        t["kind"] in ("mobile_app", "backend_service", "batch_job") for t in data["meta"]["tenants"]
     )
     affected = set(flash["keys"])
     during = before = 0
@@ -277,8 +301,9 @@ def test_nightly_batch_runs_at_the_same_local_time_every_night(week_run) -> None
         assert len(starts) >= 6
         minutes = [t.hour * 60 + t.minute for t in starts.values()]
         assert max(minutes) - min(minutes) <= 2
-        assert f"{minutes[0] // 60:02d}:{minutes[0] % 60 // 30 * 30:02d}" == (
-            tenant["nightly_batch_local_time"]
+        assert (
+            f"{minutes[0] // 60:02d}:{minutes[0] % 60 // 30 * 30:02d}"
+            == (tenant["nightly_batch_local_time"])
         )
 
 
@@ -409,3 +434,22 @@ def test_start_is_honoured(tmp_path: Path) -> None:
     assert _ts(meta["start"]) == start and _ts(meta["test_start"]) == start
     first = json.loads(summary.events_path.read_text().split("\n", 1)[0])
     assert _ts(first["timestamp"]) >= start
+
+
+def test_upstream_outage_fails_everyone_briefly(week_run) -> None:
+    _, data = week_run
+    outage = data["meta"]["upstream_outage"]
+    start, end = _ts(outage["start"]), _ts(outage["end"])
+    assert timedelta(minutes=10) <= end - start <= timedelta(minutes=30)
+    assert start >= _ts(data["meta"]["test_start"])
+    inside = [
+        (e, lab)
+        for e, lab in zip(data["events"], data["labels"], strict=True)
+        if start <= _ts(e["timestamp"]) < end and not lab["incident_id"]
+    ]
+    failed = sum(e["status"] >= 500 for e, _ in inside)
+    assert failed > 0.15 * len(inside)
+    assert len({e["api_key"] for e, _ in inside if e["status"] >= 500}) >= 5
+    assert all(
+        lab["benign_tag"] in ("upstream_outage", "travel", "nightly_batch") for _, lab in inside
+    )

@@ -123,7 +123,6 @@ class IncidentContext:
     clock: Clock
     ua_vocab: Vocab
     key_vocab: Vocab
-    invalid_keys: set[int]
 
 
 @dataclass
@@ -134,7 +133,6 @@ class Outcome:
     description: str
     countries: list[str]
     details: dict[str, object] = field(default_factory=dict)
-    extra_victims: list[str] = field(default_factory=list)
 
 
 def _one_of(rng: np.random.Generator, items):
@@ -167,6 +165,15 @@ def _pick_start(
         if len(ok):
             return int(_one_of(rng, ok))
     return int(rng.integers(lo, last + 1))
+
+
+def _current_place(victim: Tenant, minute: int) -> int:
+    """The profile (place) the owner last worked from at `minute`."""
+    before = np.flatnonzero(victim.lam[: minute + 1] > 0)
+    if len(before):
+        return int(victim.loc[before[-1]])
+    after = np.flatnonzero(victim.lam > 0)
+    return int(victim.loc[after[0]]) if len(after) else 0
 
 
 def _foreign_country(
@@ -310,7 +317,7 @@ def runaway_loop(ctx, victim, rng, window, incident) -> Outcome:
     duration = int(rng.uniform(15, 60))
     start = _pick_start(rng, victim, clock, window, duration, "active")
     duration = _minutes_left(clock, start, duration)
-    source = victim.profiles[int(victim.loc[start])]
+    source = victim.profiles[_current_place(victim, start)]
     if victim.kind == "batch_job":
         source = victim.main
     pick = int(rng.choice(len(source.ips), p=source.ip_weights / source.ip_weights.sum()))
@@ -452,7 +459,6 @@ def credential_stuffing(ctx, victim, rng, window, incident) -> Outcome:
     probe.endpoint_p = np.array([0.2, 0.0, 0.0, 0.8])
     sweep = render(replace(probe, p_401=1.0), ts, rng, key=victim.index, incident=incident)
     key_ids = np.array([ctx.key_vocab.add(k) for k in keys], dtype=np.int32)
-    ctx.invalid_keys.update(int(k) for k in key_ids)
     sweep.key = key_ids
     found = render(
         replace(probe, p_5xx=0, p_429=0, p_400=0),

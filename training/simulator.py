@@ -123,8 +123,38 @@ def _flash_sale(
     return {
         "start": iso(int(clock.ms_at_minute(start))),
         "end": iso(int(clock.ms_at_minute(end))),
+        "start_minute": start,
         "keys_affected": len(affected),
         "keys": affected,
+    }
+
+
+def _upstream_outage(
+    rng: np.random.Generator,
+    tenants: list[Tenant],
+    clock: Clock,
+    test_start_minute: int,
+    avoid_minute: int,
+) -> dict[str, object]:
+    """An upstream provider fails for a quarter of an hour: every key sees 502/503/504
+    and clients retry. Legitimate, platform-wide, and it looks like a failure-rate spike."""
+    minutes = int(rng.uniform(12, 25))
+    candidates = np.arange(test_start_minute, max(test_start_minute + 1, clock.minutes - minutes))
+    far = candidates[np.abs(candidates - avoid_minute) > 240]
+    start = int(rng.choice(far if len(far) else candidates))
+    end = min(start + minutes, clock.minutes)
+    minute = np.arange(start, end)
+    severity = float(rng.uniform(0.3, 0.6))
+    shape = np.sin(np.pi * (minute - start + 0.5) / max(end - start, 1)) ** 0.5
+    for tenant in tenants:
+        tenant.outage[start:end] = severity * shape
+        tenant.lam[start:end] *= 1.0 + 0.3 * shape  # clients retry
+        free = tenant.tag[start:end] == -1
+        tenant.tag[start:end][free] = TAG_INDEX["upstream_outage"]
+    return {
+        "start": iso(int(clock.ms_at_minute(start))),
+        "end": iso(int(clock.ms_at_minute(end))),
+        "peak_failure_rate": round(severity, 3),
     }
 
 
@@ -162,6 +192,13 @@ def simulate(
     for i, tenant in enumerate(tenants):
         schedule(tenant, clock, _rng(seed, _STREAM_SCHEDULE + i))
     flash = _flash_sale(_rng(seed, _STREAM_POPULATION + 1), tenants, clock, test_start_minute)
+    outage = _upstream_outage(
+        _rng(seed, _STREAM_POPULATION + 3),
+        tenants,
+        clock,
+        test_start_minute,
+        int(flash.pop("start_minute")),
+    )
 
     parts: list[Columns] = []
     for i, tenant in enumerate(tenants):
@@ -177,7 +214,7 @@ def simulate(
         train=max(1, round(keys / 25)),
     )
     planned.sort(key=lambda p: (p.period != "train", p.window[0]))
-    ctx = IncidentContext(clock, ua_vocab, key_vocab, set())
+    ctx = IncidentContext(clock, ua_vocab, key_vocab)
     records: list[Incident] = []
     bar.total = keys + len(planned) + 3
     for j, item in enumerate(planned):
@@ -194,7 +231,7 @@ def simulate(
             Incident(
                 id="",
                 scenario=item.scenario,
-                victim_keys=[item.victim.key, *outcome.extra_victims],
+                victim_keys=[item.victim.key],
                 start_ms=int(cols.ts_ms.min()) if len(cols) else 0,
                 end_ms=int(cols.ts_ms.max()) if len(cols) else 0,
                 period=item.period,
@@ -232,7 +269,11 @@ def simulate(
     _write_labels(paths["labels"], events, key_vocab, kind_of_key, records)
     _write_incidents(paths["incidents"], records)
     test_start_ms = int(clock.ms_at_minute(test_start_minute))
-    meta = _meta(seed, keys, clock, test_start_ms, events, records, tenants, flash, kind_of_key)
+    meta = _meta(seed, keys, clock, test_start_ms, events, records, tenants, kind_of_key)
+    meta["flash_sale"] = flash
+    meta["upstream_outage"] = outage
+    meta["travel"] = _travel(tenants, clock)
+    meta["tenants"] = [describe(t) for t in tenants]
     paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     bar.update(1)
     bar.close()
@@ -347,7 +388,6 @@ def _meta(
     ev: Columns,
     records: list[Incident],
     tenants: list[Tenant],
-    flash: dict[str, object],
     kind_of_key: dict[int, str],
 ) -> dict[str, object]:
     in_test = ev.ts_ms >= test_start_ms
@@ -355,16 +395,6 @@ def _meta(
     kinds = np.array([kind_of_key.get(int(k), "invalid_key") for k in range(ev.key.max() + 1)])
     event_kinds = kinds[ev.key] if len(ev) else np.array([])
     tag_counts = {t: int((ev.tag == i).sum()) for i, t in enumerate(BENIGN_TAGS)}
-    traveler = next((t for t in tenants if t.travel is not None), None)
-    travel = None
-    if traveler is not None and traveler.travel is not None:
-        travel = {
-            "key": traveler.key,
-            "from": traveler.country,
-            "to": traveler.travel.destination,
-            "departure": iso(int(clock.ms_at_minute(traveler.travel.depart_minute))),
-            "arrival": iso(int(clock.ms_at_minute(traveler.travel.arrive_minute))),
-        }
     contamination = (
         f"{len(train_incidents)} incident(s) fall in the training period "
         f"({', '.join(r.id for r in train_incidents)}): training data is not perfectly clean."
@@ -388,7 +418,8 @@ def _meta(
             "labels.jsonl has one line per events.jsonl line in the same order; 'line' is "
             "the 0-based event line. incident_id/scenario are set only on events made by "
             "an incident (the owner's own traffic during an incident stays null); "
-            "benign_tag marks legitimate surprises (flash_sale, nightly_batch, travel); "
+            "benign_tag marks legitimate surprises (flash_sale, nightly_batch, travel, "
+            "upstream_outage); "
             "tenant_kind is 'invalid_key' for keys that do not exist (credential stuffing)."
         ),
         "counts": {
@@ -412,7 +443,17 @@ def _meta(
             "train_ids": [r.id for r in train_incidents],
             "training_contamination": contamination,
         },
-        "flash_sale": flash,
-        "travel": travel,
-        "tenants": [describe(t) for t in tenants],
     }
+
+
+def _travel(tenants: list[Tenant], clock: Clock) -> dict[str, object] | None:
+    for tenant in tenants:
+        if tenant.travel is not None:
+            return {
+                "key": tenant.key,
+                "from": tenant.country,
+                "to": tenant.travel.destination,
+                "departure": iso(int(clock.ms_at_minute(tenant.travel.depart_minute))),
+                "arrival": iso(int(clock.ms_at_minute(tenant.travel.arrive_minute))),
+            }
+    return None

@@ -101,7 +101,7 @@ SDK_UAS = (
     "Apache-HttpClient/5.3.1 (Java/21.0.5)",
     "axios/1.7.7",
     "ruby-openai/7.3.1",
-    "anthropic-sdk-python/0.39.0",
+    "litellm/1.52.6",
 )
 BATCH_UAS = (
     "python-requests/2.32.3",
@@ -187,6 +187,7 @@ class Tenant:
     peak_rate: float  # requests per minute at the daily peak
     shift_h: float = 0.0
     weekend_factor: float = 1.0
+    consumer_share: float = 0.0  # backends: share of traffic that follows consumers' hours
     batch: BatchJob | None = None
     travel: Travel | None = None
     remote: bool = False
@@ -196,6 +197,7 @@ class Tenant:
     loc: np.ndarray | None = None
     tag: np.ndarray | None = None
     stress: np.ndarray | None = None
+    outage: np.ndarray | None = None
 
     @property
     def main(self) -> RequestProfile:
@@ -442,6 +444,7 @@ def build_population(
                 peak_rate=float(np.clip(rng.lognormal(np.log(1.3), 0.7), 0.15, 12)),
                 shift_h=float(rng.normal(0, 0.6)),
                 weekend_factor=float(rng.uniform(0.3, 0.7)),
+                consumer_share=float(rng.choice([0.0, 0.0, 0.3, 0.6])),
             )
         elif kind == "batch_job":
             day = _backend_profile(rng, country, ua_vocab)
@@ -639,8 +642,12 @@ def schedule(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> None:
     tenant.loc = np.zeros(n, dtype=np.int8)
     tenant.tag = np.full(n, -1, dtype=np.int8)
     tenant.stress = np.ones(n)
+    tenant.outage = np.zeros(n)
     if tenant.kind in ("backend_service", "batch_job"):
         curve = business_curve(shifted, weekday, tenant.weekend_factor)
+        if tenant.consumer_share > 0:  # a consumer-facing backend: evenings count too
+            consumer = consumer_curve(shifted, weekday, 1.1)
+            curve = (1 - tenant.consumer_share) * curve + tenant.consumer_share * consumer
         tenant.lam = tenant.peak_rate * curve * _wander(rng, n) * _daily(rng, local_day, 0.12)
     elif tenant.kind == "mobile_app":
         curve = consumer_curve(shifted, weekday, tenant.weekend_factor)
@@ -765,6 +772,7 @@ def generate_baseline(tenant: Tenant, clock: Clock, rng: np.random.Generator) ->
                 key=tenant.index,
                 tag=tenant.tag[minute[sel]],
                 stress=tenant.stress[minute[sel]],
+                outage=tenant.outage[minute[sel]],
             )
         )
     if tenant.batch is not None:
@@ -802,6 +810,7 @@ def _nightly_batch(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> Co
         key=tenant.index,
         tag=TAG_INDEX["nightly_batch"],
         stress=3.0,
+        outage=tenant.outage[((ts - clock.start_ms) // MS_PER_MINUTE).astype(np.int64)],
     )
 
 

@@ -58,7 +58,7 @@ _PER_TOKEN = np.array([m.ms_per_token for m in MODEL_SPECS])
 _CONTEXT = np.array([m.context for m in MODEL_SPECS])
 _MAX_OUT = np.array([max(m.max_output, 1) for m in MODEL_SPECS])
 
-BENIGN_TAGS = ("flash_sale", "nightly_batch", "travel")
+BENIGN_TAGS = ("flash_sale", "nightly_batch", "travel", "upstream_outage")
 TAG_INDEX = {name: i for i, name in enumerate(BENIGN_TAGS)}
 
 MS_PER_MINUTE = 60_000
@@ -192,14 +192,16 @@ def render(
     incident: int = -1,
     tag: np.ndarray | int = -1,
     stress: np.ndarray | float = 1.0,
+    outage: np.ndarray | float = 0.0,
     endpoint: int | None = None,
     model: int | None = None,
 ) -> Columns:
     """Draw one event per timestamp from `profile`.
 
     `stress` (per event or scalar) multiplies the 429/5xx rates: upstreams push back
-    when a key, or the whole platform, is busy. `endpoint`/`model` pin the request
-    type for every event (probes, loops, LLM-jacking).
+    when a key, or the whole platform, is busy. `outage` (per event or scalar) is an
+    extra probability of a 502/503/504 while an upstream provider is failing.
+    `endpoint`/`model` pin the request type for every event (probes, loops, LLM-jacking).
     """
     n = len(ts_ms)
     ts_ms = np.asarray(ts_ms, dtype=np.int64)
@@ -271,6 +273,11 @@ def render(
         np.array([500, 502, 503, 504], dtype=np.int16),
         size=int(five.sum()),
         p=[0.3, 0.25, 0.3, 0.15],
+    )
+
+    down = rng.random(n) < np.broadcast_to(np.asarray(outage, dtype=np.float64), (n,))
+    status[down] = rng.choice(
+        np.array([502, 503, 504], dtype=np.int16), size=int(down.sum()), p=[0.3, 0.5, 0.2]
     )
 
     # How long: first token + prefill + generation + network, log-normal noise.
