@@ -1,0 +1,459 @@
+"""Labelled API-key traffic for evaluating keywatch: `simulate(out_dir)`.
+
+A detector can only be judged on traffic that looks like the real thing, with the
+truth written down beside it. This module draws a population of keys (backends,
+nightly batch jobs, mobile apps, developers; see `training.tenants`), lets them
+work for `days` days in their own time zones, lays a population-wide flash sale and a
+developer's flight over that as legitimate surprises, injects labelled incidents of
+every kind (`training.incidents`), and writes:
+
+- `events.jsonl`: the public event contract only (what a gateway would POST), sorted
+  by timestamp. No labels, no geolocation: keywatch looks addresses up itself.
+- `labels.jsonl`: one line per event line, same order: `line` (0-based index of the
+  event line), `incident_id`, `scenario`, `key`, `tenant_kind`, `benign_tag`.
+- `incidents.json`: every incident with its victim key(s), span and description.
+- `meta.json`: seed, span, `test_start` (the last two days are the test period),
+  counts, the flash-sale window, the traveller, and a per-key summary.
+
+Everything follows from the seed (numpy Generators, a fixed default start, no wall
+clock), so the same arguments give byte-identical files. Each tenant and incident has
+its own random stream, so adding a scenario does not reshuffle the others.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from training import incidents as incident_mod
+from training.incidents import SCENARIOS, Incident, IncidentContext
+from training.networks import ip_strings
+from training.tenants import TENANT_KINDS, Tenant, build_population, describe, schedule
+from training.tenants import generate_baseline as tenant_events
+from training.traffic import (
+    BENIGN_TAGS,
+    ENDPOINTS,
+    METHODS,
+    MODELS,
+    TAG_INDEX,
+    Clock,
+    Columns,
+    Vocab,
+)
+
+DEFAULT_START = datetime(2026, 11, 2, tzinfo=UTC)
+"""A Monday. Fixed so that output depends on the seed alone."""
+
+TEST_DAYS = 2
+"""The last two days are the test period: evaluate there, train before it."""
+
+FORMAT_VERSION = 1
+
+_STREAM_POPULATION = 1
+_STREAM_SCHEDULE = 1_000
+_STREAM_BASELINE = 2_000
+_STREAM_INCIDENT = 3_000
+_STREAM_EVENTS = 4
+
+
+@dataclass(frozen=True)
+class SimulationSummary:
+    """What `simulate` wrote."""
+
+    out_dir: Path
+    events_path: Path
+    labels_path: Path
+    incidents_path: Path
+    meta_path: Path
+    events: int
+    incident_events: int
+    incidents: int
+    test_incidents: int
+    keys: int
+    days: int
+    seed: int
+    start: str
+    test_start: str
+    by_scenario: dict[str, int] = field(default_factory=dict)
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def iso(ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC with a `Z`."""
+    text = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _flash_sale(
+    rng: np.random.Generator, tenants: list[Tenant], clock: Clock, test_start_minute: int
+) -> dict[str, object]:
+    """A population-wide, legitimate surge: most apps and backends several times busier
+    for two hours in the test period (where it is daytime or evening), with the platform
+    pushing back (more 429s and 5xx)."""
+    test_days = max(1, (clock.minutes - test_start_minute) // 1440)
+    day = int(rng.integers(test_days))
+    hour = float(rng.uniform(13.0, 19.0))
+    start = min(test_start_minute + day * 1440 + int(hour * 60), clock.minutes - 120)
+    start = max(start, 0)
+    end = min(start + 120, clock.minutes)
+    minute = np.arange(start, end)
+    ramp = 1.0 / (1.0 + np.exp(-(minute - start - 8) / 3.0))
+    ramp *= 1.0 / (1.0 + np.exp((minute - end + 10) / 4.0))
+    affected = []
+    for tenant in tenants:
+        if tenant.kind not in ("mobile_app", "backend_service", "batch_job"):
+            continue
+        local_hour = clock.local(tenant.tz)[0][start]
+        if rng.random() > 0.9 or not 7.0 <= local_hour < 23.5:
+            continue  # the shoppers of this key's market are asleep
+        factor = float(rng.lognormal(np.log(4.0), 0.3))
+        tenant.lam[start:end] *= 1.0 + (factor - 1.0) * ramp
+        tenant.tag[start:end] = TAG_INDEX["flash_sale"]
+        tenant.stress[start:end] = np.maximum(tenant.stress[start:end], 1.0 + 3.0 * ramp)
+        tenant.details["flash_sale_factor"] = round(factor, 2)
+        affected.append(tenant.key)
+    return {
+        "start": iso(int(clock.ms_at_minute(start))),
+        "end": iso(int(clock.ms_at_minute(end))),
+        "start_minute": start,
+        "keys_affected": len(affected),
+        "keys": affected,
+    }
+
+
+def _upstream_outage(
+    rng: np.random.Generator,
+    tenants: list[Tenant],
+    clock: Clock,
+    test_start_minute: int,
+    avoid_minute: int,
+) -> dict[str, object]:
+    """An upstream provider fails for a quarter of an hour: every key sees 502/503/504
+    and clients retry. Legitimate, platform-wide, and it looks like a failure-rate spike."""
+    minutes = int(rng.uniform(12, 25))
+    candidates = np.arange(test_start_minute, max(test_start_minute + 1, clock.minutes - minutes))
+    far = candidates[np.abs(candidates - avoid_minute) > 240]
+    start = int(rng.choice(far if len(far) else candidates))
+    end = min(start + minutes, clock.minutes)
+    minute = np.arange(start, end)
+    severity = float(rng.uniform(0.3, 0.6))
+    shape = np.sin(np.pi * (minute - start + 0.5) / max(end - start, 1)) ** 0.5
+    for tenant in tenants:
+        tenant.outage[start:end] = severity * shape
+        tenant.lam[start:end] *= 1.0 + 0.3 * shape  # clients retry
+        free = tenant.tag[start:end] == -1
+        tenant.tag[start:end][free] = TAG_INDEX["upstream_outage"]
+    return {
+        "start": iso(int(clock.ms_at_minute(start))),
+        "end": iso(int(clock.ms_at_minute(end))),
+        "peak_failure_rate": round(severity, 3),
+    }
+
+
+def simulate(
+    out_dir: Path,
+    *,
+    keys: int = 60,
+    days: int = 7,
+    seed: int = 0,
+    start: datetime | None = None,
+    progress: bool = False,
+) -> SimulationSummary:
+    """Write a labelled traffic simulation to `out_dir` and summarise it.
+
+    `keys` >= 8 and `days` >= 1. The test period is the last two days (all of it when
+    `days` <= 2); every scenario has at least one incident there.
+    """
+    if keys < 8:
+        raise ValueError(f"keys must be at least 8 (one victim per scenario), got {keys}")
+    if days < 1:
+        raise ValueError(f"days must be at least 1, got {days}")
+    start = DEFAULT_START if start is None else start
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    start = start.astimezone(UTC).replace(second=0, microsecond=0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    clock = Clock(start, days)
+    test_start_minute = max(0, days - TEST_DAYS) * 1440
+    key_vocab, ua_vocab = Vocab(), Vocab()
+    bar = tqdm(total=keys + 10 + 3, desc="simulate", unit="step", disable=not progress)
+
+    tenants = build_population(_rng(seed, _STREAM_POPULATION), keys, clock, key_vocab, ua_vocab)
+    for i, tenant in enumerate(tenants):
+        schedule(tenant, clock, _rng(seed, _STREAM_SCHEDULE + i))
+    flash = _flash_sale(_rng(seed, _STREAM_POPULATION + 1), tenants, clock, test_start_minute)
+    outage = _upstream_outage(
+        _rng(seed, _STREAM_POPULATION + 3),
+        tenants,
+        clock,
+        test_start_minute,
+        int(flash.pop("start_minute")),
+    )
+
+    parts: list[Columns] = []
+    for i, tenant in enumerate(tenants):
+        parts.append(tenant_events(tenant, clock, _rng(seed, _STREAM_BASELINE + i)))
+        bar.update(1)
+
+    planned = incident_mod.plan(
+        _rng(seed, _STREAM_POPULATION + 2),
+        tenants,
+        clock,
+        test_start_minute,
+        extra_test=max(0, round(keys / 30)),
+        train=max(1, round(keys / 25)),
+    )
+    planned.sort(key=lambda p: (p.period != "train", p.window[0]))
+    ctx = IncidentContext(clock, ua_vocab, key_vocab)
+    records: list[Incident] = []
+    bar.total = keys + len(planned) + 3
+    for j, item in enumerate(planned):
+        rng = _rng(seed, _STREAM_INCIDENT + j)
+        outcome = incident_mod.SCENARIO_FUNCTIONS[item.scenario](
+            ctx, item.victim, rng, item.window, j
+        )
+        cols = outcome.columns
+        keep = (cols.ts_ms >= clock.start_ms) & (cols.ts_ms < clock.end_ms)
+        cols = cols.take(np.flatnonzero(keep))
+        parts.append(cols)
+        sources = np.unique(cols.ip[cols.key == item.victim.index])
+        records.append(
+            Incident(
+                id="",
+                scenario=item.scenario,
+                victim_keys=[item.victim.key],
+                start_ms=int(cols.ts_ms.min()) if len(cols) else 0,
+                end_ms=int(cols.ts_ms.max()) if len(cols) else 0,
+                period=item.period,
+                description=outcome.description,
+                source_ips=ip_strings(sources[:60]),
+                source_countries=outcome.countries,
+                events=len(cols),
+                details=outcome.details,
+            )
+        )
+        bar.update(1)
+
+    # Number incidents by start time, so inc-001 is the earliest.
+    order = sorted(range(len(records)), key=lambda j: (records[j].start_ms, j))
+    renumber = np.full(len(records) + 1, -1, dtype=np.int16)
+    for new, old in enumerate(order):
+        records[old].id = f"inc-{new + 1:03d}"
+        renumber[old] = new
+    records = [records[j] for j in order]
+
+    events = Columns.concat(parts)
+    events.incident = renumber[events.incident]  # -1 stays -1 (last slot)
+    events = events.take(np.argsort(events.ts_ms, kind="stable"))
+    bar.update(1)
+
+    paths = {
+        "events": out_dir / "events.jsonl",
+        "labels": out_dir / "labels.jsonl",
+        "incidents": out_dir / "incidents.json",
+        "meta": out_dir / "meta.json",
+    }
+    kind_of_key = {t.index: t.kind for t in tenants}
+    _write_events(paths["events"], events, key_vocab, ua_vocab)
+    bar.update(1)
+    _write_labels(paths["labels"], events, key_vocab, kind_of_key, records)
+    _write_incidents(paths["incidents"], records)
+    test_start_ms = int(clock.ms_at_minute(test_start_minute))
+    meta = _meta(seed, keys, clock, test_start_ms, events, records, tenants, kind_of_key)
+    meta["flash_sale"] = flash
+    meta["upstream_outage"] = outage
+    meta["travel"] = _travel(tenants, clock)
+    meta["tenants"] = [describe(t) for t in tenants]
+    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    bar.update(1)
+    bar.close()
+
+    by_scenario = {s: sum(r.scenario == s for r in records) for s in SCENARIOS}
+    return SimulationSummary(
+        out_dir=out_dir,
+        events_path=paths["events"],
+        labels_path=paths["labels"],
+        incidents_path=paths["incidents"],
+        meta_path=paths["meta"],
+        events=len(events),
+        incident_events=int((events.incident >= 0).sum()),
+        incidents=len(records),
+        test_incidents=sum(r.period == "test" for r in records),
+        keys=keys,
+        days=days,
+        seed=seed,
+        start=iso(clock.start_ms),
+        test_start=iso(test_start_ms),
+        by_scenario=by_scenario,
+    )
+
+
+def _timestamps(ts_ms: np.ndarray) -> list[str]:
+    text = np.datetime_as_string(ts_ms.astype("datetime64[ms]"), unit="ms")
+    return [t + "Z" for t in text.tolist()]
+
+
+def _write_events(path: Path, ev: Columns, keys: Vocab, uas: Vocab) -> None:
+    key_json = [json.dumps(k) for k in keys.items]
+    ua_json = [json.dumps(u) for u in uas.items]
+    endpoint_json = [json.dumps(e) for e in ENDPOINTS]
+    method_json = [json.dumps(m) for m in METHODS]
+    model_json = [json.dumps(m) for m in MODELS] + ["null"]  # index -1 -> null
+    unique_ips, ip_inverse = np.unique(ev.ip, return_inverse=True)
+    ip_json = [f'"{s}"' for s in ip_strings(unique_ips)]
+    prompt = ev.prompt_tokens.tolist()
+    completion = ev.completion_tokens.tolist()
+    latency = [f"{x:.1f}" for x in ev.latency_ms.tolist()]
+    with path.open("w", encoding="utf-8", newline="\n") as out:
+        lines = (
+            f'{{"api_key":{key_json[k]},"timestamp":"{t}","endpoint":{endpoint_json[e]},'
+            f'"method":{method_json[e]},"status":{s},"tokens":{p + c},'
+            f'"prompt_tokens":{p},"completion_tokens":{c},"latency_ms":{lat},'
+            f'"source_ip":{ip_json[i]},"user_agent":{ua_json[u]},"model":{model_json[m]}}}\n'
+            for k, t, e, s, p, c, lat, i, u, m in zip(
+                ev.key.tolist(),
+                _timestamps(ev.ts_ms),
+                ev.endpoint.tolist(),
+                ev.status.tolist(),
+                prompt,
+                completion,
+                latency,
+                ip_inverse.tolist(),
+                ev.ua.tolist(),
+                ev.model.tolist(),
+                strict=True,
+            )
+        )
+        out.writelines(lines)
+
+
+def _write_labels(
+    path: Path,
+    ev: Columns,
+    keys: Vocab,
+    kind_of_key: dict[int, str],
+    records: list[Incident],
+) -> None:
+    key_json = [json.dumps(k) for k in keys.items]
+    kind_json = [json.dumps(kind_of_key.get(i, "invalid_key")) for i in range(len(keys))]
+    incident_json = [(json.dumps(r.id), json.dumps(r.scenario)) for r in records]
+    incident_json.append(("null", "null"))  # index -1
+    tag_json = [json.dumps(t) for t in BENIGN_TAGS] + ["null"]
+    with path.open("w", encoding="utf-8", newline="\n") as out:
+        out.writelines(
+            f'{{"line":{n},"incident_id":{incident_json[inc][0]},'
+            f'"scenario":{incident_json[inc][1]},"key":{key_json[k]},'
+            f'"tenant_kind":{kind_json[k]},"benign_tag":{tag_json[tag]}}}\n'
+            for n, (inc, k, tag) in enumerate(
+                zip(ev.incident.tolist(), ev.key.tolist(), ev.tag.tolist(), strict=True)
+            )
+        )
+
+
+def _write_incidents(path: Path, records: list[Incident]) -> None:
+    payload = [
+        {
+            "id": r.id,
+            "scenario": r.scenario,
+            "period": r.period,
+            "victim_keys": r.victim_keys,
+            "start": iso(r.start_ms),
+            "end": iso(r.end_ms),
+            "events": r.events,
+            "description": r.description,
+            "source_ips": r.source_ips,
+            "source_countries": r.source_countries,
+            **({"details": r.details} if r.details else {}),
+        }
+        for r in records
+    ]
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _meta(
+    seed: int,
+    keys: int,
+    clock: Clock,
+    test_start_ms: int,
+    ev: Columns,
+    records: list[Incident],
+    tenants: list[Tenant],
+    kind_of_key: dict[int, str],
+) -> dict[str, object]:
+    in_test = ev.ts_ms >= test_start_ms
+    train_incidents = [r for r in records if r.period == "train"]
+    kinds = np.array([kind_of_key.get(int(k), "invalid_key") for k in range(ev.key.max() + 1)])
+    event_kinds = kinds[ev.key] if len(ev) else np.array([])
+    tag_counts = {t: int((ev.tag == i).sum()) for i, t in enumerate(BENIGN_TAGS)}
+    contamination = (
+        f"{len(train_incidents)} incident(s) fall in the training period "
+        f"({', '.join(r.id for r in train_incidents)}): training data is not perfectly clean."
+        if train_incidents
+        else "no incidents fall in the training period."
+    )
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "keys": keys,
+        "days": clock.days,
+        "start": iso(clock.start_ms),
+        "end": iso(clock.end_ms),
+        "test_start": iso(test_start_ms),
+        "test_end": iso(clock.end_ms),
+        "periods": (
+            "events with timestamp >= test_start are the test period (the last "
+            f"{TEST_DAYS} days); earlier events are the training period"
+        ),
+        "labels": (
+            "labels.jsonl has one line per events.jsonl line in the same order; 'line' is "
+            "the 0-based event line. incident_id/scenario are set only on events made by "
+            "an incident (the owner's own traffic during an incident stays null); "
+            "benign_tag marks legitimate surprises (flash_sale, nightly_batch, travel, "
+            "upstream_outage); "
+            "tenant_kind is 'invalid_key' for keys that do not exist (credential stuffing)."
+        ),
+        "counts": {
+            "events": len(ev),
+            "train_events": int((~in_test).sum()),
+            "test_events": int(in_test.sum()),
+            "incident_events": int((ev.incident >= 0).sum()),
+            "incident_events_test": int(((ev.incident >= 0) & in_test).sum()),
+            "benign_tagged": tag_counts,
+            "events_by_tenant_kind": {
+                k: int((event_kinds == k).sum()) for k in (*TENANT_KINDS, "invalid_key")
+            },
+            "distinct_source_ips": len(np.unique(ev.ip)),
+            "invalid_keys": len(kinds) - len(tenants),
+        },
+        "incidents": {
+            "total": len(records),
+            "test": sum(r.period == "test" for r in records),
+            "train": len(train_incidents),
+            "by_scenario": {s: sum(r.scenario == s for r in records) for s in SCENARIOS},
+            "train_ids": [r.id for r in train_incidents],
+            "training_contamination": contamination,
+        },
+    }
+
+
+def _travel(tenants: list[Tenant], clock: Clock) -> dict[str, object] | None:
+    for tenant in tenants:
+        if tenant.travel is not None:
+            return {
+                "key": tenant.key,
+                "from": tenant.country,
+                "to": tenant.travel.destination,
+                "departure": iso(int(clock.ms_at_minute(tenant.travel.depart_minute))),
+                "arrival": iso(int(clock.ms_at_minute(tenant.travel.arrive_minute))),
+            }
+    return None
