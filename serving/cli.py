@@ -89,6 +89,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from training.simulator import simulate
+
+    summary = simulate(args.out, keys=args.keys, days=args.days, seed=args.seed,
+                       progress=not args.quiet)
+    print(json.dumps({"events": summary.events, "incidents": summary.incidents,
+                      "test_incidents": summary.test_incidents,
+                      "test_start": summary.test_start, "out": str(summary.out_dir),
+                      "by_scenario": summary.by_scenario}, indent=2))
+    return 0
+
+
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from serving.policy import PolicyError, load_policy
 
@@ -151,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-http", action="store_true")
     bench.add_argument("--no-rss", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    sim = sub.add_parser("simulate", help="labelled multi-tenant traffic with incidents")
+    sim.add_argument("--out", type=Path, required=True)
+    sim.add_argument("--keys", type=int, default=60)
+    sim.add_argument("--days", type=int, default=7)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--quiet", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
 
     pol = sub.add_parser("policy", help="validate a policy file, or report its impact")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
