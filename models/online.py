@@ -80,10 +80,34 @@ from models.integrity import (
     sha256_bytes,
 )
 
-__all__ = ["BaselineScores", "KeyBaseline", "PageHinkleyState", "PopulationDetector"]
+__all__ = [
+    "BaselineScores",
+    "KeyBaseline",
+    "PageHinkleyState",
+    "PendingEvent",
+    "PopulationDetector",
+]
 
 
 # ====================================================================== population model
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An event scored by :meth:`PopulationDetector.score_pending`, not yet offered for learning.
+
+    Attributes
+    ----------
+    score
+        The anomaly score (percentile, as :meth:`PopulationDetector.score_one`).
+    raw
+        River's raw HST score.
+    """
+
+    score: float
+    raw: float
+    clean: dict[str, float]
+    scaled: dict[str, float] | None
 
 
 class PopulationDetector:
@@ -208,7 +232,8 @@ class PopulationDetector:
 
     # ------------------------------------------------------------------ scoring
 
-    def _scaled(self, x: Mapping[str, Any]) -> dict[str, float]:
+    def _clean(self, x: Mapping[str, Any]) -> dict[str, float]:
+        """Project ``x`` on the feature set, dropping absent and non-finite values."""
         names = self.feature_names
         if names is None:
             names = self.feature_names = sorted(
@@ -223,9 +248,9 @@ class PopulationDetector:
 
     def raw_score_one(self, x: Mapping[str, Any]) -> float:
         """River's HalfSpaceTrees score in [0, 1] (0 before the first reference window)."""
-        if self.feature_names is None:
+        if self.feature_names is None or not self.n_learned:
             return 0.0
-        clean = self._scaled(x)
+        clean = self._clean(x)
         return self._hst.score_one(self._scaler.transform_one(clean)) if clean else 0.0
 
     def percentile_of(self, raw: float) -> float:
@@ -249,6 +274,21 @@ class PopulationDetector:
             return 0.0
         return self.percentile_of(self.raw_score_one(x))
 
+    def score_pending(self, x: Mapping[str, Any]) -> PendingEvent:
+        """Score ``x`` and keep what learning it would need, for :meth:`learn_pending`.
+
+        For a pipeline that must decide (using this score) before it knows whether the
+        event may be learned: one HST walk instead of two (:meth:`score_one` then
+        :meth:`learn_one`).
+        """
+        clean = self._clean(x)
+        if not clean or not self.n_learned:
+            return PendingEvent(score=0.0, raw=0.0, clean=clean, scaled=None)
+        scaled = self._scaler.transform_one(clean)
+        raw = self._hst.score_one(scaled)
+        score = self.percentile_of(raw) if self.warm else 0.0
+        return PendingEvent(score=score, raw=raw, clean=clean, scaled=scaled)
+
     # ------------------------------------------------------------------ learning
 
     def learn_one(self, x: Mapping[str, Any]) -> bool:
@@ -261,35 +301,27 @@ class PopulationDetector:
         bool
             Whether the event was learned.
         """
-        clean = self._scaled(x)
-        if not clean:
+        return self.learn_pending(self.score_pending(x))
+
+    def learn_pending(self, event: PendingEvent) -> bool:
+        """Offer an event scored by :meth:`score_pending` for learning (see :meth:`learn_one`)."""
+        if not event.clean:
             return False
-        scaled = self._scaler.transform_one(clean) if self.n_learned else clean
-        raw = self._hst.score_one(scaled) if self.n_learned else 0.0
-        return self._offer(clean, scaled, raw)
+        return self._offer(event.clean, event.scaled, event.raw)
 
     def score_and_maybe_learn(self, x: Mapping[str, Any], *, allow_learn: bool) -> float:
         """Score ``x`` (as :meth:`score_one`) and, if ``allow_learn``, offer it for learning.
 
-        One HST walk serves both, so this is the fast path for the scoring pipeline. Pass
-        ``allow_learn=False`` when any part of the pipeline already knows the event is bad;
-        since the decision usually needs this score first, a pipeline may instead call
-        :meth:`score_one` and later :meth:`learn_one` (one more HST walk).
+        Pass ``allow_learn=False`` when any part of the pipeline already flagged the event.
+        When the decision needs this score first, use :meth:`score_pending` and
+        :meth:`learn_pending` instead.
         """
-        clean = self._scaled(x)
-        if not clean:
-            return 0.0
-        if self.n_learned:
-            scaled = self._scaler.transform_one(clean)
-            raw = self._hst.score_one(scaled)
-        else:
-            scaled, raw = clean, 0.0
-        score = self.percentile_of(raw) if self.warm else 0.0
-        if allow_learn:
-            self._offer(clean, scaled, raw)
-        return score
+        event = self.score_pending(x)
+        if allow_learn and event.clean:
+            self._offer(event.clean, event.scaled, event.raw)
+        return event.score
 
-    def _offer(self, clean: dict[str, float], scaled: dict[str, float], raw: float) -> bool:
+    def _offer(self, clean: dict[str, float], scaled: dict[str, float] | None, raw: float) -> bool:
         self.n_offered += 1
         if self.n_learned < self.warmup_events:
             self._learn(clean, scaled)
@@ -307,9 +339,9 @@ class PopulationDetector:
         self._learn(clean, scaled)
         return True
 
-    def _learn(self, clean: dict[str, float], scaled: dict[str, float]) -> None:
+    def _learn(self, clean: dict[str, float], scaled: dict[str, float] | None) -> None:
         self._scaler.learn_one(clean)
-        if self.n_learned == 0:
+        if scaled is None:  # scored before the scaler had seen anything
             scaled = self._scaler.transform_one(clean)
         self._hst.learn_one(scaled)
         self.n_learned += 1

@@ -75,6 +75,20 @@ def test_pipeline_flag_prevents_learning(trained: PopulationDetector) -> None:
     assert detector.n_learned == learned + 1
 
 
+def test_pending_path_equals_the_one_call_path(trained: PopulationDetector) -> None:
+    one_call, two_phase = copy.deepcopy(trained), copy.deepcopy(trained)
+    rows = traffic(300, anomaly_fraction=0.05, seed=11)[0].to_dict("records")
+    for i, x in enumerate(rows):
+        allow = i % 7 != 0  # the pipeline flags some events
+        expected = one_call.score_and_maybe_learn(x, allow_learn=allow)
+        pending = two_phase.score_pending(x)
+        assert pending.score == expected == two_phase.score_one(x)
+        if allow:
+            two_phase.learn_pending(pending)
+    assert (one_call.n_learned, one_call.n_refused) == (two_phase.n_learned, two_phase.n_refused)
+    assert one_call._sorted == two_phase._sorted
+
+
 def test_self_protection_refuses_what_it_flags(trained: PopulationDetector) -> None:
     detector = copy.deepcopy(trained)
     outlier = anomalies("leaked_key", 1, np.random.default_rng(4)).iloc[0].to_dict()
