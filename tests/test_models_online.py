@@ -98,7 +98,7 @@ def test_self_protection_refuses_what_it_flags(trained: PopulationDetector) -> N
     assert detector.n_learned == learned and detector.n_refused >= 1
 
 
-def _burst_run(protect: bool) -> tuple[float, float, float]:
+def _burst_run(protect: bool) -> tuple[PopulationDetector, float, float, float]:
     """5,000 normal events, then 4,000 events of one runaway-loop pattern, all offered."""
     rng = np.random.default_rng(5)
     normal = normal_traffic(5000, rng).to_dict("records")
@@ -106,6 +106,7 @@ def _burst_run(protect: bool) -> tuple[float, float, float]:
     detector = PopulationDetector(protect=protect, seed=1)
     scores = [detector.score_and_maybe_learn(x, allow_learn=True) for x in normal + burst]
     return (
+        detector,
         float(np.mean(scores[4000:5000])),  # normal traffic
         float(np.mean(scores[5000:5100])),  # start of the burst
         float(np.mean(scores[-200:])),  # end of the burst
@@ -113,13 +114,21 @@ def _burst_run(protect: bool) -> tuple[float, float, float]:
 
 
 def test_protected_learning_holds_against_a_sustained_burst() -> None:
-    normal, start, end = _burst_run(protect=True)
+    detector, normal, start, end = _burst_run(protect=True)
     assert start > 0.95 and end > 0.95, (normal, start, end)
     assert normal < 0.6
+    assert detector.frozen  # the burst did not move the threshold
+    # When the burst is over the freeze lifts, and the burst is still not normal.
+    rng = np.random.default_rng(6)
+    for x in normal_traffic(3000, rng).to_dict("records"):
+        detector.score_and_maybe_learn(x, allow_learn=True)
+    assert not detector.frozen
+    later = anomalies("runaway_loop", 50, rng).to_dict("records")
+    assert np.mean([detector.score_one(x) for x in later]) > 0.95
 
 
 def test_unprotected_detector_learns_the_burst() -> None:
-    normal, start, end = _burst_run(protect=False)
+    _, normal, start, end = _burst_run(protect=False)
     assert start > 0.9, (normal, start, end)
     assert end < 0.7, "without protection the burst should have become normal"
 
