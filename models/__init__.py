@@ -1,1 +1,14 @@
-"""keywatch models package."""
+"""keywatch detectors. Convention everywhere: higher score = more anomalous, scores in [0, 1].
+
+- ``models.compact_forest``: a fitted IsolationForest flattened and compiled for one-event
+  scoring, exactly equal to sklearn's ``score_samples``.
+- ``models.offline``: ``OfflineDetector``, the IsolationForest calibrated to percentiles of
+  normal traffic, with robust-z reasons.
+- ``models.online``: ``PopulationDetector`` (River HalfSpaceTrees with protected learning) and
+  ``KeyBaseline`` (per-key adaptive baselines + Page-Hinkley, state as a flat float dict).
+- ``models.registry``: ``ModelRegistry``, versioned artifacts with SHA-256 manifests, atomic
+  save/promote/rollback.
+- ``models.integrity``: checksums, atomic writes, ``ModelIntegrityError``.
+
+Submodules are not imported here, so ``import models`` stays cheap.
+"""

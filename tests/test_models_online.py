@@ -1,0 +1,321 @@
+"""Online detectors: quality, protected learning, warm-up, checkpoints, per-key baselines."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import numpy as np
+import pytest
+from river import drift
+from sklearn.metrics import roc_auc_score
+
+from models._synthetic import anomalies, normal_traffic, traffic
+from models.integrity import ModelIntegrityError
+from models.online import KeyBaseline, PageHinkleyState, PopulationDetector
+
+# ---------------------------------------------------------------- population detector
+
+
+@pytest.fixture(scope="module")
+def stream() -> tuple[list[dict[str, float]], np.ndarray]:
+    df, y = traffic(9000, anomaly_fraction=0.02, seed=3)
+    return df.to_dict("records"), y
+
+
+@pytest.fixture(scope="module")
+def trained(stream: tuple[list[dict[str, float]], np.ndarray]) -> PopulationDetector:
+    rows, _ = stream
+    detector = PopulationDetector(seed=1)
+    for x in rows[:4000]:
+        detector.score_and_maybe_learn(x, allow_learn=True)
+    return detector
+
+
+def test_quality_floor_prequential(stream: tuple[list[dict[str, float]], np.ndarray]) -> None:
+    rows, y = stream
+    detector = PopulationDetector(seed=1)
+    scores = [detector.score_and_maybe_learn(x, allow_learn=True) for x in rows]
+    warm_from = detector.warmup_events
+    auc = roc_auc_score(y[warm_from:], scores[warm_from:])
+    assert auc >= 0.9, auc
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_warm_up_returns_a_neutral_score_until_enough_events() -> None:
+    rows = normal_traffic(700, np.random.default_rng(0)).to_dict("records")
+    detector = PopulationDetector(window_size=200, seed=0)
+    assert detector.warmup_events == 400
+    assert not detector.warm and detector.score_one(rows[0]) == 0.0
+    for i, x in enumerate(rows[:400]):
+        assert detector.score_and_maybe_learn(x, allow_learn=True) == 0.0, i
+    assert detector.warm and detector.threshold is not None
+    outlier = {**rows[0], "requests_count_by_key_1m": 500.0, "geo_velocity_kmh": 9000.0}
+    assert detector.score_one(outlier) > 0.95
+
+
+def test_score_one_is_pure_and_does_not_mutate_input(trained: PopulationDetector) -> None:
+    x = normal_traffic(1, np.random.default_rng(9)).iloc[0].to_dict()
+    original = dict(x)
+    before = copy.deepcopy(trained)
+    first = trained.score_one(x)
+    assert trained.score_one(x) == first
+    assert x == original
+    assert trained.n_offered == before.n_offered and trained._sorted == before._sorted
+
+
+def test_pipeline_flag_prevents_learning(trained: PopulationDetector) -> None:
+    detector = copy.deepcopy(trained)
+    learned, offered = detector.n_learned, detector.n_offered
+    x = normal_traffic(1, np.random.default_rng(2)).iloc[0].to_dict()
+    detector.score_and_maybe_learn(x, allow_learn=False)
+    assert (detector.n_learned, detector.n_offered) == (learned, offered)
+    assert detector.learn_one(x) is True
+    assert detector.n_learned == learned + 1
+
+
+def test_pending_path_equals_the_one_call_path(trained: PopulationDetector) -> None:
+    one_call, two_phase = copy.deepcopy(trained), copy.deepcopy(trained)
+    rows = traffic(300, anomaly_fraction=0.05, seed=11)[0].to_dict("records")
+    for i, x in enumerate(rows):
+        allow = i % 7 != 0  # the pipeline flags some events
+        expected = one_call.score_and_maybe_learn(x, allow_learn=allow)
+        pending = two_phase.score_pending(x)
+        assert pending.score == expected == two_phase.score_one(x)
+        if allow:
+            two_phase.learn_pending(pending)
+    assert (one_call.n_learned, one_call.n_refused) == (two_phase.n_learned, two_phase.n_refused)
+    assert one_call._sorted == two_phase._sorted
+
+
+def test_self_protection_refuses_what_it_flags(trained: PopulationDetector) -> None:
+    detector = copy.deepcopy(trained)
+    outlier = anomalies("leaked_key", 1, np.random.default_rng(4)).iloc[0].to_dict()
+    assert detector.raw_score_one(outlier) > detector.threshold
+    learned = detector.n_learned
+    assert detector.learn_one(outlier) is False
+    assert detector.n_learned == learned and detector.n_refused >= 1
+
+
+def _burst_run(protect: bool) -> tuple[PopulationDetector, float, float, float]:
+    """5,000 normal events, then 4,000 events of one runaway-loop pattern, all offered."""
+    rng = np.random.default_rng(5)
+    normal = normal_traffic(5000, rng).to_dict("records")
+    burst = anomalies("runaway_loop", 4000, rng).to_dict("records")
+    detector = PopulationDetector(protect=protect, seed=1)
+    scores = [detector.score_and_maybe_learn(x, allow_learn=True) for x in normal + burst]
+    return (
+        detector,
+        float(np.mean(scores[4000:5000])),  # normal traffic
+        float(np.mean(scores[5000:5100])),  # start of the burst
+        float(np.mean(scores[-200:])),  # end of the burst
+    )
+
+
+def test_protected_learning_holds_against_a_sustained_burst() -> None:
+    detector, normal, start, end = _burst_run(protect=True)
+    assert start > 0.95 and end > 0.95, (normal, start, end)
+    assert normal < 0.6
+    assert detector.frozen  # the burst did not move the threshold
+    # When the burst is over the freeze lifts, and the burst is still not normal.
+    rng = np.random.default_rng(6)
+    for x in normal_traffic(3000, rng).to_dict("records"):
+        detector.score_and_maybe_learn(x, allow_learn=True)
+    assert not detector.frozen
+    later = anomalies("runaway_loop", 50, rng).to_dict("records")
+    assert np.mean([detector.score_one(x) for x in later]) > 0.95
+
+
+def test_unprotected_detector_learns_the_burst() -> None:
+    _, normal, start, end = _burst_run(protect=False)
+    assert start > 0.9, (normal, start, end)
+    assert end < 0.7, "without protection the burst should have become normal"
+
+
+def test_missing_unknown_and_non_finite_features(trained: PopulationDetector) -> None:
+    x = normal_traffic(1, np.random.default_rng(6)).iloc[0].to_dict()
+    partial = {k: v for k, v in list(x.items())[:5]}
+    noisy = {**x, "brand_new_feature": 1e9, "tokens_log1p": math.nan, "hour_sin": math.inf}
+    for event in (partial, noisy, {}):
+        assert 0.0 <= trained.score_one(event) <= 1.0
+    assert trained.feature_names is not None and "brand_new_feature" not in trained.feature_names
+
+
+def test_checkpoint_round_trip(tmp_path, trained: PopulationDetector) -> None:
+    path = tmp_path / "population.joblib"
+    digest = trained.save(path)
+    assert (tmp_path / "population.joblib.sha256").read_text().startswith(digest)
+    restored = PopulationDetector.load(path)
+    assert restored.version == trained.version
+    for x in normal_traffic(50, np.random.default_rng(7)).to_dict("records"):
+        assert restored.score_one(x) == trained.score_one(x)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_tampered_checkpoint_is_refused(tmp_path, trained: PopulationDetector) -> None:
+    path = tmp_path / "population.joblib"
+    trained.save(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="SHA-256"):
+        PopulationDetector.load(path)
+    (tmp_path / "population.joblib.sha256").unlink()
+    with pytest.raises(ModelIntegrityError, match="sidecar"):
+        PopulationDetector.load(path)
+
+
+def test_checkpoint_of_another_type_is_refused(tmp_path) -> None:
+    from models.integrity import atomic_write_bytes, dump_bytes, sha256_bytes
+
+    path = tmp_path / "other.joblib"
+    data = dump_bytes({"not": "a detector"})
+    atomic_write_bytes(path, data)
+    (tmp_path / "other.joblib.sha256").write_text(sha256_bytes(data) + "\n")
+    with pytest.raises(ModelIntegrityError, match="not a PopulationDetector"):
+        PopulationDetector.load(path)
+
+
+def test_invalid_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="protect_quantile"):
+        PopulationDetector(protect_quantile=1.0)
+    with pytest.raises(ValueError, match="warmup_events"):
+        PopulationDetector(window_size=1000, warmup_events=10)
+
+
+# ---------------------------------------------------------------- Page-Hinkley
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"delta": 0.05, "threshold": 20.0, "min_instances": 10},
+        {"mode": "up", "threshold": 10.0},
+        {"mode": "down", "threshold": 10.0, "alpha": 0.99},
+    ],
+)
+def test_page_hinkley_equals_river(params: dict) -> None:
+    rng = random.Random(1)
+    values = [rng.gauss(0, 1) for _ in range(800)] + [rng.gauss(3, 1) for _ in range(800)]
+    values += [rng.gauss(-2, 1) for _ in range(800)]
+    reference, ours = drift.PageHinkley(**params), PageHinkleyState()
+    detections = 0
+    for x in values:
+        reference.update(x)
+        detected = ours.update(x, **params)
+        assert detected == reference.drift_detected
+        assert ours.mean == reference._x_mean.get()
+        assert ours.sum_increase == reference._sum_increase
+        assert ours.sum_decrease == reference._sum_decrease
+        if reference._x_mean.n:
+            assert ours.min_increase == reference._min_increase
+            assert ours.max_decrease == reference._max_decrease
+        detections += detected
+    assert detections >= 2
+
+
+# ---------------------------------------------------------------- per-key baseline
+
+
+def _feed(baseline: KeyBaseline, rates, tokens, *, allow_learn: bool = True) -> int:
+    drifts = 0
+    for r, t in zip(rates, tokens, strict=True):
+        drifts += baseline.update(rate=float(r), tokens=float(t), allow_learn=allow_learn)
+    return drifts
+
+
+def test_state_is_a_flat_float_dict_that_round_trips_exactly() -> None:
+    rng = np.random.default_rng(0)
+    baseline = KeyBaseline()
+    _feed(baseline, rng.poisson(8, 300), rng.lognormal(6, 0.5, 300))
+    _feed(baseline, rng.poisson(40, 50), rng.lognormal(6, 0.5, 50), allow_learn=False)
+    state = baseline.to_state()
+    assert list(state) == list(KeyBaseline.STATE_FIELDS)
+    assert all(type(v) is float for v in state.values())
+    restored = KeyBaseline.from_state(state)
+    assert restored.to_state() == state
+    # As a Redis hash hands it back: bytes keys and values, written with repr().
+    as_redis = {k.encode(): repr(v).encode() for k, v in state.items()}
+    assert KeyBaseline.from_state(as_redis).to_state() == state
+    # The same future, step by step, from the original and the restored copy.
+    for r, t in zip(rng.poisson(9, 100), rng.lognormal(6, 0.5, 100), strict=True):
+        a = baseline.update(rate=float(r), tokens=float(t), allow_learn=True)
+        b = restored.update(rate=float(r), tokens=float(t), allow_learn=True)
+        assert a == b and baseline.zscores(rate=20, tokens=900) == restored.zscores(
+            rate=20, tokens=900
+        )
+    assert baseline.to_state() == restored.to_state()
+
+
+def test_empty_state_is_a_cold_key() -> None:
+    baseline = KeyBaseline.from_state({})
+    assert not baseline.is_warm
+    scores = baseline.zscores(rate=100, tokens=10000)
+    assert scores.warm is False and scores.rate_z == 0.0 and scores.rate_ratio == 1.0
+
+
+def test_cold_start_until_min_observations() -> None:
+    baseline = KeyBaseline(min_observations=30)
+    _feed(baseline, [10] * 29, [500] * 29)
+    assert not baseline.is_warm and not baseline.zscores(rate=10, tokens=500).warm
+    _feed(baseline, [10], [500])
+    assert baseline.is_warm and baseline.zscores(rate=10, tokens=500).warm
+
+
+def test_burst_and_token_spike_stand_out() -> None:
+    rng = np.random.default_rng(1)
+    baseline = KeyBaseline()
+    _feed(baseline, rng.poisson(10, 500), rng.lognormal(6, 0.3, 500))
+    usual = baseline.zscores(rate=10, tokens=400)
+    assert abs(usual.rate_z) < 2 and abs(usual.tokens_z) < 2
+    burst = baseline.zscores(rate=200, tokens=400)
+    assert burst.rate_z > 5 and 15 < burst.rate_ratio < 25
+    drain = baseline.zscores(rate=10, tokens=60000)
+    assert drain.tokens_z > 5 and drain.tokens_ratio > 50
+
+
+def test_adapts_to_gradual_drift_but_a_frozen_baseline_does_not() -> None:
+    rng = np.random.default_rng(2)
+    n = 3000
+    rates = rng.poisson(np.linspace(5, 60, n))  # the key grows twelvefold, slowly
+    tokens = rng.lognormal(np.linspace(5, 7, n), 0.3)
+    adaptive = KeyBaseline()
+    _feed(adaptive, rates, tokens)
+    final = adaptive.zscores(rate=60, tokens=math.exp(7))
+    assert abs(final.rate_z) < 2 and abs(final.tokens_z) < 2
+    assert 0.7 < final.rate_ratio < 1.4 and 0.7 < final.tokens_ratio < 1.4
+    frozen = KeyBaseline(alpha=1e-6)  # ~ a plain cumulative mean: it does not follow the key
+    _feed(frozen, rates, tokens)
+    stale = frozen.zscores(rate=60, tokens=math.exp(7))
+    assert stale.rate_ratio > 1.8 and stale.tokens_ratio > 2.0
+
+
+def test_flagged_events_do_not_move_the_baseline() -> None:
+    rng = np.random.default_rng(3)
+    baseline = KeyBaseline()
+    _feed(baseline, rng.poisson(10, 300), [500] * 300)
+    before = baseline.to_state()
+    _feed(baseline, [500] * 200, [90000] * 200, allow_learn=False)
+    after = baseline.to_state()
+    for field in ("n", "rate_mean", "rate_var", "tokens_mean", "tokens_var"):
+        assert after[field] == before[field]
+    assert after["refused"] == before["refused"] + 200
+    assert baseline.zscores(rate=500, tokens=90000).rate_z > 5
+
+
+def test_drift_detector_marks_a_change_of_regime_and_rebaseline() -> None:
+    rng = np.random.default_rng(4)
+    baseline = KeyBaseline()
+    assert _feed(baseline, rng.poisson(10, 2000), [500] * 2000) <= 1  # quiet key: ~no alarm
+    drifts_before = baseline.drifts
+    detected_at = None
+    for i, r in enumerate(rng.poisson(50, 200)):
+        if baseline.update(rate=float(r), tokens=500.0, allow_learn=False):
+            detected_at = i
+            break
+    assert detected_at is not None and detected_at < 60
+    assert baseline.drifts == drifts_before + 1
+    baseline.rebaseline()
+    assert not baseline.is_warm and baseline.n == 0.0
