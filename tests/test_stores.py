@@ -12,6 +12,8 @@ import pytest
 from features.stores.base import (
     DEL,
     EWM,
+    EWM_GAP,
+    EWM_SAME,
     GET,
     INCR,
     RECENT_ADD,
@@ -32,7 +34,7 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
     ops: list[tuple[object, ...]] = []
     for _ in range(rng.randint(1, 12)):
         kind = rng.choice(["get", "set", "del", "incr", "ring", "ring_get", "ring_sum", "ewm",
-                           "recent", "recent_count", "seen"])
+                           "recent", "recent_count", "seen", "gap", "same"])
         stamp = int(ts // 60) - rng.randint(-1, 3)
         if kind == "get":
             ops.append((GET, rng.choice(["a", "b", "c"])))
@@ -56,6 +58,14 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             ops.append((RECENT_ADD, "z", f"m{rng.randint(0, 12)}", ts, 300, 6))
         elif kind == "recent_count":
             ops.append((RECENT_COUNT, "z", ts, 120))
+        elif kind == "gap":
+            # late (negative gap), simultaneous, capped and ordinary gaps
+            at = ts + rng.choice([0.0, -30.0, 0.01, 2.5, 500.0])
+            ops.append((EWM_GAP, "g", "g:last", at, 0.1, 100.0))
+            ops.extend([(GET, "g:m"), (GET, "g:v"), (GET, "g:n"), (GET, "g:last")])
+        elif kind == "same":
+            ops.append((EWM_SAME, "q", "q:last", rng.choice([0, 7, 7, 12.5]), 0.2))
+            ops.extend([(GET, "q:m"), (GET, "q:v"), (GET, "q:last")])
         else:
             ops.append((SEEN_ADD, "s", f"m{rng.randint(0, 8)}", ts, 5))
     return ops

@@ -30,11 +30,28 @@ EWM = "ewm"  # (EWM, name, x, alpha) -> None; updates name:m, name:v, name:n
 RECENT_ADD = "recent_add"  # (RECENT_ADD, zname, member, ts, window_s, cap) -> int distinct
 RECENT_COUNT = "recent_count"  # (RECENT_COUNT, zname, ts, window_s) -> int distinct
 SEEN_ADD = "seen_add"  # (SEEN_ADD, zname, member, ts, cap) -> int (1 if new, else 0)
+# Observations that depend on the previous event, which the client cannot know before its
+# single round trip, so the store computes them atomically:
+EWM_GAP = "ewm_gap"  # (EWM_GAP, name, field, ts, alpha, max_gap) -> str | None (old field)
+#   gap = ts - field; when the field exists and gap >= 0: EWM(name, min(gap, max_gap)) and
+#   field := ts. A late event (gap < 0) changes nothing; a first one only sets the field.
+EWM_SAME = "ewm_same"  # (EWM_SAME, name, field, x, alpha) -> str | None (old field)
+#   when the field exists: EWM(name, 1.0 if x == field else 0.0); always field := x.
 
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
-    RECENT_ADD, RECENT_COUNT, SEEN_ADD)
+    RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME)
 
 Op = tuple[Any, ...]
+
+
+def format_number(value: Any) -> str:
+    """How numbers travel to and are stored by every backend: integral floats as
+    integers, other floats by `repr` (shortest exact round trip)."""
+    if isinstance(value, float):
+        if value == int(value) and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value)
+    return str(value)
 
 
 class StoreError(RuntimeError):

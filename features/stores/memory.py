@@ -16,6 +16,8 @@ from typing import Any
 from features.stores.base import (
     DEL,
     EWM,
+    EWM_GAP,
+    EWM_SAME,
     GET,
     INCR,
     RECENT_ADD,
@@ -28,6 +30,7 @@ from features.stores.base import (
     EntityOps,
     StateStore,
     StoreError,
+    format_number,
 )
 
 
@@ -162,6 +165,30 @@ class MemoryStore(StateStore):
         s.hash[f"{name}:v"] = _g17(v)
         s.hash[f"{name}:n"] = _fmt(n + 1)
 
+    def _ewm_gap(
+        self, s: _EntityState, name: str, fld: str, ts: float, alpha: float, max_gap: float
+    ) -> str | None:
+        held = s.hash.get(fld)
+        ts = float(ts)
+        if held is None:
+            s.hash[fld] = format_number(ts)
+            return None
+        gap = ts - float(held)
+        if gap >= 0:
+            self._ewm(s, name, min(gap, float(max_gap)), float(alpha))
+            s.hash[fld] = format_number(ts)
+        return held
+
+    def _ewm_same(
+        self, s: _EntityState, name: str, fld: str, x: float, alpha: float
+    ) -> str | None:
+        held = s.hash.get(fld)
+        x = float(x)
+        if held is not None:
+            self._ewm(s, name, 1.0 if float(held) == x else 0.0, float(alpha))
+        s.hash[fld] = format_number(x)
+        return held
+
     def _touch(self, ts: float) -> None:
         if ts > self._newest_ts:
             self._newest_ts = ts
@@ -221,4 +248,6 @@ _HANDLERS = {
     RECENT_ADD: MemoryStore._recent_add,
     RECENT_COUNT: MemoryStore._recent_count,
     SEEN_ADD: MemoryStore._seen_add,
+    EWM_GAP: MemoryStore._ewm_gap,
+    EWM_SAME: MemoryStore._ewm_same,
 }

@@ -26,16 +26,14 @@ from features.stores.base import (
     EntityOps,
     StateStore,
     StoreError,
+    format_number,
 )
 
 _ZSET_OPS = (RECENT_ADD, RECENT_COUNT, SEEN_ADD)
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 
 
-def _num(value: Any) -> str:
-    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value) if isinstance(value, float) else str(value)
+_num = format_number
 
 
 class RedisStore(StateStore):

@@ -15,6 +15,24 @@ local function cap_z(zk, cap)
   if card > cap then redis.call('ZREMRANGEBYRANK', zk, 0, card - cap - 1) end
 end
 
+local function ewm(name, x, alpha)
+  local n = tonumber(redis.call('HGET', h, name .. ':n') or '0')
+  local m, v
+  if n == 0 then
+    m = x
+    v = 0
+  else
+    m = tonumber(redis.call('HGET', h, name .. ':m'))
+    v = tonumber(redis.call('HGET', h, name .. ':v'))
+    local diff = x - m
+    local incr = alpha * diff
+    m = m + incr
+    v = (1 - alpha) * (v + diff * incr)
+  end
+  redis.call('HSET', h, name .. ':m', string.format('%.17g', m),
+    name .. ':v', string.format('%.17g', v), name .. ':n', tostring(n + 1))
+end
+
 while i <= #ARGV do
   local code = ARGV[i]
   if code == 'get' then
@@ -70,26 +88,34 @@ while i <= #ARGV do
     out[#out + 1] = tostring(total)
     i = i + 5
   elseif code == 'ewm' then
-    local name = ARGV[i + 1]
-    local x = tonumber(ARGV[i + 2])
-    local alpha = tonumber(ARGV[i + 3])
-    local n = tonumber(redis.call('HGET', h, name .. ':n') or '0')
-    local m, v
-    if n == 0 then
-      m = x
-      v = 0
-    else
-      m = tonumber(redis.call('HGET', h, name .. ':m'))
-      v = tonumber(redis.call('HGET', h, name .. ':v'))
-      local diff = x - m
-      local incr = alpha * diff
-      m = m + incr
-      v = (1 - alpha) * (v + diff * incr)
-    end
-    redis.call('HSET', h, name .. ':m', string.format('%.17g', m),
-      name .. ':v', string.format('%.17g', v), name .. ':n', tostring(n + 1))
+    ewm(ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]))
     out[#out + 1] = false
     i = i + 4
+  elseif code == 'ewm_gap' then
+    local held = redis.call('HGET', h, ARGV[i + 2])
+    if not held then
+      redis.call('HSET', h, ARGV[i + 2], ARGV[i + 3])
+    else
+      local gap = tonumber(ARGV[i + 3]) - tonumber(held)
+      if gap >= 0 then
+        local cap = tonumber(ARGV[i + 5])
+        if gap > cap then gap = cap end
+        ewm(ARGV[i + 1], gap, tonumber(ARGV[i + 4]))
+        redis.call('HSET', h, ARGV[i + 2], ARGV[i + 3])
+      end
+    end
+    out[#out + 1] = held
+    i = i + 6
+  elseif code == 'ewm_same' then
+    local held = redis.call('HGET', h, ARGV[i + 2])
+    if held then
+      local same = 0
+      if tonumber(held) == tonumber(ARGV[i + 3]) then same = 1 end
+      ewm(ARGV[i + 1], same, tonumber(ARGV[i + 4]))
+    end
+    redis.call('HSET', h, ARGV[i + 2], ARGV[i + 3])
+    out[#out + 1] = held
+    i = i + 5
   elseif code == 'recent_add' then
     local zk = zkeys[ARGV[i + 1]]
     local ts = tonumber(ARGV[i + 3])
