@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
+from features.stores.base import RING_GET, EntityOps
 from tests.conftest import TEST_SECRET
 
 T0 = 1_794_999_960  # 2026-11-18, on a minute boundary
@@ -123,7 +124,9 @@ def test_batch_with_one_bad_event_is_refused_whole(
     assert first["severity"] == "none"
     snapshot = client.app.state.scorer.store  # type: ignore[attr-defined]
     key_id = KeyHasher(TEST_SECRET).key_id("sk-batch-good")
-    assert snapshot._entities[("k", key_id)].hash["requests:m:" + str((T0 // 60) % 8)] == "1"
+    stamp = int(T0 // 60)
+    assert snapshot.execute([EntityOps("k", key_id, [(RING_GET, "requests:m", stamp % 8,
+                                                      stamp)])]) == [[1.0]]
 
 
 def test_non_json_bodies_are_refused(client: TestClient) -> None:

@@ -15,12 +15,15 @@ from features.stores.base import (
     EWM_GAP,
     EWM_SAME,
     GET,
+    GETS,
     INCR,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
     RING_GET,
     RING_SUM,
+    RING_VALUES,
+    RING_WINDOWS,
     SEEN_ADD,
     SET,
     EntityOps,
@@ -34,7 +37,8 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
     ops: list[tuple[object, ...]] = []
     for _ in range(rng.randint(1, 12)):
         kind = rng.choice(["get", "set", "del", "incr", "ring", "ring_get", "ring_sum", "ewm",
-                           "recent", "recent_count", "seen", "gap", "same"])
+                           "recent", "recent_count", "seen", "gap", "same", "gets", "windows",
+                           "values"])
         stamp = int(ts // 60) - rng.randint(-1, 3)
         if kind == "get":
             ops.append((GET, rng.choice(["a", "b", "c"])))
@@ -58,6 +62,14 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             ops.append((RECENT_ADD, "z", f"m{rng.randint(0, 12)}", ts, 300, 6))
         elif kind == "recent_count":
             ops.append((RECENT_COUNT, "z", ts, 120))
+        elif kind == "gets":
+            ops.append((GETS, 4, "a", "b", "zz", "e:m"))
+        elif kind == "windows":
+            ns = rng.sample([1, 3, 5, 8, 9, 12], k=rng.randint(1, 3))
+            ops.append((RING_WINDOWS, "r", 8, stamp + rng.randint(-2, 2), len(ns), *ns))
+        elif kind == "values":
+            stamps = [stamp - rng.randint(-3, 12) for _ in range(rng.randint(1, 4))]
+            ops.append((RING_VALUES, "r", 8, len(stamps), *stamps))
         elif kind == "gap":
             # late (negative gap), simultaneous, capped and ordinary gaps
             at = ts + rng.choice([0.0, -30.0, 0.01, 2.5, 500.0])
@@ -71,16 +83,17 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
     return ops
 
 
+def _norm(v: object) -> object:
+    if isinstance(v, list):
+        return [_norm(x) for x in v]
+    if isinstance(v, (int, float)) or (isinstance(v, str) and v.replace(".", "", 1).replace(
+            "-", "", 1).replace("e", "", 1).isdigit()):
+        return round(float(v), 9)
+    return v
+
+
 def normalise(results: list[list[object]]) -> list[list[object]]:
-    out = []
-    for res in results:
-        row = []
-        for v in res:
-            row.append(round(float(v), 9) if isinstance(v, (int, float)) or (
-                isinstance(v, str) and v.replace(".", "", 1).replace("-", "", 1).replace(
-                    "e", "", 1).isdigit()) else v)
-        out.append(row)
-    return out
+    return [[_norm(v) for v in res] for res in results]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -38,8 +38,17 @@ EWM_GAP = "ewm_gap"  # (EWM_GAP, name, field, ts, alpha, max_gap) -> str | None 
 EWM_SAME = "ewm_same"  # (EWM_SAME, name, field, x, alpha) -> str | None (old field)
 #   when the field exists: EWM(name, 1.0 if x == field else 0.0); always field := x.
 
+# Batched reads, so that an event needs a few dozen ops rather than a hundred (ops are
+# variable-length: a count precedes the repeated arguments):
+GETS = "gets"  # (GETS, k, field_1, ..., field_k) -> list[str | None]
+RING_WINDOWS = "ring_windows"  # (RING_WINDOWS, name, size, stamp, k, n_1, ..., n_k)
+#   -> list[float] of 2k: for each n, the sum of the live buckets stamp-n+1..stamp (at most
+#   `size` of them, as RING_SUM) and then the edge bucket stamp-n (as RING_GET)
+RING_VALUES = "ring_values"  # (RING_VALUES, name, size, k, stamp_1, ..., stamp_k)
+#   -> list[float]: each bucket as RING_GET (0.0 when stale)
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
-    RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME)
+    RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES)
 
 Op = tuple[Any, ...]
 

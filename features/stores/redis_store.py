@@ -16,12 +16,15 @@ from typing import Any
 import redis
 
 from features.stores.base import (
+    GETS,
     INCR,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
     RING_GET,
     RING_SUM,
+    RING_VALUES,
+    RING_WINDOWS,
     SEEN_ADD,
     EntityOps,
     StateStore,
@@ -147,6 +150,10 @@ class RedisStore(StateStore):
                 results.append(float(value))
             elif code in _ZSET_OPS:
                 results.append(int(value))
+            elif code in (RING_WINDOWS, RING_VALUES):
+                results.append([float(x) for x in value])
+            elif code == GETS:
+                results.append(list(value))
             else:
                 results.append(value)
         return results

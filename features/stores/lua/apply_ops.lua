@@ -33,6 +33,27 @@ local function ewm(name, x, alpha)
     name .. ':v', string.format('%.17g', v), name .. ':n', tostring(n + 1))
 end
 
+-- bucket values of ring `name` at the given stamps (0 when the slot holds another stamp)
+local function ring_buckets(name, size, stamps)
+  local fields = {}
+  for j = 1, #stamps do
+    local vf = name .. ':' .. tostring(stamps[j] % size)
+    fields[#fields + 1] = vf .. ':t'
+    fields[#fields + 1] = vf
+  end
+  local raw = redis.call('HMGET', h, unpack(fields))
+  local vals = {}
+  for j = 1, #stamps do
+    local held = raw[2 * j - 1]
+    if held and tonumber(held) == stamps[j] then
+      vals[j] = tonumber(raw[2 * j] or '0')
+    else
+      vals[j] = 0
+    end
+  end
+  return vals
+end
+
 while i <= #ARGV do
   local code = ARGV[i]
   if code == 'get' then
@@ -137,6 +158,47 @@ while i <= #ARGV do
     cap_z(zk, tonumber(ARGV[i + 4]))
     out[#out + 1] = is_new and '1' or '0'
     i = i + 5
+  elseif code == 'gets' then
+    local k = tonumber(ARGV[i + 1])
+    local fields = {}
+    for j = 1, k do fields[j] = ARGV[i + 1 + j] end
+    out[#out + 1] = redis.call('HMGET', h, unpack(fields))
+    i = i + 2 + k
+  elseif code == 'ring_windows' then
+    local name = ARGV[i + 1]
+    local size = tonumber(ARGV[i + 2])
+    local stamp = tonumber(ARGV[i + 3])
+    local k = tonumber(ARGV[i + 4])
+    local maxn = 0
+    for j = 1, k do
+      local n = tonumber(ARGV[i + 4 + j])
+      if n > maxn then maxn = n end
+    end
+    local stamps = {}
+    for off = 0, maxn do stamps[off + 1] = stamp - off end
+    local vals = ring_buckets(name, size, stamps)
+    local res = {}
+    for j = 1, k do
+      local n = tonumber(ARGV[i + 4 + j])
+      local whole = 0
+      local top = n
+      if top > size then top = size end
+      for off = 0, top - 1 do whole = whole + vals[off + 1] end
+      res[#res + 1] = string.format('%.17g', whole)
+      res[#res + 1] = string.format('%.17g', vals[n + 1])
+    end
+    out[#out + 1] = res
+    i = i + 5 + k
+  elseif code == 'ring_values' then
+    local size = tonumber(ARGV[i + 2])
+    local k = tonumber(ARGV[i + 3])
+    local stamps = {}
+    for j = 1, k do stamps[j] = tonumber(ARGV[i + 3 + j]) end
+    local vals = ring_buckets(ARGV[i + 1], size, stamps)
+    local res = {}
+    for j = 1, k do res[j] = string.format('%.17g', vals[j]) end
+    out[#out + 1] = res
+    i = i + 4 + k
   else
     return redis.error_reply('unknown store operation ' .. tostring(code))
   end
