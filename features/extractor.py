@@ -158,6 +158,11 @@ def _window_specs(windowed: dict[str, tuple[str, tuple[Window, ...]]], entity: s
 
 _KEY_WINDOWS = _window_specs(KEY_WINDOWED, "key")
 _IP_WINDOWS = _window_specs(IP_WINDOWED, "ip")
+_READ_TAILS = {
+    specs: tuple((name, bucket_s, size, (len(ws), *(n for _, n in ws)))
+                 for name, bucket_s, size, ws in specs)
+    for specs in (_KEY_WINDOWS, _IP_WINDOWS)
+}
 _KEY_WINDOW_NAMES = tuple(name for spec in _KEY_WINDOWS for name, _ in spec[3])
 _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 # ring names per metric, precomputed: (minute ring, hour ring)
@@ -598,9 +603,8 @@ def _window_reads(
     stamp_m: int, stamp_h: int,
 ) -> None:
     """Queue one RING_WINDOWS read per ring in `specs`."""
-    for name, bucket_s, size, windows in specs:
-        ops.append((RING_WINDOWS, name, size, stamp_m if bucket_s == 60 else stamp_h,
-                    len(windows), *(n for _, n in windows)))
+    ops.extend([(RING_WINDOWS, name, size, stamp_m if bucket_s == 60 else stamp_h, *tail)
+                for name, bucket_s, size, tail in _READ_TAILS[specs]])
 
 
 def _window_values(

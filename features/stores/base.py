@@ -8,7 +8,10 @@ applies them with dicts, the Redis store ships the same list to a Lua script, so
 costs one atomic round trip however many counters it touches.
 
 Entities are `(kind, id)` pairs such as `("k", key_id)` or `("ip", "203.0.113.9")`.
-Every hash value is a string (as in Redis); callers parse what they read.
+Values read back are strings on Redis; the memory store may hand back the float it wrote
+for numeric fields (EWM statistics, the EWM_GAP/EWM_SAME fields), to skip formatting and
+parsing on its hot path. Callers parse what they read with `float()`, which accepts
+both. Ring buckets are private to the RING_* ops (not readable with GET).
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ from features.stores.base import (
     EntityOps,
     StateStore,
     StoreError,
-    format_number,
 )
 
 
@@ -138,7 +137,7 @@ class MemoryStore(StateStore):
             bad = next((op for op in ops if not op or op[0] not in _HANDLERS), ())
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
         state = self._entity(req.kind, req.entity_id)
-        return [h(self, state, op) for h, op in zip(handlers, ops, strict=True)]
+        return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
     def _get(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
@@ -200,18 +199,18 @@ class MemoryStore(StateStore):
         ring = s.rings.get(name)
         if not ring:
             return [0.0] * (2 * k)
-        by_offset: dict[int, float] = {}
-        for slot, (held, value) in ring.items():
-            if held <= stamp and held % size == slot:
-                by_offset[stamp - held] = value
+        ns = op[5:5 + k]
+        top = max(ns)
+        by_offset = [0.0] * (top + 1)  # bucket values, newest (offset 0) first
+        for slot, cell in ring.items():
+            offset = stamp - cell[0]
+            if 0 <= offset <= top and cell[0] % size == slot:
+                by_offset[offset] = cell[1]
         out: list[float] = []
-        get = by_offset.get
-        for n in op[5:5 + k]:
-            whole = 0.0
-            for offset in range(min(n, size)):  # newest first, as the Lua script sums
-                whole += get(offset, 0.0)
-            out.append(whole)
-            out.append(get(n, 0.0))
+        for n in ns:
+            # summed newest first, as the Lua script does
+            out.append(sum(by_offset[:n if n < size else size], 0.0))
+            out.append(by_offset[n])
         return out
 
     def _ring_values(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
@@ -228,49 +227,52 @@ class MemoryStore(StateStore):
         return [get(f) for f in op[2:2 + op[1]]]
 
     def _ewm_update(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
+        # Kept as floats (the Lua script writes them with 17 significant digits, which
+        # round-trips exactly): GET returns the float, callers parse with float().
         h = s.hash
         nf = f"{name}:n"
-        n = float(h.get(nf, "0"))
-        if n == 0:
-            m, v = float(x), 0.0
-        else:
-            m = float(h[f"{name}:m"])
-            v = float(h[f"{name}:v"])
-            diff = x - m
-            incr = alpha * diff
-            m = m + incr
-            v = (1 - alpha) * (v + diff * incr)
-        h[f"{name}:m"] = f"{m:.17g}"
-        h[f"{name}:v"] = f"{v:.17g}"
-        h[nf] = _fmt(n + 1)
+        n = h.get(nf)
+        if n is None:
+            h[f"{name}:m"] = x
+            h[f"{name}:v"] = 0.0
+            h[nf] = 1.0
+            return
+        mf, vf = f"{name}:m", f"{name}:v"
+        m = float(h[mf])
+        diff = x - m
+        incr = alpha * diff
+        h[mf] = m + incr
+        h[vf] = (1 - alpha) * (float(h[vf]) + diff * incr)
+        h[nf] = float(n) + 1.0
 
     def _ewm(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         self._ewm_update(s, op[1], float(op[2]), float(op[3]))
 
-    def _ewm_gap(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
+    def _ewm_gap(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         _, name, fld, ts, alpha, max_gap = op
-        held = s.hash.get(fld)
-        ts = float(ts)
+        h = s.hash
+        held = h.get(fld)
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
                 self._newest_ts = ts
         if held is None:
-            s.hash[fld] = format_number(ts)
+            h[fld] = float(ts)
             return None
-        gap = ts - float(held)
+        gap = ts - held
         if gap >= 0:
-            self._ewm_update(s, name, min(gap, float(max_gap)), float(alpha))
-            s.hash[fld] = format_number(ts)
+            self._ewm_update(s, name, gap if gap < max_gap else float(max_gap), alpha)
+            h[fld] = float(ts)
         return held
 
-    def _ewm_same(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
+    def _ewm_same(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         _, name, fld, x, alpha = op
-        held = s.hash.get(fld)
+        h = s.hash
+        held = h.get(fld)
         x = float(x)
         if held is not None:
-            self._ewm_update(s, name, 1.0 if float(held) == x else 0.0, float(alpha))
-        s.hash[fld] = format_number(x)
+            self._ewm_update(s, name, 1.0 if held == x else 0.0, alpha)
+        h[fld] = x
         return held
 
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
