@@ -157,3 +157,16 @@ def test_memory_store_is_bounded() -> None:
         store.execute([EntityOps("ip", f"10.0.{i // 256}.{i % 256}", [(INCR, "n", 1)])])
     assert len(store) == 1000
     assert store.evictions == 4000
+
+
+def test_window_edges_are_exact_on_both_stores(redis_url: str) -> None:
+    """An epoch time with a fraction, exactly one window later: the old member is out.
+    (Lua's tostring keeps 14 digits; the script must format times with %.17g.)"""
+    t = 1_767_225_601.40625
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="edge")):
+        store.execute([EntityOps("k", "a", [(SEEN_ADD, "cc", "US", t, 8)])])
+        res = store.execute([EntityOps("k", "a", [(SEEN_ADD, "cc", "DE", t + 3600, 8),
+                                                  (RECENT_COUNT, "cc", t + 3600, 3600),
+                                                  (RECENT_ADD, "ips", "x", t, 3600, 8),
+                                                  (RECENT_ADD, "ips", "y", t + 3600, 3600, 8)])])
+        assert res == [[1, 1, 1, 1]], store.name

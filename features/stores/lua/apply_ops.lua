@@ -106,7 +106,7 @@ while i <= #ARGV do
         total = total + tonumber(redis.call('HGET', h, vf) or '0')
       end
     end
-    out[#out + 1] = tostring(total)
+    out[#out + 1] = string.format('%.17g', total)
     i = i + 5
   elseif code == 'ewm' then
     ewm(ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]))
@@ -148,7 +148,9 @@ while i <= #ARGV do
   elseif code == 'recent_count' then
     local zk = zkeys[ARGV[i + 1]]
     local ts = tonumber(ARGV[i + 2])
-    out[#out + 1] = tostring(redis.call('ZCOUNT', zk, '(' .. tostring(ts - tonumber(ARGV[i + 3])), '+inf'))
+    -- %.17g, not tostring (14 digits): an epoch time minus a window must stay exact
+    local cutoff = string.format('%.17g', ts - tonumber(ARGV[i + 3]))
+    out[#out + 1] = tostring(redis.call('ZCOUNT', zk, '(' .. cutoff, '+inf'))
     i = i + 4
   elseif code == 'seen_add' then
     local zk = zkeys[ARGV[i + 1]]
