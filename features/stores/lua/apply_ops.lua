@@ -19,23 +19,28 @@ local function num(x)
   return x
 end
 
-local function ewm(name, x, alpha)
-  local n = tonumber(redis.call('HGET', h, name .. ':n') or '0')
-  local m, v
+-- one EWM step on name:m / name:v / name:n; `n, m, v` are the held strings (or false);
+-- extra field/value pairs are written in the same HSET
+local function ewm_step(name, x, alpha, n, m, v, ...)
+  n = tonumber(n or '0')
   if n == 0 then
     m = x
     v = 0
   else
-    local mv = redis.call('HMGET', h, name .. ':m', name .. ':v')
-    m = tonumber(mv[1])
-    v = tonumber(mv[2])
+    m = tonumber(m)
+    v = tonumber(v)
     local diff = x - m
     local incr = alpha * diff
     m = m + incr
     v = (1 - alpha) * (v + diff * incr)
   end
   redis.call('HSET', h, name .. ':m', string.format('%.17g', m),
-    name .. ':v', string.format('%.17g', v), name .. ':n', string.format('%d', n + 1))
+    name .. ':v', string.format('%.17g', v), name .. ':n', string.format('%d', n + 1), ...)
+end
+
+local function ewm(name, x, alpha)
+  local held = redis.call('HMGET', h, name .. ':n', name .. ':m', name .. ':v')
+  ewm_step(name, x, alpha, held[1], held[2], held[3])
 end
 
 -- bucket values of ring `name` at the given stamps (0 when the slot holds another stamp)
@@ -98,11 +103,12 @@ for _, op in ipairs(ops) do
     local held = redis.call('HGET', h, tf)
     if held and tonumber(held) > stamp then
       out[#out + 1] = false
-    else
-      if (not held) or tonumber(held) ~= stamp then
-        redis.call('HSET', h, tf, string.format('%d', stamp), vf, '0')
-      end
+    elseif held and tonumber(held) == stamp then
       out[#out + 1] = redis.call('HINCRBYFLOAT', h, vf, num(op[5]))
+    else  -- a fresh bucket: its value is the amount
+      local amount = num(op[5])
+      redis.call('HSET', h, tf, string.format('%d', stamp), vf, amount)
+      out[#out + 1] = amount
     end
   elseif code == 'ring_get' then
     local vf = op[2] .. ':' .. string.format('%d', op[3])
@@ -142,29 +148,29 @@ for _, op in ipairs(ops) do
     cap_z(zk, op[5])
     out[#out + 1] = added == 1 and '1' or '0'
   elseif code == 'ewm_gap' then
-    local held = redis.call('HGET', h, op[3])
-    local ts = op[4]
-    if not held then
-      redis.call('HSET', h, op[3], string.format('%.17g', ts))
+    local name, fld, ts = op[2], op[3], op[4]
+    local held = redis.call('HMGET', h, fld, name .. ':n', name .. ':m', name .. ':v')
+    if not held[1] then
+      redis.call('HSET', h, fld, string.format('%.17g', ts))
     else
-      local gap = ts - tonumber(held)
+      local gap = ts - tonumber(held[1])
       if gap >= 0 then
         if gap > op[6] then gap = op[6] end
-        ewm(op[2], gap, op[5])
-        redis.call('HSET', h, op[3], string.format('%.17g', ts))
+        ewm_step(name, gap, op[5], held[2], held[3], held[4], fld, string.format('%.17g', ts))
       end
     end
-    out[#out + 1] = held
+    out[#out + 1] = held[1]
   elseif code == 'ewm_same' then
-    local held = redis.call('HGET', h, op[3])
-    local x = tonumber(op[4])
-    if held then
+    local name, fld, x = op[2], op[3], tonumber(op[4])
+    local held = redis.call('HMGET', h, fld, name .. ':n', name .. ':m', name .. ':v')
+    if held[1] then
       local same = 0
-      if tonumber(held) == x then same = 1 end
-      ewm(op[2], same, op[5])
+      if tonumber(held[1]) == x then same = 1 end
+      ewm_step(name, same, op[5], held[2], held[3], held[4], fld, string.format('%.17g', x))
+    else
+      redis.call('HSET', h, fld, string.format('%.17g', x))
     end
-    redis.call('HSET', h, op[3], string.format('%.17g', x))
-    out[#out + 1] = held
+    out[#out + 1] = held[1]
   elseif code == 'gets' then
     local fields = {}
     for j = 1, op[2] do fields[j] = op[2 + j] end
