@@ -7,7 +7,8 @@ told was recorded survives a restart, and a failed write changes nothing. Suppre
 are rebuilt from the same file at startup.
 
 Notes are free text typed by people, who sometimes paste what they are looking at; they
-pass through `redact_text` so a raw key pasted into a note is not stored.
+pass through a redactor (by default `redact_text`; the app adds recognition of keys it
+has seen, see `Operations`) so a raw key pasted into a note is not stored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,8 +48,10 @@ class FeedbackIn(BaseModel):
 class FeedbackStore:
     """Feedback records and (key_id, rule code) suppressions, durable in a JSONL file."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *,
+                 redact: Callable[[str], str] = redact_text) -> None:
         self.path = Path(path) if path is not None else None
+        self.redact = redact
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._suppressed: dict[tuple[str, str], dict[str, Any]] = {}
@@ -85,7 +89,7 @@ class FeedbackStore:
             "severity": alert["severity"],
             "source_ip": alert.get("source_ip"),
             "verdict": feedback.verdict,
-            "note": redact_text(feedback.note),
+            "note": self.redact(feedback.note),
             "allowlist_rule": feedback.allowlist_rule,
             "alert_first_seen_ts": alert.get("first_seen_ts"),
             "alert_last_seen_ts": alert.get("last_seen_ts"),

@@ -102,4 +102,6 @@ def configure_logging(fmt: LogFormat = "json", level: str | int = "info",
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+        lg.disabled = False
+        lg.setLevel(logging.NOTSET)  # uvicorn.run(log_level=...) sets its own afterwards
     return handler

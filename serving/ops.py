@@ -28,6 +28,7 @@ from serving.feedback import FEEDBACK_FILE, FeedbackIn, FeedbackStore
 from serving.jsonl_writer import PeriodicFlusher, RotatingJsonlWriter
 from serving.key_activity import KeyActivityIndex
 from serving.metrics import KeywatchMetrics
+from serving.redaction import redact_known_keys, redact_text
 from serving.siem import SiemExporter
 
 if TYPE_CHECKING:
@@ -96,7 +97,17 @@ class Operations:
             siem = SiemExporter(siem_writer)
         if sinks is None:
             sinks = sinks_from_settings(settings)
-        feedback = FeedbackStore(data_dir / FEEDBACK_FILE)
+        activity = KeyActivityIndex(per_key=settings.key_activity_per_key,
+                                    max_keys=settings.key_activity_max_keys)
+        redact: Callable[[str], str] = redact_text
+        if scorer is not None:
+            key_id_of = scorer.hasher.key_id
+
+            def redact(text: str) -> str:  # patterns, then any key this replica has seen
+                return redact_known_keys(redact_text(text), key_id_of,
+                                         activity.__contains__)
+
+        feedback = FeedbackStore(data_dir / FEEDBACK_FILE, redact=redact)
         alerts = AlertPipeline(
             min_severity=settings.alert_min_severity,
             dedup_window_s=settings.alert_dedup_window_s,
@@ -104,9 +115,7 @@ class Operations:
             alert_log=alert_log, siem=siem, sinks=sinks,
             is_suppressed=feedback.is_suppressed)
         return cls(
-            metrics=KeywatchMetrics(), alerts=alerts, feedback=feedback,
-            activity=KeyActivityIndex(per_key=settings.key_activity_per_key,
-                                      max_keys=settings.key_activity_max_keys),
+            metrics=KeywatchMetrics(), alerts=alerts, feedback=feedback, activity=activity,
             writers=writers, event_log=event_log,
             model_versions=scorer.model_versions if scorer is not None else None)
 

@@ -10,6 +10,7 @@ false mask costs a little readability, a missed key costs a credential.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -43,3 +44,25 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]
     return value
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+/=-]{11,511}")
+
+
+def redact_known_keys(text: str, key_id_of: Callable[[str], str],
+                      is_known: Callable[[str], bool]) -> str:
+    """Mask tokens that *are* API keys keywatch has seen, whatever they look like.
+
+    Patterns cannot recognise a key with no telltale prefix; keywatch can, by hashing
+    each candidate token (12+ credential-like characters) into a key id and asking
+    whether that key id is one it knows. Only for small operator-typed text (feedback
+    notes): it costs one HMAC per candidate token.
+    """
+    if not text:
+        return text
+
+    def mask(match: re.Match[str]) -> str:
+        token = match.group(0)
+        return REDACTED if is_known(key_id_of(token)) else token
+
+    return _TOKEN.sub(mask, text)
