@@ -20,9 +20,12 @@ from starlette.concurrency import run_in_threadpool
 
 from features.contract import Event
 from features.keys import KeyHasher
-from features.stores.base import StoreError
+from features.stores.base import StateStore, StoreError
+from features.stores.resilient import StoreUnavailable
+from serving import resilience
 from serving.decision import Decision
 from serving.event_log import EventLog
+from serving.guards import IngestGuard
 from serving.scorer import Scorer
 from serving.settings import Settings
 from serving.stores import open_store
@@ -65,13 +68,15 @@ def get_scorer(request: Request) -> Scorer:
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 
 
-def build_scorer(settings: Settings) -> Scorer:
-    store = open_store(
-        settings.store,
-        namespace=settings.redis_namespace,
-        timeout_s=settings.redis_timeout_s,
-        memory_max_entities=settings.memory_max_entities,
-    )
+def build_scorer(settings: Settings, *, store: StateStore | None = None) -> Scorer:
+    if store is None:
+        store = open_store(
+            settings.store,
+            namespace=settings.redis_namespace,
+            timeout_s=settings.redis_timeout_s,
+            memory_max_entities=settings.memory_max_entities,
+        )
+        store = resilience.protect_store(store, settings)
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run)
 
 
@@ -90,12 +95,14 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         if event_log is not None:
             event_log.prune()
+        resilience.restore_state(scorer, settings)
         yield
         try:
             scorer.flush()
         finally:
             if event_log is not None:
                 event_log.flush()
+            resilience.save_state(scorer, settings)
             scorer.store.close()
 
     app = FastAPI(
@@ -107,6 +114,9 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     app.state.settings = settings
     app.state.scorer = scorer
     app.state.event_log = event_log
+    app.add_middleware(IngestGuard, max_body_bytes=settings.max_body_bytes,
+                       ingest_token=settings.ingest_token)
+    app.add_exception_handler(StoreUnavailable, resilience.store_unavailable_handler)
 
     def record(events: list[Event], decisions: list[Decision]) -> None:
         if event_log is not None:
@@ -141,9 +151,12 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     def readyz(scorer: ScorerDep) -> JSONResponse:
         """Ready: the state store answers and the models are loaded."""
         store_ok = scorer.store.ping()
+        outage = resilience.store_status(scorer.store)  # degraded while Redis is down
+        store_ok = store_ok and (outage is None or outage["state"] == "ok")
         body = {
             "status": "ready" if store_ok else "degraded",
-            "store": {"backend": scorer.store.describe(), "reachable": store_ok},
+            "store": {"backend": scorer.store.describe(), "reachable": store_ok,
+                      **({"outage": outage} if outage is not None else {})},
             "models": scorer.model_versions(),
             "dry_run": scorer.dry_run,
             "event_log": event_log.status() if event_log is not None else None,

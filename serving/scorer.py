@@ -66,8 +66,9 @@ class Scorer:
         if pending:
             try:
                 self.store.execute(pending)
-            except Exception:
-                self._requeue(pending)
+            except Exception as exc:
+                if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                    self._requeue(pending)
                 raise
 
     def model_versions(self) -> dict[str, str | None]:
@@ -84,8 +85,9 @@ class Scorer:
         pending = self._take_pending()
         try:
             results = self.store.execute([*pending, *plan.requests()])[len(pending):]
-        except Exception:
-            self._requeue(pending)
+        except Exception as exc:
+            if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                self._requeue(pending)
             raise
         fv = self.extractor.build(plan, results)
 

@@ -34,6 +34,20 @@ class Settings(BaseSettings):
     max_batch_events: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     memory_max_entities: int = 200_000
+    # reliability: Redis outage policy, restarts, ingestion security, stream workers
+    redis_outage_policy: Literal["fail_open", "fail_closed", "error"] = "fail_open"
+    redis_retry_interval_s: float = Field(default=1.0, gt=0)
+    spool_dir: Path | None = None  # default: data_dir/spool
+    snapshot_enabled: bool = True
+    snapshot_path: Path | None = None  # default: data_dir/state.snapshot (memory store)
+    ingest_token: str | None = Field(default=None, repr=False)
+    stream_events: str = "kw:events"
+    stream_decisions: str = "kw:decisions"
+    stream_group: str = "keywatch"
+    stream_decisions_maxlen: int = Field(default=1_000_000, ge=1000)
+    stream_claim_idle_ms: int = Field(default=30_000, ge=100)
+    stream_dedupe_ttl_s: int = Field(default=86_400, ge=60)
+    stream_delete_acked: bool = True
 
     @model_validator(mode="after")
     def _require_secret(self) -> Settings:
