@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from features.stores.base import StateStore
 from features.stores.memory import MemoryStore
+from features.stores.redis_store import RedisStore
 from features.stores.resilient import ResilientStore, StoreUnavailable
 from features.stores.snapshot import SnapshotError
 
@@ -31,7 +32,7 @@ log = logging.getLogger("keywatch")
 def protect_store(store: StateStore, settings: Settings) -> StateStore:
     """Wrap a Redis store in the configured outage policy (memory stores need none)."""
     policy = settings.redis_outage_policy
-    if store.name != "redis" or policy == "error":
+    if not isinstance(store, RedisStore) or policy == "error":
         return store
     return ResilientStore(
         store,

@@ -197,6 +197,7 @@ class StreamWorker:
             except (redis.RedisError, StoreError) as exc:
                 self.stats.store_failures += 1
                 group_ready = False  # a restarted Redis may have lost the group
+                own_pending = True  # retry what this consumer holds, without waiting
                 backoff = min(5.0, max(0.1, backoff * 2))
                 log.warning("worker %s: redis unavailable (%s), retrying in %.1fs",
                             cfg.consumer, exc, backoff)
@@ -247,7 +248,9 @@ class StreamWorker:
     def process(self, entries: Iterable[tuple[str, dict[str, str] | None]]) -> int:
         """Score, publish, then ack a batch of stream entries; returns entries handled."""
         cfg = self.config
-        items = [_parse(entry_id, fields) for entry_id, fields in entries]
+        # (Redis 6.2's XAUTOCLAIM returns entries trimmed from the stream as id None)
+        items = [_parse(entry_id, fields) for entry_id, fields in entries
+                 if entry_id is not None]
         if not items:
             return 0
         pipe = self.client.pipeline(transaction=False)

@@ -296,3 +296,25 @@ def test_calls_from_many_threads_during_an_outage_are_all_kept(
     assert all(t >= 600 for t in totals) and sum(totals) <= 8 * 600 + ambiguous
     assert store.status()["outages"] == 1 and store.status()["spooled_total"] > 0
     store.close()
+
+
+def test_a_spooled_write_redis_refuses_is_set_aside_not_blocking_recovery(
+        own_redis: LocalRedisServer, tmp_path: Path) -> None:
+    store = ResilientStore(RedisStore(own_redis.url), policy="fail_open", spool_dir=tmp_path,
+                           retry_interval_s=60, replay_batch=10)
+    own_redis.kill()
+    store.execute(incr("d"))
+    bad = EntityOps("k", "d")
+    bad.add("op_from_a_newer_version", 1)
+    with pytest.raises(StoreError):  # spooled, but the local store refuses it too
+        store.execute([bad])
+    for _ in range(20):
+        store.execute(incr("d"))
+    own_redis.start()
+    assert store.recover()
+    client = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    assert float(client.hget("kw:{k:d}:h", "n")) == 21
+    assert store.status()["rejected"] == 1
+    rejected = (store.spool.dir / "rejected.jsonl").read_text().splitlines()
+    assert len(rejected) == 1 and "op_from_a_newer_version" in rejected[0]
+    store.close()

@@ -21,19 +21,15 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from typing import Any
 
 import redis
 
 from features.stores.base import EntityOps, StoreError
+from features.stores.lua_wrap import wrap_apply_ops
 from features.stores.redis_store import RedisStore
 
-_APPLY = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
-
-ONCE_LUA = (
-    "local function apply_ops(KEYS, ARGV)\n" + _APPLY + "\nend\n"
-    + """
+ONCE_LUA = wrap_apply_ops("""
 local n = #KEYS
 local once_key = KEYS[n]
 local cached = redis.call('GET', once_key)
@@ -45,8 +41,7 @@ local out = apply_ops(inner_keys, inner_argv)
 if type(out) == 'table' and out.err then return out end
 redis.call('SET', once_key, cjson.encode(out), 'EX', tonumber(ARGV[#ARGV]))
 return out
-"""
-)
+""")
 """apply_ops.lua as a function, plus: KEYS[last] = the once key, ARGV[last] = its TTL."""
 
 

@@ -25,13 +25,22 @@ results are not needed again. An operation code this module does not know is tre
 a write (spooling a read is harmless; dropping a write is not). A request whose ops are
 all pure reads is not spooled; the pure reads of a mixed request are left out of the spool.
 
-Exactness: the replay is idempotent. Each replayed entity request carries one extra
-`SET _rs:<writer_id> <seq>` in the same atomic Lua call, and before each replay batch the
-store reads those fields back, skipping what a previous, interrupted replay already
-applied. The one call in flight when Redis failed is *ambiguous* (Redis may have applied
+Exactness: the replay is idempotent. Each replayed entity request runs through a guard
+around the same Lua script (`lua_wrap.REPLAY_GUARD`) that, in the same atomic call, skips
+it if the entity's hash field `_rs:<writer_id>` says it was applied, refuses it if the
+entity's previous spooled write is missing (so a failure earlier in a pipeline cannot be
+overtaken), and otherwise applies it and records its sequence number. Before each batch
+the fields are read back, so an interrupted replay resumes exactly where it stopped.
+The one call in flight when Redis failed is *ambiguous* (Redis may have applied
 it before the connection broke, e.g. a reply lost to a timeout); it is spooled and
 replayed, so it is applied at least once (at most one extra application per concurrent
 in-flight call; `status()["ambiguous"]` counts them). Everything else is exactly once.
+A spooled record that Redis *refuses* (a script error, not an outage) is set aside in
+`<slot>/rejected.jsonl` and reported (`status()["rejected"]`), so one bad record cannot
+block the recovery forever; a refused command on the live path is raised, not spooled.
+
+If the disk fails too, fail_open keeps answering and counts `spool_errors` (those writes
+are lost, and logged as such); fail_closed refuses.
 
 Bounded calls: while degraded, calls never touch the network (local dict + one fsync);
 only the first failing call pays the Redis socket timeout (`redis_timeout_s`).
@@ -49,17 +58,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import redis
+
 from features.stores.base import (
     GET,
     RECENT_COUNT,
     RING_GET,
     RING_SUM,
-    SET,
     EntityOps,
     StateStore,
     StoreError,
 )
+from features.stores.lua_wrap import REPLAY_GUARD
 from features.stores.memory import MemoryStore
+from features.stores.redis_store import RedisStore
 from features.stores.spool import SpoolRecord, WriteSpool, encode_requests
 
 log = logging.getLogger("keywatch.store")
@@ -80,11 +92,10 @@ class StoreUnavailable(StoreError):
     The call's writes were spooled (`writes_kept`), so a caller must not queue them again.
     """
 
-    writes_kept = True
-
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 1, writes_kept: bool = True) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.writes_kept = writes_kept
 
 
 _OUTAGE_REPLIES = ("OOM", "LOADING", "MASTERDOWN", "READONLY", "BUSY", "TRYAGAIN",
@@ -99,10 +110,6 @@ def is_outage(exc: BaseException) -> bool:
     """
     cause = exc.__cause__
     if cause is None:
-        return True
-    try:
-        import redis
-    except ImportError:  # pragma: no cover - redis is a dependency
         return True
     if isinstance(cause, redis.ResponseError):
         text = str(cause)
@@ -155,7 +162,7 @@ class ResilientStore(StateStore):
 
     def __init__(
         self,
-        primary: StateStore,
+        primary: RedisStore,
         *,
         policy: OutagePolicy,
         spool_dir: Path,
@@ -176,6 +183,7 @@ class ResilientStore(StateStore):
         self._local = local or MemoryStore(max_entities=self._local_max_entities)
         self.spool = WriteSpool(spool_dir)
         self._mark_field = REPLAY_MARK_PREFIX + self.spool.writer_id
+        self._guard_sha: str | None = None
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self._probe: threading.Thread | None = None
@@ -278,7 +286,7 @@ class ResilientStore(StateStore):
                     if self.policy == "fail_closed":
                         raise StoreUnavailable(
                             f"state store unavailable and spool failing: {exc}",
-                            retry_after_s=self._retry_after()) from exc
+                            retry_after_s=self._retry_after(), writes_kept=False) from exc
             local = self._local
         if self.policy == "fail_closed":
             raise StoreUnavailable(
@@ -367,21 +375,56 @@ class ResilientStore(StateStore):
         self.replayed_total += len(records)
 
     def _replay_records(self, records: list[SpoolRecord]) -> None:
-        entities = {(r.kind, r.entity_id) for rec in records for r in rec.requests}
-        order = sorted(entities)
-        reads = [EntityOps(kind, eid, [(GET, self._mark_field)]) for kind, eid in order]
-        marks = {ent: int(res[0]) if res[0] is not None else -1
-                 for ent, res in zip(order, self.primary.execute(reads), strict=True)}
-        send: list[EntityOps] = []
-        for rec in records:
+        """Apply records in order, each entity request exactly once (see REPLAY_GUARD)."""
+        per_record: list[tuple[int, list[EntityOps]]] = []
+        for rec in records:  # one request per entity per record: (entity, seq) is unique
+            merged: dict[tuple[str, str], EntityOps] = {}
             for req in rec.requests:
-                if marks[(req.kind, req.entity_id)] >= rec.seq:
-                    self.skipped_on_replay += 1
+                key = (req.kind, req.entity_id)
+                if key in merged:
+                    merged[key].ops.extend(req.ops)
+                else:
+                    merged[key] = EntityOps(req.kind, req.entity_id, list(req.ops))
+            per_record.append((rec.seq, list(merged.values())))
+        order = sorted({(r.kind, r.entity_id) for _, reqs in per_record for r in reqs})
+        reads = [EntityOps(kind, eid, [(GET, self._mark_field)]) for kind, eid in order]
+        last = {ent: int(res[0]) if res[0] is not None else -1
+                for ent, res in zip(order, self.primary.execute(reads), strict=True)}
+        chain: list[tuple[EntityOps, int, int]] = []
+        for seq, reqs in per_record:
+            for req in reqs:
+                ent = (req.kind, req.entity_id)
+                if last[ent] >= seq:
+                    self.skipped_on_replay += 1  # applied by an interrupted replay
                     continue
-                send.append(EntityOps(req.kind, req.entity_id,
-                                      [*req.ops, (SET, self._mark_field, str(rec.seq))]))
-        if send:
-            self.primary.execute(send)
+                chain.append((req, last[ent], seq))
+                last[ent] = seq
+        if chain:
+            self._send_chain(chain)
+
+    def _send_chain(self, chain: list[tuple[EntityOps, int, int]]) -> None:
+        primary = self.primary
+        encoded = []
+        for req, expect, seq in chain:
+            keys, argv = primary._encode(req)
+            encoded.append((keys, [*argv, self._mark_field, str(expect), str(seq)]))
+        try:
+            try:
+                self._send_guarded(encoded)
+            except redis.exceptions.NoScriptError:
+                self._guard_sha = None
+                self._send_guarded(encoded)
+        except redis.RedisError as exc:
+            raise StoreError(f"redis store failed: {exc}") from exc
+
+    def _send_guarded(self, encoded: list[tuple[list[str], list[str]]]) -> None:
+        client = self.primary.client
+        if self._guard_sha is None:
+            self._guard_sha = client.script_load(REPLAY_GUARD)
+        pipe = client.pipeline(transaction=False)
+        for keys, argv in encoded:
+            pipe.execute_command("EVALSHA", self._guard_sha, len(keys), *keys, *argv)
+        pipe.execute()
 
     def _quarantine(self, record: SpoolRecord, exc: StoreError) -> None:
         """Keep a record the store refuses aside (never replayed again), and say so."""
