@@ -123,9 +123,9 @@ def test_no_raw_key_anywhere_with_redis_through_an_outage_and_the_worker(
         settings = make_settings(store=server.url, data_dir=tmp_path,
                                  redis_retry_interval_s=0.1)
         with TestClient(create_app(settings)) as c:
-            texts = _send_traffic(c, 0, 1000) + _runaway(c, RAW_KEYS[1])
+            texts = _send_traffic(c, 0, 500) + _runaway(c, RAW_KEYS[1])
             server.kill()
-            texts += _send_traffic(c, 1000, 1000)  # spooled to disk meanwhile
+            texts += _send_traffic(c, 1000, 500)  # spooled to disk meanwhile
             spool_files = list((tmp_path / "spool").rglob("seg-*.jsonl"))
             assert spool_files and sum(p.stat().st_size for p in spool_files) > 10_000
             assert scan_files(tmp_path) == {}  # the spool holds key ids, never keys
@@ -135,7 +135,7 @@ def test_no_raw_key_anywhere_with_redis_through_an_outage_and_the_worker(
             while store.status()["state"] != "ok" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert store.status()["state"] == "ok"
-            texts += _send_traffic(c, 2000, 1500)
+            texts += _send_traffic(c, 2000, 500)
         # the stream path: raw events sit in kw:events only until they are scored
         client = redis.Redis.from_url(server.url)
         for i in range(3500, 3700):
