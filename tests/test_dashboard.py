@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -231,9 +230,11 @@ def chromium_args(binary: str, profile: str) -> list[str]:
             f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
 
 
-def run_chromium(binary: str, extra: list[str], url: str) -> subprocess.Popen[str]:
-    profile = tempfile.mkdtemp(prefix="keywatch-chromium-")
-    return subprocess.Popen([*chromium_args(binary, profile), *extra, url],
+def run_chromium(binary: str, profile: Path, extra: list[str],
+                 url: str) -> subprocess.Popen[str]:
+    """One headless Chromium with a fresh profile (under pytest's tmp dir, cleaned up)."""
+    profile.mkdir()
+    return subprocess.Popen([*chromium_args(binary, str(profile)), *extra, url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -263,10 +264,12 @@ def test_dashboard_renders_in_headless_chromium(fed_server: FedServer, tmp_path:
     page = f"{fed_server.url}/dashboard"
     shot = tmp_path / "dashboard.png"
     # the three browsers run side by side: the data does not change while they look
-    dom_proc = run_chromium(binary, ["--dump-dom"], f"{page}#token={ADMIN_TOKEN}")
-    shot_proc = run_chromium(binary, [f"--screenshot={shot}", "--window-size=1400,1500"],
+    dom_proc = run_chromium(binary, tmp_path / "profile-dom", ["--dump-dom"],
+                            f"{page}#token={ADMIN_TOKEN}")
+    shot_proc = run_chromium(binary, tmp_path / "profile-shot",
+                             [f"--screenshot={shot}", "--window-size=1400,1500"],
                              f"{page}#token={ADMIN_TOKEN}")
-    anon_proc = run_chromium(binary, ["--dump-dom"], page)
+    anon_proc = run_chromium(binary, tmp_path / "profile-anon", ["--dump-dom"], page)
     dom = finish(dom_proc, "dump-dom")
     finish(shot_proc, "screenshot")
     anon = finish(anon_proc, "dump-dom without token")
