@@ -28,6 +28,7 @@ from models.feature_space import model_features
 from serving import resilience
 from serving.admin import AdminError
 from serving.admin import router as admin_router
+from serving.dashboard import router as dashboard_router
 from serving.decision import Decision
 from serving.detectors import build_detectors
 from serving.event_log import EventLog
@@ -308,6 +309,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         return scorer.check(body.api_key, body.source_ip).as_dict()
 
     app.include_router(admin_router)
+    app.include_router(dashboard_router)
     return app
 
 
