@@ -57,7 +57,9 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "new_endpoint_by_key", "new_user_agent_by_key", "new_model_by_key",
        "distinct_models_by_key_24h", "prompt_completion_ratio_by_event",
        "distinct_failed_keys_by_ip_1h", "population_rate_vs_hour_of_week_1h",
-       "key_rate_vs_population_1h"]
+       "key_rate_vs_population_1h", "cost_usd_by_event", "unknown_price_by_event",
+       "spend_usd_by_key_5m", "spend_usd_by_key_1h", "spend_usd_by_key_24h",
+       "spend_usd_by_key_30d", "spend_rate_vs_baseline_by_key_1h"]
 )
 """Every feature a policy may name: the extractor's, including those still being added.
 A typo in a policy file is caught by `policy check` instead of silently never firing."""
