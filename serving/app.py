@@ -168,7 +168,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     def record(events: list[Event], decisions: list[Decision], elapsed_s: float) -> None:
         if event_log is not None:
             for event, decision in zip(events, decisions, strict=True):
-                event_log.append(event, decision.key_id)
+                event_log.append(event, decision.key_id, decision)
         ops.observe(events, decisions, elapsed_s)
 
     @app.exception_handler(RequestValidationError)
