@@ -57,6 +57,17 @@ class Settings(BaseSettings):
     siem_keep_files: int = Field(default=5, ge=0)
     key_activity_per_key: int = Field(default=50, ge=1)
     key_activity_max_keys: int = Field(default=10_000, ge=1)
+    # spend and the security report (features/pricing.py, serving/report.py)
+    prices: Path | None = None
+    """Price file (YAML/JSON, the policy's `pricing:` schema) over the packaged prices."""
+    report_daily_at: str | None = None
+    """UTC time of day (HH:MM) for the daily security report; None: not scheduled."""
+    report_weekly_on: str | None = None
+    """Day and UTC time for the weekly report, e.g. 'mon 07:00'; None: not scheduled."""
+    report_dir: Path | None = None
+    """Where scheduled and API reports are written (default: <data_dir>/reports)."""
+    report_webhook_url: str | None = Field(default=None, repr=False)
+    """Also POST each scheduled report's summary and paths here."""
 
     @model_validator(mode="after")
     def _require_secret(self) -> Settings:
