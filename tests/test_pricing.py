@@ -130,3 +130,22 @@ def test_impact_report_states_the_money_that_would_have_been_saved() -> None:
     assert "$6.50 of it by the events that would have been throttled or blocked" in (
         report.text())
     assert math.isfinite(d["saved_usd"])
+
+
+def test_default_policy_alerts_on_a_key_burning_20x_its_usual_spend() -> None:
+    from features.extractor import FeatureVector
+    from serving.policy import load_policy
+    from serving.rules import RuleInput, evaluate_rules
+
+    rules = load_policy().active_rules()
+
+    def codes(rate: float, spend_1h: float, warm: bool = True) -> list[str]:
+        fv = FeatureVector(values={"spend_rate_vs_baseline_by_key_1h": rate,
+                                   "spend_usd_by_key_1h": spend_1h},
+                           context={"key_warm": warm})
+        return [f.rule_id for f in evaluate_rules(rules, RuleInput(fv=fv))]
+
+    assert "spend_rate_vs_baseline" in codes(25.0, 60.0)
+    assert "spend_rate_vs_baseline" not in codes(15.0, 60.0)  # under 20x
+    assert "spend_rate_vs_baseline" not in codes(25.0, 2.0)  # cheap keys are left alone
+    assert "spend_rate_vs_baseline" not in codes(25.0, 60.0, warm=False)
