@@ -75,6 +75,17 @@ KEY_WINDOWED = _windowed(_KEY_WINDOWS, "key")
 IP_WINDOWED = _windowed(_IP_WINDOWS, "ip")
 
 
+FEATURE_NAMES: tuple[str, ...] = (
+    *KEY_WINDOWED.values(), *IP_WINDOWED.values(),
+    "failure_ratio_by_key_5m", "auth_fail_ratio_by_key_5m", "auth_fail_ratio_by_ip_5m",
+    "distinct_ips_by_key_1h", "distinct_keys_by_ip_1h", "tokens_log_by_event",
+    "latency_log_ms_by_event", "tokens_zscore_by_key", "latency_zscore_by_key",
+    "history_events_by_key", "rate_vs_hour_of_week_by_key_1h", "hour_of_day_sin",
+    "hour_of_day_cos", "day_of_week_sin", "day_of_week_cos",
+)
+"""Every feature the extractor builds, in a stable order (the models' schema)."""
+
+
 @dataclass(slots=True)
 class FeatureVector:
     """A named numeric vector plus the context rules need to explain themselves."""

@@ -19,11 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.concurrency import run_in_threadpool
 
 from features.contract import Event
+from features.extractor import FEATURE_NAMES
 from features.keys import KeyHasher
 from features.stores.base import StoreError
+from models.feature_space import model_features
 from serving.admin import AdminError
 from serving.admin import router as admin_router
 from serving.decision import Decision
+from serving.detectors import build_detectors
 from serving.event_log import EventLog
 from serving.policy import PolicySource
 from serving.scorer import Scorer
@@ -68,15 +71,23 @@ def get_scorer(request: Request) -> Scorer:
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 
 
-def build_scorer(settings: Settings) -> Scorer:
+def build_scorer(settings: Settings, *, restore_population: bool = False) -> Scorer:
+    """The one Scorer, from settings. `restore_population` resumes the service's
+    checkpointed population model (replays start fresh, like a new deployment)."""
     store = open_store(
         settings.store,
         namespace=settings.redis_namespace,
         timeout_s=settings.redis_timeout_s,
         memory_max_entities=settings.memory_max_entities,
     )
+    detectors = None
+    if settings.models:
+        detectors = build_detectors(
+            model_dir=settings.model_dir,
+            checkpoint=settings.population_checkpoint if restore_population else None,
+            feature_names=model_features(FEATURE_NAMES))
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
-                  policy=PolicySource(settings.policy))
+                  policy=PolicySource(settings.policy), detectors=detectors)
 
 
 class CheckRequest(BaseModel):
@@ -103,7 +114,7 @@ class CheckResponse(BaseModel):
 
 def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
     settings = settings or Settings()
-    scorer = scorer or build_scorer(settings)
+    scorer = scorer or build_scorer(settings, restore_population=True)
     if settings.insecure_secret:
         log.warning("development mode: key ids use a built-in, insecure secret")
     event_log = (
@@ -119,6 +130,8 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         yield
         try:
             scorer.flush()
+            if scorer.detectors is not None:
+                scorer.detectors.save_population(settings.population_checkpoint)
         finally:
             if event_log is not None:
                 event_log.flush()

@@ -28,6 +28,7 @@ from features.extractor import IP, KEY, FeatureExtractor, FeatureVector
 from features.keys import KeyHasher
 from features.stores.base import EntityOps, StateStore
 from serving.decision import Action, Decision, Outcome, Reason, severity_rank
+from serving.detectors import Detectors
 from serving.fusion import SEVERITY_SCORE, fuse
 from serving.policy import Policy, PolicySource, load_policy
 from serving.responses import (
@@ -87,6 +88,7 @@ class Scorer:
         policy: Policy | PolicySource | None = None,
         dry_run: bool = False,
         signals_fn: SignalsFn | None = None,
+        detectors: Detectors | None = None,
         allow_list_ttl_s: float = 5.0,
     ) -> None:
         self.store = store
@@ -99,6 +101,7 @@ class Scorer:
                                                     else load_policy())
         self.dry_run = dry_run
         self.signals_fn = signals_fn
+        self.detectors = detectors
         self.allow_list = AllowListCache(ttl_s=allow_list_ttl_s)
         self._pending: list[EntityOps] = []
         self._lock = threading.Lock()
@@ -126,6 +129,8 @@ class Scorer:
                 raise
 
     def model_versions(self) -> dict[str, str | None]:
+        if self.detectors is not None:
+            return self.detectors.versions()
         return {"online": None, "offline": None}
 
     def model_signals(self, fv: FeatureVector) -> ModelSignals:
@@ -153,6 +158,7 @@ class Scorer:
         plan = self.extractor.plan(event, key_id)
         key_ban_idx = add_ban_reads(plan.key_ops)
         ip_ban_idx = add_ban_reads(plan.ip_ops) if plan.ip_ops is not None else None
+        kb_idx = self.detectors.plan(plan) if self.detectors is not None else None
         results = self._execute(plan.requests())
         fv = self.extractor.build(plan, results)
 
@@ -162,7 +168,11 @@ class Scorer:
         entities = {"key": key_id}
         if event.source_ip:
             entities["ip"] = event.source_ip
-        signals = self.model_signals(fv)
+        detector_state = None
+        if self.detectors is not None and kb_idx is not None:
+            signals, detector_state = self.detectors.signals(fv, results[0][kb_idx])
+        else:
+            signals = self.model_signals(fv)
         findings = evaluate_rules(policy.active_rules(), RuleInput(
             fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()}))
         active = [f for f in findings if f.mode == "active"]
@@ -213,9 +223,13 @@ class Scorer:
                             w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
             self.store.execute(ops)
 
-        if severity_rank(shadow.severity) < severity_rank("medium"):
+        flagged = severity_rank(shadow.severity) >= severity_rank("medium")
+        learn: list[EntityOps] = [] if flagged else self.extractor.learn_ops(fv)
+        if detector_state is not None and self.detectors is not None:
+            learn.extend(self.detectors.after(detector_state, flagged=flagged))
+        if learn:
             with self._lock:
-                self._pending.extend(self.extractor.learn_ops(fv))
+                self._pending.extend(learn)
 
         decision = Decision(
             key_id=key_id,

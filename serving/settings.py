@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     event_log_retention_days: int = Field(default=30, ge=1)
     policy: Path | None = None
     """Policy file (KEYWATCH_POLICY); None = the policy packaged with keywatch."""
+    models: bool = True
+    """Run the online and offline models (KEYWATCH_MODELS=false: rules only)."""
     max_batch_events: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     memory_max_entities: int = 200_000
@@ -51,6 +53,10 @@ class Settings(BaseSettings):
         elif self.env != "development" and len(self.secret) < 16:
             raise SettingsError("KEYWATCH_SECRET must be at least 16 characters long")
         return self
+
+    @property
+    def population_checkpoint(self) -> Path:
+        return self.data_dir / "population.ckpt"
 
     @property
     def insecure_secret(self) -> bool:
