@@ -55,9 +55,7 @@ from tqdm import tqdm
 
 from features.contract import parse_timestamp
 from features.keys import KeyHasher
-from features.stores.memory import MemoryStore
 from serving.decision import SEVERITIES, Decision
-from serving.policy import load_policy
 from serving.replay import count_lines, iter_records, parse_record
 from serving.scorer import Scorer
 from serving.signals import ModelSignals
@@ -192,20 +190,36 @@ class Replayed:
 def _record_signals(scorer: Scorer, arrays: DecisionArrays, cursor: list[int]) -> None:
     """Keep each event's model scores as the pipeline computed them (for the plots).
 
-    The scorer's own `model_signals` is wrapped on this instance only: the decision is
-    unchanged, the scores are read on their way from the models to fusion."""
-    inner: Callable[[Any], ModelSignals] = scorer.model_signals
+    The scorer's detectors (or its `model_signals`) are wrapped on this instance only:
+    the decision is unchanged, the scores are read on their way from the models to
+    fusion."""
 
-    def recording(fv: Any) -> ModelSignals:
-        signals = inner(fv)
+    def keep(signals: ModelSignals) -> None:
         i = cursor[0]
         for name in SIGNAL_NAMES:
             value = getattr(signals, name, None)
             if value is not None:
                 arrays.signals[name][i] = value
+
+    detectors = getattr(scorer, "detectors", None)
+    if detectors is not None:
+        inner_detectors = detectors.signals
+
+        def detector_signals(fv: Any, *args: Any, **kwargs: Any) -> Any:
+            out = inner_detectors(fv, *args, **kwargs)
+            keep(out[0])
+            return out
+
+        detectors.signals = detector_signals
+        return
+    inner: Callable[[Any], ModelSignals] = scorer.model_signals
+
+    def model_signals(fv: Any) -> ModelSignals:
+        signals = inner(fv)
+        keep(signals)
         return signals
 
-    scorer.model_signals = recording  # type: ignore[method-assign]
+    scorer.model_signals = model_signals  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -279,8 +293,7 @@ def _count(n: int) -> None:
 
 def _replay_worker(events_path: Path, names: list[str], model_dir: Path | None) -> Replayed:
     """One worker process: its own scorers for its share of the variants."""
-    hasher = KeyHasher(EVALUATION_SECRET)
-    scorers = {n: build_variant(n, model_dir=model_dir, hasher=hasher) for n in names}
+    scorers = {n: build_variant(n, model_dir=model_dir) for n in names}
     try:
         return replay_variants(events_path, scorers, progress=False, on_progress=_count)
     finally:
@@ -329,20 +342,22 @@ def replay_in_workers(events_path: Path, names: Sequence[str], *, model_dir: Pat
                     seconds=time.perf_counter() - started, failed_lines=parts[0].failed_lines)
 
 
-def build_variant(name: str, *, model_dir: Path | None, hasher: KeyHasher) -> Scorer:
-    """A fresh scorer (fresh memory store) for one evaluation variant."""
+def build_variant(name: str, *, model_dir: Path | None,
+                  secret: str = EVALUATION_SECRET) -> Scorer:
+    """A fresh scorer for one evaluation variant, built the way the service builds its
+    own (`serving.app.build_scorer`): a fresh memory store, a fresh population model,
+    the registry's promoted offline model."""
     from serving.app import build_scorer
     from serving.settings import Settings
 
-    if name == "rules_only":
-        return Scorer(store=MemoryStore(), hasher=hasher, policy=load_policy())
-    if name == "naive":
-        return Scorer(store=MemoryStore(), hasher=hasher, policy=load_policy(NAIVE_POLICY))
-    if name not in ("keywatch", "models_only"):
+    if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
-    settings = Settings(secret=EVALUATION_SECRET, store="memory", model_dir=model_dir,
-                        event_log=False,
-                        policy=MODELS_ONLY_POLICY if name == "models_only" else None)
+    policy = {"naive": NAIVE_POLICY, "models_only": MODELS_ONLY_POLICY}.get(name)
+    # every field that matters is explicit, so KEYWATCH_* variables of the calling shell
+    # (a Redis store, dry-run) cannot leak into the evaluation
+    settings = Settings(secret=secret, env="production", store="memory", model_dir=model_dir,
+                        models=name in ("keywatch", "models_only"), policy=policy,
+                        dry_run=False, event_log=False)
     return build_scorer(settings)
 
 
@@ -567,7 +582,7 @@ def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
         replayed = replay_in_workers(events_path, variants, model_dir=model_dir,
                                      workers=workers, progress=progress)
     else:
-        scorers = {v: build_variant(v, model_dir=model_dir, hasher=hasher) for v in variants}
+        scorers = {v: build_variant(v, model_dir=model_dir) for v in variants}
         replayed = replay_variants(events_path, scorers, progress=progress)
         for scorer in scorers.values():
             scorer.store.close()
