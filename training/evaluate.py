@@ -83,6 +83,8 @@ VERDICT_CODE = {v: i for i, v in enumerate(VERDICTS)}
 SEVERITY_CODE = {s: i for i, s in enumerate(SEVERITIES)}
 HIGH = SEVERITY_CODE["high"]
 SIGNAL_NAMES: tuple[str, ...] = ("offline", "population", "key_baseline")
+RECORDED_SIGNALS: tuple[str, ...] = (*SIGNAL_NAMES, "key_drift")
+"""Model outputs kept per event: the three scores and the key's drift flag (1.0/0.0)."""
 
 
 # ---- targets ---------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ class DecisionArrays:
     score: np.ndarray
     """float32 fused score in [0, 1]."""
     signals: dict[str, np.ndarray]
-    """float32 model scores per event (NaN when the model had no score)."""
+    """float32 per event for each of RECORDED_SIGNALS (NaN when the model had no score)."""
     drivers: dict[int, list[str]] = field(default_factory=dict)
     """Codes behind the severity, for events at medium or above or not allowed."""
 
@@ -165,7 +167,7 @@ class DecisionArrays:
     def empty(cls, n: int) -> DecisionArrays:
         return cls(verdict=np.full(n, -1, np.int8), severity=np.zeros(n, np.int8),
                    score=np.zeros(n, np.float32),
-                   signals={s: np.full(n, np.nan, np.float32) for s in SIGNAL_NAMES})
+                   signals={s: np.full(n, np.nan, np.float32) for s in RECORDED_SIGNALS})
 
     def record(self, i: int, decision: Decision) -> None:
         v = VERDICT_CODE[decision.decision]
@@ -200,6 +202,7 @@ def _record_signals(scorer: Scorer, arrays: DecisionArrays, cursor: list[int]) -
             value = getattr(signals, name, None)
             if value is not None:
                 arrays.signals[name][i] = value
+        arrays.signals["key_drift"][i] = float(bool(signals.key_drift))
 
     detectors = getattr(scorer, "detectors", None)
     if detectors is not None:
@@ -478,7 +481,7 @@ def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "
         surge_blocked=int((verdict[surge] == 2).sum()),
         surge_throttled=int((verdict[surge] == 1).sum()),
         by_tag={t: _shares(verdict, legit & (tags == t))
-                for t in sorted({t for t in tags[legit] if t is not None})},
+                for t in sorted({t for t in tags[legit] if isinstance(t, str)})},
         by_tenant_kind={k: _shares(verdict, legit & (kinds == k))
                         for k in sorted(set(kinds[legit]))},
         top_drivers=sorted(drivers.items(), key=lambda kv: -kv[1])[:8],
