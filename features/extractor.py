@@ -1,57 +1,133 @@
 """The streaming feature extractor: one event in, one named feature vector out.
 
-This module holds the one definition of every feature. It works in two phases so that
-a whole event costs one store round trip:
+This module holds the one definition of every feature; the batch twin
+(`features.batch`) and the benchmark run exactly this code. It works in two phases so
+that a whole event costs one store round trip:
 
-1. `plan` turns the event into generic store operations for the key and the source IP:
-   record the observation (counters, distinct sets) and read back what the features need.
-2. `build` turns the results into a `FeatureVector`.
+1. `plan` turns the event into generic store operations for three entities — the key,
+   the source IP and the population (`("g", "all")`): record the observation (counters,
+   distinct sets, the key's last location, inter-arrival statistics) and read back what
+   the features need.
+2. `build` turns the results into a `FeatureVector` (values in `FEATURE_NAMES` order,
+   plus the human-readable context rules quote: countries, previous location, times).
 
-Learning is separate: `learn_ops` returns the baseline updates for an event, and the
-scorer applies them only when the event was not flagged, so that an attacker cannot
-teach the baselines that the attack is normal. The scorer sends those updates ahead of
-the next event's operations, so they too ride on an existing round trip.
+Two kinds of state, on purpose:
+
+* Observations describe what is happening now, the attack included: windowed counts,
+  distinct IPs/countries/ASNs/models, last location, inter-arrival gaps, repeated sizes,
+  novelty sets. They are updated by every event inside `plan`.
+* Learned baselines describe what is normal for the key: token size, latency, request
+  rate and its hour-of-week profile. `learn_ops` returns their updates and the scorer
+  applies them only for events that were not flagged (sent ahead of the next event's
+  operations, so they too ride on an existing round trip), so that an attacker cannot
+  teach the baselines that the attack is normal.
+
+Time is event time. Counters live in a minute ring (8 min) and an hour ring (26 h), so a
+late event is still counted in its own bucket: up to 8 minutes late it counts in every
+window, up to 26 hours late only in the 1 h/24 h windows, older than that in no window
+(its other effects — novelty sets, learned baselines — still apply). Distinct sets keep
+each member's newest time; the key's previous location and inter-arrival clock keep the
+newest event (a late event is measured against it but does not move it back, except the
+location, which follows the last *arrived* located event).
+
+The population entity is one hash: in Redis Cluster it is one hot key on one node
+(every event touches it). That is fine up to the tens of thousands of events per second
+a single Redis node absorbs; beyond that shard it (`all:0..N-1` by key id) and sum the
+shards on read.
 
 Feature names say what, how, by whom and over what window
-(`requests_count_by_key_5m`).
+(`requests_count_by_key_5m`); `FEATURE_NAMES` is the schema the models are trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from features.contract import Event
-from features.stores.base import EWM, GET, RECENT_ADD, EntityOps
-from features.windows import WINDOWS, Window, counter_ops, ring_window
+from features.geo import GeoInfo, GeoLocator, country_name, default_locator, haversine_km
+from features.stores.base import (
+    EWM,
+    EWM_GAP,
+    EWM_SAME,
+    GET,
+    GETS,
+    RECENT_ADD,
+    RECENT_COUNT,
+    RING_ADD,
+    RING_VALUES,
+    RING_WINDOWS,
+    SEEN_ADD,
+    SET,
+    EntityOps,
+    StateStore,
+)
+from features.windows import (
+    HOUR_RING_SIZE,
+    MINUTE_RING_SIZE,
+    WINDOWS,
+    Window,
+    ring_name,
+)
 
 KEY = "k"
 IP = "ip"
+POPULATION = "g"
+POPULATION_ID = "all"
 
 EWM_ALPHA = 0.02
 """Weight of one event in the adaptive means: about the last 50 learned events."""
 HOW_ALPHA = 0.1
 """Weight of one event in its hour-of-week slot: a slot follows the last few weeks."""
+GAP_ALPHA = 0.1
+"""Weight of one gap in the inter-arrival statistics: about the last 10 gaps (now)."""
+GAP_CAP_S = 3600.0
+"""Gaps are capped at an hour, so a night's pause does not mask a loop for long."""
+MIN_GAPS = 5
+"""Gaps needed before the inter-arrival variation is trusted (1.0 until then)."""
+SAME_ALPHA = 0.1
+"""Weight of one event in the same-size ratio: about the last 10 events."""
 WARM_EVENTS = 30
 """Events a key needs before its own baselines are trusted over the population's."""
 DISTINCT_CAP = 512
 """Distinct members tracked per set: counts saturate here, memory stays bounded."""
+ENDPOINT_CAP = 256
+USER_AGENT_CAP = 64
+MODEL_CAP = 64
+COUNTRY_CAP = 64
+ASN_CAP = 128
+"""Caps of the per-key novelty sets: beyond them the oldest members are forgotten (and
+would be "new" again), so memory per key is bounded whatever a client sends."""
+USER_AGENT_MAX_CHARS = 64
+"""Longer user agents are kept as a short digest in the novelty set."""
+MIN_TRAVEL_ELAPSED_S = 60.0
+"""Speed is distance / max(elapsed, 60 s): two events a second apart are not infinite
+speed, and geolocation is not precise enough for shorter hops to mean anything."""
+ALL_TIME_S = 1e12
+"""A window wider than any history: RECENT_COUNT over it is the size of a set."""
+POP_RING = "req:h"
+POP_RING_SIZE = 24 * 7 * 4 + 2
+"""Hourly population counts for four weeks (+ the current and the edge hour)."""
+POP_WEEK_LAGS = (168, 336, 504, 672)
+POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 EPS = 1e-9
 
-COUNTER_METRICS = ("requests", "tokens", "errors", "auth_fails")
-_KEY_WINDOWS = {
+KEY_WINDOWED = {
     "requests": ("count", WINDOWS),
     "tokens": ("sum", WINDOWS),
     "errors": ("count", WINDOWS),
     "auth_fails": ("count", (WINDOWS[1],)),
 }
-_IP_WINDOWS = {
+IP_WINDOWED = {
     "requests": ("count", WINDOWS[:3]),
     "tokens": ("sum", WINDOWS[:3]),
     "errors": ("count", WINDOWS[1:2]),
     "auth_fails": ("count", WINDOWS[1:3]),
 }
+_METRICS = ("requests", "tokens", "errors", "auth_fails")
 
 
 def hour_of_week(ts: float) -> int:
@@ -65,25 +141,88 @@ def windowed_name(metric: str, agg: str, entity: str, window: Window) -> str:
     return f"{singular}_{agg}_by_{entity}_{window.label}"
 
 
-def _windowed(spec: dict[str, tuple[str, tuple[Window, ...]]],
-              entity: str) -> dict[tuple[str, Window], str]:
-    return {(metric, w): windowed_name(metric, agg, entity, w)
-            for metric, (agg, windows) in spec.items() for w in windows}
+def _window_specs(windowed: dict[str, tuple[str, tuple[Window, ...]]], entity: str) -> tuple[
+        tuple[str, int, int, tuple[tuple[str, int], ...]], ...]:
+    """One RING_WINDOWS read per (metric, ring): (ring name, bucket seconds, ring size,
+    ((feature name, buckets), ...)), in feature order."""
+    specs = []
+    for metric, (agg, windows) in windowed.items():
+        for bucket_s in (60, 3600):
+            ws = tuple((windowed_name(metric, agg, entity, w), w.buckets)
+                       for w in windows if w.bucket_s == bucket_s)
+            if ws:
+                size = MINUTE_RING_SIZE if bucket_s == 60 else HOUR_RING_SIZE
+                specs.append((ring_name(metric, bucket_s), bucket_s, size, ws))
+    return tuple(specs)
 
 
-KEY_WINDOWED = _windowed(_KEY_WINDOWS, "key")
-IP_WINDOWED = _windowed(_IP_WINDOWS, "ip")
+_KEY_WINDOWS = _window_specs(KEY_WINDOWED, "key")
+_IP_WINDOWS = _window_specs(IP_WINDOWED, "ip")
+_READ_TAILS = {
+    specs: tuple((name, bucket_s, size, (len(ws), *(n for _, n in ws)))
+                 for name, bucket_s, size, ws in specs)
+    for specs in (_KEY_WINDOWS, _IP_WINDOWS)
+}
+_KEY_WINDOW_NAMES = tuple(name for spec in _KEY_WINDOWS for name, _ in spec[3])
+_IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
+# ring names per metric, precomputed: (minute ring, hour ring)
+_RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
+_BASELINE_GETS = tuple(
+    (GETS, 12, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n") for h in range(168))
+_REGULARITY_GETS = (GETS, 5, "gap:m", "gap:v", "gap:n", "same:m", "same:n")
+_HOW_NAMES = tuple(f"how:{h}" for h in range(168))
+_POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
 
+GEO_FEATURES = (
+    "geo_distance_km_by_key",
+    "geo_elapsed_s_by_key",
+    "geo_speed_kmh_by_key",
+    "new_country_by_key",
+    "new_asn_by_key",
+    "hosting_asn_by_event",
+    "distinct_countries_by_key_1h",
+    "distinct_asns_by_key_1h",
+)
+REGULARITY_FEATURES = (
+    "interarrival_cv_by_key",
+    "interarrival_mean_s_by_key",
+    "same_size_ratio_by_key",
+)
+NOVELTY_FEATURES = (
+    "new_endpoint_by_key",
+    "new_user_agent_by_key",
+    "new_model_by_key",
+    "distinct_models_by_key_24h",
+    "prompt_completion_ratio_by_event",
+)
 
 FEATURE_NAMES: tuple[str, ...] = (
-    *KEY_WINDOWED.values(), *IP_WINDOWED.values(),
-    "failure_ratio_by_key_5m", "auth_fail_ratio_by_key_5m", "auth_fail_ratio_by_ip_5m",
-    "distinct_ips_by_key_1h", "distinct_keys_by_ip_1h", "tokens_log_by_event",
-    "latency_log_ms_by_event", "tokens_zscore_by_key", "latency_zscore_by_key",
-    "history_events_by_key", "rate_vs_hour_of_week_by_key_1h", "hour_of_day_sin",
-    "hour_of_day_cos", "day_of_week_sin", "day_of_week_cos",
+    *_KEY_WINDOW_NAMES,
+    *_IP_WINDOW_NAMES,
+    "failure_ratio_by_key_5m",
+    "auth_fail_ratio_by_key_5m",
+    "auth_fail_ratio_by_ip_5m",
+    "distinct_ips_by_key_1h",
+    "distinct_keys_by_ip_1h",
+    "distinct_failed_keys_by_ip_1h",
+    "tokens_log_by_event",
+    "latency_log_ms_by_event",
+    "tokens_zscore_by_key",
+    "latency_zscore_by_key",
+    "history_events_by_key",
+    "rate_vs_hour_of_week_by_key_1h",
+    "population_rate_vs_hour_of_week_1h",
+    "key_rate_vs_population_1h",
+    *GEO_FEATURES,
+    *REGULARITY_FEATURES,
+    *NOVELTY_FEATURES,
+    "hour_of_day_sin",
+    "hour_of_day_cos",
+    "day_of_week_sin",
+    "day_of_week_cos",
 )
-"""Every feature the extractor builds, in a stable order (the models' schema)."""
+"""Every feature, in the stable order the models' vectors use."""
 
 
 @dataclass(slots=True)
@@ -99,6 +238,10 @@ class FeatureVector:
     def get(self, name: str, default: float = 0.0) -> float:
         return self.values.get(name, default)
 
+    def as_list(self) -> list[float]:
+        """Values in `FEATURE_NAMES` order."""
+        return [self.values[n] for n in FEATURE_NAMES]
+
 
 @dataclass(slots=True)
 class Plan:
@@ -108,69 +251,169 @@ class Plan:
     key_id: str
     key_ops: EntityOps
     ip_ops: EntityOps | None
+    population_ops: EntityOps | None = None
+    geo: GeoInfo | None = None
     key_idx: dict[str, Any] = field(default_factory=dict)
     ip_idx: dict[str, Any] = field(default_factory=dict)
+    population_idx: dict[str, Any] = field(default_factory=dict)
 
     def requests(self) -> list[EntityOps]:
-        return [self.key_ops] if self.ip_ops is None else [self.key_ops, self.ip_ops]
+        """The entities of this event, in the order `build` expects their results:
+        key, then IP (when the event has one), then the population."""
+        out = [self.key_ops]
+        if self.ip_ops is not None:
+            out.append(self.ip_ops)
+        if self.population_ops is not None:
+            out.append(self.population_ops)
+        return out
+
+
+def _ua_member(user_agent: str) -> str:
+    if len(user_agent) <= USER_AGENT_MAX_CHARS:
+        return user_agent
+    return "#" + hashlib.blake2b(user_agent.encode(), digest_size=8).hexdigest()
 
 
 class FeatureExtractor:
-    """Builds per-key and per-IP feature vectors from the state in a `StateStore`."""
+    """Builds per-key, per-IP and population feature vectors from a `StateStore`.
 
-    def __init__(self, *, ewm_alpha: float = EWM_ALPHA, how_alpha: float = HOW_ALPHA) -> None:
+    Parameters
+    ----------
+    geo:
+        The IP locator; by default the process-wide `features.geo.default_locator()`
+        (geoip2fast + countryinfo, loaded on first use).
+    """
+
+    def __init__(
+        self,
+        *,
+        ewm_alpha: float = EWM_ALPHA,
+        how_alpha: float = HOW_ALPHA,
+        geo: GeoLocator | None = None,
+    ) -> None:
         self.ewm_alpha = ewm_alpha
         self.how_alpha = how_alpha
+        self._geo = geo
+
+    @property
+    def geo(self) -> GeoLocator:
+        if self._geo is None:
+            self._geo = default_locator()
+        return self._geo
+
+    def locate(self, event: Event) -> GeoInfo:
+        """The event's geolocation: its own fields first, then the address lookup."""
+        if event.country is None and event.asn is None and event.lat is None:
+            return self.geo.lookup(event.source_ip)
+        return self.geo.locate(event.source_ip, country=event.country, asn=event.asn,
+                               lat=event.lat, lon=event.lon)
 
     # ---- phase 1 ----------------------------------------------------------------------
     def plan(self, event: Event, key_id: str) -> Plan:
         ts = event.timestamp
-        key_ops = EntityOps(KEY, key_id)
-        ip_ops = EntityOps(IP, event.source_ip) if event.source_ip else None
-        plan = Plan(event=event, key_id=key_id, key_ops=key_ops, ip_ops=ip_ops)
+        source_ip = event.source_ip
+        geo = self.locate(event)
+        stamp_m = int(ts // 60)
+        stamp_h = int(ts // 3600)
         amounts = (
             1.0,
             float(event.tokens),
-            1.0 if event.is_failure else 0.0,
-            1.0 if event.is_auth_failure else 0.0,
+            1.0 if event.status >= 400 else 0.0,
+            1.0 if event.status in (401, 403) else 0.0,
         )
-        plan.key_idx["counters"] = counter_ops(key_ops, ts, amounts)
-        if ip_ops is not None:
-            plan.ip_idx["counters"] = counter_ops(ip_ops, ts, amounts)
-        if event.source_ip:
-            plan.key_idx["distinct_ips"] = key_ops.add(
-                RECENT_ADD, "ips", event.source_ip, ts, 3600, DISTINCT_CAP
-            )
-        if ip_ops is not None:
-            plan.ip_idx["distinct_keys"] = ip_ops.add(
-                RECENT_ADD, "keys", key_id, ts, 3600, DISTINCT_CAP
-            )
-        for name in ("tok", "lat", "rate", f"how:{hour_of_week(ts)}"):
-            plan.key_idx[f"ewm:{name}"] = tuple(
-                key_ops.add(GET, f"{name}:{part}") for part in ("m", "v", "n")
-            )
-        return plan
+        adds = []
+        slot_m, slot_h = stamp_m % MINUTE_RING_SIZE, stamp_h % HOUR_RING_SIZE
+        for i, amount in enumerate(amounts):
+            if amount:
+                rm, rh = _RINGS[i]
+                adds.append((RING_ADD, rm, slot_m, stamp_m, amount))
+                adds.append((RING_ADD, rh, slot_h, stamp_h, amount))
+
+        # ---- key --------------------------------------------------------------------
+        kops: list[tuple[Any, ...]] = list(adds)
+        kidx: dict[str, Any] = {"windows": len(kops)}
+        _window_reads(kops, _KEY_WINDOWS, stamp_m, stamp_h)
+        if source_ip:
+            kidx["distinct_ips"] = len(kops)
+            kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
+        kidx["baselines"] = len(kops)
+        kops.append(_BASELINE_GETS[hour_of_week(ts)])
+
+        # regularity: observations, updated by every event; the gap clock also tells
+        # whether this is the key's first event
+        kidx["gap"] = len(kops)
+        kops.append((EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S))
+        kops.append((EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA))
+        kops.append(_REGULARITY_GETS)
+
+        # novelty for this key
+        kidx["ep"] = len(kops)
+        kops.append((SEEN_ADD, "ep", event.endpoint, ts, ENDPOINT_CAP))
+        kops.append((SEEN_ADD, "ua", _ua_member(event.user_agent), ts, USER_AGENT_CAP))
+        kidx["mdl"] = len(kops)
+        if event.model is not None:
+            kops.append((SEEN_ADD, "mdl", event.model, ts, MODEL_CAP))
+        kops.append((RECENT_COUNT, "mdl", ts, 86400))
+        # countries and networks: "new" only for a key that had some before
+        kidx["cc"] = _novelty(kops, "cc", geo.country, ts, COUNTRY_CAP, 3600)
+        kidx["asn"] = _novelty(kops, "asn", geo.asn, ts, ASN_CAP, 3600)
+
+        # the previous located event (read, then replace with this one)
+        if geo.lat is not None:
+            kidx["geo"] = len(kops)
+            kops.append((GET, "geo"))
+            kops.append((SET, "geo", f"{geo.lat!r}|{geo.lon!r}|{ts!r}|{geo.country or ''}"))
+
+        # ---- IP ---------------------------------------------------------------------
+        ip_ops = None
+        ipidx: dict[str, Any] = {}
+        if source_ip:
+            iops: list[tuple[Any, ...]] = list(adds)
+            ipidx["windows"] = len(iops)
+            _window_reads(iops, _IP_WINDOWS, stamp_m, stamp_h)
+            ipidx["distinct_keys"] = len(iops)
+            iops.append((RECENT_ADD, "keys", key_id, ts, 3600, DISTINCT_CAP))
+            if amounts[3]:
+                iops.append((RECENT_ADD, "fkeys", key_id, ts, 3600, DISTINCT_CAP))
+            else:
+                iops.append((RECENT_COUNT, "fkeys", ts, 3600))
+            ip_ops = EntityOps(IP, source_ip, iops)
+
+        # ---- population: this hour and the previous, then the same hour in earlier
+        # weeks and days ---------------------------------------------------------------
+        pops: list[tuple[Any, ...]] = [
+            (RING_ADD, POP_RING, stamp_h % POP_RING_SIZE, stamp_h, 1.0),
+            (RING_VALUES, POP_RING, POP_RING_SIZE, 2 + len(_POP_LAGS), stamp_h, stamp_h - 1,
+             *(stamp_h - lag for lag in _POP_LAGS)),
+        ]
+
+        return Plan(
+            event=event,
+            key_id=key_id,
+            key_ops=EntityOps(KEY, key_id, kops),
+            ip_ops=ip_ops,
+            population_ops=EntityOps(POPULATION, POPULATION_ID, pops),
+            geo=geo,
+            key_idx=kidx,
+            ip_idx=ipidx,
+        )
 
     # ---- phase 2 ----------------------------------------------------------------------
-    def build(self, plan: Plan, results: list[list[Any]]) -> FeatureVector:
+    def build(self, plan: Plan, results: Sequence[list[Any]]) -> FeatureVector:
         event = plan.event
         ts = event.timestamp
         key_res = results[0]
         ip_res = results[1] if plan.ip_ops is not None else None
+        pop_res = results[-1] if plan.population_ops is not None else None
+        kidx = plan.key_idx
         v: dict[str, float] = {}
 
-        width = len(COUNTER_METRICS)
-        for windowed, idx, res in (
-            (KEY_WINDOWED, plan.key_idx, key_res),
-            (IP_WINDOWED, plan.ip_idx, ip_res),
-        ):
-            rings = (res[idx["counters"][0]], res[idx["counters"][1]]) if res else None
-            for (metric, window), name in windowed.items():
-                if rings is None:
-                    v[name] = 0.0
-                    continue
-                ring = rings[0] if window.bucket_s == 60 else rings[1]
-                v[name] = ring_window(ts, window, ring, width, COUNTER_METRICS.index(metric))
+        _window_values(v, _KEY_WINDOWS, kidx["windows"], key_res, ts)
+        if ip_res is not None:
+            _window_values(v, _IP_WINDOWS, plan.ip_idx["windows"], ip_res, ts)
+        else:
+            for name in _IP_WINDOW_NAMES:
+                v[name] = 0.0
 
         v["failure_ratio_by_key_5m"] = _ratio(v["errors_count_by_key_5m"],
                                               v["requests_count_by_key_5m"])
@@ -178,15 +421,20 @@ class FeatureExtractor:
                                                 v["requests_count_by_key_5m"])
         v["auth_fail_ratio_by_ip_5m"] = _ratio(v["auth_fail_count_by_ip_5m"],
                                                v["requests_count_by_ip_5m"])
-        v["distinct_ips_by_key_1h"] = float(key_res[plan.key_idx["distinct_ips"]]) if (
-            "distinct_ips" in plan.key_idx) else 0.0
-        v["distinct_keys_by_ip_1h"] = float(ip_res[plan.ip_idx["distinct_keys"]]) if (
-            ip_res is not None) else 0.0
+        i = kidx.get("distinct_ips")
+        v["distinct_ips_by_key_1h"] = float(key_res[i]) if i is not None else 0.0
+        if ip_res is not None:
+            v["distinct_keys_by_ip_1h"] = float(ip_res[plan.ip_idx["distinct_keys"]])
+            v["distinct_failed_keys_by_ip_1h"] = float(ip_res[plan.ip_idx["distinct_keys"] + 1])
+        else:
+            v["distinct_keys_by_ip_1h"] = 0.0
+            v["distinct_failed_keys_by_ip_1h"] = 0.0
 
-        tok = _ewm(key_res, plan.key_idx["ewm:tok"])
-        lat = _ewm(key_res, plan.key_idx["ewm:lat"])
-        rate = _ewm(key_res, plan.key_idx["ewm:rate"])
-        how = _ewm(key_res, plan.key_idx[f"ewm:how:{hour_of_week(ts)}"])
+        base = key_res[kidx["baselines"]]
+        tok = _ewm(base, 0)
+        lat = _ewm(base, 3)
+        rate = _ewm(base, 6)
+        how = _ewm(base, 9)
         tokens_log = math.log1p(event.tokens)
         latency_log = math.log1p(event.latency_ms)
         v["tokens_log_by_event"] = tokens_log
@@ -195,9 +443,82 @@ class FeatureExtractor:
         v["latency_zscore_by_key"] = _z(latency_log, lat)
         v["history_events_by_key"] = tok[2]
         expected = how[0] if how[2] >= 3 else rate[0]
-        v["rate_vs_hour_of_week_by_key_1h"] = (
+        key_rate_ratio = (
             v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
         )
+        v["rate_vs_hour_of_week_by_key_1h"] = key_rate_ratio
+
+        # population
+        pop_1h = pop_expected = None
+        pop_ratio = 1.0
+        if pop_res is not None:
+            buckets = pop_res[1]
+            pop_1h = buckets[0] + buckets[1] * (1.0 - (ts % 3600) / 3600)
+            pop_expected = _lag_mean(buckets, 2, len(POP_WEEK_LAGS))
+            if pop_expected is None:
+                pop_expected = _lag_mean(buckets, 2 + len(POP_WEEK_LAGS), len(POP_DAY_LAGS))
+            if pop_expected is not None:
+                pop_ratio = pop_1h / max(pop_expected, 1.0)
+        v["population_rate_vs_hour_of_week_1h"] = pop_ratio
+        v["key_rate_vs_population_1h"] = key_rate_ratio / max(pop_ratio, 1.0)
+
+        # geo
+        geo = plan.geo or GeoInfo()
+        distance = elapsed = speed = 0.0
+        prev_country = prev_ts = None
+        gi = kidx.get("geo")
+        if gi is not None and key_res[gi]:
+            lat_s, lon_s, ts_s, prev_country = key_res[gi].split("|", 3)
+            prev_lat, prev_lon, prev_ts = float(lat_s), float(lon_s), float(ts_s)
+            prev_country = prev_country or None
+            elapsed = abs(ts - prev_ts)
+            distance = haversine_km(prev_lat, prev_lon, geo.lat, geo.lon)  # type: ignore[arg-type]
+            speed = distance / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+        v["geo_distance_km_by_key"] = distance
+        v["geo_elapsed_s_by_key"] = elapsed
+        v["geo_speed_kmh_by_key"] = speed
+        cc_new, cc_distinct = _novelty_values(key_res, kidx["cc"])
+        asn_new, asn_distinct = _novelty_values(key_res, kidx["asn"])
+        v["new_country_by_key"] = cc_new
+        v["new_asn_by_key"] = asn_new
+        v["hosting_asn_by_event"] = 1.0 if geo.hosting else 0.0
+        v["distinct_countries_by_key_1h"] = cc_distinct
+        v["distinct_asns_by_key_1h"] = asn_distinct
+
+        # regularity
+        g = kidx["gap"]
+        first_event = key_res[g] is None
+        gap_m, gap_v, gap_n, same_m, same_n = key_res[g + 2]
+        gap_mean = float(gap_m) if gap_n is not None else 0.0
+        if gap_n is not None and float(gap_n) >= MIN_GAPS:
+            gap_sd = math.sqrt(max(float(gap_v), 0.0))
+            cv = gap_sd / gap_mean if gap_mean > 0 else 0.0
+        else:
+            cv = 1.0
+        v["interarrival_cv_by_key"] = cv
+        v["interarrival_mean_s_by_key"] = gap_mean
+        v["same_size_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
+
+        # novelty (never on the key's first event: a new key is not novel everywhere)
+        e = kidx["ep"]
+        if first_event:
+            v["new_endpoint_by_key"] = v["new_user_agent_by_key"] = 0.0
+        else:
+            v["new_endpoint_by_key"] = float(key_res[e])
+            v["new_user_agent_by_key"] = float(key_res[e + 1])
+        m = kidx["mdl"]
+        if event.model is not None:
+            v["new_model_by_key"] = 0.0 if first_event else float(key_res[m])
+            m += 1
+        else:
+            v["new_model_by_key"] = 0.0
+        v["distinct_models_by_key_24h"] = float(key_res[m])
+        if event.prompt_tokens is not None and event.completion_tokens is not None:
+            v["prompt_completion_ratio_by_event"] = (
+                math.log1p(event.prompt_tokens) - math.log1p(event.completion_tokens))
+        else:
+            v["prompt_completion_ratio_by_event"] = 0.0
+
         hour = (ts % 86400) / 3600
         day = (ts // 86400 + 3) % 7
         v["hour_of_day_sin"] = math.sin(2 * math.pi * hour / 24)
@@ -212,28 +533,144 @@ class FeatureExtractor:
             "key_warm": tok[2] >= WARM_EVENTS,
             "baseline_tokens_mean": math.expm1(tok[0]) if tok[2] else None,
             "baseline_requests_1h": expected if rate[2] else None,
+            "country": geo.country,
+            "country_name": geo.country_name,
+            "asn": geo.asn,
+            "asn_name": geo.asn_name,
+            "hosting": geo.hosting,
+            "lat": geo.lat,
+            "lon": geo.lon,
+            "geo_source": geo.source,
+            "prev_country": prev_country,
+            "prev_country_name": _country_name(prev_country),
+            "prev_seen_ts": prev_ts,
+            "population_requests_1h": pop_1h,
+            "population_expected_1h": pop_expected,
         }
         return FeatureVector(values=v, context=context)
 
     # ---- learning -----------------------------------------------------------------------
     def learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
         """Baseline updates for an event that was judged normal."""
-        ops = EntityOps(KEY, fv.context["key_id"])
         ts = fv.context["timestamp"]
-        ops.add(EWM, "tok", fv.values["tokens_log_by_event"], self.ewm_alpha)
-        ops.add(EWM, "lat", fv.values["latency_log_ms_by_event"], self.ewm_alpha)
-        ops.add(EWM, "rate", fv.values["requests_count_by_key_1h"], self.ewm_alpha)
-        ops.add(EWM, f"how:{hour_of_week(ts)}", fv.values["requests_count_by_key_1h"],
-                self.how_alpha)
-        return [ops]
+        values = fv.values
+        rate = values["requests_count_by_key_1h"]
+        return [EntityOps(KEY, fv.context["key_id"], [
+            (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
+            (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
+            (EWM, "rate", rate, self.ewm_alpha),
+            (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
+        ])]
+
+
+class FeatureStream:
+    """plan → one round trip → build, with learning piggybacked as the Scorer does it.
+
+    Used by the batch twin, the benchmark and tests; the Scorer runs the same steps
+    with its decision logic in between.
+    """
+
+    def __init__(self, store: StateStore, extractor: FeatureExtractor | None = None) -> None:
+        self.store = store
+        self.extractor = extractor or FeatureExtractor()
+        self._pending: list[EntityOps] = []
+
+    def process(self, event: Event, key_id: str) -> FeatureVector:
+        plan = self.extractor.plan(event, key_id)
+        requests = plan.requests()
+        pending = self._pending
+        if pending:
+            self._pending = []
+            results = self.store.execute([*pending, *requests])[len(pending):]
+        else:
+            results = self.store.execute(requests)
+        return self.extractor.build(plan, results)
+
+    def learn(self, fv: FeatureVector) -> None:
+        """Queue the baseline updates of `fv` for the next round trip."""
+        self._pending.extend(self.extractor.learn_ops(fv))
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.store.execute(pending)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _window_reads(
+    ops: list[tuple[Any, ...]], specs: tuple[tuple[str, int, int, tuple[tuple[str, int], ...]],
+                                             ...],
+    stamp_m: int, stamp_h: int,
+) -> None:
+    """Queue one RING_WINDOWS read per ring in `specs`."""
+    ops.extend([(RING_WINDOWS, name, size, stamp_m if bucket_s == 60 else stamp_h, *tail)
+                for name, bucket_s, size, tail in _READ_TAILS[specs]])
+
+
+def _window_values(
+    v: dict[str, float], specs: tuple[tuple[str, int, int, tuple[tuple[str, int], ...]], ...],
+    start: int, res: list[Any], ts: float,
+) -> None:
+    """Each window: its whole buckets plus the edge bucket weighted by the share of it
+    still inside the window (see `features.windows`)."""
+    frac_m = 1.0 - (ts % 60) / 60
+    frac_h = 1.0 - (ts % 3600) / 3600
+    i = start
+    for _, bucket_s, _, windows in specs:
+        frac = frac_m if bucket_s == 60 else frac_h
+        vals = res[i]
+        j = 0
+        for name, _ in windows:
+            v[name] = vals[j] + vals[j + 1] * frac
+            j += 2
+        i += 1
+
+
+def _novelty(
+    ops: list[tuple[Any, ...]], zname: str, member: str | None, ts: float, cap: int,
+    window_s: float | None = None,
+) -> tuple[int, bool, bool]:
+    """Queue: size before, add (when there is a member), distinct in window (optional)."""
+    start = len(ops)
+    if member is not None:
+        ops.append((RECENT_COUNT, zname, ts, ALL_TIME_S))
+        ops.append((SEEN_ADD, zname, member, ts, cap))
+    if window_s is not None:
+        ops.append((RECENT_COUNT, zname, ts, window_s))
+    return start, member is not None, window_s is not None
+
+
+def _novelty_values(res: list[Any], idx: tuple[int, bool, bool]) -> tuple[float, float]:
+    """(1.0 if the member is new to a key that had members before, distinct in window)."""
+    start, added, windowed = idx
+    new = 0.0
+    if added:
+        new = 1.0 if (res[start] > 0 and res[start + 1] == 1) else 0.0
+        start += 2
+    distinct = float(res[start]) if windowed else 0.0
+    return new, distinct
+
+
+def _lag_mean(res: list[Any], start: int, count: int) -> float | None:
+    """Mean of the hourly counts that have data (a zero bucket means no data yet)."""
+    total, n = 0.0, 0
+    for i in range(start, start + count):
+        if res[i] > 0:
+            total += res[i]
+            n += 1
+    return total / n if n else None
+
+
+def _country_name(code: str | None) -> str | None:
+    return country_name(code) if code else None
 
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _ewm(res: list[Any], idx: tuple[int, int, int]) -> tuple[float, float, float]:
-    m, var, n = (res[i] for i in idx)
+def _ewm(res: Sequence[Any], start: int) -> tuple[float, float, float]:
+    m, var, n = res[start], res[start + 1], res[start + 2]
     if n is None:
         return 0.0, 0.0, 0.0
     return float(m), float(var), float(n)

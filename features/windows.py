@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from features.stores.base import COUNTERS, RING_ADD, RING_GET, RING_SUM, EntityOps
+from features.stores.base import RING_ADD, RING_GET, RING_SUM, EntityOps
 
 MINUTE_RING_SIZE = 8
 HOUR_RING_SIZE = 26
@@ -66,33 +66,3 @@ def window_value(ts: float, window: Window, whole: float, edge: float) -> float:
     """Combine the whole buckets and the weighted edge bucket into the window's value."""
     frac = (ts % window.bucket_s) / window.bucket_s
     return whole + edge * (1.0 - frac)
-
-
-MINUTE_RING = "cm"
-HOUR_RING = "ch"
-
-
-def counter_ops(ops: EntityOps, ts: float, amounts: tuple[float, ...]) -> tuple[int, int]:
-    """Add a vector of counter amounts at `ts` to both rings and read both back.
-
-    Returns the result indexes of the minute ring and the hour ring.
-    """
-    enc = ",".join(_num(a) for a in amounts)
-    m = ops.add(COUNTERS, MINUTE_RING, MINUTE_RING_SIZE, int(ts // 60), enc)
-    h = ops.add(COUNTERS, HOUR_RING, HOUR_RING_SIZE, int(ts // 3600), enc)
-    return m, h
-
-
-def ring_window(ts: float, window: Window, ring: list[float], width: int,
-                metric: int) -> float:
-    """One metric's sliding-window value from a ring read back by `counter_ops`."""
-    size = window.ring_size
-    whole = 0.0
-    for b in range(size - window.buckets, size):
-        whole += ring[b * width + metric]
-    edge = ring[(size - 1 - window.buckets) * width + metric]
-    return window_value(ts, window, whole, edge)
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if value == int(value) else repr(float(value))

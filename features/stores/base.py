@@ -8,7 +8,10 @@ applies them with dicts, the Redis store ships the same list to a Lua script, so
 costs one atomic round trip however many counters it touches.
 
 Entities are `(kind, id)` pairs such as `("k", key_id)` or `("ip", "203.0.113.9")`.
-Every hash value is a string (as in Redis); callers parse what they read.
+Values read back are strings on Redis; the memory store may hand back the float it wrote
+for numeric fields (EWM statistics, the EWM_GAP/EWM_SAME fields), to skip formatting and
+parsing on its hot path. Callers parse what they read with `float()`, which accepts
+both. Ring buckets are private to the RING_* ops (not readable with GET).
 """
 
 from __future__ import annotations
@@ -26,28 +29,49 @@ INCR = "incr"  # (INCR, field, amount: float) -> float (new value)
 RING_ADD = "ring_add"  # (RING_ADD, name, slot, stamp, amount) -> float | None (None: too late)
 RING_GET = "ring_get"  # (RING_GET, name, slot, stamp) -> float (0.0 when the slot is stale)
 RING_SUM = "ring_sum"  # (RING_SUM, name, size, stamp_lo, stamp_hi) -> float over live slots
-COUNTERS = "counters"  # (COUNTERS, ring, size, stamp, "a1,a2,...") -> list[float], see below
 EWM = "ewm"  # (EWM, name, x, alpha) -> None; updates name:m, name:v, name:n
 RECENT_ADD = "recent_add"  # (RECENT_ADD, zname, member, ts, window_s, cap) -> int distinct
 RECENT_COUNT = "recent_count"  # (RECENT_COUNT, zname, ts, window_s) -> int distinct
 SEEN_ADD = "seen_add"  # (SEEN_ADD, zname, member, ts, cap) -> int (1 if new, else 0)
+# Observations that depend on the previous event, which the client cannot know before its
+# single round trip, so the store computes them atomically:
+EWM_GAP = "ewm_gap"  # (EWM_GAP, name, field, ts, alpha, max_gap) -> str | None (old field)
+#   gap = ts - field; when the field exists and gap >= 0: EWM(name, min(gap, max_gap)) and
+#   field := ts. A late event (gap < 0) changes nothing; a first one only sets the field.
+EWM_SAME = "ewm_same"  # (EWM_SAME, name, field, x, alpha) -> str | None (old field)
+#   when the field exists: EWM(name, 1.0 if x == field else 0.0); always field := x.
+
+# Batched reads, so that an event needs a few dozen ops rather than a hundred (ops are
+# variable-length: a count precedes the repeated arguments):
+GETS = "gets"  # (GETS, k, field_1, ..., field_k) -> list[str | None]
+RING_WINDOWS = "ring_windows"  # (RING_WINDOWS, name, size, stamp, k, n_1, ..., n_k)
+#   -> list[float] of 2k: for each n, the sum of the live buckets stamp-n+1..stamp (at most
+#   `size` of them, as RING_SUM) and then the edge bucket stamp-n (as RING_GET)
+RING_VALUES = "ring_values"  # (RING_VALUES, name, size, k, stamp_1, ..., stamp_k)
+#   -> list[float]: each bucket as RING_GET (0.0 when stale)
+
 # Small indexes on "global" entities (active bans, allow-list, audit trail):
 ZSET = "zset"  # (ZSET, zname, member, score, cap) -> None; sets the score, keeps the top `cap`
 ZREM = "zrem"  # (ZREM, zname, member) -> int (1 if it was there)
 ZITEMS = "zitems"  # (ZITEMS, zname, min_score, limit) -> [[member, score], ...] highest first
 PERSIST = "persist"  # (PERSIST, 1 | 0) -> None; 1: the entity never idles out (a permanent ban)
 
-OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, COUNTERS, EWM,
-    RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS, PERSIST)
+OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
+    RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
+    ZSET, ZREM, ZITEMS, PERSIST)
 PERSIST_FIELD = "_persist"
 
 Op = tuple[Any, ...]
 
-# COUNTERS is the workhorse of windowed features: a ring of `size` time buckets, each
-# holding a vector of counters. It adds the amounts to the bucket of `stamp` (unless that
-# bucket was already reused for a newer stamp: the event is too late for this ring) and
-# returns the ring as seen from `stamp`: size * len(amounts) numbers, oldest bucket first,
-# zeros for buckets that hold another stamp.
+
+def format_number(value: Any) -> str:
+    """How numbers travel to and are stored by every backend: integral floats as
+    integers, other floats by `repr` (shortest exact round trip)."""
+    if isinstance(value, float):
+        if value == int(value) and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value)
+    return str(value)
 
 
 class StoreError(RuntimeError):

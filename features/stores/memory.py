@@ -2,7 +2,15 @@
 
 It applies the same generic operations as the Redis store's Lua script, with the same
 semantics, so that a single process needs nothing else installed and a test can compare
-the two backends op for op.
+the two backends op for op. It is also the engine of the batch feature extractor, so it
+is written for speed: each op is a small function of the op tuple, and ring buckets are
+kept as native `[stamp, value]` cells rather than hash strings (they are read and written
+only through the RING_* ops, never with GET/SET).
+
+Memory is bounded three ways: at most `max_entities` entities (least recently used
+evicted first), every set capped by its op, and entities idle for longer than
+`idle_ttl_s` in event time dropped — lazily when touched again, and eagerly from the cold
+end of the LRU order as new entities arrive (the Redis store gets the same from key TTLs).
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from features.stores.base import (
-    COUNTERS,
     DEL,
     EWM,
+    EWM_GAP,
+    EWM_SAME,
     GET,
+    GETS,
     INCR,
     PERSIST,
     PERSIST_FIELD,
@@ -26,6 +36,8 @@ from features.stores.base import (
     RING_ADD,
     RING_GET,
     RING_SUM,
+    RING_VALUES,
+    RING_WINDOWS,
     SEEN_ADD,
     SET,
     ZITEMS,
@@ -39,9 +51,9 @@ from features.stores.base import (
 
 @dataclass(slots=True)
 class _EntityState:
-    hash: dict[str, str] = field(default_factory=dict)
+    hash: dict[str, Any] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
-    rings: dict[str, list[list[float] | None]] = field(default_factory=dict)
+    rings: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
     last_ts: float = 0.0
 
 
@@ -50,6 +62,10 @@ def _fmt(value: float) -> str:
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
+
+
+_IDLE_SWEEP = 2
+"""Cold entities checked for idleness per new entity (amortised, O(1))."""
 
 
 class MemoryStore(StateStore):
@@ -74,6 +90,7 @@ class MemoryStore(StateStore):
         self._lock = threading.Lock()
         self._newest_ts = 0.0
         self.evictions = 0
+        self.expirations = 0
 
     def __len__(self) -> int:
         return len(self._entities)
@@ -90,161 +107,252 @@ class MemoryStore(StateStore):
 
     def _entity(self, kind: str, entity_id: str) -> _EntityState:
         key = (kind, entity_id)
-        state = self._entities.get(key)
+        entities = self._entities
+        state = entities.get(key)
         if state is not None:
             if (state.last_ts and self._newest_ts - state.last_ts > self.idle_ttl_s
                     and state.hash.get(PERSIST_FIELD) != "1"):
                 state = _EntityState()
-                self._entities[key] = state
-            self._entities.move_to_end(key)
+                entities[key] = state
+                self.expirations += 1
+            entities.move_to_end(key)
             return state
         state = _EntityState()
-        self._entities[key] = state
-        while len(self._entities) > self.max_entities:
-            self._entities.popitem(last=False)
+        # drop idle entities from the cold end, so memory follows the active population
+        for _ in range(_IDLE_SWEEP):
+            cold_key = next(iter(entities), None)
+            if cold_key is None:
+                break
+            cold = entities[cold_key]
+            if not (cold.last_ts and self._newest_ts - cold.last_ts > self.idle_ttl_s):
+                break
+            if cold.hash.get(PERSIST_FIELD) == "1":  # a permanent ban never idles out
+                entities.move_to_end(cold_key)
+                continue
+            del entities[cold_key]
+            self.expirations += 1
+        entities[key] = state
+        spared = 0
+        while len(entities) > self.max_entities and spared <= len(entities):
+            cold_key, cold = entities.popitem(last=False)
+            if cold.hash.get(PERSIST_FIELD) == "1":  # pinned: back to the warm end
+                entities[cold_key] = cold
+                spared += 1
+                continue
             self.evictions += 1
         return state
 
     def _apply(self, req: EntityOps) -> list[Any]:
-        # Validate first so that a bad op never leaves the entity half-updated.
-        for op in req.ops:
-            if not op or op[0] not in _HANDLERS:
-                raise StoreError(f"unknown store operation {op[:1]!r}")
+        # Resolve every op first so that a bad op never leaves the entity half-updated.
+        ops = req.ops
+        try:
+            handlers = [_HANDLERS[op[0]] for op in ops]
+        except (KeyError, IndexError, TypeError):
+            bad = next((op for op in ops if not op or op[0] not in _HANDLERS), ())
+            raise StoreError(f"unknown store operation {bad[:1]!r}") from None
         state = self._entity(req.kind, req.entity_id)
-        results: list[Any] = []
-        for op in req.ops:
-            results.append(_HANDLERS[op[0]](self, state, *op[1:]))
-        return results
+        return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
 
-    # --- operations (same semantics as stores/lua/apply_ops.lua) -------------------------
-    def _get(self, s: _EntityState, fld: str) -> str | None:
-        return s.hash.get(fld)
+    # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
+    def _get(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
+        return s.hash.get(op[1])
 
-    def _set(self, s: _EntityState, fld: str, value: Any) -> None:
-        s.hash[fld] = str(value)
+    def _set(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        s.hash[op[1]] = str(op[2])
 
-    def _del(self, s: _EntityState, fld: str) -> None:
-        s.hash.pop(fld, None)
+    def _del(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        s.hash.pop(op[1], None)
 
-    def _incr(self, s: _EntityState, fld: str, amount: float) -> float:
-        value = float(s.hash.get(fld, "0")) + float(amount)
+    def _incr(self, s: _EntityState, op: tuple[Any, ...]) -> float:
+        fld = op[1]
+        value = float(s.hash.get(fld, "0")) + float(op[2])
         s.hash[fld] = _fmt(value)
         return value
 
-    def _ring_add(
-        self, s: _EntityState, name: str, slot: int, stamp: int, amount: float
-    ) -> float | None:
-        vf, tf = f"{name}:{slot}", f"{name}:{slot}:t"
-        held = s.hash.get(tf)
-        if held is not None and int(held) > stamp:
-            return None
-        if held is None or int(held) != stamp:
-            s.hash[tf] = str(stamp)
-            s.hash[vf] = "0"
-        return self._incr(s, vf, amount)
-
-    def _ring_get(self, s: _EntityState, name: str, slot: int, stamp: int) -> float:
-        held = s.hash.get(f"{name}:{slot}:t")
-        if held is None or int(held) != stamp:
-            return 0.0
-        return float(s.hash.get(f"{name}:{slot}", "0"))
-
-    def _ring_sum(self, s: _EntityState, name: str, size: int, lo: int, hi: int) -> float:
-        total = 0.0
-        for stamp in range(max(lo, hi - size + 1), hi + 1):
-            total += self._ring_get(s, name, stamp % size, stamp)
-        return total
-
-    def _counters(self, s: _EntityState, name: str, size: int, stamp: int,
-                  amounts: str) -> list[float]:
+    def _ring_add(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
+        _, name, slot, stamp, amount = op
         ring = s.rings.get(name)
         if ring is None:
-            ring = s.rings[name] = [None] * size
-        add = [float(a) for a in amounts.split(",")]
-        slot = stamp % size
-        held = ring[slot]
-        if held is None or held[0] < stamp:
-            ring[slot] = [float(stamp), *add]
-        elif held[0] == stamp:
-            for j, a in enumerate(add, start=1):
-                held[j] += a
-        width = len(add)
+            ring = s.rings[name] = {}
+        cell = ring.get(slot)
+        if cell is None:
+            value = float(amount)
+            ring[slot] = [stamp, value]
+            return value
+        held = cell[0]
+        if held > stamp:
+            return None
+        if held != stamp:
+            cell[0] = stamp
+            cell[1] = 0.0
+        cell[1] += float(amount)
+        return cell[1]
+
+    def _ring_get(self, s: _EntityState, op: tuple[Any, ...]) -> float:
+        ring = s.rings.get(op[1])
+        if ring is None:
+            return 0.0
+        cell = ring.get(op[2])
+        return cell[1] if cell is not None and cell[0] == op[3] else 0.0
+
+    def _ring_sum(self, s: _EntityState, op: tuple[Any, ...]) -> float:
+        _, name, size, lo, hi = op
+        ring = s.rings.get(name)
+        if not ring:
+            return 0.0
+        lo = max(lo, hi - size + 1)
+        total = 0.0
+        # each slot holds one stamp, and the stamps of the range have distinct slots
+        for slot, (stamp, value) in ring.items():
+            if lo <= stamp <= hi and stamp % size == slot:
+                total += value
+        return total
+
+    def _ring_windows(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
+        name, size, stamp, k = op[1], op[2], op[3], op[4]
+        ring = s.rings.get(name)
+        if not ring:
+            return [0.0] * (2 * k)
+        ns = op[5:5 + k]
+        top = max(ns)
+        by_offset = [0.0] * (top + 1)  # bucket values, newest (offset 0) first
+        for slot, cell in ring.items():
+            offset = stamp - cell[0]
+            if 0 <= offset <= top and cell[0] % size == slot:
+                by_offset[offset] = cell[1]
         out: list[float] = []
-        for st in range(stamp - size + 1, stamp + 1):
-            b = ring[st % size]
-            if b is not None and b[0] == st:
-                out.extend(b[1:])
-            else:
-                out.extend([0.0] * width)
+        for n in ns:
+            # summed newest first, as the Lua script does
+            out.append(sum(by_offset[:n if n < size else size], 0.0))
+            out.append(by_offset[n])
         return out
 
-    def _ewm(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
-        n = float(s.hash.get(f"{name}:n", "0"))
-        if n == 0:
-            m, v = float(x), 0.0
-        else:
-            m = float(s.hash[f"{name}:m"])
-            v = float(s.hash[f"{name}:v"])
-            diff = x - m
-            incr = alpha * diff
-            m = m + incr
-            v = (1 - alpha) * (v + diff * incr)
-        s.hash[f"{name}:m"] = _g17(m)
-        s.hash[f"{name}:v"] = _g17(v)
-        s.hash[f"{name}:n"] = _fmt(n + 1)
+    def _ring_values(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
+        ring = s.rings.get(op[1]) or {}
+        size, k = op[2], op[3]
+        out: list[float] = []
+        for stamp in op[4:4 + k]:
+            cell = ring.get(stamp % size)
+            out.append(cell[1] if cell is not None and cell[0] == stamp else 0.0)
+        return out
 
-    def _touch(self, ts: float) -> None:
-        if ts > self._newest_ts:
-            self._newest_ts = ts
+    def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[str | None]:
+        get = s.hash.get
+        return [get(f) for f in op[2:2 + op[1]]]
 
-    def _recent_add(
-        self, s: _EntityState, zname: str, member: str, ts: float, window_s: float, cap: int
-    ) -> int:
-        z = s.zsets.setdefault(zname, {})
-        if z.get(member, float("-inf")) < ts:
+    def _ewm_update(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
+        # Kept as floats (the Lua script writes them with 17 significant digits, which
+        # round-trips exactly): GET returns the float, callers parse with float().
+        h = s.hash
+        nf = f"{name}:n"
+        n = h.get(nf)
+        if n is None:
+            h[f"{name}:m"] = x
+            h[f"{name}:v"] = 0.0
+            h[nf] = 1.0
+            return
+        mf, vf = f"{name}:m", f"{name}:v"
+        m = float(h[mf])
+        diff = x - m
+        incr = alpha * diff
+        h[mf] = m + incr
+        h[vf] = (1 - alpha) * (float(h[vf]) + diff * incr)
+        h[nf] = float(n) + 1.0
+
+    def _ewm(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        self._ewm_update(s, op[1], float(op[2]), float(op[3]))
+
+    def _ewm_gap(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
+        _, name, fld, ts, alpha, max_gap = op
+        h = s.hash
+        held = h.get(fld)
+        if ts > s.last_ts:
+            s.last_ts = ts
+            if ts > self._newest_ts:
+                self._newest_ts = ts
+        if held is None:
+            h[fld] = float(ts)
+            return None
+        gap = ts - held
+        if gap >= 0:
+            self._ewm_update(s, name, gap if gap < max_gap else float(max_gap), alpha)
+            h[fld] = float(ts)
+        return held
+
+    def _ewm_same(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
+        _, name, fld, x, alpha = op
+        h = s.hash
+        held = h.get(fld)
+        x = float(x)
+        if held is not None:
+            self._ewm_update(s, name, 1.0 if held == x else 0.0, alpha)
+        h[fld] = x
+        return held
+
+    def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
+        _, zname, member, ts, window_s, cap = op
+        z = s.zsets.get(zname)
+        if z is None:
+            z = s.zsets[zname] = {}
+        held = z.get(member)
+        if held is None or held < ts:
             z[member] = ts
-        self._touch(ts)
-        s.last_ts = max(s.last_ts, ts)
+        if ts > s.last_ts:
+            s.last_ts = ts
+            if ts > self._newest_ts:
+                self._newest_ts = ts
         cutoff = ts - window_s
-        for m in [m for m, t in z.items() if t <= cutoff]:
+        stale = [m for m, t in z.items() if t <= cutoff]
+        for m in stale:
             del z[m]
-        _cap(z, cap)
+        if len(z) > cap:
+            _cap(z, cap)
         return len(z)
 
-    def _recent_count(self, s: _EntityState, zname: str, ts: float, window_s: float) -> int:
-        z = s.zsets.get(zname, {})
-        cutoff = ts - window_s
+    def _recent_count(self, s: _EntityState, op: tuple[Any, ...]) -> int:
+        z = s.zsets.get(op[1])
+        if not z:
+            return 0
+        cutoff = op[2] - op[3]
         return sum(1 for t in z.values() if t > cutoff)
 
-    def _seen_add(self, s: _EntityState, zname: str, member: str, ts: float, cap: int) -> int:
-        z = s.zsets.setdefault(zname, {})
-        self._touch(ts)
-        s.last_ts = max(s.last_ts, ts)
-        is_new = member not in z
-        if is_new or z[member] < ts:
+    def _seen_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
+        _, zname, member, ts, cap = op
+        z = s.zsets.get(zname)
+        if z is None:
+            z = s.zsets[zname] = {}
+        if ts > s.last_ts:
+            s.last_ts = ts
+            if ts > self._newest_ts:
+                self._newest_ts = ts
+        held = z.get(member)
+        if held is None or held < ts:
             z[member] = ts
-        _cap(z, cap)
-        return 1 if is_new else 0
+        if len(z) > cap:
+            _cap(z, cap)
+        return 1 if held is None else 0
 
 
-    def _zset(self, s: _EntityState, zname: str, member: str, score: float, cap: int) -> None:
+    def _zset(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        _, zname, member, score, cap = op
         z = s.zsets.setdefault(zname, {})
         z[member] = float(score)
         _cap(z, cap)
 
-    def _zrem(self, s: _EntityState, zname: str, member: str) -> int:
-        z = s.zsets.get(zname, {})
-        return 1 if z.pop(member, None) is not None else 0
+    def _zrem(self, s: _EntityState, op: tuple[Any, ...]) -> int:
+        z = s.zsets.get(op[1], {})
+        return 1 if z.pop(op[2], None) is not None else 0
 
-    def _zitems(self, s: _EntityState, zname: str, min_score: float, limit: int) -> list[Any]:
+    def _zitems(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
+        _, zname, min_score, limit = op
         z = s.zsets.get(zname, {})
         # ZREVRANGEBYSCORE order: highest score first, ties by member, reversed
         items = sorted(((m, t) for m, t in z.items() if t >= float(min_score)),
                        key=lambda kv: (kv[1], kv[0]), reverse=True)
         return [[m, t] for m, t in items[: int(limit)]]
 
-    def _persist(self, s: _EntityState, flag: int) -> None:
-        if int(flag):
+    def _persist(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        if int(op[1]):
             s.hash[PERSIST_FIELD] = "1"
         else:
             s.hash.pop(PERSIST_FIELD, None)
@@ -272,10 +380,14 @@ _HANDLERS = {
     RING_GET: MemoryStore._ring_get,
     RING_SUM: MemoryStore._ring_sum,
     EWM: MemoryStore._ewm,
-    COUNTERS: MemoryStore._counters,
     RECENT_ADD: MemoryStore._recent_add,
     RECENT_COUNT: MemoryStore._recent_count,
     SEEN_ADD: MemoryStore._seen_add,
+    EWM_GAP: MemoryStore._ewm_gap,
+    EWM_SAME: MemoryStore._ewm_same,
+    GETS: MemoryStore._gets,
+    RING_WINDOWS: MemoryStore._ring_windows,
+    RING_VALUES: MemoryStore._ring_values,
     ZSET: MemoryStore._zset,
     ZREM: MemoryStore._zrem,
     ZITEMS: MemoryStore._zitems,
