@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -28,6 +29,8 @@ from serving.admin import router as admin_router
 from serving.decision import Decision
 from serving.detectors import build_detectors
 from serving.event_log import EventLog
+from serving.ops import Operations
+from serving.ops_api import install as install_ops
 from serving.policy import PolicySource
 from serving.scorer import Scorer
 from serving.settings import Settings
@@ -122,11 +125,13 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
                  retention_days=settings.event_log_retention_days)
         if settings.event_log else None
     )
+    ops = Operations.from_settings(settings, scorer=scorer, event_log=event_log)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         if event_log is not None:
             event_log.prune()
+        ops.start()
         yield
         try:
             scorer.flush()
@@ -136,6 +141,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             if event_log is not None:
                 event_log.flush()
             scorer.store.close()
+            ops.close()
 
     app = FastAPI(
         title="keywatch",
@@ -146,11 +152,13 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     app.state.settings = settings
     app.state.scorer = scorer
     app.state.event_log = event_log
+    install_ops(app, ops)
 
-    def record(events: list[Event], decisions: list[Decision]) -> None:
+    def record(events: list[Event], decisions: list[Decision], elapsed_s: float) -> None:
         if event_log is not None:
             for event, decision in zip(events, decisions, strict=True):
                 event_log.append(event, decision.key_id)
+        ops.observe(events, decisions, elapsed_s)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -174,6 +182,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     @app.exception_handler(StoreError)
     async def _store_down(_: Request, exc: StoreError) -> JSONResponse:
         log.error("state store error: %s", exc)
+        ops.store_error()
         return JSONResponse(status_code=503, content={"error": "state store unavailable"})
 
     @app.get("/healthz", tags=["health"])
@@ -197,8 +206,9 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         return JSONResponse(status_code=200 if store_ok else 503, content=body)
 
     def score_one(event: Event, scorer: Scorer) -> Decision:
+        t0 = time.perf_counter()
         decision = scorer.score(event)
-        record([event], [decision])
+        record([event], [decision], time.perf_counter() - t0)
         return decision
 
     if scorer.store.name == "memory":
@@ -258,11 +268,12 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             raise BadRequest(422, f"event {first} is invalid, batch refused: "
                                   f"{_summary(detail)}", detail) from None
         scorer: Scorer = request.app.state.scorer
+        t0 = time.perf_counter()
         if scorer.store.name == "memory":
             decisions = scorer.score_many(events)
         else:
             decisions = await run_in_threadpool(scorer.score_many, events)
-        record(events, decisions)
+        record(events, decisions, time.perf_counter() - t0)
         return decisions
 
     @app.post("/v1/check", tags=["scoring"], response_model=CheckResponse)

@@ -50,11 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import create_app
+    from serving.logging_setup import configure_logging
 
+    configure_logging(args.log_format, args.log_level)
     settings = _settings(args)
     _load_or_exit(settings)
     app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
     return 0
 
 
@@ -170,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dry-run", action="store_true", help="score and alert, never enforce")
     serve.add_argument("--policy", type=Path, help="policy file (default: the packaged one)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=["json", "text"], default="json",
+                       help="json lines (default) or text; raw keys are redacted in both")
     serve.set_defaults(func=cmd_serve)
 
     rep = sub.add_parser("replay", help="score an events file through the pipeline")

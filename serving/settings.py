@@ -38,6 +38,21 @@ class Settings(BaseSettings):
     max_batch_events: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     memory_max_entities: int = 200_000
+    # operator-facing (serving/ops.py): alerts, SIEM export, key activity
+    alert_min_severity: Literal["none", "low", "medium", "high", "critical"] = "medium"
+    alert_dedup_window_s: float = Field(default=600.0, gt=0)
+    alert_ring_size: int = Field(default=10_000, ge=1)
+    alert_log: bool = True
+    alert_webhook_url: str | None = Field(default=None, repr=False)
+    alert_slack_webhook_url: str | None = Field(default=None, repr=False)
+    alert_queue_size: int = Field(default=1000, ge=1)
+    alert_webhook_timeout_s: float = Field(default=2.0, gt=0)
+    alert_webhook_max_attempts: int = Field(default=4, ge=1)
+    siem_log: bool = True
+    siem_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)  # also the alert log's
+    siem_keep_files: int = Field(default=5, ge=0)
+    key_activity_per_key: int = Field(default=50, ge=1)
+    key_activity_max_keys: int = Field(default=10_000, ge=1)
 
     @model_validator(mode="after")
     def _require_secret(self) -> Settings:
