@@ -117,9 +117,10 @@ def test_judging_counts_what_it_says(tmp_path: Path) -> None:
         "id": "inc-1", "scenario": "leak", "period": "test", "victim_keys": ["k1"],
         "start_ts": 1000.0, "end_ts": 1200.0}], meta={}, test_start=0.0)
     arrays = DecisionArrays.empty(len(ts))
-    arrays.verdict[:] = [0, 2, 1, 0, 0, 2]
-    arrays.severity[:] = [2, 4, 3, 0, 0, 4]
-    arrays.drivers = {1: ["naive_burst"], 2: ["impossible_travel"], 5: ["banned_key"]}
+    arrays.verdict[:] = [0, 2, 1, 0, 2, 2]
+    arrays.severity[:] = [2, 4, 3, 0, 4, 4]
+    arrays.drivers = {1: ["naive_burst"], 2: ["impossible_travel"], 4: ["banned_key"],
+                      5: ["banned_key"]}
     res = judge(truth, ts, arrays)
     (inc,) = res.incidents
     assert inc.detected and inc.ttd_min == pytest.approx(1.0)
@@ -127,9 +128,11 @@ def test_judging_counts_what_it_says(tmp_path: Path) -> None:
     assert inc.stopped == pytest.approx(2 / 3)
     # legitimate: lines 1, 3 (k2) and 4 (k1 after its incident ended)
     assert res.benign.events == 3
-    assert res.benign.blocked == pytest.approx(1 / 3)
+    assert res.benign.blocked == pytest.approx(2 / 3)
+    assert res.benign.blocked_after_incident == 1  # k1's ban outlasting its incident
     assert res.benign.surge_blocked == 1
-    assert res.benign.key_days == 2 and res.benign.key_days_alerted == pytest.approx(0.5)
+    assert res.benign.key_days == 2  # k2 and k1, both on day 0
+    assert res.benign.key_days_alerted == pytest.approx(1.0)
     assert res.summary["incidents_detected"] == 1.0
 
 

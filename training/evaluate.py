@@ -400,6 +400,9 @@ class BenignResult:
     """The owners' own traffic on compromised keys, stopped share (see module doc)."""
     week_blocked: float
     """Legitimate events blocked over the whole replay, training days included."""
+    blocked_after_incident: int
+    """Of the legitimate events blocked: those of a key after an incident on it ended (a
+    ban from the incident outlasting the abuse). Counted as blocked all the same."""
 
 
 @dataclass(slots=True)
@@ -428,6 +431,16 @@ def compromised_mask(truth: Truth, ts: np.ndarray) -> np.ndarray:
         during = (ts >= inc["start_ts"]) & (ts <= inc["end_ts"])
         for victim in inc["victim_keys"]:
             out |= during & (keys == victim)
+    return out
+
+
+def after_incident_mask(truth: Truth, ts: np.ndarray) -> np.ndarray:
+    """Events of a victim key after its incident ended."""
+    keys = truth.labels["key"].to_numpy()
+    out = np.zeros(len(ts), bool)
+    for inc in truth.incidents:
+        for victim in inc["victim_keys"]:
+            out |= (keys == victim) & (ts > inc["end_ts"])
     return out
 
 
@@ -488,6 +501,8 @@ def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "
         collateral_events=int(collateral.sum()),
         collateral_stopped=float((verdict[collateral] > 0).mean()) if collateral.any() else 0.0,
         week_blocked=float((verdict[legit_all] == 2).mean()) if legit_all.any() else 0.0,
+        blocked_after_incident=int((legit & (verdict == 2) & after_incident_mask(truth, ts))
+                                   .sum()),
     )
 
     attack = np.isin(incident_ids, [i.id for i in incidents]) & in_test
@@ -715,6 +730,9 @@ def _variant_section(res: VariantResult) -> list[str]:
         f"{_pct(b.week_blocked, 2)} | | |",
         "",
         f"Legitimate test events: {b.events:,}; key-days: {b.key_days:,}. "
+        + (f"{b.blocked_after_incident:,} of the legitimate events blocked belong to a key "
+           "after an incident on it had ended (a ban outlasting the abuse). "
+           if b.blocked_after_incident else "")
         + ("Rules behind legitimate events stopped: "
            + ", ".join(f"`{c}` {n:,}" for c, n in b.top_drivers) + "." if b.top_drivers
            else "No legitimate event was stopped."),
