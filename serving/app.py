@@ -32,6 +32,7 @@ from serving.event_log import EventLog
 from serving.ops import Operations
 from serving.ops_api import install as install_ops
 from serving.policy import PolicySource
+from serving.schedule import RetrainScheduler
 from serving.scorer import Scorer
 from serving.settings import Settings
 from serving.stores import open_store
@@ -88,7 +89,8 @@ def build_scorer(settings: Settings, *, restore_population: bool = False) -> Sco
         detectors = build_detectors(
             model_dir=settings.model_dir,
             checkpoint=settings.population_checkpoint if restore_population else None,
-            feature_names=model_features(FEATURE_NAMES))
+            feature_names=model_features(FEATURE_NAMES),
+            reload_interval_s=settings.model_reload_interval_s)
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
                   policy=PolicySource(settings.policy), detectors=detectors)
 
@@ -132,7 +134,16 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         if event_log is not None:
             event_log.prune()
         ops.start()
+        scheduler = None
+        if settings.retrain_daily_at and settings.model_dir is not None:
+            scheduler = RetrainScheduler(daily_at=settings.retrain_daily_at,
+                                         events=settings.data_dir / "events",
+                                         model_dir=settings.model_dir)
+            scheduler.start()
+        app.state.retrain_scheduler = scheduler
         yield
+        if scheduler is not None:
+            scheduler.stop()
         try:
             scorer.flush()
             if scorer.detectors is not None:
@@ -198,6 +209,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             "status": "ready" if store_ok else "degraded",
             "store": {"backend": scorer.store.describe(), "reachable": store_ok},
             "models": scorer.model_versions(),
+            "model_error": scorer.detectors.load_error if scorer.detectors else None,
             "dry_run": scorer.dry_run or scorer.policy.dry_run,
             "policy": {"version": scorer.policy_source.version,
                        "last_error": scorer.policy_source.last_error},

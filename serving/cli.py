@@ -7,8 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from models.registry import ManifestInfo
 
 
 def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -89,6 +93,64 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"\nwritten to {args.out}" if args.out else "")
     return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from features.keys import KeyHasher
+    from training.retrain import retrain
+
+    settings = _settings(args)
+    events = args.events or settings.data_dir / "events"
+    model_dir = args.model_dir or settings.model_dir
+    if model_dir is None:
+        print("keywatch: no model directory: pass --model-dir or set KEYWATCH_MODEL_DIR",
+              file=sys.stderr)
+        return 2
+    try:
+        result = retrain(events=events, model_dir=model_dir,
+                         hasher=KeyHasher(settings.secret or ""),
+                         promote=not args.no_promote, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"keywatch: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2))
+    return 0 if result.promoted or (args.no_promote and not result.reasons) else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import ModelRegistry
+
+    settings = _settings(args)
+    model_dir = args.model_dir or settings.model_dir
+    if model_dir is None:
+        print("keywatch: no model directory: pass --model-dir or set KEYWATCH_MODEL_DIR",
+              file=sys.stderr)
+        return 2
+    registry = ModelRegistry(model_dir)
+    try:
+        if args.models_command == "list":
+            current = registry.current_version()
+            for info in registry.list():
+                mark = "*" if info.version == current else " "
+                print(f"{mark} {info.version}  {json.dumps(_manifest_brief(info))}")
+            return 0
+        if args.models_command == "promote":
+            registry.verify(args.version)
+            registry.promote(args.version)
+            print(f"promoted {args.version}")
+            return 0
+        version = registry.rollback()
+        print(f"rolled back to {version}")
+        return 0
+    except Exception as exc:
+        print(f"keywatch: {exc}", file=sys.stderr)
+        return 1
+
+
+def _manifest_brief(info: ManifestInfo) -> dict[str, object]:
+    return {"created_at": info.created_at, "rows": info.row_count,
+            "window": info.training_window, "passed": info.gates.get("passed"),
+            "error": getattr(info, "error", None)}
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -194,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-http", action="store_true")
     bench.add_argument("--no-rss", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    ret = sub.add_parser("retrain", help="fit, calibrate, gate and promote the offline model")
+    ret.add_argument("--events", type=Path,
+                     help="JSONL/Parquet file or event-log directory (default: the service's)")
+    ret.add_argument("--model-dir", type=Path)
+    ret.add_argument("--no-promote", action="store_true", help="fit and gate only")
+    ret.add_argument("--dev", action="store_true")
+    ret.add_argument("--quiet", action="store_true")
+    ret.set_defaults(func=cmd_retrain)
+
+    mod = sub.add_parser("models", help="the model registry")
+    mod_sub = mod.add_subparsers(dest="models_command", required=True)
+    for name, text in (("list", "versions, the current one marked *"),
+                       ("promote", "make a version current"),
+                       ("rollback", "back to the previously promoted version")):
+        p = mod_sub.add_parser(name, help=text)
+        p.add_argument("--model-dir", type=Path)
+        p.add_argument("--dev", action="store_true")
+        if name == "promote":
+            p.add_argument("version")
+        p.set_defaults(func=cmd_models)
 
     sim = sub.add_parser("simulate", help="labelled multi-tenant traffic with incidents")
     sim.add_argument("--out", type=Path, required=True)

@@ -205,10 +205,11 @@ def load_population(path: Path | None, feature_names: list[str], *,
 
 
 def build_detectors(*, model_dir: Path | None, checkpoint: Path | None,
-                    feature_names: list[str], seed: int = 0) -> Detectors:
+                    feature_names: list[str], seed: int = 0,
+                    reload_interval_s: float = 10.0) -> Detectors:
     """Detectors for a service or a replay: the population model (restored from the
     checkpoint when one is given) and the registry's promoted offline model, if any."""
     registry = ModelRegistry(model_dir) if model_dir is not None else None
     return Detectors(feature_names=feature_names,
                      population=load_population(checkpoint, feature_names, seed=seed),
-                     registry=registry)
+                     registry=registry, reload_interval_s=reload_interval_s)

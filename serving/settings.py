@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     event_log_retention_days: int = Field(default=30, ge=1)
     policy: Path | None = None
     """Policy file (KEYWATCH_POLICY); None = the policy packaged with keywatch."""
+    retrain_daily_at: str | None = None
+    """UTC time of day (HH:MM) for the service's own retrain run; None: not scheduled."""
+    model_reload_interval_s: float = Field(default=10.0, gt=0)
+    """How often a running service looks for a newly promoted offline model."""
     models: bool = True
     """Run the online and offline models (KEYWATCH_MODELS=false: rules only)."""
     max_batch_events: int = 1000
