@@ -585,7 +585,7 @@ def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
         if progress:
             print(f"retraining the offline model on events before {truth.meta['test_start']}")
         result = retrain(events=events_path, model_dir=model_dir, hasher=hasher,
-                         until=truth.test_start)
+                         until=truth.test_start, progress=progress)
         retrain_info = {"promoted": bool(result.promoted), "version": result.version,
                         "reasons": list(result.reasons), "metrics": _jsonable(result.metrics),
                         "report_path": str(result.report_path) if result.report_path else None,
@@ -610,6 +610,7 @@ def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
     results = {v: judge(truth, replayed.ts, replayed.decisions[v], name=v,
                         description=VARIANT_DESCRIPTIONS[v]) for v in variants}
     plots = write_plots(out_dir, truth, replayed, results)
+    save_decisions(out_dir / "decisions.npz", replayed)
     report = EvaluationReport(
         data_dir=data_dir, out_dir=out_dir, report_md=out_dir / "report.md",
         report_json=out_dir / "report.json", plots=plots, variants=results,
@@ -619,6 +620,20 @@ def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
     report.report_json.write_text(json.dumps(_jsonable(report_dict(report, truth)), indent=2)
                                   + "\n")
     return report
+
+
+def save_decisions(path: Path, replayed: Replayed) -> None:
+    """Every variant's per-event verdict, severity, score and model scores, one row per
+    event line (`numpy.load`), for analyses the report does not make."""
+    arrays: dict[str, np.ndarray] = {"ts": replayed.ts}
+    for name, d in replayed.decisions.items():
+        arrays[f"{name}.verdict"] = d.verdict
+        arrays[f"{name}.severity"] = d.severity
+        arrays[f"{name}.score"] = d.score
+        for signal, values in d.signals.items():
+            if not np.isnan(values).all():
+                arrays[f"{name}.{signal}"] = values
+    np.savez_compressed(path, **arrays)
 
 
 def _jsonable(value: Any) -> Any:
