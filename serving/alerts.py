@@ -39,6 +39,7 @@ log = logging.getLogger("keywatch.alerts")
 
 MAX_IPS_PER_ALERT = 10
 STATUSES = ("open", "confirmed", "false_positive")
+_VERDICT_RANK = {"allow": 0, "throttle": 1, "block": 2}
 
 
 @dataclass(slots=True)
@@ -307,6 +308,43 @@ class AlertPipeline:
     def count_for_key(self, key_id: str) -> int:
         with self._lock:
             return sum(1 for a in self._ring if a.key_id == key_id)
+
+    def riskiest_keys(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Keys ranked by what their alerts say: worst severity, then how many decisions
+        the alerts stand for, then recency. Alerts marked false_positive do not count,
+        so an operator's verdict takes a key off the list.
+
+        One pass over the ring (bounded by `ring_size`); the dashboard's "riskiest keys".
+        """
+        per_key: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for a in self._ring:
+                if a.status == "false_positive":
+                    continue
+                row = per_key.get(a.key_id)
+                if row is None:
+                    row = per_key[a.key_id] = {
+                        "key_id": a.key_id, "max_severity": a.severity, "alerts": 0,
+                        "decisions": 0, "open": 0, "codes": {}, "worst_decision": "allow",
+                        "last_seen_ts": a.last_seen_ts, "source_ips": []}
+                row["alerts"] += 1
+                row["decisions"] += a.count
+                row["open"] += a.status == "open"
+                row["codes"][a.code] = row["codes"].get(a.code, 0) + a.count
+                if severity_rank(a.severity) > severity_rank(row["max_severity"]):
+                    row["max_severity"] = a.severity
+                if _VERDICT_RANK.get(a.decision, 0) > _VERDICT_RANK[row["worst_decision"]]:
+                    row["worst_decision"] = a.decision
+                row["last_seen_ts"] = max(row["last_seen_ts"], a.last_seen_ts)
+                for ip in a.source_ips:
+                    if ip not in row["source_ips"] and len(row["source_ips"]) < MAX_IPS_PER_ALERT:
+                        row["source_ips"].append(ip)
+        ranked = sorted(per_key.values(), key=lambda r: (
+            severity_rank(r["max_severity"]), r["decisions"], r["last_seen_ts"]), reverse=True)
+        for row in ranked[:limit]:
+            row["last_seen"] = event_time_iso(row["last_seen_ts"])
+            row["codes"] = dict(sorted(row["codes"].items(), key=lambda kv: -kv[1]))
+        return ranked[:limit]
 
     # ---- operator actions -------------------------------------------------------------
     def set_status(self, alert_id: str, status: str) -> dict[str, Any] | None:

@@ -22,13 +22,17 @@ from starlette.concurrency import run_in_threadpool
 from features.contract import Event
 from features.extractor import FEATURE_NAMES
 from features.keys import KeyHasher
-from features.stores.base import StoreError
+from features.stores.base import StateStore, StoreError
+from features.stores.resilient import StoreUnavailable
 from models.feature_space import model_features
+from serving import resilience
 from serving.admin import AdminError
 from serving.admin import router as admin_router
+from serving.dashboard import router as dashboard_router
 from serving.decision import Decision
 from serving.detectors import build_detectors
 from serving.event_log import EventLog
+from serving.guards import IngestGuard
 from serving.ops import Operations
 from serving.ops_api import install as install_ops
 from serving.policy import PolicySource
@@ -75,15 +79,18 @@ def get_scorer(request: Request) -> Scorer:
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
 
 
-def build_scorer(settings: Settings, *, restore_population: bool = False) -> Scorer:
+def build_scorer(settings: Settings, *, restore_population: bool = False,
+                 store: StateStore | None = None) -> Scorer:
     """The one Scorer, from settings. `restore_population` resumes the service's
     checkpointed population model (replays start fresh, like a new deployment)."""
-    store = open_store(
-        settings.store,
-        namespace=settings.redis_namespace,
-        timeout_s=settings.redis_timeout_s,
-        memory_max_entities=settings.memory_max_entities,
-    )
+    if store is None:
+        store = open_store(
+            settings.store,
+            namespace=settings.redis_namespace,
+            timeout_s=settings.redis_timeout_s,
+            memory_max_entities=settings.memory_max_entities,
+        )
+        store = resilience.protect_store(store, settings)
     detectors = None
     if settings.models:
         detectors = build_detectors(
@@ -141,6 +148,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
                                          model_dir=settings.model_dir)
             scheduler.start()
         app.state.retrain_scheduler = scheduler
+        resilience.restore_state(scorer, settings)
         yield
         if scheduler is not None:
             scheduler.stop()
@@ -151,6 +159,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         finally:
             if event_log is not None:
                 event_log.flush()
+            resilience.save_state(scorer, settings)
             scorer.store.close()
             ops.close()
 
@@ -164,6 +173,9 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     app.state.scorer = scorer
     app.state.event_log = event_log
     install_ops(app, ops)
+    app.add_middleware(IngestGuard, max_body_bytes=settings.max_body_bytes,
+                       ingest_token=settings.ingest_token)
+    app.add_exception_handler(StoreUnavailable, resilience.store_unavailable_handler)
 
     def record(events: list[Event], decisions: list[Decision], elapsed_s: float) -> None:
         if event_log is not None:
@@ -205,9 +217,12 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     def readyz(scorer: ScorerDep) -> JSONResponse:
         """Ready: the state store answers and the models are loaded."""
         store_ok = scorer.store.ping()
+        outage = resilience.store_status(scorer.store)  # degraded while Redis is down
+        store_ok = store_ok and (outage is None or outage["state"] == "ok")
         body = {
             "status": "ready" if store_ok else "degraded",
-            "store": {"backend": scorer.store.describe(), "reachable": store_ok},
+            "store": {"backend": scorer.store.describe(), "reachable": store_ok,
+                      **({"outage": outage} if outage is not None else {})},
             "models": scorer.model_versions(),
             "model_error": scorer.detectors.load_error if scorer.detectors else None,
             "dry_run": scorer.dry_run or scorer.policy.dry_run,
@@ -294,6 +309,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         return scorer.check(body.api_key, body.source_ip).as_dict()
 
     app.include_router(admin_router)
+    app.include_router(dashboard_router)
     return app
 
 

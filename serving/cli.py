@@ -220,6 +220,50 @@ def cmd_policy_impact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from serving.worker import WorkerConfig, run_worker
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(args)
+    config = WorkerConfig.from_settings(
+        settings, stream=args.stream, decisions_stream=args.decisions_stream,
+        group=args.group, consumer=args.consumer, block_ms=args.block_ms, count=args.count,
+        claim_idle_ms=args.claim_idle_ms)
+    try:
+        stats = run_worker(settings, config, idle_exit_s=args.exit_when_idle)
+    except ValueError as exc:
+        print(f"keywatch: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"worker": config.consumer, **stats.as_dict()}), file=sys.stderr)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import redis
+
+    from serving.worker import ingest_file
+
+    # no secret needed: the raw events go to the stream, the worker derives key ids
+    store = args.store or os.environ.get("KEYWATCH_STORE", "")
+    stream = args.stream or os.environ.get("KEYWATCH_STREAM_EVENTS", "kw:events")
+    if not store.startswith(("redis://", "rediss://", "unix://")):
+        print("keywatch: ingest needs --store redis://...", file=sys.stderr)
+        return 2
+    if not args.events.exists():
+        print(f"keywatch: no such events file: {args.events}", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(store, socket_timeout=10, decode_responses=True)
+    try:
+        counts = ingest_file(client, args.events, stream=stream, maxlen=args.maxlen)
+    finally:
+        client.close()
+    print(json.dumps({**counts, "stream": stream}), file=sys.stderr)
+    return 1 if counts["skipped"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keywatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--policy", type=Path, help="policy file (default: the packaged one)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=cmd_replay)
+
+    work = sub.add_parser("worker", help="score events from a Redis Stream consumer group")
+    work.add_argument("--store", required=True, help="redis:// URL (state and streams)")
+    work.add_argument("--stream", help="events stream (default: kw:events)")
+    work.add_argument("--decisions-stream", help="decisions stream (default: kw:decisions)")
+    work.add_argument("--group", help="consumer group (default: keywatch)")
+    work.add_argument("--consumer", help="consumer name (default: <host>-<pid>)")
+    work.add_argument("--block-ms", type=int, default=1000, help="XREADGROUP block timeout")
+    work.add_argument("--count", type=int, default=64, help="entries read per call")
+    work.add_argument("--claim-idle-ms", type=int,
+                      help="take over entries pending this long (default: 30000)")
+    work.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
+                      help="stop after this long without work (batch jobs, tests)")
+    work.add_argument("--model-dir", type=Path)
+    work.add_argument("--dev", action="store_true")
+    work.add_argument("--dry-run", action="store_true")
+    work.add_argument("--log-level", default="info")
+    work.set_defaults(func=cmd_worker)
+
+    ing = sub.add_parser("ingest", help="XADD a JSONL file of events to the events stream")
+    ing.add_argument("events", type=Path, help="JSONL events, one object per line")
+    ing.add_argument("--store", help="redis:// URL (default: $KEYWATCH_STORE)")
+    ing.add_argument("--stream", help="events stream (default: kw:events)")
+    ing.add_argument("--maxlen", type=int, help="trim the stream to about this length")
+    ing.set_defaults(func=cmd_ingest)
 
     bench = sub.add_parser("bench", help="speed of every path, as ratios against baselines")
     bench.add_argument("--size", choices=["smoke", "full"], default="full")

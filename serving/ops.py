@@ -4,8 +4,9 @@
 export), the per-key activity index and the feedback store, and exposes the one hook the
 API calls after scoring: `observe(events, decisions, elapsed_s)`. The hook is cheap for
 the common case (an allowed, severity-none event costs two counter increments, one
-histogram observation and one LRU touch) and never raises: an operations failure is
-counted in `keywatch_ops_hook_errors` and logged, and the decision is still returned.
+histogram observation, one LRU touch and one time-bucket count) and never raises: an
+operations failure is counted in `keywatch_ops_hook_errors` and logged, and the decision
+is still returned.
 
 Optional readers that belong to other parts of the system are plain attributes the lead
 can set when wiring: `ban_lookup(key_id) -> dict | None` (ban state for the key page),
@@ -24,6 +25,7 @@ from features.contract import Event
 from serving.alert_sinks import WebhookSink
 from serving.alerts import AlertPipeline
 from serving.decision import Decision
+from serving.decision_stats import DecisionStats
 from serving.feedback import FEEDBACK_FILE, FeedbackIn, FeedbackStore
 from serving.jsonl_writer import PeriodicFlusher, RotatingJsonlWriter
 from serving.key_activity import KeyActivityIndex
@@ -55,6 +57,7 @@ class Operations:
         writers: dict[str, RotatingJsonlWriter] | None = None,
         event_log: EventLog | None = None,
         model_versions: Callable[[], dict[str, str | None]] | None = None,
+        decision_stats: DecisionStats | None = None,
     ) -> None:
         self.metrics = metrics
         self.alerts = alerts
@@ -62,6 +65,8 @@ class Operations:
         self.feedback = feedback
         self.writers = dict(writers or {})
         self.event_log = event_log
+        self.decision_stats = decision_stats if decision_stats is not None else DecisionStats()
+        """Decisions per time bucket, for the dashboard chart (`GET /v1/stats/decisions`)."""
         self.ban_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self.baseline_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self._flusher = PeriodicFlusher(self.writers.values())
@@ -125,6 +130,7 @@ class Operations:
         """Account for scored events: metrics, key activity, alerts. Never raises."""
         try:
             self.metrics.observe_latency(elapsed_s, len(decisions))
+            self.decision_stats.observe(events, decisions)
             raised = False
             for event, decision in zip(events, decisions, strict=True):
                 self.metrics.observe_decision(decision.decision, decision.severity)

@@ -124,8 +124,9 @@ class Scorer:
         if pending:
             try:
                 self.store.execute(pending)
-            except Exception:
-                self._requeue(pending)
+            except Exception as exc:
+                if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                    self._requeue(pending)
                 raise
 
     def model_versions(self) -> dict[str, str | None]:
@@ -144,8 +145,9 @@ class Scorer:
         pending = self._take_pending()
         try:
             results = self.store.execute([*pending, *requests, *refresh])
-        except Exception:
-            self._requeue(pending)
+        except Exception as exc:
+            if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                self._requeue(pending)
             raise
         if refresh:
             self.allow_list.update(results[-1][0])

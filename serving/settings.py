@@ -57,6 +57,20 @@ class Settings(BaseSettings):
     siem_keep_files: int = Field(default=5, ge=0)
     key_activity_per_key: int = Field(default=50, ge=1)
     key_activity_max_keys: int = Field(default=10_000, ge=1)
+    # reliability: Redis outage policy, restarts, ingestion security, stream workers
+    redis_outage_policy: Literal["fail_open", "fail_closed", "error"] = "fail_open"
+    redis_retry_interval_s: float = Field(default=1.0, gt=0)
+    spool_dir: Path | None = None  # default: data_dir/spool
+    snapshot_enabled: bool = True
+    snapshot_path: Path | None = None  # default: data_dir/state.snapshot (memory store)
+    ingest_token: str | None = Field(default=None, repr=False)
+    stream_events: str = "kw:events"
+    stream_decisions: str = "kw:decisions"
+    stream_group: str = "keywatch"
+    stream_decisions_maxlen: int = Field(default=1_000_000, ge=1000)
+    stream_claim_idle_ms: int = Field(default=30_000, ge=100)
+    stream_dedupe_ttl_s: int = Field(default=86_400, ge=60)
+    stream_delete_acked: bool = True
 
     @model_validator(mode="after")
     def _require_secret(self) -> Settings:

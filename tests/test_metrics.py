@@ -71,7 +71,7 @@ def test_alert_counters_model_info_bans_and_log_writes() -> None:
 
 def test_store_errors_are_counted() -> None:
     settings = make_settings(store="redis://" + closed_port_url().split("//", 1)[1],
-                             redis_timeout_s=0.2)
+                             redis_timeout_s=0.2, redis_outage_policy="error")
     with TestClient(create_app(settings)) as c:
         r = c.post("/v1/events", json=failing_events("sk-live-store-down", n=1)[0])
         assert r.status_code == 503

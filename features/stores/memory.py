@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from features.stores.base import (
@@ -104,6 +105,18 @@ class MemoryStore(StateStore):
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         with self._lock:
             return [self._apply(req) for req in requests]
+
+    def snapshot(self, path: Path) -> int:
+        """Write all state to `path` atomically (see `features.stores.snapshot`)."""
+        from features.stores.snapshot import write_snapshot
+
+        return write_snapshot(self, path)
+
+    def restore(self, path: Path) -> int:
+        """Replace all state with a snapshot's; raises SnapshotError if it is corrupt."""
+        from features.stores.snapshot import read_snapshot
+
+        return read_snapshot(self, path)
 
     def _entity(self, kind: str, entity_id: str) -> _EntityState:
         key = (kind, entity_id)

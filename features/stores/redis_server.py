@@ -41,10 +41,15 @@ def _free_port() -> int:
 
 
 class LocalRedisServer:
-    """A redis-server child process on 127.0.0.1 with persistence off."""
+    """A redis-server child process on 127.0.0.1 with persistence off.
 
-    def __init__(self, port: int | None = None) -> None:
+    With `persist=True` it keeps an append-only file (fsync on every write) in its
+    private directory, so data survives `kill()` + `start()` as a production Redis would.
+    """
+
+    def __init__(self, port: int | None = None, *, persist: bool = False) -> None:
         self.port = port or _free_port()
+        self.persist = persist
         self.executable = find_redis_server()
         self._dir = tempfile.TemporaryDirectory(prefix="keywatch-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -56,7 +61,9 @@ class LocalRedisServer:
     def start(self, timeout_s: float = 10.0) -> LocalRedisServer:
         self.process = subprocess.Popen(
             [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self._dir.name,
+             "--save", "", "--dir", self._dir.name,
+             *(("--appendonly", "yes", "--appendfsync", "always") if self.persist
+               else ("--appendonly", "no")),
              "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

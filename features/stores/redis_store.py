@@ -120,6 +120,12 @@ class RedisStore(StateStore):
         return [1 + len(znames), f"{prefix}:h", *(f"{prefix}:z:{z}" for z in znames),
                 self._ttl_arg, payload]
 
+    def _encode_split(self, req: EntityOps) -> tuple[list[str], list[str]]:
+        """The same arguments as (KEYS, ARGV), for scripts that wrap apply_ops."""
+        enc = self._encode(req)
+        n = int(enc[0])
+        return [str(k) for k in enc[1:1 + n]], [str(a) for a in enc[1 + n:]]
+
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         encoded = [self._encode(req) for req in requests]
         try:

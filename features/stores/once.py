@@ -1,0 +1,111 @@
+"""A Redis store whose writes can be applied at most once per token, for the stream worker.
+
+Why: the stream worker delivers at least once — an event whose worker died after the
+state update but before the decision was published is delivered again to another worker.
+Scoring it again must neither count it twice nor decide it from different numbers. Inside
+`with store.once(token):` every entity request is sent through a wrapper of the same Lua
+script (`lua/apply_ops.lua`, unchanged, wrapped as a function) that first looks for a
+result cached under `<entity prefix>:once:<digest>`, where the digest covers the token and
+the request's ops. On the first call it applies the ops and caches their results in the
+same atomic script call; on a repeat it applies nothing and returns the cached results.
+So a re-scored event reads back exactly what it read the first time, and its decision is
+the same. The cache keys live in the entity's hash-tag slot (legal on a cluster), expire
+after `once_ttl_s`, and the worker deletes them once the decision is published.
+
+Outside a `once` scope the store behaves exactly like `RedisStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from features.stores.base import EntityOps, StoreError
+from features.stores.lua_wrap import wrap_apply_ops
+from features.stores.redis_store import RedisStore
+
+ONCE_LUA = wrap_apply_ops("""
+local n = #KEYS
+local once_key = KEYS[n]
+local cached = redis.call('GET', once_key)
+if cached then return cjson.decode(cached) end
+local inner_keys, inner_argv = {}, {}
+for k = 1, n - 1 do inner_keys[k] = KEYS[k] end
+for k = 1, #ARGV - 1 do inner_argv[k] = ARGV[k] end
+local out = apply_ops(inner_keys, inner_argv)
+if type(out) == 'table' and out.err then return out end
+redis.call('SET', once_key, cjson.encode(out), 'EX', tonumber(ARGV[#ARGV]))
+return out
+""")
+"""apply_ops.lua as a function, plus: KEYS[last] = the once key, ARGV[last] = its TTL."""
+
+
+class OnceRedisStore(RedisStore):
+    """`RedisStore` plus `once(token)`: idempotent, result-caching writes per token.
+
+    Not meant to be shared between threads while a `once` scope is open (the stream
+    worker scores one event at a time).
+    """
+
+    def __init__(self, url: str, *, once_ttl_s: int = 86_400, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.once_ttl_s = int(once_ttl_s)
+        self._token: str | None = None
+        self._once_keys: list[str] = []
+        self._once_sha: str | None = None
+
+    @contextmanager
+    def once(self, token: str) -> Iterator[list[str]]:
+        """Scope in which every write is applied at most once for `token`.
+
+        Yields the list of cache keys used, which the caller may delete when the work
+        protected by the token is durably done.
+        """
+        if self._token is not None:
+            raise RuntimeError("once scopes do not nest")
+        self._token, self._once_keys = token, []
+        try:
+            yield self._once_keys
+        finally:
+            self._token = None
+
+    def once_key(self, req: EntityOps, token: str) -> str:
+        digest = hashlib.sha256(
+            json.dumps([token, req.ops], default=str, separators=(",", ":")).encode()
+        ).hexdigest()[:32]
+        return f"{self.entity_prefix(req.kind, req.entity_id)}:once:{digest}"
+
+    def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
+        token = self._token
+        if token is None:
+            return super().execute(requests)
+        encoded = []
+        for req in requests:
+            keys, argv = self._encode_split(req)
+            key = self.once_key(req, token)
+            self._once_keys.append(key)
+            encoded.append(([*keys, key], [*argv, str(self.once_ttl_s)]))
+        try:
+            try:
+                raw = self._send_once(encoded)
+            except redis.exceptions.NoScriptError:
+                self._once_sha = None
+                raw = self._send_once(encoded)
+        except redis.RedisError as exc:
+            raise StoreError(f"redis store failed: {exc}") from exc
+        return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
+
+    def _send_once(self, encoded: list[tuple[list[str], list[str]]]) -> list[Any]:
+        if self._once_sha is None:
+            self._once_sha = self.client.script_load(ONCE_LUA)
+            self.round_trips += 1
+        pipe = self.client.pipeline(transaction=False)
+        for keys, argv in encoded:
+            pipe.execute_command("EVALSHA", self._once_sha, len(keys), *keys, *argv)
+        self.round_trips += 1
+        return pipe.execute()

@@ -1,0 +1,125 @@
+"""Snapshots of the memory store, so a restart does not forget bans and baselines.
+
+Why: the embedded memory store is the default for a single `keywatch serve`. Without a
+snapshot, every deploy or restart would unban banned keys and reset every counter and
+baseline — an attacker would only have to wait for the next deploy.
+
+Format (one file, written atomically: temp file, fsync, `os.replace`, fsync of the
+directory): a magic line `KWSNAP1`, a JSON header line with the SHA-256 of the payload,
+then the payload, a pickle of plain built-in values only (dicts, lists, strings,
+numbers). The hash is checked *before* anything is unpickled, and unpickling refuses any
+class or function reference, so a tampered or truncated file is refused with a clear
+`SnapshotError` and never executes code. Entities are stored as plain field dicts in LRU
+order, so the snapshot survives new fields on the per-entity state (they get defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from features.stores.memory import MemoryStore
+
+MAGIC = b"KWSNAP1\n"
+FORMAT_VERSION = 1
+
+
+class SnapshotError(ValueError):
+    """The snapshot file is missing pieces, corrupt, or not a keywatch snapshot."""
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise SnapshotError(f"snapshot refers to {module}.{name}; only plain values allowed")
+
+
+def _payload(store: MemoryStore) -> dict[str, Any]:
+    entities = [
+        (kind, entity_id, {f.name: getattr(state, f.name)
+                           for f in dataclasses.fields(state)})
+        for (kind, entity_id), state in store._entities.items()
+    ]
+    return {"newest_ts": store._newest_ts, "entities": entities}
+
+
+def write_snapshot(store: MemoryStore, path: Path) -> int:
+    """Write the store's state to `path` atomically; returns the number of entities."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with store._lock:
+        payload = _payload(store)
+        body = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    header = json.dumps({"format": FORMAT_VERSION, "sha256": hashlib.sha256(body).hexdigest(),
+                         "bytes": len(body), "entities": len(payload["entities"]),
+                         "created": time.time()}).encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(MAGIC + header + b"\n" + body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(payload["entities"])
+
+
+def read_snapshot(store: MemoryStore, path: Path) -> int:
+    """Replace the store's state with the snapshot's; returns the number of entities.
+
+    Raises SnapshotError (and leaves the store untouched) if the file is not a valid,
+    intact keywatch snapshot.
+    """
+    from features.stores.memory import _EntityState
+
+    raw = Path(path).read_bytes()
+    if not raw.startswith(MAGIC):
+        raise SnapshotError(f"{path} is not a keywatch snapshot (bad magic)")
+    header_end = raw.find(b"\n", len(MAGIC))
+    if header_end < 0:
+        raise SnapshotError(f"{path} is truncated: no header")
+    try:
+        header = json.loads(raw[len(MAGIC):header_end])
+        expected = str(header["sha256"])
+        version = int(header["format"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"{path} has an unreadable header: {exc}") from None
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"{path} has format {version}, this keywatch reads {FORMAT_VERSION}")
+    body = raw[header_end + 1:]
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != expected:
+        raise SnapshotError(f"{path} is corrupt: SHA-256 {actual[:12]}… does not match the "
+                            f"header's {expected[:12]}… ({len(body)} bytes)")
+    try:
+        payload = _BuiltinsOnly(io.BytesIO(body)).load()
+        known = {f.name for f in dataclasses.fields(_EntityState)}
+        entities = [((str(kind), str(entity_id)),
+                     _EntityState(**{k: v for k, v in fields.items() if k in known}))
+                    for kind, entity_id, fields in payload["entities"]]
+        newest_ts = float(payload["newest_ts"])
+    except SnapshotError:
+        raise
+    except Exception as exc:
+        raise SnapshotError(f"{path} does not hold memory-store state: {exc}") from None
+    with store._lock:
+        store._entities.clear()
+        for key, state in entities:
+            store._entities[key] = state
+        store._newest_ts = newest_ts
+        while len(store._entities) > store.max_entities:
+            store._entities.popitem(last=False)
+    return len(entities)

@@ -1,0 +1,115 @@
+"""Edge guards for the ingestion endpoints: optional bearer token, request body size limit.
+
+Why: the ingestion endpoints are the only way in for untrusted bytes. A token (when the
+operator sets `ingest_token`) keeps anyone but the gateway from feeding events that would
+poison baselines or get a victim's key banned; the size limit keeps one client from
+making the server buffer an unbounded body. Both are checked before the body is read:
+the token from the headers, the size first from `Content-Length` and then while the body
+streams in (a chunked body without a length is cut off at the limit), so an oversized or
+unauthenticated request costs almost nothing.
+
+This is a plain ASGI middleware (not `BaseHTTPMiddleware`) so that it adds no task or
+copy per request on the hot path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INGEST_PATHS: frozenset[str] = frozenset({"/v1/events", "/v1/events:batch"})
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` when a streamed body passes the limit.
+
+    An HTTPException so that FastAPI's body parsing lets it through (it turns other
+    errors into a 400) and the app's exception middleware answers 413.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"request body over {limit} bytes")
+
+
+async def _reply(send: Send, status: int, body: dict[str, Any],
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class IngestGuard:
+    """Checks the bearer token and the body size of POSTs to the ingestion endpoints."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int,
+                 ingest_token: str | None = None,
+                 paths: frozenset[str] = INGEST_PATHS) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self._token = f"Bearer {ingest_token}".encode() if ingest_token else None
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope.get("method") != "POST"
+                or scope.get("path") not in self.paths):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self._token is not None:
+            presented = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(presented, self._token):
+                await _reply(send, 401, {"error": "missing or wrong ingestion token"},
+                             [(b"www-authenticate", b'Bearer realm="keywatch"')])
+                return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _reply(send, 400, {"error": "invalid Content-Length"})
+                return
+            if declared > self.max_body_bytes:
+                await self._too_large(send)
+                return
+
+        limit = self.max_body_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        await _reply(send, 413, {"error": f"request body over {self.max_body_bytes} bytes"})
