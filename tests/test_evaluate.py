@@ -133,6 +133,7 @@ def test_judging_counts_what_it_says(tmp_path: Path) -> None:
     assert res.benign.surge_blocked == 1
     assert res.benign.key_days == 2  # k2 and k1, both on day 0
     assert res.benign.key_days_alerted == pytest.approx(1.0)
+    assert dict(res.benign.alert_drivers) == {"naive_burst": 1, "banned_key": 1}
     assert res.summary["incidents_detected"] == 1.0
 
 

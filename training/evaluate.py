@@ -395,6 +395,8 @@ class BenignResult:
     by_tenant_kind: dict[str, dict[str, float]]
     top_drivers: list[tuple[str, int]]
     """Rules behind the legitimate events stopped, most frequent first."""
+    alert_drivers: list[tuple[str, int]]
+    """Rules behind the legitimate key-days alerted at high or above: key-days per code."""
     collateral_events: int
     collateral_stopped: float
     """The owners' own traffic on compromised keys, stopped share (see module doc)."""
@@ -483,6 +485,11 @@ def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "
     for i in np.flatnonzero(legit & (verdict > 0)):
         for code in arrays.drivers.get(int(i), []):
             drivers[code] = drivers.get(code, 0) + 1
+    alerts: dict[str, set[tuple[str, int]]] = {}
+    keys = labels["key"].to_numpy()
+    for i in np.flatnonzero(legit & (severity >= HIGH)):
+        for code in arrays.drivers.get(int(i), []) or ["(none)"]:
+            alerts.setdefault(code, set()).add((keys[i], int(days[i])))
     n_legit = int(legit.sum())
     benign = BenignResult(
         events=n_legit,
@@ -498,6 +505,8 @@ def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "
         by_tenant_kind={k: _shares(verdict, legit & (kinds == k))
                         for k in sorted(set(kinds[legit]))},
         top_drivers=sorted(drivers.items(), key=lambda kv: -kv[1])[:8],
+        alert_drivers=sorted(((c, len(kd)) for c, kd in alerts.items()),
+                             key=lambda kv: -kv[1])[:8],
         collateral_events=int(collateral.sum()),
         collateral_stopped=float((verdict[collateral] > 0).mean()) if collateral.any() else 0.0,
         week_blocked=float((verdict[legit_all] == 2).mean()) if legit_all.any() else 0.0,
@@ -750,7 +759,10 @@ def _variant_section(res: VariantResult) -> list[str]:
            if b.blocked_after_incident else "")
         + ("Rules behind legitimate events stopped: "
            + ", ".join(f"`{c}` {n:,}" for c, n in b.top_drivers) + "." if b.top_drivers
-           else "No legitimate event was stopped."),
+           else "No legitimate event was stopped.")
+        + (" Behind the legitimate key-days alerted high or above (key-days per code): "
+           + ", ".join(f"`{c}` {n:,}" for c, n in b.alert_drivers) + "." if b.alert_drivers
+           else ""),
         "",
         "| incident | scenario | events | detected | time to detect | stopped | first caught by |",
         "|---|---|---|---|---|---|---|",
