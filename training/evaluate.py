@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -592,7 +593,8 @@ def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
         from training.retrain import retrain
 
         if progress:
-            print(f"retraining the offline model on events before {truth.meta['test_start']}")
+            print(f"retraining the offline model on events before {truth.meta['test_start']}",
+                  file=sys.stderr)
         result = retrain(events=events_path, model_dir=model_dir, hasher=hasher,
                          until=truth.test_start, progress=progress)
         retrain_info = {"promoted": bool(result.promoted), "version": result.version,
