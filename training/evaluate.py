@@ -788,11 +788,12 @@ _VERDICT_COLOURS = {0: "#4c9a2a", 1: "#e69f00", 2: "#d62728"}
 
 def write_plots(out_dir: Path, truth: Truth, replayed: Replayed,
                 results: dict[str, VariantResult]) -> dict[str, Path]:
-    """Score distributions, time to detect by scenario, one incident's timeline."""
-    import matplotlib
+    """Score distributions, time to detect by scenario, one incident's timeline.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Figures are made without pyplot (`matplotlib.figure.Figure`), so writing them never
+    switches the caller's backend: a notebook that runs an evaluation keeps its inline
+    plots."""
+    from matplotlib.figure import Figure
 
     ts = replayed.ts
     in_test = ts >= truth.test_start
@@ -808,7 +809,8 @@ def write_plots(out_dir: Path, truth: Truth, replayed: Replayed,
     panels = len(names) + len(signal_panels)
     cols = min(3, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     bins = np.linspace(0, 1, 41)
     panel_data = [(f"{n}: fused score", replayed.decisions[n].score) for n in names]
     panel_data += [(f"keywatch: {s} model score", replayed.decisions["keywatch"].signals[s])
@@ -832,11 +834,11 @@ def write_plots(out_dir: Path, truth: Truth, replayed: Replayed,
     fig.tight_layout()
     paths["scores"] = out_dir / "scores.png"
     fig.savefig(paths["scores"], dpi=110)
-    plt.close(fig)
 
     # 2. time to detect by scenario and variant
     scenarios = sorted({i["scenario"] for i in truth.test_incidents})
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(scenarios) + 1.8))
+    fig = Figure(figsize=(9, 0.55 * len(scenarios) + 1.8))
+    ax = fig.subplots()
     never = 3 * 24 * 60
     markers = {"keywatch": "o", "rules_only": "s", "models_only": "^", "naive": "D"}
     for k, (name, res) in enumerate(results.items()):
@@ -858,7 +860,6 @@ def write_plots(out_dir: Path, truth: Truth, replayed: Replayed,
     fig.tight_layout()
     paths["time_to_detect"] = out_dir / "time_to_detect.png"
     fig.savefig(paths["time_to_detect"], dpi=110)
-    plt.close(fig)
 
     # 3. one incident's key over time
     if "keywatch" in replayed.decisions and truth.test_incidents:
@@ -882,13 +883,12 @@ def plot_incident_timeline(truth: Truth, ts: np.ndarray, arrays: DecisionArrays,
                            inc: dict[str, Any], path: Path | None = None, *,
                            title_prefix: str = "", margin_s: float = 3 * 3600) -> Any:
     """The victim key's events around one incident: score and verdict over time, the
-    owner's own events (dots) apart from the attacker's (triangles)."""
-    import matplotlib
+    owner's own events (dots) apart from the attacker's (triangles).
 
-    if path is not None:
-        matplotlib.use("Agg")
+    Returns the figure (a notebook shows it as a cell's value); writes it to `path` too
+    when one is given."""
     import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     keys = truth.labels["key"].to_numpy()
     incident_ids = truth.labels["incident_id"].to_numpy()
@@ -899,8 +899,8 @@ def plot_incident_timeline(truth: Truth, ts: np.ndarray, arrays: DecisionArrays,
     idx = np.flatnonzero(ours)
     when = pd.to_datetime(ts[idx], unit="s")
     is_attack = incident_ids[idx] == inc["id"]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(11, 5.5))
+    ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for v, label in enumerate(VERDICTS):
         for attack, marker, who in ((False, ".", "owner"), (True, "^", "attacker")):
             m = (arrays.verdict[idx] == v) & (is_attack == attack)
@@ -928,5 +928,4 @@ def plot_incident_timeline(truth: Truth, ts: np.ndarray, arrays: DecisionArrays,
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
-        plt.close(fig)
     return fig
