@@ -22,6 +22,13 @@ Two kinds of state, on purpose:
   operations, so they too ride on an existing round trip), so that an attacker cannot
   teach the baselines that the attack is normal.
 
+Spend is a feature too: each event's cost in US dollars (`features.pricing`, prompt and
+completion tokens at the model's price; an unknown model at the default price, flagged)
+is added to per-key spend counters over 5 min, 1 h, 24 h and 30 days (a minute, an hour
+and a day ring, in the same atomic op as the other counters), and a learned baseline of
+the key's hourly spend gives `spend_rate_vs_baseline_by_key_1h`: a key burning money at
+20x its usual rate stands out even when every single request looks normal.
+
 Time is event time. Counters live in a minute ring (8 min) and an hour ring (26 h), so a
 late event is still counted in its own bucket: up to 8 minutes late it counts in every
 window, up to 26 hours late only in the 1 h/24 h windows, older than that in no window
@@ -49,6 +56,7 @@ from typing import Any
 
 from features.contract import Event
 from features.geo import GeoInfo, GeoLocator, country_name, default_locator, haversine_km
+from features.pricing import Cost, PriceTable
 from features.stores.base import (
     EWM,
     EWM_GAP,
@@ -114,6 +122,11 @@ POP_RING_SIZE = 24 * 7 * 4 + 2
 POP_WEEK_LAGS = (168, 336, 504, 672)
 POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 EPS = 1e-9
+DAY_RING_SIZE = 32
+"""Daily spend buckets: the 30-day window, its edge day and slack for late events."""
+SPEND_BASELINE_FLOOR_USD = 0.10
+"""The usual hourly spend is taken as at least this, so a key that usually spends a
+fraction of a cent is not "100x its rate" for a few cents."""
 
 KEY_WINDOWED = {
     "requests": ("count", WINDOWS),
@@ -168,8 +181,9 @@ _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
 _BASELINE_GETS = tuple(
-    (GETS, 12, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n") for h in range(168))
+    (GETS, 15, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n")
+    for h in range(168))
 _REGULARITY_GETS = (GETS, 5, "gap:m", "gap:v", "gap:n", "same:m", "same:n")
 _HOW_NAMES = tuple(f"how:{h}" for h in range(168))
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
@@ -196,6 +210,15 @@ NOVELTY_FEATURES = (
     "distinct_models_by_key_24h",
     "prompt_completion_ratio_by_event",
 )
+SPEND_FEATURES = (
+    "cost_usd_by_event",
+    "unknown_price_by_event",
+    "spend_usd_by_key_5m",
+    "spend_usd_by_key_1h",
+    "spend_usd_by_key_24h",
+    "spend_usd_by_key_30d",
+    "spend_rate_vs_baseline_by_key_1h",
+)
 
 FEATURE_NAMES: tuple[str, ...] = (
     *_KEY_WINDOW_NAMES,
@@ -217,6 +240,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     *GEO_FEATURES,
     *REGULARITY_FEATURES,
     *NOVELTY_FEATURES,
+    *SPEND_FEATURES,
     "hour_of_day_sin",
     "hour_of_day_cos",
     "day_of_week_sin",
@@ -256,6 +280,8 @@ class Plan:
     key_idx: dict[str, Any] = field(default_factory=dict)
     ip_idx: dict[str, Any] = field(default_factory=dict)
     population_idx: dict[str, Any] = field(default_factory=dict)
+    cost: Cost | None = None
+    """The event's estimated price (budgets reuse it, so it is computed once)."""
 
     def requests(self) -> list[EntityOps]:
         """The entities of this event, in the order `build` expects their results:
@@ -282,6 +308,9 @@ class FeatureExtractor:
     geo:
         The IP locator; by default the process-wide `features.geo.default_locator()`
         (geoip2fast + countryinfo, loaded on first use).
+    pricing:
+        The price table (default: the packaged list prices). The scorer replaces it when
+        the policy's `pricing:` changes; training must use the same table as serving.
     """
 
     def __init__(
@@ -290,10 +319,12 @@ class FeatureExtractor:
         ewm_alpha: float = EWM_ALPHA,
         how_alpha: float = HOW_ALPHA,
         geo: GeoLocator | None = None,
+        pricing: PriceTable | None = None,
     ) -> None:
         self.ewm_alpha = ewm_alpha
         self.how_alpha = how_alpha
         self._geo = geo
+        self.pricing = pricing or PriceTable()
 
     @property
     def geo(self) -> GeoLocator:
@@ -331,8 +362,18 @@ class FeatureExtractor:
 
         # ---- key --------------------------------------------------------------------
         kops: list[tuple[Any, ...]] = list(adds)
+        cost = self.pricing.cost_of(event)
+        stamp_d = int(ts // 86400)
+        if cost.usd:
+            kops.append((RING_ADD, "spend:m", slot_m, stamp_m, cost.usd))
+            kops.append((RING_ADD, "spend:h", slot_h, stamp_h, cost.usd))
+            kops.append((RING_ADD, "spend:d", stamp_d % DAY_RING_SIZE, stamp_d, cost.usd))
         kidx: dict[str, Any] = {"windows": len(kops)}
         _window_reads(kops, _KEY_WINDOWS, stamp_m, stamp_h)
+        kidx["spend"] = len(kops)
+        kops.append((RING_WINDOWS, "spend:m", MINUTE_RING_SIZE, stamp_m, 1, 5))
+        kops.append((RING_WINDOWS, "spend:h", HOUR_RING_SIZE, stamp_h, 2, 1, 24))
+        kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
         if source_ip:
             kidx["distinct_ips"] = len(kops)
             kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
@@ -396,6 +437,7 @@ class FeatureExtractor:
             geo=geo,
             key_idx=kidx,
             ip_idx=ipidx,
+            cost=cost,
         )
 
     # ---- phase 2 ----------------------------------------------------------------------
@@ -447,6 +489,7 @@ class FeatureExtractor:
             v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
         )
         v["rate_vs_hour_of_week_by_key_1h"] = key_rate_ratio
+        spend = _ewm(base, 12)
 
         # population
         pop_1h = pop_expected = None
@@ -519,6 +562,20 @@ class FeatureExtractor:
         else:
             v["prompt_completion_ratio_by_event"] = 0.0
 
+        # spend: the edge bucket of each window weighted like the other counters
+        cost = plan.cost or self.pricing.cost_of(event)
+        sp = kidx["spend"]
+        m5, hours, days = key_res[sp], key_res[sp + 1], key_res[sp + 2]
+        spend_1h = hours[0] + hours[1] * (1.0 - (ts % 3600) / 3600)
+        v["cost_usd_by_event"] = cost.usd
+        v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
+        v["spend_usd_by_key_5m"] = m5[0] + m5[1] * (1.0 - (ts % 60) / 60)
+        v["spend_usd_by_key_1h"] = spend_1h
+        v["spend_usd_by_key_24h"] = hours[2] + hours[3] * (1.0 - (ts % 3600) / 3600)
+        v["spend_usd_by_key_30d"] = days[0] + days[1] * (1.0 - (ts % 86400) / 86400)
+        v["spend_rate_vs_baseline_by_key_1h"] = (
+            spend_1h / max(spend[0], SPEND_BASELINE_FLOOR_USD) if spend[2] > 0 else 1.0)
+
         hour = (ts % 86400) / 3600
         day = (ts // 86400 + 3) % 7
         v["hour_of_day_sin"] = math.sin(2 * math.pi * hour / 24)
@@ -546,6 +603,8 @@ class FeatureExtractor:
             "prev_seen_ts": prev_ts,
             "population_requests_1h": pop_1h,
             "population_expected_1h": pop_expected,
+            "baseline_spend_usd_1h": spend[0] if spend[2] else None,
+            "priced_model": cost.model,
         }
         return FeatureVector(values=v, context=context)
 
@@ -560,6 +619,7 @@ class FeatureExtractor:
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
             (EWM, "rate", rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
+            (EWM, "spend", values["spend_usd_by_key_1h"], self.ewm_alpha),
         ])]
 
 

@@ -60,6 +60,11 @@ def slack_body(notification: Notification) -> dict[str, Any]:
     ]
     reasons = "\n".join(f"• `{r['code']}` ({r['severity']}): {r['message']}"
                         for r in a.get("reasons", [])[:5]) or a.get("title", "")
+    money = a.get("money") or {}
+    if money.get("burn_usd_per_h") or money.get("key_spend_usd_24h"):
+        fields.append({"type": "mrkdwn", "text": (
+            f"*Money at stake*\n${money.get('key_spend_usd_24h', 0):,.2f} in 24 h, "
+            f"burning ${money.get('burn_usd_per_h', 0):,.2f}/h")})
     context = (f"alert `{a['alert_id']}` · first seen {a.get('first_seen')} · "
                f"{a.get('count', 1)} event(s)" + (" · dry run" if a.get("dry_run") else ""))
     return {

@@ -14,6 +14,10 @@ optional JSONL alert log (reloaded at startup, so the ring and feedback survive 
 restart), the SIEM export, and the sinks. Everything on the scoring path is in-memory;
 disks and networks are reached from background threads.
 
+Every alert states the money at stake: `spent_usd` sums the estimated cost of the
+decisions counted on it, and `burn_usd_per_h` / `key_spend_usd_24h` are the key's burn
+rate and 24-hour spend at its latest decision (from the decision's `money`).
+
 An operator's (key_id, rule code) suppression (see `serving.feedback`) is honoured here:
 a reason whose pair is suppressed does not raise an alert.
 """
@@ -65,6 +69,16 @@ class Alert:
     escalations: int = 0
     status: str = "open"
     dry_run: bool = False
+    spent_usd: float = 0.0
+    burn_usd_per_h: float = 0.0
+    key_spend_usd_24h: float = 0.0
+
+    def add_money(self, decision: Decision) -> None:
+        m = decision.money
+        if m is not None:
+            self.spent_usd += m.cost_usd
+            self.burn_usd_per_h = m.burn_usd_per_h
+            self.key_spend_usd_24h = m.spend_usd_24h
 
     def add_ip(self, ip: str | None) -> None:
         if ip and ip not in self.source_ips and len(self.source_ips) < MAX_IPS_PER_ALERT:
@@ -92,6 +106,9 @@ class Alert:
             "escalations": self.escalations,
             "status": self.status,
             "dry_run": self.dry_run,
+            "money": {"spent_usd": round(self.spent_usd, 6),
+                      "burn_usd_per_h": round(self.burn_usd_per_h, 6),
+                      "key_spend_usd_24h": round(self.key_spend_usd_24h, 6)},
         }
 
     @classmethod
@@ -106,6 +123,9 @@ class Alert:
             source_ips=list(rec.get("source_ips") or []), count=int(rec.get("count", 1)),
             escalations=int(rec.get("escalations", 0)), status=rec.get("status", "open"),
             dry_run=bool(rec.get("dry_run", False)),
+            spent_usd=float((rec.get("money") or {}).get("spent_usd", 0.0)),
+            burn_usd_per_h=float((rec.get("money") or {}).get("burn_usd_per_h", 0.0)),
+            key_spend_usd_24h=float((rec.get("money") or {}).get("key_spend_usd_24h", 0.0)),
         )
 
 
@@ -206,6 +226,7 @@ class AlertPipeline:
                 alert.first_seen_ts = min(alert.first_seen_ts, event_ts)
                 alert.last_seen_ts = max(alert.last_seen_ts, event_ts)
                 alert.add_ip(source_ip)
+                alert.add_money(decision)
                 self.deduplicated += 1
                 if severity_rank(decision.severity) > severity_rank(alert.severity):
                     self._update_from(alert, decision, title)
@@ -232,6 +253,7 @@ class AlertPipeline:
             last_seen_ts=ts, raised_at=time.time(), source_ip=source_ip,
             dry_run=decision.dry_run)
         alert.add_ip(source_ip)
+        alert.add_money(decision)
         self._remember(alert)
         self._open[(key_id, code)] = alert
         self.raised += 1

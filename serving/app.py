@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from features.contract import Event
 from features.extractor import FEATURE_NAMES
 from features.keys import KeyHasher
+from features.pricing import load_price_file
 from features.stores.base import StateStore, StoreError
 from features.stores.resilient import StoreUnavailable
 from models.feature_space import model_features
@@ -98,8 +99,9 @@ def build_scorer(settings: Settings, *, restore_population: bool = False,
             checkpoint=settings.population_checkpoint if restore_population else None,
             feature_names=model_features(FEATURE_NAMES),
             reload_interval_s=settings.model_reload_interval_s)
+    prices = load_price_file(settings.prices) if settings.prices is not None else None
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
-                  policy=PolicySource(settings.policy), detectors=detectors)
+                  policy=PolicySource(settings.policy), detectors=detectors, prices=prices)
 
 
 class CheckRequest(BaseModel):
@@ -180,7 +182,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     def record(events: list[Event], decisions: list[Decision], elapsed_s: float) -> None:
         if event_log is not None:
             for event, decision in zip(events, decisions, strict=True):
-                event_log.append(event, decision.key_id)
+                event_log.append(event, decision.key_id, decision)
         ops.observe(events, decisions, elapsed_s)
 
     @app.exception_handler(RequestValidationError)

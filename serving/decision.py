@@ -53,6 +53,23 @@ class Outcome(BaseModel):
     """Codes of the reasons that produced this outcome."""
 
 
+class Money(BaseModel):
+    """What this key's calls are costing, at list prices (see `features.pricing`)."""
+
+    cost_usd: float = 0.0
+    """This event's estimated cost."""
+    spend_usd_1h: float = 0.0
+    spend_usd_24h: float = 0.0
+    spend_usd_30d: float = 0.0
+    burn_usd_per_h: float = 0.0
+    """The rate the key is spending at now: the larger of the last 5 minutes' spend
+    times 12 and the last hour's (a burst minutes old shows its real rate)."""
+    unknown_price: bool = False
+    """The model is not in the price table: priced at the default price."""
+    model: str | None = None
+    """The price-table entry used."""
+
+
 class Decision(BaseModel):
     """The answer to one event; contains the key id, never the raw key."""
 
@@ -71,3 +88,5 @@ class Decision(BaseModel):
     """Present when shadow mode changed the outcome: what would have happened."""
     enforced: bool = True
     """False when this decision was not enforced (dry-run, allow-list)."""
+    money: Money | None = None
+    """The money at stake: this event's cost and the key's spend and burn rate."""

@@ -2,10 +2,13 @@
 
 Every accepted event is appended as one JSON line to a partition per UTC day
 (`<dir>/date=YYYY-MM-DD/events-<writer>.jsonl`), with the raw API key replaced by its
-`key_id`. Partitions older than the retention are deleted. Writes are buffered and
-flushed at least every `flush_interval_s`; a failing disk (full, read-only) never stops
-scoring: the error is counted, reported, and the lines stay buffered (up to a bound) to
-be written when the disk recovers.
+`key_id`, and (when the caller passes the decision) the verdict keywatch gave it
+(`verdict`, the would-be one in shadow mode), its `severity`, and its estimated
+`cost_usd`, which the security report uses for money spent and saved. Partitions
+older than the retention are deleted. Writes are buffered and flushed at least every
+`flush_interval_s`; a failing disk (full, read-only) never stops scoring: the error is
+counted, reported, and the lines stay buffered (up to a bound) to be written when the
+disk recovers.
 """
 
 from __future__ import annotations
@@ -19,20 +22,32 @@ import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from features.contract import Event
+
+if TYPE_CHECKING:
+    from serving.decision import Decision
 
 log = logging.getLogger("keywatch.event_log")
 
 PARTITION_PREFIX = "date="
 
 
-def event_record(event: Event, key_id: str) -> dict[str, Any]:
-    """The logged form of an event: the contract's fields, `key_id` instead of the key."""
+def event_record(event: Event, key_id: str, decision: Decision | None = None
+                 ) -> dict[str, Any]:
+    """The logged form of an event: the contract's fields, `key_id` instead of the key,
+    and what keywatch decided (when given)."""
     record = event.model_dump(exclude_none=True)
     record.pop("api_key", None)
     record["key_id"] = key_id
+    if decision is not None:
+        outcome = decision.would if decision.would is not None else decision
+        record["verdict"] = outcome.decision
+        record["severity"] = outcome.severity
+        record["enforced"] = decision.enforced
+        if decision.money is not None:
+            record["cost_usd"] = decision.money.cost_usd
     return record
 
 
@@ -69,8 +84,8 @@ class EventLog:
     def healthy(self) -> bool:
         return self.last_error is None
 
-    def append(self, event: Event, key_id: str) -> None:
-        line = json.dumps(event_record(event, key_id), separators=(",", ":"))
+    def append(self, event: Event, key_id: str, decision: Decision | None = None) -> None:
+        line = json.dumps(event_record(event, key_id, decision), separators=(",", ":"))
         with self._lock:
             if len(self._buffer) >= self.max_buffered:
                 self._buffer.popleft()

@@ -5,6 +5,11 @@ then `keywatch policy impact DECISIONS.jsonl` counts the events and the distinct
 that would have been throttled or blocked, in total and by rule. The "would" outcome of
 a decision is used when present (shadow mode changed it), else the decision itself, so
 the report reads the same for a dry-run and for an enforcing run.
+
+Money: each decision carries the event's estimated cost (`money.cost_usd`); the spend of
+the events that would have been throttled or blocked is the money that would have been
+saved (an upper bound for throttles, which slow a key rather than stop it). Decision
+lines written before costs existed count as $0 and are reported as unpriced.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ class RuleImpact:
     keys: set[str] = field(default_factory=set)
     throttled_keys: set[str] = field(default_factory=set)
     blocked_keys: set[str] = field(default_factory=set)
+    saved_usd: float = 0.0
 
-    def add(self, verdict: str, key_id: str) -> None:
+    def add(self, verdict: str, key_id: str, cost_usd: float = 0.0) -> None:
         self.events += 1
+        self.saved_usd += cost_usd
         self.keys.add(key_id)
         if verdict == "throttle":
             self.throttled += 1
@@ -40,7 +47,8 @@ class RuleImpact:
     def as_dict(self) -> dict[str, int]:
         return {"events": self.events, "keys": len(self.keys), "throttled": self.throttled,
                 "blocked": self.blocked, "throttled_keys": len(self.throttled_keys),
-                "blocked_keys": len(self.blocked_keys)}
+                "blocked_keys": len(self.blocked_keys),
+                "saved_usd": round(self.saved_usd, 6)}
 
 
 @dataclass(slots=True)
@@ -52,11 +60,17 @@ class ImpactReport:
     by_rule: dict[str, RuleImpact] = field(default_factory=dict)
     shadow_only: int = 0
     """Events whose throttle/block was not enforced (dry-run, monitor, allow-list)."""
+    spent_usd: float = 0.0
+    """Estimated cost of every event in the file."""
+    unpriced: int = 0
+    """Decision lines without a cost (written before keywatch priced events)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"events": self.events, "unreadable_lines": self.errors,
                 "keys": len(self.keys), "affected": self.total.as_dict(),
                 "not_enforced": self.shadow_only,
+                "spent_usd": round(self.spent_usd, 6),
+                "saved_usd": round(self.total.saved_usd, 6), "unpriced": self.unpriced,
                 "by_rule": {code: r.as_dict() for code, r in sorted(
                     self.by_rule.items(), key=lambda kv: -kv[1].events)}}
 
@@ -67,13 +81,17 @@ class ImpactReport:
             f"{t.throttled} events / {len(t.throttled_keys)} keys would be throttled, "
             f"{t.blocked} events / {len(t.blocked_keys)} keys would be blocked "
             f"({self.shadow_only} of these not enforced: dry-run, monitor or allow-list)",
+            f"money: ${self.spent_usd:,.2f} spent in all; ${t.saved_usd:,.2f} of it by the "
+            f"events that would have been throttled or blocked (would have been saved)"
+            + (f"; {self.unpriced} decision lines carry no cost" if self.unpriced else ""),
         ]
         if self.by_rule:
             lines.append(f"{'rule':32} {'events':>8} {'keys':>6} {'throttle':>9} "
-                         f"{'block':>7} {'blocked keys':>13}")
+                         f"{'block':>7} {'blocked keys':>13} {'saved $':>12}")
             for code, r in sorted(self.by_rule.items(), key=lambda kv: -kv[1].events):
                 lines.append(f"{code:32} {r.events:8d} {len(r.keys):6d} {r.throttled:9d} "
-                             f"{r.blocked:7d} {len(r.blocked_keys):13d}")
+                             f"{r.blocked:7d} {len(r.blocked_keys):13d} "
+                             f"{r.saved_usd:12,.2f}")
         return "\n".join(lines)
 
 
@@ -98,6 +116,11 @@ def impact_of(decisions: Iterable[dict[str, Any]]) -> ImpactReport:
         report.events += 1
         key_id = d["key_id"]
         report.keys.add(key_id)
+        money = d.get("money")
+        cost = float(money.get("cost_usd") or 0.0) if isinstance(money, dict) else 0.0
+        if not isinstance(money, dict):
+            report.unpriced += 1
+        report.spent_usd += cost
         would = d.get("would")
         outcome = would if would else d
         verdict = outcome.get("decision")
@@ -105,9 +128,9 @@ def impact_of(decisions: Iterable[dict[str, Any]]) -> ImpactReport:
             continue
         if would is not None:
             report.shadow_only += 1
-        report.total.add(verdict, key_id)
+        report.total.add(verdict, key_id, cost)
         for code in _drivers(outcome, d.get("reasons", [])):
-            report.by_rule.setdefault(code, RuleImpact()).add(verdict, key_id)
+            report.by_rule.setdefault(code, RuleImpact()).add(verdict, key_id, cost)
     return report
 
 

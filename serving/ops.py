@@ -12,13 +12,19 @@ Optional readers that belong to other parts of the system are plain attributes t
 can set when wiring: `ban_lookup(key_id) -> dict | None` (ban state for the key page),
 `baseline_lookup(key_id) -> dict | None` (model baselines), `bans_active() -> int`
 (the `keywatch_bans_active` gauge).
+
+The security report (`generate_report`, `GET /v1/report`) and its daily/weekly schedule
+live here too: they read what these components write.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.contract import Event
@@ -69,6 +75,8 @@ class Operations:
         """Decisions per time bucket, for the dashboard chart (`GET /v1/stats/decisions`)."""
         self.ban_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self.baseline_lookup: Callable[[str], dict[str, Any] | None] | None = None
+        self.settings: Settings | None = None
+        self.report_scheduler: Any = None
         self._flusher = PeriodicFlusher(self.writers.values())
         self._flusher_started = False
         self._flusher_lock = threading.Lock()
@@ -119,10 +127,18 @@ class Operations:
             ring_size=settings.alert_ring_size,
             alert_log=alert_log, siem=siem, sinks=sinks,
             is_suppressed=feedback.is_suppressed)
-        return cls(
+        ops = cls(
             metrics=KeywatchMetrics(), alerts=alerts, feedback=feedback, activity=activity,
             writers=writers, event_log=event_log,
             model_versions=scorer.model_versions if scorer is not None else None)
+        ops.settings = settings
+        if settings.report_daily_at or settings.report_weekly_on:
+            from serving.report_schedule import ReportScheduler
+
+            ops.report_scheduler = ReportScheduler(
+                run=ops.scheduled_report, daily_at=settings.report_daily_at,
+                weekly_on=settings.report_weekly_on)
+        return ops
 
     # ---- the hook after scoring -------------------------------------------------------
     def observe(self, events: Sequence[Event], decisions: Sequence[Decision],
@@ -208,12 +224,59 @@ class Operations:
 
     def start(self) -> None:
         self._start_flusher()
+        if self.report_scheduler is not None:
+            self.report_scheduler.start()
+
+    # ---- the security report ----------------------------------------------------------
+    def generate_report(self, since: float, until: float, *, out_dir: Path | None = None,
+                        plots: bool = True) -> tuple[Any, dict[str, str]]:
+        """Write the security report for [since, until) from this service's files (flushed
+        first) and its live metrics; returns the report and the written paths."""
+        from serving.report import build_report, metrics_snapshot, write_report
+
+        if self.settings is None:
+            raise RuntimeError("reports need the service settings (Operations.from_settings)")
+        if self.event_log is not None:
+            self.event_log.flush()
+        self.alerts.snapshot_counts()
+        self.flush()
+        settings = self.settings
+        report = build_report(data_dir=settings.data_dir, since=since, until=until,
+                              model_dir=settings.model_dir,
+                              metrics=metrics_snapshot(self.metrics))
+        if out_dir is None:
+            stamp = datetime.fromtimestamp(until, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+            out_dir = self.report_root / f"report-{stamp}-{int(time.time() * 1000) % 1000:03d}"
+        return report, write_report(report, out_dir, plots=plots)
+
+    @property
+    def report_root(self) -> Path:
+        settings = self.settings
+        if settings is None:
+            return Path("reports")
+        return settings.report_dir or settings.data_dir / "reports"
+
+    def scheduled_report(self, kind: str, since: float, until: float) -> dict[str, Any]:
+        """One scheduled run: write the report into a dated folder, deliver to the webhook."""
+        from serving.report import deliver
+
+        day = datetime.fromtimestamp(until, tz=UTC).strftime("%Y-%m-%d")
+        report, paths = self.generate_report(since, until,
+                                             out_dir=self.report_root / f"{kind}-{day}")
+        result: dict[str, Any] = {"paths": paths, "summary": report.summary()}
+        url = self.settings.report_webhook_url if self.settings is not None else None
+        if url:
+            result["delivery"] = deliver(url, report, paths)
+        log.info("%s security report written to %s", kind, paths.get("html"))
+        return result
 
     def flush(self) -> None:
         """Write the alert log and SIEM file now (tests, shutdown)."""
         self._flusher.flush()
 
     def close(self, timeout: float = 5.0) -> None:
+        if self.report_scheduler is not None:
+            self.report_scheduler.stop()
         self.alerts.close(timeout)
         self._flusher.close(timeout)
 

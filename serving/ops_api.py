@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import math
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -160,6 +161,39 @@ def key_page(key_id: str, ops: OpsDep) -> dict[str, Any]:
     Recent decisions and the baseline are what this replica has seen since it started.
     """
     return ops.key_report(_key_id_param(key_id))
+
+
+@router.get("/v1/report", tags=["report"], dependencies=admin)
+def security_report(
+    ops: OpsDep,
+    since: Annotated[str, Query(description="RFC 3339, epoch seconds, or 24h / 7d")] = "24h",
+    until: Annotated[str | None, Query(description="RFC 3339 or epoch seconds")] = None,
+    format: Annotated[str, Query(pattern="^(markdown|json|html)$")] = "markdown",
+) -> Response:
+    """The security report for a period: written under the report folder (with plots)
+    and returned as Markdown, HTML or JSON (the full data plus the written paths)."""
+    import json
+    import time
+
+    from serving.report import parse_when, render_html, render_markdown
+
+    now = time.time()
+    try:
+        end = parse_when(until, now=now) or now
+        start = parse_when(since, now=end)
+    except ValueError as exc:
+        raise OpsError(422, f"since/until: {exc}") from None
+    if start is None or start >= end:
+        raise OpsError(422, "since must be before until")
+    report, paths = ops.generate_report(start, end)
+    plots = {k[5:]: Path(v).name for k, v in paths.items() if k.startswith("plot_")}
+    if format == "json":
+        body = json.dumps({**report.as_dict(), "paths": paths}, default=str)
+        return Response(content=body, media_type="application/json")
+    if format == "html":
+        return Response(content=render_html(report, plots), media_type="text/html")
+    return Response(content=render_markdown(report, plots),
+                    media_type="text/markdown; charset=utf-8")
 
 
 @router.get("/metrics", tags=["health"], include_in_schema=False)

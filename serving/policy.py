@@ -25,7 +25,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from serving.rules import AnyRule, RuleBase
+from features.pricing import PricingConfig
+from serving.rules import AnyRule, BudgetRule, RuleBase
 
 log = logging.getLogger("keywatch.policy")
 
@@ -143,9 +144,14 @@ class Policy(_Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     allow_list: AllowList = Field(default_factory=AllowList)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    """Model prices (USD per million tokens) over the packaged defaults."""
 
     def active_rules(self) -> tuple[RuleBase, ...]:
         return tuple(r for r in self.rules if r.mode != "off")
+
+    def budget_rules(self) -> tuple[BudgetRule, ...]:
+        return tuple(r for r in self.rules if isinstance(r, BudgetRule) and r.mode != "off")
 
     def summary(self) -> str:
         modes = {m: sum(1 for r in self.rules if r.mode == m) for m in ("active", "monitor",
@@ -244,7 +250,7 @@ def _path(loc: tuple[Any, ...], data: Any) -> str:
                 cur = cur[part]
             elif isinstance(cur, dict) and part in ("rate_limit", "threshold",
                                                     "distinct_count", "travel_speed",
-                                                    "model_score", "banned"):
+                                                    "model_score", "banned", "budget"):
                 continue  # the discriminator tag pydantic inserts
             else:
                 cur = None

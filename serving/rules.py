@@ -18,9 +18,10 @@ import string
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from features.extractor import FeatureVector
+from features.keys import looks_like_key_id
 from serving.decision import Reason
 from serving.signals import ModelSignals
 
@@ -57,7 +58,9 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "new_endpoint_by_key", "new_user_agent_by_key", "new_model_by_key",
        "distinct_models_by_key_24h", "prompt_completion_ratio_by_event",
        "distinct_failed_keys_by_ip_1h", "population_rate_vs_hour_of_week_1h",
-       "key_rate_vs_population_1h"]
+       "key_rate_vs_population_1h", "cost_usd_by_event", "unknown_price_by_event",
+       "spend_usd_by_key_5m", "spend_usd_by_key_1h", "spend_usd_by_key_24h",
+       "spend_usd_by_key_30d", "spend_rate_vs_baseline_by_key_1h"]
 )
 """Every feature a policy may name: the extractor's, including those still being added.
 A typo in a policy file is caught by `policy check` instead of silently never firing."""
@@ -81,11 +84,29 @@ class BanView:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    """A budget's counter after this event's check-and-increment (see serving.budgets)."""
+
+    status: int
+    """1: the event fitted and was counted; 0: it would exceed the budget (refused);
+    -1: it belongs to a period already closed (late event, not counted)."""
+    spent_usd: float
+    over_usd: float
+    limit_usd: float
+    cost_usd: float
+    period: str
+    resets_at: str
+    resets_in_s: float
+
+
 @dataclass(slots=True)
 class RuleInput:
     fv: FeatureVector
     signals: ModelSignals = field(default_factory=ModelSignals)
     bans: dict[str, BanView] = field(default_factory=dict)
+    budgets: dict[str, BudgetView] = field(default_factory=dict)
+    """By budget rule id: only the budgets that apply to this event's key."""
 
 
 @dataclass(slots=True)
@@ -488,13 +509,116 @@ class BannedRule(RuleBase):
                 "why": f" ({ban.reason})" if ban.reason else ""}
 
 
+class BudgetParams(Params):
+    amount_usd: float = Field(gt=0.0, le=1e9)
+    """The budget in US dollars per period."""
+    period: Literal["day", "week", "month"] = "month"
+    """Resets at the period boundary in UTC (weeks start on Monday)."""
+    keys: tuple[str, ...] = ()
+    """Key ids (k_...) the budget applies to; empty: every key, each with its own budget."""
+    shared: bool = False
+    """True: the listed keys share one budget (a team, a project)."""
+    soft_share: float | None = Field(default=0.8, gt=0.0, lt=1.0)
+    """Alert once this share of the budget is spent (None: no soft alert)."""
+    soft_severity: Literal["low", "medium", "high"] = "medium"
+    hard: Literal["throttle", "block", "alert"] = "throttle"
+    """At the budget: throttle the key, block it until the period resets, or only alert."""
+
+
+HARD_SEVERITY = {"throttle": "high", "block": "critical", "alert": "medium"}
+
+
+class BudgetRule(RuleBase):
+    """A spend budget per key or group of keys, checked exactly in the shared store.
+
+    The store adds the event's cost to the period's counter only if the total stays
+    within the budget (one atomic op, so replicas sharing a Redis agree to the cent);
+    an event that would take the total over is the hard finding, and is not counted.
+    Once `soft_share` of the budget is spent, events raise the soft finding.
+    """
+
+    type: Literal["budget"]
+    params: BudgetParams
+    severity: RuleSeverity = "high"
+    """Severity at the hard limit; by default from `hard` (throttle → high, block →
+    critical, alert → medium), so the tiers do what `hard` says."""
+    group: str | None = "spend"
+    default_message: ClassVar[str] = (
+        "{share:.0%} of the ${amount_usd:,.2f} {period} budget spent (${value:,.2f}); "
+        "resets {resets_at}")
+    hard_message: ClassVar[str] = (
+        "{period} budget of ${amount_usd:,.2f} reached: ${value:,.2f} spent, this call "
+        "(${cost_usd:,.4f}) would exceed it; {hard} until {resets_at}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _severity_from_hard(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "severity" not in data:
+            params = data.get("params")
+            hard = params.get("hard", "throttle") if isinstance(params, dict) else "throttle"
+            data = {**data, "severity": HARD_SEVERITY.get(hard, "high")}
+        return data
+
+    def applies_to(self, key_id: str) -> bool:
+        return not self.params.keys or key_id in self.params.keys
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        p = self.params
+        for i, key in enumerate(p.keys):
+            if not looks_like_key_id(key):
+                out.append((("params", "keys", i), "budgets name keys by key id (k_ and 32 "
+                                                   "hex characters), never by raw key"))
+        if p.shared and not p.keys:
+            out.append((("params", "shared"), "a shared budget needs the list of its keys"))
+        if self.scope != "key":
+            out.append((("scope",), "budgets are per key (or a shared group of keys)"))
+        out.extend(self._template_problems())
+        return out
+
+    def template_fields(self) -> dict[str, Any]:
+        return {"value": 1.0, "amount_usd": 1.0, "share": 0.5, "period": "month",
+                "resets_at": "x", "cost_usd": 0.1, "over_usd": 1.0, "hard": "throttled",
+                "remaining_usd": 1.0}
+
+    def check(self, inp: RuleInput) -> dict[str, Any] | None:
+        view = inp.budgets.get(self.id)
+        if view is None or view.status < 0:
+            return None
+        p = self.params
+        share = view.spent_usd / view.limit_usd if view.limit_usd > 0 else 0.0
+        hard = view.status == 0
+        if not hard and (p.soft_share is None or share < p.soft_share):
+            return None
+        return {"value": view.spent_usd, "amount_usd": p.amount_usd, "share": share,
+                "period": p.period, "resets_at": view.resets_at, "cost_usd": view.cost_usd,
+                "over_usd": view.over_usd, "remaining_usd": max(view.limit_usd
+                                                                - view.spent_usd, 0.0),
+                "hard": {"throttle": "throttled", "block": "blocked",
+                         "alert": "alerting"}[p.hard],
+                "limit": "hard" if hard else "soft", "resets_in_s": view.resets_in_s}
+
+    def evaluate(self, inp: RuleInput) -> Finding | None:
+        finding = super().evaluate(inp)
+        if finding is None:
+            return None
+        if finding.reason.evidence.get("limit") == "soft":
+            finding.reason = finding.reason.model_copy(
+                update={"severity": self.params.soft_severity})
+        elif self.message is None:  # the hard finding's own sentence
+            ev = finding.reason.evidence
+            finding.reason = finding.reason.model_copy(
+                update={"message": self.hard_message.format_map(_SafeFormat(ev))})
+        return finding
+
+
 AnyRule = Annotated[
     RateLimitRule | ThresholdRule | DistinctCountRule | TravelSpeedRule | ModelScoreRule
-    | BannedRule,
+    | BannedRule | BudgetRule,
     Field(discriminator="type"),
 ]
 RULE_TYPES = ("rate_limit", "threshold", "distinct_count", "travel_speed", "model_score",
-              "banned")
+              "banned", "budget")
 
 
 def describe_top_features(top: list[tuple[str, float]], n: int = 3) -> str:

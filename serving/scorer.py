@@ -8,6 +8,10 @@ Shadow mode is computed, not skipped: rules in `monitor` mode, a global dry-run 
 allow-list all go through the same fusion and response planning, and the decision
 carries what *would* have happened (`would`) while nothing is enforced.
 
+Money: the event's cost is priced in the feature extractor (the policy's `pricing:` over
+the packaged list prices), budgets are checked and counted exactly in the same round trip
+(`serving.budgets`), and every decision carries the money at stake (`serving.money`).
+
 Baseline learning happens only for events that were not flagged,
 and is sent to the store ahead of the next event's operations, so it costs no extra
 round trip and an attacker cannot teach the baselines that the attack is normal.
@@ -26,10 +30,13 @@ from typing import Any
 from features.contract import Event, event_time_iso
 from features.extractor import IP, KEY, FeatureExtractor, FeatureVector
 from features.keys import KeyHasher
+from features.pricing import PriceTable, PricingConfig
 from features.stores.base import EntityOps, StateStore
+from serving.budgets import budget_response, plan_budgets
 from serving.decision import Action, Decision, Outcome, Reason, severity_rank
 from serving.detectors import Detectors
 from serving.fusion import SEVERITY_SCORE, fuse
+from serving.money import money_of, state_money
 from serving.policy import Policy, PolicySource, load_policy
 from serving.responses import (
     AllowListCache,
@@ -77,6 +84,9 @@ class Scorer:
         None), so fusion runs on rules alone.
     dry_run:
         Score, explain and alert, never enforce (also settable in the policy file).
+    prices:
+        Model prices from the settings (`KEYWATCH_PRICES`); the policy's `pricing:` is
+        applied over them. None with an empty policy section: the extractor's own table.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class Scorer:
         signals_fn: SignalsFn | None = None,
         detectors: Detectors | None = None,
         allow_list_ttl_s: float = 5.0,
+        prices: PricingConfig | None = None,
     ) -> None:
         self.store = store
         self.hasher = hasher
@@ -105,6 +116,8 @@ class Scorer:
         self.allow_list = AllowListCache(ttl_s=allow_list_ttl_s)
         self._pending: list[EntityOps] = []
         self._lock = threading.Lock()
+        self.prices = prices
+        self._pricing_for: object = None
 
     # ---- public -----------------------------------------------------------------------
     @property
@@ -153,16 +166,30 @@ class Scorer:
             self.allow_list.update(results[-1][0])
         return results[len(pending):len(pending) + len(requests)]
 
+    def _use_prices(self, policy: Policy) -> None:
+        """Price with the settings' and the policy's tables (rebuilt when they change)."""
+        if policy.pricing is self._pricing_for:
+            return
+        if self.prices is not None or not policy.pricing.is_empty:
+            self.extractor.pricing = PriceTable.from_configs(self.prices, policy.pricing)
+        self._pricing_for = policy.pricing
+
     def score_with_features(self, event: Event) -> tuple[Decision, FeatureVector]:
         policy = self.policy
+        self._use_prices(policy)
         key_id = self.hasher.key_id(event.api_key)
         ts = event.timestamp
         plan = self.extractor.plan(event, key_id)
         key_ban_idx = add_ban_reads(plan.key_ops)
         ip_ban_idx = add_ban_reads(plan.ip_ops) if plan.ip_ops is not None else None
         kb_idx = self.detectors.plan(plan) if self.detectors is not None else None
-        results = self._execute(plan.requests())
+        budget_plan = plan_budgets(policy, plan)
+        requests = plan.requests()
+        all_results = self._execute([*requests, *budget_plan.entities])
+        results = all_results[:len(requests)]
         fv = self.extractor.build(plan, results)
+        budgets = budget_plan.read(results[0], all_results[len(requests):], ts) \
+            if budget_plan.slots else {}
 
         bans = {"key": read_ban(results[0], key_ban_idx),
                 "ip": read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None
@@ -176,7 +203,8 @@ class Scorer:
         else:
             signals = self.model_signals(fv)
         findings = evaluate_rules(policy.active_rules(), RuleInput(
-            fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()}))
+            fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()},
+            budgets=budgets))
         active = [f for f in findings if f.mode == "active"]
         ladder = EscalationLadder.from_settings(policy.responses.bans)
 
@@ -190,6 +218,13 @@ class Scorer:
             plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
                                         entities=entities, ladder=ladder, ts=ts)
 
+        if budgets:  # at a hard budget the budget's own response, not the ban ladder
+            for p, f, findings_used in ((plan_active, fused, active),
+                                        (plan_shadow, shadow, findings)):
+                own = budget_response(f, findings_used, policy, ts)
+                if own is not None:
+                    p.verdict, p.action, p.writes = own
+
         allow = self.allow_list.entries(policy.allow_list, self.hasher)
         exempt = allow.key_allowed(key_id) or allow.ip_allowed(event.source_ip)
         operator_ban = any(f.kind == "ban" and bans[f.scope].by == "admin" for f in active)
@@ -200,6 +235,8 @@ class Scorer:
         if fused.model_reason is not None:
             reasons.append(fused.model_reason)
             reasons.sort(key=lambda r: -severity_rank(r.severity))
+        money = money_of(fv)
+        reasons = state_money(reasons, money)
         if enforce:
             verdict, action = plan_active.verdict, plan_active.action
         else:
@@ -246,6 +283,7 @@ class Scorer:
             drivers=fused.drivers,
             would=would,
             enforced=enforce,
+            money=money,
         )
         return decision, fv
 

@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     stream_claim_idle_ms: int = Field(default=30_000, ge=100)
     stream_dedupe_ttl_s: int = Field(default=86_400, ge=60)
     stream_delete_acked: bool = True
+    # spend and the security report (features/pricing.py, serving/report.py)
+    prices: Path | None = None
+    """Price file (YAML/JSON, the policy's `pricing:` schema) over the packaged prices."""
+    report_daily_at: str | None = None
+    """UTC time of day (HH:MM) for the daily security report; None: not scheduled."""
+    report_weekly_on: str | None = None
+    """Day and UTC time for the weekly report, e.g. 'mon 07:00'; None: not scheduled."""
+    report_dir: Path | None = None
+    """Where scheduled and API reports are written (default: <data_dir>/reports)."""
+    report_webhook_url: str | None = Field(default=None, repr=False)
+    """Also POST each scheduled report's summary and paths here."""
 
     @model_validator(mode="after")
     def _require_secret(self) -> Settings:

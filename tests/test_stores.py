@@ -10,6 +10,7 @@ import random
 import pytest
 
 from features.stores.base import (
+    BUDGET_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -42,7 +43,8 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
     for _ in range(rng.randint(1, 12)):
         kind = rng.choice(["get", "set", "del", "incr", "ring", "ring_get", "ring_sum", "ewm",
                            "recent", "recent_count", "seen", "zset", "zrem", "zitems",
-                           "persist", "gap", "same", "gets", "windows", "values"])
+                           "persist", "gap", "same", "gets", "windows", "values",
+                           "budget"])
         stamp = int(ts // 60) - rng.randint(-1, 3)
         if kind == "get":
             ops.append((GET, rng.choice(["a", "b", "c"])))
@@ -90,6 +92,11 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
         elif kind == "same":
             ops.append((EWM_SAME, "q", "q:last", rng.choice([0, 7, 7, 12.5]), 0.2))
             ops.extend([(GET, "q:m"), (GET, "q:v"), (GET, "q:last")])
+        elif kind == "budget":
+            # periods that move on, stay, and come late; amounts that fit and that do not
+            period = int(ts // 600) - rng.choice([0, 0, 0, 1])
+            ops.append((BUDGET_ADD, "bud", period, rng.choice([1, 250, 999, 2500]), 5000))
+            ops.extend([(GET, "bud"), (GET, "bud:p"), (GET, "bud:over")])
         else:
             ops.append((SEEN_ADD, "s", f"m{rng.randint(0, 8)}", ts, 5))
     return ops

@@ -56,9 +56,17 @@ ZREM = "zrem"  # (ZREM, zname, member) -> int (1 if it was there)
 ZITEMS = "zitems"  # (ZITEMS, zname, min_score, limit) -> [[member, score], ...] highest first
 PERSIST = "persist"  # (PERSIST, 1 | 0) -> None; 1: the entity never idles out (a permanent ban)
 
+# Budgets: a check-and-increment that must be exact across replicas, so the store does it
+BUDGET_ADD = "budget_add"  # (BUDGET_ADD, name, period, amount, limit) -> [status, total, over]
+#   fields `name` (admitted total), `name:p` (its period), `name:over` (refused total).
+#   A newer period resets both totals. Then amount is added to `name` only if the total
+#   stays <= limit (status 1); otherwise it is added to `name:over` (status 0). An event
+#   of an older, closed period changes nothing (status -1). Exact when amount and limit
+#   are integers (callers count micro-dollars), as every number is a double < 2**53.
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
-    ZSET, ZREM, ZITEMS, PERSIST)
+    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD)
 PERSIST_FIELD = "_persist"
 
 Op = tuple[Any, ...]

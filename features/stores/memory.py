@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from features.stores.base import (
+    BUDGET_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -370,6 +371,27 @@ class MemoryStore(StateStore):
         else:
             s.hash.pop(PERSIST_FIELD, None)
 
+    def _budget_add(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
+        _, name, period, amount, limit = op
+        h = s.hash
+        pf, of = f"{name}:p", f"{name}:over"
+        held = h.get(pf)
+        period, amount, limit = float(period), float(amount), float(limit)
+        if held is not None and float(held) > period:
+            return [-1.0, float(h.get(name, 0.0)), float(h.get(of, 0.0))]
+        if held is None or float(held) < period:
+            h[pf] = _fmt(period)
+            h[name] = "0"
+            h[of] = "0"
+        total, over = float(h.get(name, 0.0)), float(h.get(of, 0.0))
+        if total + amount <= limit:
+            total += amount
+            h[name] = _fmt(total)
+            return [1.0, total, over]
+        over += amount
+        h[of] = _fmt(over)
+        return [0.0, total, over]
+
 
 def _g17(value: float) -> str:
     """17 significant digits, as the Lua script writes them (exact float round trip)."""
@@ -405,4 +427,5 @@ _HANDLERS = {
     ZREM: MemoryStore._zrem,
     ZITEMS: MemoryStore._zitems,
     PERSIST: MemoryStore._persist,
+    BUDGET_ADD: MemoryStore._budget_add,
 }

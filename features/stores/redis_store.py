@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from features.stores.base import (
+    BUDGET_ADD,
     GETS,
     INCR,
     RECENT_ADD,
@@ -40,7 +41,7 @@ from features.stores.base import (
 
 _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_GET, RING_SUM))
-_LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES))
+_LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 
 

@@ -77,7 +77,8 @@ end
 -- refuse an unknown op before anything is applied
 local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_get = 1, ring_sum = 1,
   ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
-  gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1}
+  gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
+  budget_add = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
@@ -216,6 +217,29 @@ for _, op in ipairs(ops) do
     local items = {}
     for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
     if #items == 0 then out[#out + 1] = false else out[#out + 1] = items end
+  elseif code == 'budget_add' then
+    -- check-and-increment in one atomic step: exact budgets across replicas
+    local name, period, amount, limit = op[2], op[3], op[4], op[5]
+    local pf, of = name .. ':p', name .. ':over'
+    local held = redis.call('HMGET', h, pf, name, of)
+    local total, over = tonumber(held[2] or '0'), tonumber(held[3] or '0')
+    if held[1] and tonumber(held[1]) > period then
+      out[#out + 1] = {'-1', string.format('%.17g', total), string.format('%.17g', over)}
+    else
+      if (not held[1]) or tonumber(held[1]) < period then
+        total, over = 0, 0
+        redis.call('HSET', h, pf, string.format('%.17g', period), name, '0', of, '0')
+      end
+      if total + amount <= limit then
+        total = total + amount
+        redis.call('HSET', h, name, string.format('%.17g', total))
+        out[#out + 1] = {'1', string.format('%.17g', total), string.format('%.17g', over)}
+      else
+        over = over + amount
+        redis.call('HSET', h, of, string.format('%.17g', over))
+        out[#out + 1] = {'0', string.format('%.17g', total), string.format('%.17g', over)}
+      end
+    end
   elseif code == 'persist' then
     if tonumber(op[2]) == 1 then redis.call('HSET', h, '_persist', '1')
     else redis.call('HDEL', h, '_persist') end
