@@ -759,8 +759,9 @@ def _variant_section(res: VariantResult) -> list[str]:
         + (f"{b.blocked_after_incident:,} of the legitimate events blocked belong to a key "
            "after an incident on it had ended (a ban outlasting the abuse). "
            if b.blocked_after_incident else "")
-        + ("Rules behind legitimate events stopped: "
-           + ", ".join(f"`{c}` {n:,}" for c, n in b.top_drivers) + "." if b.top_drivers
+        + ("Rules behind legitimate events stopped (events, share of all legitimate "
+           "events): " + ", ".join(f"`{c}` {n:,} ({_pct(n / max(b.events, 1))})"
+                                   for c, n in b.top_drivers) + "." if b.top_drivers
            else "No legitimate event was stopped.")
         + (" Behind the legitimate key-days alerted high or above (key-days per code): "
            + ", ".join(f"`{c}` {n:,}" for c, n in b.alert_drivers) + "." if b.alert_drivers
