@@ -104,10 +104,6 @@ def test_quality_floor(evaluation: tuple[Path, EvaluationReport]) -> None:
     assert stuffing and all(i.detected and i.stopped > 0.8 for i in stuffing)
 
 
-@pytest.mark.xfail(reason="the population model's calibration freezes and drifts: on this "
-                          "simulation it puts a growing share of legitimate traffic at the "
-                          "0.99 percentile (0.1% on day 1, 14% by day 3), and two models at "
-                          "0.99 raise legitimate events to high", strict=False)
 def test_keywatch_finds_more_incidents_than_it_bothers_legitimate_key_days(
         evaluation: tuple[Path, EvaluationReport]) -> None:
     _, report = evaluation
