@@ -44,6 +44,8 @@ BENCH_SECRET = "keywatch-benchmark-secret-0123456789"
 T0 = 1_794_999_960.0
 
 SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"pipeline": 600, "redis": 200, "naive": 50, "iforest": 200,
+             "http": 60, "batch": 500, "rss_events": 2_000, "rss_keys": 200},
     "smoke": {"pipeline": 2_000, "redis": 500, "naive": 100, "iforest": 500,
               "http": 200, "batch": 2_000, "rss_events": 20_000, "rss_keys": 2_000},
     "full": {"pipeline": 50_000, "redis": 10_000, "naive": 1_000, "iforest": 50_000,

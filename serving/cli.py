@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.set_defaults(func=cmd_ingest)
 
     bench = sub.add_parser("bench", help="speed of every path, as ratios against baselines")
-    bench.add_argument("--size", choices=["smoke", "full"], default="full")
+    bench.add_argument("--size", choices=["tiny", "smoke", "full"], default="full")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     bench.add_argument("--redis", help="use this Redis instead of starting a local one")
     bench.add_argument("--no-http", action="store_true")

@@ -80,6 +80,8 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
         model_tier = "medium"
     if len(high) >= 2 and ("population" in high or "offline" in high):
         model_tier = "high"
+    if severity_rank(model_tier) > severity_rank(cfg.models_alone_max):
+        model_tier = cfg.models_alone_max
     if surge and model_tier != "none":
         model_tier = "low"
 

@@ -111,6 +111,10 @@ class FusionConfig(_Strict):
     """A model at or above this percentile counts as one signal."""
     model_alert: float = Field(default=0.999, gt=0.5, lt=1.0)
     """The offline percentile at which a model alone raises the tier to medium."""
+    models_alone_max: Literal["low", "medium", "high"] = "medium"
+    """The highest tier model scores reach without a rule. Per-event percentiles fire on
+    every busy key some time each day, so by default models alone alert (medium) and reach
+    high or above only when a rule corroborates them."""
     population_surge: float = Field(default=2.0, gt=1.0)
     """Population traffic at this multiple of its hour-of-week norm is a shared surge."""
     key_vs_population: float = Field(default=3.0, gt=1.0)

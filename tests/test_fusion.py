@@ -33,8 +33,9 @@ def test_nothing_in_nothing_out() -> None:
     (ModelSignals(offline=0.95), "none"),
     (ModelSignals(offline=0.995), "low"),
     (ModelSignals(offline=0.9995), "medium"),
-    (ModelSignals(population=0.995, offline=0.995), "high"),
-    (ModelSignals(population=1.0, offline=1.0, key_baseline=1.0, key_drift=True), "high"),
+    # two models agreeing would be high, but models alone stop at medium by default
+    (ModelSignals(population=0.995, offline=0.995), "medium"),
+    (ModelSignals(population=1.0, offline=1.0, key_baseline=1.0, key_drift=True), "medium"),
 ])
 def test_models_alone_raise_the_tier_but_never_ban(signals: ModelSignals, tier: str) -> None:
     signals.top_features = TOP
@@ -83,13 +84,21 @@ def test_a_rule_plus_an_independent_model_corroborate() -> None:
 
 def test_a_surge_the_population_shares_is_not_escalated_by_models() -> None:
     signals = ModelSignals(population=0.9999, offline=0.9999, top_features=TOP)
-    assert fuse([], signals, FV).severity == "high"
+    assert fuse([], signals, FV).severity == "medium"
     f = fuse([], signals, SURGE)
     assert f.severity == "low" and f.shared_surge
     assert f.model_reason is not None and "population is surging" in f.model_reason.message
     # nor do models corroborate a rule during it
     g = fuse([finding("request_size", "high")], signals, SURGE)
     assert g.severity == "high" and not g.can_block
+
+
+def test_models_alone_max_is_configurable() -> None:
+    from serving.policy import FusionConfig
+
+    signals = ModelSignals(population=0.995, offline=0.995, top_features=TOP)
+    assert fuse([], signals, FV, FusionConfig(models_alone_max="high")).severity == "high"
+    assert fuse([], signals, FV, FusionConfig(models_alone_max="low")).severity == "low"
 
 
 def test_model_score_rules_count_as_the_models() -> None:

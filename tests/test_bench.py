@@ -1,0 +1,25 @@
+"""The benchmark runs end to end at a tiny size; its numbers are reported, never asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serving.bench import format_report, run_bench
+
+
+def test_bench_smoke_writes_every_figure_with_its_baseline(tmp_path: Path,
+                                                           redis_url: str) -> None:
+    out = tmp_path / "results.json"
+    report = run_bench(size="tiny", out=out, redis_url=redis_url, http=True, rss=True)
+    names = {f["name"] for f in report["figures"]}
+    assert names >= {"pipeline_memory_events_per_s", "iforest_single_event_per_s",
+                     "features_memory_events_per_s", "features_redis_events_per_s",
+                     "pipeline_redis_events_per_s", "redis_round_trips_per_event",
+                     "http_p99_ms_c1", "http_rps_c16", "http_batch_events_per_s",
+                     "rss_mib_after_events"}
+    assert all(f["baseline_value"] > 0 and f["value"] > 0 for f in report["figures"])
+    trips = next(f for f in report["figures"] if f["name"] == "redis_round_trips_per_event")
+    assert trips["value"] < 1.1  # one round trip per event (the design, not a timing)
+    assert json.loads(out.read_text())["figures"] == report["figures"]
+    assert "| pipeline_memory_events_per_s |" in format_report(report)
