@@ -91,9 +91,10 @@ def test_quality_floor(evaluation: tuple[Path, EvaluationReport]) -> None:
     assert detected >= len(kw.incidents) // 2
     # the models add to the rules, never take away
     assert detected >= sum(i.detected for i in rules.incidents)
-    # the default rules find more incidents than they bother legitimate key-days
-    rule_days = round(rules.benign.key_days_alerted * rules.benign.key_days)
-    assert sum(i.detected for i in rules.incidents) > rule_days
+    # more incidents found than legitimate key-days bothered, with and without the models
+    for variant in (kw, rules):
+        alerted_days = round(variant.benign.key_days_alerted * variant.benign.key_days)
+        assert sum(i.detected for i in variant.incidents) > alerted_days, variant.name
     # the naive rules cut legitimate traffic off wholesale; keywatch does not
     assert naive.benign.blocked > 0.5
     assert kw.benign.blocked < naive.benign.blocked / 20
@@ -102,15 +103,6 @@ def test_quality_floor(evaluation: tuple[Path, EvaluationReport]) -> None:
     # credential stuffing is the one scenario every variant with the default rules stops
     stuffing = [i for i in kw.incidents if i.scenario == "credential_stuffing"]
     assert stuffing and all(i.detected and i.stopped > 0.8 for i in stuffing)
-
-
-def test_keywatch_finds_more_incidents_than_it_bothers_legitimate_key_days(
-        evaluation: tuple[Path, EvaluationReport]) -> None:
-    _, report = evaluation
-    kw = report.variants["keywatch"]
-    detected = sum(i.detected for i in kw.incidents)
-    alerted_days = round(kw.benign.key_days_alerted * kw.benign.key_days)
-    assert detected > alerted_days, (detected, alerted_days)
 
 
 def test_judging_counts_what_it_says(tmp_path: Path) -> None:

@@ -757,7 +757,8 @@ def _variant_section(res: VariantResult) -> list[str]:
         "",
         f"Legitimate test events: {b.events:,}; key-days: {b.key_days:,}. "
         + (f"{b.blocked_after_incident:,} of the legitimate events blocked belong to a key "
-           "after an incident on it had ended (a ban outlasting the abuse). "
+           "after an incident on it had ended (with the default policy: a ban outlasting "
+           "the abuse). "
            if b.blocked_after_incident else "")
         + ("Rules behind legitimate events stopped (events, share of all legitimate "
            "events): " + ", ".join(f"`{c}` {n:,} ({_pct(n / max(b.events, 1))})"
