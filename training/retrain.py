@@ -160,13 +160,12 @@ def write_report(report_dir: Path, *, version: str, metrics: dict[str, Any],
                  current_percentiles: np.ndarray | None, detector: OfflineDetector,
                  holdout: pd.DataFrame) -> Path:
     """JSON report plus PNG plots of the held-out score distribution."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # the Figure API draws without pyplot, so a notebook's own plotting backend is untouched
+    from matplotlib.figure import Figure
 
     report_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     if len(holdout_percentiles):
         axes[0].hist(holdout_percentiles, bins=50, alpha=0.7, label=f"new ({version})")
         if current_percentiles is not None:
@@ -180,7 +179,6 @@ def write_report(report_dir: Path, *, version: str, metrics: dict[str, Any],
     fig.suptitle(f"retrain {version}: {'refused' if reasons else 'passed'}")
     fig.tight_layout()
     fig.savefig(report_dir / "scores.png", dpi=90)
-    plt.close(fig)
     path = report_dir / "report.json"
     path.write_text(json.dumps({"version": version, "passed": not reasons,
                                 "reasons": reasons, "metrics": metrics,
