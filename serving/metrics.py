@@ -147,7 +147,7 @@ class KeywatchMetrics:
 
     def observe_decision(self, decision: str, severity: str) -> None:
         child = self._scored.get((decision, severity))
-        if child is None:  # a verdict a colleague added: still counted, resolved once
+        if child is None:  # a verdict added later: still counted, resolved once
             child = self._scored[(decision, severity)] = self.events_scored.labels(
                 decision, severity)
         child.inc()

@@ -8,7 +8,7 @@ histogram observation, one LRU touch and one time-bucket count) and never raises
 operations failure is counted in `keywatch_ops_hook_errors` and logged, and the decision
 is still returned.
 
-Optional readers that belong to other parts of the system are plain attributes the lead
+Optional readers that belong to other parts of the system are plain attributes the app
 can set when wiring: `ban_lookup(key_id) -> dict | None` (ban state for the key page),
 `baseline_lookup(key_id) -> dict | None` (model baselines), `bans_active() -> int`
 (the `keywatch_bans_active` gauge).
