@@ -127,7 +127,7 @@ class OfflineDetector:
         df: pd.DataFrame,
         feature_names: Sequence[str],
         *,
-        n_estimators: int = 200,
+        n_estimators: int = 100,
         max_samples: int | float | str = 256,
         max_features: float = 1.0,
         random_state: int | None = 0,
@@ -271,6 +271,11 @@ class OfflineDetector:
         """
         return self.percentile_of_raw(self.raw_score_one(features))
 
+    def percentile_of_row(self, row: Sequence[float]) -> float:
+        """`percentile_one` for a row already made by :meth:`vector` (made once, used twice
+        when the event is also explained)."""
+        return self.percentile_of_raw(self.forest_.anomaly_score_one(row))
+
     def percentile_of_raw(self, raw: float) -> float:
         """Map a raw anomaly score to its calibrated percentile.
 
@@ -316,7 +321,10 @@ class OfflineDetector:
 
         Features at their median (z = 0) are never listed, so fewer than ``k`` may return.
         """
-        row = self.vector(features)
+        return self.deviations_of_row(self.vector(features), k)
+
+    def deviations_of_row(self, row: Sequence[float], k: int = 3) -> list[Deviation]:
+        """`top_deviations` for a row already made by :meth:`vector`."""
         deviations = []
         for name, value, median, scale in zip(
             self.feature_names_, row, self.medians_, self.scales_, strict=True

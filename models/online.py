@@ -142,6 +142,12 @@ class PopulationDetector:
         While the (exponentially weighted) fraction of refused events exceeds this, the
         calibration window is frozen, so a burst cannot raise the threshold. Default
         ``2 * (1 - protect_quantile)``.
+    learn_every
+        Learn one in every ``learn_every`` accepted events (every event still moves the
+        calibration and the flag rate). Learning is the costlier half of HalfSpaceTrees;
+        a population's normal traffic is redundant enough that a systematic sample gives
+        the same reference masses, and ``window_size`` then counts learned events, so the
+        window spans ``window_size * learn_every`` offered events.
     feature_names
         Features to use; default: the keys of the first offered event. Absent or non-finite
         values are treated as missing (HST then follows the heavier branch).
@@ -176,9 +182,12 @@ class PopulationDetector:
         protect_quantile: float = 0.95,
         calibration_window: int = 5000,
         freeze_flag_rate: float | None = None,
+        learn_every: int = 1,
         feature_names: Sequence[str] | None = None,
         seed: int | None = 0,
     ) -> None:
+        if learn_every < 1:
+            raise ValueError("learn_every must be at least 1")
         if not 0.5 <= protect_quantile < 1.0:
             raise ValueError("protect_quantile must be in [0.5, 1)")
         if calibration_window < 100:
@@ -197,6 +206,8 @@ class PopulationDetector:
         )
         self.feature_names = None if feature_names is None else list(feature_names)
         self.seed = seed
+        self.learn_every = learn_every
+        self.n_accepted = 0
 
         created = datetime.now(UTC)
         self.created_at = created.isoformat().replace("+00:00", "Z")
@@ -349,6 +360,9 @@ class PopulationDetector:
         return True
 
     def _learn(self, clean: dict[str, float], scaled: dict[str, float] | None) -> None:
+        self.n_accepted += 1
+        if self.n_accepted % self.learn_every:
+            return
         self._scaler.learn_one(clean)
         if scaled is None:  # scored before the scaler had seen anything
             scaled = self._scaler.transform_one(clean)
@@ -398,6 +412,12 @@ class PopulationDetector:
                 f"checkpoint {path} holds a {type(detector).__name__}, not a {cls.__name__}"
             )
         return detector
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before sampling existed learn every event."""
+        state.setdefault("learn_every", 1)
+        state.setdefault("n_accepted", 0)
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

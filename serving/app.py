@@ -37,6 +37,7 @@ from serving.guards import IngestGuard
 from serving.ops import Operations
 from serving.ops_api import install as install_ops
 from serving.policy import PolicySource
+from serving.runtime import tune_gc
 from serving.schedule import RetrainScheduler
 from serving.scorer import Scorer
 from serving.settings import Settings
@@ -73,7 +74,9 @@ def _summary(detail: list[dict[str, Any]]) -> str:
     return "; ".join(f"{d['field']}: {d['message']}" for d in detail[:5])
 
 
-def get_scorer(request: Request) -> Scorer:
+async def get_scorer(request: Request) -> Scorer:
+    """Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, and that
+    hop cost more than the rest of request handling on the scoring path."""
     return request.app.state.scorer
 
 
@@ -140,6 +143,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        tune_gc()
         if event_log is not None:
             event_log.prune()
         ops.start()

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from serving.runtime import tune_gc
+
 if TYPE_CHECKING:
     from models.registry import ManifestInfo
 
@@ -74,6 +76,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     _load_or_exit(settings)
     scorer = build_scorer(settings)
+    tune_gc()
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -88,6 +91,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from serving.bench import format_report, run_bench
 
+    tune_gc()  # as the service runs (see serving.runtime)
     report = run_bench(size=args.size, out=args.out, redis_url=args.redis,
                        http=not args.no_http, rss=not args.no_rss)
     print(format_report(report))
@@ -232,6 +236,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings, stream=args.stream, decisions_stream=args.decisions_stream,
         group=args.group, consumer=args.consumer, block_ms=args.block_ms, count=args.count,
         claim_idle_ms=args.claim_idle_ms)
+    tune_gc()
     try:
         stats = run_worker(settings, config, idle_exit_s=args.exit_when_idle)
     except ValueError as exc:

@@ -156,14 +156,21 @@ class Detectors:
                 if self.population.warm:
                     signals.population = pending.score
             offline = self.offline
-        top: list[tuple[str, float]] = []
+        row = None
         if offline is not None:
-            signals.offline = offline.percentile_one(x)
-            top = [(d.feature, d.z) for d in offline.top_deviations(x, k=3)]
-        if z.warm and not top:
-            top = sorted([("requests_count_by_key_1m", z.rate_z),
-                          ("tokens_log_by_event", z.tokens_z)], key=lambda t: -abs(t[1]))
-        signals.top_features = top
+            row = offline.vector(x)
+            signals.offline = offline.percentile_of_row(row)
+
+        def explain() -> list[tuple[str, float]]:
+            top: list[tuple[str, float]] = []
+            if offline is not None and row is not None:
+                top = [(d.feature, d.z) for d in offline.deviations_of_row(row, k=3)]
+            if z.warm and not top:
+                top = sorted([("requests_count_by_key_1m", z.rate_z),
+                              ("tokens_log_by_event", z.tokens_z)], key=lambda t: -abs(t[1]))
+            return top
+
+        signals.explain = explain
         signals.versions = self.versions()
         return signals, DetectorState(fv.context["key_id"], baseline, rate, tokens, pending)
 
@@ -201,8 +208,11 @@ def load_population(path: Path | None, feature_names: list[str], *,
             return PopulationDetector.load(path)
         except Exception as exc:
             log.error("population checkpoint %s refused, starting fresh: %s", path, exc)
-    # 15 trees: the same ROC AUC as 25 on our measurements, at 1.6x the speed
-    return PopulationDetector(feature_names=feature_names, n_trees=15, seed=seed)
+    # 15 trees: the same ROC AUC as 25 on our measurements, at 1.6x the speed. Learning
+    # one accepted event in two over a 500-event window spans the same 1,000 events as
+    # learning all of them over 1,000, for half the cost.
+    return PopulationDetector(feature_names=feature_names, n_trees=15, window_size=500,
+                              learn_every=2, seed=seed)
 
 
 def build_detectors(*, model_dir: Path | None, checkpoint: Path | None,

@@ -95,7 +95,8 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
     model_level = max_severity(model_tier,
                                *(f.reason.severity for f in findings if f.kind == "model"))
     rule_features = {name for f in rule_findings for name in f.features}
-    top = [name for name, _ in signals.top_features[:3]]
+    # the explanation is computed on demand: only when a model score is high
+    top = [name for name, _ in signals.top_features[:3]] if high else []
     independent_model = bool(high) and not surge and not (
         top and rule_features and set(top) <= rule_features)
     levels = list(groups.values())

@@ -130,6 +130,8 @@ def _num(fv: FeatureVector, name: str) -> float | None:
     value = fv.values.get(name)
     if value is None:
         return None
+    if type(value) is float:  # the usual case, without the conversions below
+        return value if value == value else None
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -118,6 +118,7 @@ class Scorer:
         self._lock = threading.Lock()
         self.prices = prices
         self._pricing_for: object = None
+        self._policy_derived: tuple[Policy, tuple[Any, ...], EscalationLadder] | None = None
 
     # ---- public -----------------------------------------------------------------------
     @property
@@ -174,6 +175,14 @@ class Scorer:
             self.extractor.pricing = PriceTable.from_configs(self.prices, policy.pricing)
         self._pricing_for = policy.pricing
 
+    def _for_policy(self, policy: Policy) -> tuple[tuple[Any, ...], EscalationLadder]:
+        """The policy's active rules and ban ladder, derived once per policy version."""
+        cached = self._policy_derived
+        if cached is None or cached[0] is not policy:
+            ladder = EscalationLadder.from_settings(policy.responses.bans)
+            cached = self._policy_derived = (policy, policy.active_rules(), ladder)
+        return cached[1], cached[2]
+
     def score_with_features(self, event: Event) -> tuple[Decision, FeatureVector]:
         policy = self.policy
         self._use_prices(policy)
@@ -202,11 +211,11 @@ class Scorer:
             signals, detector_state = self.detectors.signals(fv, results[0][kb_idx])
         else:
             signals = self.model_signals(fv)
-        findings = evaluate_rules(policy.active_rules(), RuleInput(
+        rules, ladder = self._for_policy(policy)
+        findings = evaluate_rules(rules, RuleInput(
             fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()},
             budgets=budgets))
         active = [f for f in findings if f.mode == "active"]
-        ladder = EscalationLadder.from_settings(policy.responses.bans)
 
         fused = fuse(active, signals, fv, policy.fusion)
         plan_active = plan_response(fused, active, policy.responses, bans=bans,
@@ -267,6 +276,7 @@ class Scorer:
         if detector_state is not None and self.detectors is not None:
             learn.extend(self.detectors.after(detector_state, flagged=flagged))
         if learn:
+            learn = _one_per_entity(learn)
             with self._lock:
                 self._pending.extend(learn)
 
@@ -329,6 +339,23 @@ class Scorer:
     def _requeue(self, pending: list[EntityOps]) -> None:
         with self._lock:
             self._pending[:0] = pending
+
+
+def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:
+    """Join the requests that touch the same entity, in order: each request is one script
+    call on Redis (and one lookup in memory), and an event's learning usually writes the
+    key twice (feature baselines, then the detectors' baseline)."""
+    if len(requests) < 2:
+        return requests
+    joined: dict[tuple[str, str], EntityOps] = {}
+    for req in requests:
+        held = joined.get((req.kind, req.entity_id))
+        if held is None:
+            joined[(req.kind, req.entity_id)] = EntityOps(req.kind, req.entity_id,
+                                                          list(req.ops))
+        else:
+            held.ops.extend(req.ops)
+    return list(joined.values())
 
 
 def decision_line(decision: Decision) -> dict[str, Any]:
