@@ -620,6 +620,28 @@ class KeyBaseline:
                 setattr(baseline, field, value)
         return baseline
 
+    def to_row(self) -> list[float]:
+        """The state as floats in ``STATE_FIELDS`` order: the compact form the scoring path
+        stores once per event (a dict and JSON cost ten times more)."""
+        ph = self.ph
+        return [self.n, self.rate_mean, self.rate_var, self.tokens_mean, self.tokens_var,
+                self.refused, self.drifts, ph.n, ph.mean, ph.sum_increase, ph.min_increase,
+                ph.sum_decrease, ph.max_decrease, ph.drift]
+
+    @classmethod
+    def from_row(cls, row: Sequence[float], **params: Any) -> KeyBaseline:
+        """Rebuild from :meth:`to_row` output."""
+        if len(row) != len(cls.STATE_FIELDS):
+            raise ValueError(f"a baseline row has {len(cls.STATE_FIELDS)} values, "
+                             f"not {len(row)}")
+        baseline = cls(**params)
+        ph = baseline.ph
+        (baseline.n, baseline.rate_mean, baseline.rate_var, baseline.tokens_mean,
+         baseline.tokens_var, baseline.refused, baseline.drifts, ph.n, ph.mean,
+         ph.sum_increase, ph.min_increase, ph.sum_decrease, ph.max_decrease,
+         ph.drift) = (float(v) for v in row)
+        return baseline
+
     def to_state(self) -> dict[str, float]:
         """The whole per-key state as a flat ``{name: float}`` dict (see ``STATE_FIELDS``)."""
         state = {}

@@ -85,6 +85,14 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
     if surge and model_tier != "none":
         model_tier = "low"
 
+    if not findings and model_tier == "none":  # most events: nothing to corroborate
+        strength = max((model_strength(v) for v in scores.values()), default=0.0)
+        if surge:
+            strength *= 0.5
+        combined = 1.0 - (1.0 - SEVERITY_SCORE["none"]) * (1.0 - strength)  # as below
+        return Fusion(severity="none", score=round(min(1.0, max(combined, 0.0)), 4),
+                      can_block=False, shared_surge=surge)
+
     # 3. corroboration between independent signals
     rule_findings = [f for f in findings if f.kind != "model"]
     floor = max_severity(*(f.reason.severity for f in findings))

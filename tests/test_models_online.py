@@ -319,3 +319,23 @@ def test_drift_detector_marks_a_change_of_regime_and_rebaseline() -> None:
     assert baseline.drifts == drifts_before + 1
     baseline.rebaseline()
     assert not baseline.is_warm and baseline.n == 0.0
+
+
+def test_baseline_store_encoding_round_trips_and_reads_the_old_json_form(caplog) -> None:
+    import json
+
+    from serving.detectors import decode_baseline, encode_baseline
+
+    baseline = KeyBaseline(min_observations=3)
+    for rate in [10, 12, 9.5, 0.0, 1e-300, 3e8]:
+        baseline.update(rate=rate, tokens=500 + rate, allow_learn=rate != 0.0)
+    encoded = encode_baseline(baseline)
+    assert decode_baseline(encoded, {}).to_state() == baseline.to_state()
+    assert decode_baseline(encoded.encode(), {}).to_state() == baseline.to_state()
+    old = json.dumps(baseline.to_state(), separators=(",", ":"))
+    assert decode_baseline(old, {}).to_state() == baseline.to_state()
+    # an unreadable value restarts that key's baseline, loudly, instead of failing its events
+    fresh = KeyBaseline().to_state()
+    for bad in ("garbage", "1,2,3", "{not json"):
+        assert decode_baseline(bad, {}).to_state() == fresh
+    assert "unreadable key baseline" in caplog.text
