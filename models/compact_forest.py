@@ -3,14 +3,15 @@
 Why this exists
 ---------------
 scikit-learn's ``IsolationForest.score_samples`` pays ~14 ms of fixed cost per call (input
-validation, joblib dispatch, one ``tree.apply`` per tree), so a service that scores events one by
-one gets ~70 events/s out of it. The forest itself is tiny: 100 trees (the retrain job's default) of depth <= 8. Here the
-fitted trees are flattened once into plain arrays and then *compiled* into a single Python
-function made of nested ``if x3 <= 0.123:`` tests, one block per tree, that adds each leaf's
-path-length contribution to a running sum. Every tree step is then three bytecodes on local
-variables, so one event costs roughly (trees x depth) float comparisons and nothing else:
-about 25,000-35,000 events/s on one core for 200 trees of 256 samples (twice that for
-100), against ~70/s for sklearn on one row. Building and compiling takes ~0.4 s (done once, at load).
+validation, joblib dispatch, one ``tree.apply`` per tree), so a service that scores events one
+by one gets ~70 events/s out of it. The forest itself is tiny: 100 trees (the retrain job's
+default) of depth <= 8. Here the fitted trees are flattened once into plain arrays and then
+*compiled* into a single Python function made of nested ``if x3 <= 0.123:`` tests, one block
+per tree, that adds each leaf's path-length contribution to a running sum. Every tree step is
+then three bytecodes on local variables, so one event costs roughly (trees x depth) float
+comparisons and nothing else: about 25,000-35,000 events/s on one core for 200 trees of 256
+samples (twice that for 100), against ~70/s for sklearn on one row. Building and compiling
+takes ~0.4 s (done once, at load).
 
 Exactness
 ---------

@@ -48,9 +48,13 @@ so a burst longer than 5 % of the stream drags the threshold up to the burst's o
 which part of the burst is learned, the reference window fills with it and its scores collapse.
 Here the threshold window stops updating while the refused fraction is above
 ``freeze_flag_rate`` (default twice the expected 5 %), so a burst cannot move it.
-The freeze lifts by itself once the refused fraction falls back (the burst ended). The price:
-a genuine, abrupt and lasting population-wide change stays flagged by this model until an
-operator starts a fresh detector; gradual change is learned as it comes.
+The freeze lifts by itself once the refused fraction falls back (the burst ended), and at
+the latest after ``max_frozen_events`` offered events (default: twice the calibration
+window): a change that lasts that long is the population's new normal (a new client
+release, a tenant onboarding, the season), and a model frozen on last week's traffic would
+flag more and more of this week's. The calibration then turns over once, unfrozen, before
+the freeze may engage again. An attack that keeps more than a tenth of all traffic for
+that long is not this model's to catch alone: the rules and per-key baselines see it.
 
 Output. ``score_one`` returns a *percentile*: the fraction of recent offered traffic whose raw
 HST score is lower (ties counting half; in [0, 1], higher = more anomalous), the same reading
@@ -142,6 +146,9 @@ class PopulationDetector:
         While the (exponentially weighted) fraction of refused events exceeds this, the
         calibration window is frozen, so a burst cannot raise the threshold. Default
         ``2 * (1 - protect_quantile)``.
+    max_frozen_events
+        The longest the calibration stays frozen, in offered events (default
+        ``2 * calibration_window``); then it thaws for one calibration window.
     learn_every
         Learn one in every ``learn_every`` accepted events (every event still moves the
         calibration and the flag rate). Learning is the costlier half of HalfSpaceTrees;
@@ -182,6 +189,7 @@ class PopulationDetector:
         protect_quantile: float = 0.95,
         calibration_window: int = 5000,
         freeze_flag_rate: float | None = None,
+        max_frozen_events: int | None = None,
         learn_every: int = 1,
         feature_names: Sequence[str] | None = None,
         seed: int | None = 0,
@@ -208,6 +216,11 @@ class PopulationDetector:
         self.seed = seed
         self.learn_every = learn_every
         self.n_accepted = 0
+        self.max_frozen_events = (2 * calibration_window if max_frozen_events is None
+                                  else max_frozen_events)
+        self._frozen_for = 0
+        self._thaw_left = 0
+        self.n_thaws = 0
 
         created = datetime.now(UTC)
         self.created_at = created.isoformat().replace("+00:00", "Z")
@@ -248,7 +261,7 @@ class PopulationDetector:
     @property
     def frozen(self) -> bool:
         """Whether the threshold is frozen because too many offered events are flagged."""
-        return self._flag_rate > self.freeze_flag_rate
+        return self._thaw_left <= 0 and self._flag_rate > self.freeze_flag_rate
 
     # ------------------------------------------------------------------ scoring
 
@@ -351,6 +364,17 @@ class PopulationDetector:
         threshold = self.threshold
         flagged = self.protect and threshold is not None and raw > threshold
         self._flag_rate += (float(flagged) - self._flag_rate) * self._flag_alpha
+        if self._thaw_left > 0:
+            self._thaw_left -= 1
+        if self.frozen:
+            self._frozen_for += 1
+            if self._frozen_for > self.max_frozen_events:  # a lasting change: follow it
+                self._frozen_for = 0
+                self._thaw_left = self.calibration_window
+                self._flag_rate = 0.0
+                self.n_thaws += 1
+        else:
+            self._frozen_for = 0
         if not self.frozen:
             self._remember(raw)
         if flagged:
@@ -417,6 +441,10 @@ class PopulationDetector:
         """Checkpoints written before sampling existed learn every event."""
         state.setdefault("learn_every", 1)
         state.setdefault("n_accepted", 0)
+        state.setdefault("max_frozen_events", 2 * state.get("calibration_window", 5000))
+        state.setdefault("_frozen_for", 0)
+        state.setdefault("_thaw_left", 0)
+        state.setdefault("n_thaws", 0)
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

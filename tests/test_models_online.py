@@ -339,3 +339,30 @@ def test_baseline_store_encoding_round_trips_and_reads_the_old_json_form(caplog)
     for bad in ("garbage", "1,2,3", "{not json"):
         assert decode_baseline(bad, {}).to_state() == fresh
     assert "unreadable key baseline" in caplog.text
+
+
+def _lasting_change(max_frozen_events: int | None) -> tuple[PopulationDetector, np.ndarray]:
+    rng = np.random.default_rng(8)
+    detector = PopulationDetector(calibration_window=2000, seed=1,
+                                  max_frozen_events=max_frozen_events)
+    for x in normal_traffic(3000, rng).to_dict("records"):
+        detector.score_and_maybe_learn(x, allow_learn=True)
+    busier = normal_traffic(12000, rng)  # every key, from now on, six times as busy
+    for name in ("requests_count_by_key_1m", "requests_count_by_key_1h",
+                 "requests_count_by_ip_5m"):
+        busier[name] *= 6
+    scores = [detector.score_and_maybe_learn(x, allow_learn=True)
+              for x in busier.to_dict("records")]
+    return detector, np.array(scores)
+
+
+def test_a_lasting_population_change_becomes_the_new_normal() -> None:
+    """A freeze is bounded: after a lasting population-wide change the calibration follows,
+    instead of staying frozen on the old traffic and flagging ever more of the new."""
+    detector, scores = _lasting_change(None)
+    stuck, stuck_scores = _lasting_change(10**9)
+    assert np.mean(scores[:300] >= 0.99) > 0.2  # the change is seen at first
+    assert detector.n_thaws >= 1 and not detector.frozen
+    assert stuck.frozen and stuck.n_thaws == 0
+    late, late_stuck = np.mean(scores[-2000:] >= 0.99), np.mean(stuck_scores[-2000:] >= 0.99)
+    assert late < 0.02 < late_stuck, (late, late_stuck)
