@@ -46,12 +46,13 @@ BENCH_SECRET = "keywatch-benchmark-secret-0123456789"
 T0 = 1_794_999_960.0
 
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"pipeline": 600, "redis": 200, "naive": 50, "iforest": 200,
+    "tiny": {"pipeline": 600, "stages": 600, "redis": 200, "naive": 50, "iforest": 200,
              "http": 60, "batch": 500, "rss_events": 2_000, "rss_keys": 200},
-    "smoke": {"pipeline": 2_000, "redis": 500, "naive": 100, "iforest": 500,
+    "smoke": {"pipeline": 2_000, "stages": 2_000, "redis": 500, "naive": 100, "iforest": 500,
               "http": 200, "batch": 2_000, "rss_events": 20_000, "rss_keys": 2_000},
-    "full": {"pipeline": 50_000, "redis": 10_000, "naive": 1_000, "iforest": 50_000,
-             "http": 3_000, "batch": 50_000, "rss_events": 1_000_000, "rss_keys": 100_000},
+    "full": {"pipeline": 50_000, "stages": 20_000, "redis": 10_000, "naive": 1_000,
+             "iforest": 50_000, "http": 3_000, "batch": 50_000, "rss_events": 1_000_000,
+             "rss_keys": 100_000},
 }
 
 
@@ -139,6 +140,48 @@ def bench_pipeline(events: list[Event], store: StateStore, *,
     scorer = make_scorer(store)
     if offline is not None and scorer.detectors is not None:
         scorer.detectors.offline, scorer.detectors.offline_version = offline, "bench"
+    return bench_scorer(events, scorer)
+
+
+STAGES = (
+    ("features", "features alone (plan, store, build, learn)"),
+    ("rules", "+ key id, ban reads, rules, fusion, response, decision"),
+    ("online", "+ online models (population, per-key baselines)"),
+    ("offline", "+ offline Isolation Forest (the full pipeline)"),
+)
+
+
+def bench_stages(events: list[Event], offline: OfflineDetector) -> list[dict[str, Any]]:
+    """Where an event's time goes: the pipeline built up one stage at a time on the memory
+    store, each stage's marginal cost in microseconds (differences of medians, so a small
+    stage on a noisy machine can read slightly off; never below zero)."""
+    from features.extractor import FeatureExtractor, FeatureStream
+
+    hasher = KeyHasher(BENCH_SECRET)
+    totals: dict[str, float] = {}
+    stream = FeatureStream(MemoryStore(), FeatureExtractor())
+
+    def features_step(e: Event) -> None:
+        stream.learn(stream.process(e, hasher.key_id(e.api_key)))
+
+    for e in events[:200]:
+        features_step(e)
+    totals["features"] = 1e6 / _median_rate(events, features_step)
+    plain = Scorer(store=MemoryStore(), hasher=hasher, detectors=None)
+    totals["rules"] = 1e6 / bench_scorer(events, plain)
+    online = make_scorer(MemoryStore())
+    totals["online"] = 1e6 / bench_scorer(events, online)
+    totals["offline"] = 1e6 / bench_pipeline(events, MemoryStore(), offline=offline)
+    rows, before = [], 0.0
+    for name, what in STAGES:
+        rows.append({"stage": name, "what": what,
+                     "us_per_event": round(max(0.0, totals[name] - before), 1),
+                     "cumulative_us": round(totals[name], 1)})
+        before = totals[name]
+    return rows
+
+
+def bench_scorer(events: list[Event], scorer: Scorer) -> float:
     for e in events[:200]:  # warm-up
         scorer.score(e)
     return _median_rate(events, scorer.score)
@@ -297,6 +340,7 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
     memory = bench_pipeline(events, MemoryStore(), offline=forest)
     figures.append(Figure("pipeline_memory_events_per_s", memory, "events/s",
                           "event validation alone", validation, ">= 10,000"))
+    stages = bench_stages(events[: sizes["stages"]], forest)
     compact, sklearn_rate = bench_iforest(len(forest.feature_names_), sizes["iforest"])
     figures.append(Figure("iforest_single_event_per_s", compact, "events/s",
                           "scikit-learn score_samples, one row", sklearn_rate, ">= 20,000"))
@@ -345,6 +389,7 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform(), "processor": platform.machine()},
         "figures": [f.as_dict() for f in figures],
+        "stages": stages,
     }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,4 +403,8 @@ def format_report(report: dict[str, Any]) -> str:
     for f in report["figures"]:
         lines.append(f"| {f['name']} | {f['value']:,} {f['unit']} | {f['baseline']} | "
                      f"{f['baseline_value']:,} | {f['ratio']}x | {f['target']} |")
+    if report.get("stages"):
+        lines += ["", "| stage | adds | µs/event | cumulative µs/event |", "|---|---|---|---|"]
+        lines += [f"| {r['stage']} | {r['what']} | {r['us_per_event']} | "
+                  f"{r['cumulative_us']} |" for r in report["stages"]]
     return "\n".join(lines)
