@@ -51,8 +51,10 @@ _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _to_json: Callable[[Any], str] = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-"""One encoder made once: `json.dumps` with options builds a new encoder per call."""
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
+"""One encoder made once (`json.dumps` with options builds one per call), without the
+circular-reference check, which costs a dict insert and delete per op tuple: ops are
+flat tuples of scalars, never self-referencing."""
 
 
 class LuaScript:
@@ -229,7 +231,7 @@ class RedisStore(StateStore):
             elif code in _ZSET_OPS:
                 results.append(int(value))
             elif code in _LIST_FLOAT_OPS:
-                results.append([float(x) for x in value] if isinstance(value, list) else [])
+                results.append(list(map(float, value)) if isinstance(value, list) else [])
             elif code == GETS:
                 results.append([None if x is False else x for x in value]
                                 if isinstance(value, list) else [])
