@@ -23,11 +23,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import redis
-
-from features.stores.base import EntityOps, StoreError
+from features.stores.base import EntityOps
 from features.stores.lua_wrap import wrap_apply_ops
-from features.stores.redis_store import RedisStore
+from features.stores.redis_store import LuaScript, RedisStore
 
 ONCE_LUA = wrap_apply_ops("""
 local n = #KEYS
@@ -43,6 +41,7 @@ redis.call('SET', once_key, cjson.encode(out), 'EX', tonumber(ARGV[#ARGV]))
 return out
 """)
 """apply_ops.lua as a function, plus: KEYS[last] = the once key, ARGV[last] = its TTL."""
+ONCE = LuaScript(ONCE_LUA)
 
 
 class OnceRedisStore(RedisStore):
@@ -57,7 +56,6 @@ class OnceRedisStore(RedisStore):
         self.once_ttl_s = int(once_ttl_s)
         self._token: str | None = None
         self._once_keys: list[str] = []
-        self._once_sha: str | None = None
 
     @contextmanager
     def once(self, token: str) -> Iterator[list[str]]:
@@ -84,28 +82,11 @@ class OnceRedisStore(RedisStore):
         token = self._token
         if token is None:
             return super().execute(requests)
-        encoded = []
+        calls = []
         for req in requests:
-            keys, argv = self._encode_split(req)
+            keys, argv = self.encode(req)
             key = self.once_key(req, token)
             self._once_keys.append(key)
-            encoded.append(([*keys, key], [*argv, str(self.once_ttl_s)]))
-        try:
-            try:
-                raw = self._send_once(encoded)
-            except redis.exceptions.NoScriptError:
-                self._once_sha = None
-                raw = self._send_once(encoded)
-        except redis.RedisError as exc:
-            raise StoreError(f"redis store failed: {exc}") from exc
+            calls.append(([*keys, key], [*argv, str(self.once_ttl_s)]))
+        raw = self.run_script(ONCE, calls)
         return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
-
-    def _send_once(self, encoded: list[tuple[list[str], list[str]]]) -> list[Any]:
-        if self._once_sha is None:
-            self._once_sha = self.client.script_load(ONCE_LUA)
-            self.round_trips += 1
-        pipe = self.client.pipeline(transaction=False)
-        for keys, argv in encoded:
-            pipe.execute_command("EVALSHA", self._once_sha, len(keys), *keys, *argv)
-        self.round_trips += 1
-        return pipe.execute()

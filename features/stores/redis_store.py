@@ -8,16 +8,23 @@ single pipeline: one network round trip per event. An entity's ops travel as one
 argument and its results come back as one JSON string (the script uses Redis' built-in
 cjson): encoding ~100 ops as separate arguments and parsing a ~130-item reply cost more
 client time than the round trip itself.
+
+The round trip itself is written as raw RESP on a pooled connection (`run_script`):
+redis-py's pipeline costs more client time per EVALSHA than packing it by hand, and the
+stores that wrap the same script (`once`, `resilient`) share this one path, with its
+reload-on-NOSCRIPT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError, ResponseError
 
 from features.stores.base import (
     BUDGET_ADD,
@@ -43,8 +50,41 @@ _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
+_to_json: Callable[[Any], str] = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
+"""One encoder made once (`json.dumps` with options builds one per call), without the
+circular-reference check, which costs a dict insert and delete per op tuple: ops are
+flat tuples of scalars, never self-referencing."""
 
 
+class LuaScript:
+    """A Lua script run by its SHA1; `run_script` loads it when Redis does not know it.
+
+    The SHA1 is computed here, so the first call needs no SCRIPT LOAD round trip of its
+    own unless the server has never seen the script (or lost it in a restart).
+    """
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+APPLY_OPS = LuaScript(_LUA)
+
+
+def _bulk(value: str) -> bytes:
+    raw = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+
+
+def pack_evalsha(sha: str, keys: Sequence[str], argv: Sequence[str]) -> bytes:
+    """One EVALSHA in RESP, as redis-py would write it, without its per-argument cost."""
+    nkeys = str(len(keys)).encode()
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        3 + len(keys) + len(argv), len(sha), sha.encode(), len(nkeys), nkeys)
+    return head + b"".join([_bulk(a) for a in keys]) + b"".join([_bulk(a) for a in argv])
 
 
 class RedisStore(StateStore):
@@ -84,7 +124,6 @@ class RedisStore(StateStore):
             health_check_interval=30,
         )
         self._ttl_arg = str(self.idle_ttl_s)
-        self._sha: str | None = None
         self.round_trips = 0
 
     def describe(self) -> str:
@@ -109,47 +148,70 @@ class RedisStore(StateStore):
     def close(self) -> None:
         self.client.close()
 
-    def _encode(self, req: EntityOps) -> list[Any]:
-        """EVALSHA arguments: the entity's keys, its TTL and its ops as one JSON text."""
+    def encode(self, req: EntityOps) -> tuple[list[str], list[str]]:
+        """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
+        TTL and the ops as one JSON text)."""
         prefix = self.entity_prefix(req.kind, req.entity_id)
-        znames: list[str] = []
-        for op in req.ops:
-            if op[0] in _ZSET_OPS and op[1] not in znames:
-                znames.append(op[1])
-        payload = json.dumps([znames, req.ops], ensure_ascii=False, allow_nan=False,
-                             separators=(",", ":"))
-        return [1 + len(znames), f"{prefix}:h", *(f"{prefix}:z:{z}" for z in znames),
-                self._ttl_arg, payload]
-
-    def _encode_split(self, req: EntityOps) -> tuple[list[str], list[str]]:
-        """The same arguments as (KEYS, ARGV), for scripts that wrap apply_ops."""
-        enc = self._encode(req)
-        n = int(enc[0])
-        return [str(k) for k in enc[1:1 + n]], [str(a) for a in enc[1 + n:]]
+        znames = list(dict.fromkeys([op[1] for op in req.ops if op[0] in _ZSET_OPS]))
+        payload = _to_json([znames, req.ops])
+        return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
+                [self._ttl_arg, payload])
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
-        encoded = [self._encode(req) for req in requests]
-        try:
-            try:
-                raw = self._send(encoded)
-            except redis.exceptions.NoScriptError:
-                # Redis restarted or flushed its script cache: load once and resend.
-                # Nothing was applied: EVALSHA of an unknown script runs nothing.
-                self._sha = None
-                raw = self._send(encoded)
-        except redis.RedisError as exc:
-            raise StoreError(f"redis store failed: {exc}") from exc
+        raw = self.run_script(APPLY_OPS, [self.encode(req) for req in requests])
         return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
 
-    def _send(self, encoded: list[list[Any]]) -> list[Any]:
-        if self._sha is None:
-            self._sha = self.client.script_load(_LUA)
+    def run_script(self, script: LuaScript,
+                   calls: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[Any]:
+        """EVALSHA `script` once per (KEYS, ARGV), all in one round trip; the replies.
+
+        When Redis answers NOSCRIPT (a restart or SCRIPT FLUSH lost the script), the
+        script is loaded and exactly the refused calls are sent again: a refused EVALSHA
+        ran nothing, and the others must not run twice. Any failure is a `StoreError`.
+        """
+        packed = [pack_evalsha(script.sha, keys, argv) for keys, argv in calls]
+        try:
+            replies = self._round_trip(packed)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:
+                self.client.script_load(script.text)
+                self.round_trips += 1
+                for i, reply in zip(missing, self._round_trip([packed[i] for i in missing]),
+                                    strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply
+        except redis.RedisError as exc:
+            raise StoreError(f"redis store failed: {exc}") from exc
+        return replies
+
+    def _round_trip(self, packed: list[bytes]) -> list[Any]:
+        """Write the packed commands at once, then read every reply (errors included, so
+        the connection stays in step); retried like redis-py retries a pipeline."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        command = b"".join(packed)
+        count = len(packed)
+
+        def send() -> list[Any]:
+            conn.send_packed_command([command])
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        try:
             self.round_trips += 1
-        pipe = self.client.pipeline(transaction=False)
-        for args in encoded:
-            pipe.execute_command("EVALSHA", self._sha, *args)
-        self.round_trips += 1
-        return pipe.execute()
+            return conn.retry.call_with_retry(send, lambda _error: conn.disconnect())
+        except BaseException:
+            conn.disconnect()  # a reply may be left unread: never reuse this socket
+            raise
+        finally:
+            pool.release(conn)
 
     @staticmethod
     def _decode(req: EntityOps, raw: Any) -> list[Any]:
@@ -169,7 +231,7 @@ class RedisStore(StateStore):
             elif code in _ZSET_OPS:
                 results.append(int(value))
             elif code in _LIST_FLOAT_OPS:
-                results.append([float(x) for x in value] if isinstance(value, list) else [])
+                results.append(list(map(float, value)) if isinstance(value, list) else [])
             elif code == GETS:
                 results.append([None if x is False else x for x in value]
                                 if isinstance(value, list) else [])

@@ -71,7 +71,7 @@ from features.stores.base import (
 )
 from features.stores.lua_wrap import REPLAY_GUARD
 from features.stores.memory import MemoryStore
-from features.stores.redis_store import RedisStore
+from features.stores.redis_store import LuaScript, RedisStore
 from features.stores.spool import SpoolRecord, WriteSpool, encode_requests
 
 log = logging.getLogger("keywatch.store")
@@ -81,6 +81,8 @@ POLICIES: tuple[str, ...] = ("fail_open", "fail_closed")
 
 PURE_READ_OPS: frozenset[str] = frozenset({GET, RING_GET, RING_SUM, RECENT_COUNT})
 """Operations that never change state; everything else is a write and is spooled."""
+
+_GUARD = LuaScript(REPLAY_GUARD)
 
 REPLAY_MARK_PREFIX = "_rs:"
 """Hash field `_rs:<writer_id>` = highest spool sequence replayed into that entity."""
@@ -183,7 +185,6 @@ class ResilientStore(StateStore):
         self._local = local or MemoryStore(max_entities=self._local_max_entities)
         self.spool = WriteSpool(spool_dir)
         self._mark_field = REPLAY_MARK_PREFIX + self.spool.writer_id
-        self._guard_sha: str | None = None
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self._probe: threading.Thread | None = None
@@ -404,27 +405,11 @@ class ResilientStore(StateStore):
 
     def _send_chain(self, chain: list[tuple[EntityOps, int, int]]) -> None:
         primary = self.primary
-        encoded = []
+        calls = []
         for req, expect, seq in chain:
-            keys, argv = primary._encode_split(req)
-            encoded.append((keys, [*argv, self._mark_field, str(expect), str(seq)]))
-        try:
-            try:
-                self._send_guarded(encoded)
-            except redis.exceptions.NoScriptError:
-                self._guard_sha = None
-                self._send_guarded(encoded)
-        except redis.RedisError as exc:
-            raise StoreError(f"redis store failed: {exc}") from exc
-
-    def _send_guarded(self, encoded: list[tuple[list[str], list[str]]]) -> None:
-        client = self.primary.client
-        if self._guard_sha is None:
-            self._guard_sha = client.script_load(REPLAY_GUARD)
-        pipe = client.pipeline(transaction=False)
-        for keys, argv in encoded:
-            pipe.execute_command("EVALSHA", self._guard_sha, len(keys), *keys, *argv)
-        pipe.execute()
+            keys, argv = primary.encode(req)
+            calls.append((keys, [*argv, self._mark_field, str(expect), str(seq)]))
+        primary.run_script(_GUARD, calls)
 
     def _quarantine(self, record: SpoolRecord, exc: StoreError) -> None:
         """Keep a record the store refuses aside (never replayed again), and say so."""
