@@ -38,6 +38,7 @@ from training.simulator import simulate
 REPO = Path(__file__).resolve().parents[1]
 DOCS_PNG = REPO / "docs" / "dashboard.png"
 EVENTS_TO_SCORE = 4000
+SWEEP = 30
 BATCH = 1000
 XSS_REASON = '<img src=x onerror="document.title=\'pwned\'"><script>alert(1)</script>'
 XSS_IP = "203.0.113.66"
@@ -64,7 +65,8 @@ def chromium_binary() -> str | None:
 
 def simulated_events(out: Path) -> list[dict[str, object]]:
     """The first EVENTS_TO_SCORE events of a 10-key, 1-day simulation, moved to end
-    a minute ago: event-time bans must still be in force by the admin API's clock."""
+    a minute ago, then a credential-stuffing sweep: the page must show an automatic ban
+    still in force by the admin API's clock, whatever the slice's own incidents led to."""
     summary = simulate(out, keys=10, days=1, seed=3)
     events = []
     with summary.events_path.open(encoding="utf-8") as fh:
@@ -76,6 +78,11 @@ def simulated_events(out: Path) -> list[dict[str, object]]:
     shift = time.time() - 60 - stamps[-1]
     for event, ts in zip(events, stamps, strict=True):
         event["timestamp"] = ts + shift
+    end = stamps[-1] + shift
+    events += [{"api_key": f"sk-guess-{i:04d}", "timestamp": end + 1 + i * 0.5,
+                "endpoint": "/v1/chat/completions", "status": 401, "tokens": 0,
+                "source_ip": "45.155.205.17", "user_agent": "python-requests/2.31"}
+               for i in range(SWEEP)]
     return events
 
 
@@ -176,7 +183,7 @@ def test_decision_stats_count_every_scored_event(fed_server: FedServer) -> None:
         stats = http.get("/v1/stats/decisions", params={"bucket": 3600, "buckets": 48}).json()
         assert stats["clock"] == "event time" and stats["bucket_s"] == 3600
         assert len(stats["buckets"]) == 48
-        assert stats["totals"]["events"] == EVENTS_TO_SCORE
+        assert stats["totals"]["events"] == EVENTS_TO_SCORE + SWEEP
         for verdict in ("allow", "throttle", "block"):
             assert stats["totals"]["decisions"][verdict] == fed_server.verdicts[verdict]
         starts = [b["start_ts"] for b in stats["buckets"]]
@@ -184,7 +191,7 @@ def test_decision_stats_count_every_scored_event(fed_server: FedServer) -> None:
 
         fine = http.get("/v1/stats/decisions", params={"bucket": 60, "buckets": 30}).json()
         assert len(fine["buckets"]) == 30 and fine["end"] == stats["end"]
-        assert sum(b["total"] for b in fine["buckets"]) <= EVENTS_TO_SCORE
+        assert sum(b["total"] for b in fine["buckets"]) <= EVENTS_TO_SCORE + SWEEP
         assert http.get("/v1/stats/decisions", params={"bucket": 90}).status_code == 422
 
         risky = http.get("/v1/stats/keys", params={"limit": 5}).json()["keys"]
