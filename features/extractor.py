@@ -124,6 +124,11 @@ POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 EPS = 1e-9
 DAY_RING_SIZE = 32
 """Daily spend buckets: the 30-day window, its edge day and slack for late events."""
+TRUSTED_GEO = "geo:ok"
+"""The key's last located event that was judged normal (lat|lon|ts|country)."""
+TRUSTED_COUNTRY = "cco:"
+"""Prefix of the per-key fields marking a country as seen in traffic judged normal (one
+field per country, so the set is bounded by the number of countries)."""
 SPEND_BASELINE_FLOOR_USD = 0.10
 """The usual hourly spend is taken as at least this, so a key that usually spends a
 fraction of a cent is not "100x its rate" for a few cents."""
@@ -197,6 +202,11 @@ GEO_FEATURES = (
     "hosting_asn_by_event",
     "distinct_countries_by_key_1h",
     "distinct_asns_by_key_1h",
+    "countries_seen_by_key",
+    "trusted_geo_distance_km_by_key",
+    "trusted_geo_elapsed_s_by_key",
+    "trusted_geo_speed_kmh_by_key",
+    "untrusted_country_by_key",
 )
 REGULARITY_FEATURES = (
     "interarrival_cv_by_key",
@@ -404,6 +414,10 @@ class FeatureExtractor:
             kidx["geo"] = len(kops)
             kops.append((GET, "geo"))
             kops.append((SET, "geo", f"{geo.lat!r}|{geo.lon!r}|{ts!r}|{geo.country or ''}"))
+            # where the key was last used in traffic judged normal, and whether this
+            # country is one of those places (written by `learn_ops`)
+            kidx["trusted"] = len(kops)
+            kops.append((GETS, 2, TRUSTED_GEO, TRUSTED_COUNTRY + (geo.country or "")))
 
         # ---- IP ---------------------------------------------------------------------
         ip_ops = None
@@ -527,6 +541,28 @@ class FeatureExtractor:
         v["hosting_asn_by_event"] = 1.0 if geo.hosting else 0.0
         v["distinct_countries_by_key_1h"] = cc_distinct
         v["distinct_asns_by_key_1h"] = asn_distinct
+        cc_start, cc_added, _ = kidx["cc"]
+        v["countries_seen_by_key"] = float(key_res[cc_start]) if cc_added else 0.0
+        # Against the last location judged normal rather than the last event: a leaked
+        # key used from afar while its owner carries on keeps looking impossible on every
+        # attacker event (the attacker's own events never become the reference), whereas
+        # a traveller's first normal event at the destination becomes the new reference.
+        t_distance = t_elapsed = t_speed = untrusted = 0.0
+        trusted_country = trusted_ts = None
+        ti = kidx.get("trusted")
+        if ti is not None and key_res[ti][0]:
+            t_lat, t_lon, t_ts, trusted_country = key_res[ti][0].split("|", 3)
+            trusted_ts = float(t_ts)
+            trusted_country = trusted_country or None
+            t_elapsed = abs(ts - trusted_ts)
+            t_distance = haversine_km(float(t_lat), float(t_lon), geo.lat,  # type: ignore[arg-type]
+                                      geo.lon)  # type: ignore[arg-type]
+            t_speed = t_distance / max(t_elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+            untrusted = 1.0 if geo.country and not key_res[ti][1] else 0.0
+        v["trusted_geo_distance_km_by_key"] = t_distance
+        v["trusted_geo_elapsed_s_by_key"] = t_elapsed
+        v["trusted_geo_speed_kmh_by_key"] = t_speed
+        v["untrusted_country_by_key"] = untrusted
 
         # regularity
         g = kidx["gap"]
@@ -601,6 +637,9 @@ class FeatureExtractor:
             "prev_country": prev_country,
             "prev_country_name": _country_name(prev_country),
             "prev_seen_ts": prev_ts,
+            "trusted_country": trusted_country,
+            "trusted_country_name": _country_name(trusted_country),
+            "trusted_seen_ts": trusted_ts,
             "population_requests_1h": pop_1h,
             "population_expected_1h": pop_expected,
             "baseline_spend_usd_1h": spend[0] if spend[2] else None,
@@ -610,17 +649,29 @@ class FeatureExtractor:
 
     # ---- learning -----------------------------------------------------------------------
     def learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
-        """Baseline updates for an event that was judged normal."""
-        ts = fv.context["timestamp"]
+        """Baseline updates for an event that was judged normal.
+
+        Its location becomes the key's trusted location (unless a newer one is already
+        there: a late event does not move it back) and its country a trusted country.
+        """
+        ctx = fv.context
+        ts = ctx["timestamp"]
         values = fv.values
         rate = values["requests_count_by_key_1h"]
-        return [EntityOps(KEY, fv.context["key_id"], [
+        ops: list[tuple[Any, ...]] = [
             (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
             (EWM, "rate", rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
             (EWM, "spend", values["spend_usd_by_key_1h"], self.ewm_alpha),
-        ])]
+        ]
+        lat, lon, country = ctx.get("lat"), ctx.get("lon"), ctx.get("country")
+        trusted_ts = ctx.get("trusted_seen_ts")
+        if lat is not None and lon is not None and (trusted_ts is None or ts >= trusted_ts):
+            ops.append((SET, TRUSTED_GEO, f"{lat!r}|{lon!r}|{ts!r}|{country or ''}"))
+        if country and (trusted_ts is None or values.get("untrusted_country_by_key")):
+            ops.append((SET, TRUSTED_COUNTRY + country, "1"))
+        return [EntityOps(KEY, ctx["key_id"], ops)]
 
 
 class FeatureStream:

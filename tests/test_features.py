@@ -61,6 +61,51 @@ def test_impossible_travel_singapore_to_germany() -> None:
     assert c["prev_seen_ts"] == T0 and c["lat"] is not None and c["lon"] is not None
 
 
+def test_a_leak_used_alongside_its_owner_stays_far_from_the_trusted_location() -> None:
+    """The owner (GB) carries on while a leaked copy is used from Germany. Only the
+    owner's events are judged normal (learned): every German event, not just the first,
+    is measured against the owner's fresh location, in a country never trusted."""
+    stream = FeatureStream(MemoryStore())
+    out = []
+    for i in range(12):
+        attacker = i % 3 == 2
+        ip = "5.9.0.1" if attacker else "81.2.69.160"
+        fv = stream.process(Event(api_key="sk-a", timestamp=T0 + 60 * i, source_ip=ip),
+                            "k_a")
+        if not attacker:
+            stream.learn(fv)
+        out.append((attacker, fv))
+    for attacker, fv in out[3:]:
+        v = fv.values
+        if attacker:
+            assert v["trusted_geo_distance_km_by_key"] > 500
+            assert v["trusted_geo_elapsed_s_by_key"] == 60.0
+            assert v["trusted_geo_speed_kmh_by_key"] > 1000
+            assert v["untrusted_country_by_key"] == 1.0
+            assert fv.context["trusted_country"] == "GB"
+        else:
+            assert v["trusted_geo_distance_km_by_key"] == 0.0
+            assert v["untrusted_country_by_key"] == 0.0
+    assert out[-1][1].values["countries_seen_by_key"] == 2.0
+
+
+def test_a_traveller_becomes_trusted_at_the_destination() -> None:
+    """GB, then Singapore 14 hours later (a flight): possible, learned, and from then on
+    Singapore is the reference and a trusted country."""
+    fvs = run([
+        {"timestamp": T0, "source_ip": "81.2.69.160"},
+        {"timestamp": T0 + 14 * 3600, "source_ip": "10.0.0.1", "country": "SG",
+         "asn": "AS7473"},
+        {"timestamp": T0 + 14 * 3600 + 60, "source_ip": "10.0.0.1", "country": "SG",
+         "asn": "AS7473"},
+    ])
+    arrival, after = fvs[1].values, fvs[2].values
+    assert arrival["trusted_geo_speed_kmh_by_key"] < 1000
+    assert arrival["untrusted_country_by_key"] == 1.0
+    assert after["trusted_geo_distance_km_by_key"] == 0.0
+    assert after["untrusted_country_by_key"] == 0.0
+
+
 def test_many_server_addresses_in_one_country_are_not_travel() -> None:
     ips = ["81.2.69.160", "81.2.69.161", "81.2.69.190", "81.2.70.1"]
     fvs = run([{"timestamp": T0 + i, "source_ip": ips[i % 4]} for i in range(12)])
