@@ -197,7 +197,8 @@ _BASELINE_GETS = tuple(
      "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n",
      RATE_HOUR)
     for h in range(168))
-_REGULARITY_GETS = (GETS, 5, "gap:m", "gap:v", "gap:n", "same:m", "same:n")
+_REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
+                    "psame:n")
 _HOW_NAMES = tuple(f"how:{h}" for h in range(168))
 _REQUESTS_HOUR_READ = next(i for i, spec in enumerate(_KEY_WINDOWS)
                            if spec[0] == ring_name("requests", 3600))
@@ -224,6 +225,7 @@ REGULARITY_FEATURES = (
     "interarrival_cv_by_key",
     "interarrival_mean_s_by_key",
     "same_size_ratio_by_key",
+    "same_prompt_ratio_by_key",
 )
 NOVELTY_FEATURES = (
     "new_endpoint_by_key",
@@ -257,6 +259,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "latency_zscore_by_key",
     "history_events_by_key",
     "rate_vs_hour_of_week_by_key_1h",
+    "rate_vs_baseline_by_key_5m",
     "population_rate_vs_hour_of_week_1h",
     "key_rate_vs_population_1h",
     *GEO_FEATURES,
@@ -409,6 +412,10 @@ class FeatureExtractor:
         kidx["gap"] = len(kops)
         kops.append((EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S))
         kops.append((EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA))
+        # a client stuck in a loop resends the same prompt; the completion (and so the
+        # total) varies from one answer to the next
+        prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
+        kops.append((EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA))
         kops.append(_REGULARITY_GETS)
 
         # novelty for this key
@@ -517,6 +524,9 @@ class FeatureExtractor:
             v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
         )
         v["rate_vs_hour_of_week_by_key_1h"] = key_rate_ratio
+        # the last 5 minutes against a twelfth of the usual hour (at least one request)
+        v["rate_vs_baseline_by_key_5m"] = (
+            v["requests_count_by_key_5m"] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0)
         spend = _ewm(base, 12)
         rate_hour = None
         if base[15]:
@@ -586,7 +596,7 @@ class FeatureExtractor:
         # regularity
         g = kidx["gap"]
         first_event = key_res[g] is None
-        gap_m, gap_v, gap_n, same_m, same_n = key_res[g + 2]
+        gap_m, gap_v, gap_n, same_m, same_n, psame_m, psame_n = key_res[g + 3]
         gap_mean = float(gap_m) if gap_n is not None else 0.0
         if gap_n is not None and float(gap_n) >= MIN_GAPS:
             gap_sd = math.sqrt(max(float(gap_v), 0.0))
@@ -596,6 +606,7 @@ class FeatureExtractor:
         v["interarrival_cv_by_key"] = cv
         v["interarrival_mean_s_by_key"] = gap_mean
         v["same_size_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
+        v["same_prompt_ratio_by_key"] = float(psame_m) if psame_n is not None else 0.0
 
         # novelty (never on the key's first event: a new key is not novel everywhere)
         e = kidx["ep"]

@@ -159,6 +159,27 @@ def test_a_runaway_loop_is_metronomic_and_human_traffic_is_not() -> None:
     assert fresh.values["interarrival_cv_by_key"] == 1.0  # unknown until enough gaps
 
 
+def test_a_retry_loop_repeats_its_prompt_while_answers_vary() -> None:
+    """The same 800-token prompt every 2 s with answers of any length: the total sizes
+    differ, the prompt sizes do not. After two ordinary hours (30 requests each) the last
+    5 minutes run far above the key's usual rate."""
+    rng = random.Random(5)
+    events = [{"timestamp": T0 + 120.0 * i, "prompt_tokens": rng.randint(100, 3000),
+               "completion_tokens": 50, "tokens": 0} for i in range(60)]
+    start = T0 + 2 * 3600
+    for i in range(150):
+        c = rng.randint(20, 700)
+        events.append({"timestamp": start + 2.0 * i, "prompt_tokens": 800,
+                       "completion_tokens": c, "tokens": 800 + c})
+    fvs = run(events)
+    assert fvs[59].values["same_prompt_ratio_by_key"] < 0.2
+    assert fvs[59].values["rate_vs_baseline_by_key_5m"] < 2
+    last = fvs[-1].values
+    assert last["same_prompt_ratio_by_key"] > 0.95
+    assert last["same_size_ratio_by_key"] < 0.2
+    assert last["rate_vs_baseline_by_key_5m"] > 50  # 150 in 5 min against 30 an hour
+
+
 def test_novelty_of_endpoint_user_agent_and_model() -> None:
     base = {"endpoint": "/v1/chat", "user_agent": "sdk/1", "model": "gpt-4o"}
     fvs = run([

@@ -168,10 +168,17 @@ def test_burst_against_baseline_spares_a_shared_surge() -> None:
 
 
 def test_runaway_loop_and_unseen_model() -> None:
-    loop = {"interarrival_cv_by_key": 0.02, "requests_count_by_key_5m": 900.0,
-            "same_size_ratio_by_key": 0.98}
+    # a synchronous loop: a few hundred requests in 5 minutes, the same prompt, answers of
+    # varying size, far above the key's own rate
+    loop = {"interarrival_cv_by_key": 0.02, "requests_count_by_key_5m": 270.0,
+            "same_size_ratio_by_key": 0.1, "same_prompt_ratio_by_key": 0.98,
+            "rate_vs_baseline_by_key_5m": 40.0}
     assert "runaway_loop" in fired(fv(**loop))
     assert "runaway_loop" not in fired(fv(**{**loop, "interarrival_cv_by_key": 0.8}))
+    # a busy client that always runs at this pace is its own normal
+    assert "runaway_loop" not in fired(fv(**{**loop, "rate_vs_baseline_by_key_5m": 1.5}))
+    # a health check every 10 s is metronomic and repetitive, but slow
+    assert "runaway_loop" not in fired(fv(**{**loop, "requests_count_by_key_5m": 30.0}))
     assert "unseen_model" in fired(fv(new_model_by_key=1.0, history_events_by_key=5000))
     assert "unseen_model" not in fired(fv({"key_warm": False}, new_model_by_key=1.0,
                                           history_events_by_key=5))
