@@ -72,7 +72,6 @@ from features.stores.base import (
     SET,
     EntityOps,
     StateStore,
-    format_number,
 )
 from features.windows import (
     HOUR_RING_SIZE,
@@ -89,14 +88,8 @@ POPULATION_ID = "all"
 
 EWM_ALPHA = 0.02
 """Weight of one event in the adaptive means: about the last 50 learned events."""
-HOW_ALPHA = 0.3
-"""Weight of one completed hour in its hour-of-week slot. A slot learns once a week, so
-it follows the last few weeks."""
-RATE_ALPHA = 0.05
-"""Weight of one completed hour in the key's usual hourly rate: about the last 20 hours
-the key was active (the plain mean until it has that many)."""
-RATE_HOUR = "rate:cur"
-"""The hour the key's rate baselines are tracking and its count so far ("stamp|count")."""
+HOW_ALPHA = 0.1
+"""Weight of one event in its hour-of-week slot: a slot follows the last few weeks."""
 GAP_ALPHA = 0.1
 """Weight of one gap in the inter-arrival statistics: about the last 10 gaps (now)."""
 GAP_CAP_S = 3600.0
@@ -193,17 +186,12 @@ _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
 _BASELINE_GETS = tuple(
-    (GETS, 16, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n",
-     RATE_HOUR)
+    (GETS, 15, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n")
     for h in range(168))
 _REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
                     "psame:n")
 _HOW_NAMES = tuple(f"how:{h}" for h in range(168))
-_REQUESTS_HOUR_READ = next(i for i, spec in enumerate(_KEY_WINDOWS)
-                           if spec[0] == ring_name("requests", 3600))
-"""Which of the key's window reads holds the requests hour ring (its first value is the
-count of the current clock hour)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
 
 GEO_FEATURES = (
@@ -343,13 +331,11 @@ class FeatureExtractor:
         *,
         ewm_alpha: float = EWM_ALPHA,
         how_alpha: float = HOW_ALPHA,
-        rate_alpha: float = RATE_ALPHA,
         geo: GeoLocator | None = None,
         pricing: PriceTable | None = None,
     ) -> None:
         self.ewm_alpha = ewm_alpha
         self.how_alpha = how_alpha
-        self.rate_alpha = rate_alpha
         self._geo = geo
         self.pricing = pricing or PriceTable()
 
@@ -528,11 +514,6 @@ class FeatureExtractor:
         v["rate_vs_baseline_by_key_5m"] = (
             v["requests_count_by_key_5m"] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0)
         spend = _ewm(base, 12)
-        rate_hour = None
-        if base[15]:
-            stamp_s, count_s = str(base[15]).split("|", 1)
-            rate_hour = (int(stamp_s), float(count_s))
-        hour_count = float(key_res[kidx["windows"] + _REQUESTS_HOUR_READ][0])
 
         # population
         pop_1h = pop_expected = None
@@ -656,9 +637,6 @@ class FeatureExtractor:
             "key_warm": tok[2] >= WARM_EVENTS,
             "baseline_tokens_mean": math.expm1(tok[0]) if tok[2] else None,
             "baseline_requests_1h": expected if rate[2] else None,
-            "rate_hours": rate[2],
-            "rate_hour": rate_hour,
-            "requests_this_hour": hour_count,
             "country": geo.country,
             "country_name": geo.country_name,
             "asn": geo.asn,
@@ -686,32 +664,18 @@ class FeatureExtractor:
 
         Its location becomes the key's trusted location (unless a newer one is already
         there: a late event does not move it back) and its country a trusted country.
-
-        The request-rate baselines learn once per completed clock hour, from that hour's
-        count (as of its last event judged normal), not from every event: learning the
-        sliding hourly count at every event lets a sustained burst teach its own baseline
-        within a few dozen events, and weights busy hours by their own traffic. Hours in
-        which the key was silent are not learned, so the baseline is the key's usual rate
-        when it is active (never underestimated by idle nights).
         """
         ctx = fv.context
         ts = ctx["timestamp"]
         values = fv.values
+        rate = values["requests_count_by_key_1h"]
         ops: list[tuple[Any, ...]] = [
             (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
+            (EWM, "rate", rate, self.ewm_alpha),
+            (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
             (EWM, "spend", values["spend_usd_by_key_1h"], self.ewm_alpha),
         ]
-        hour = int(ts // 3600)
-        tracked = ctx.get("rate_hour")
-        if tracked is None or tracked[0] <= hour:
-            if tracked is not None and tracked[0] < hour:
-                done_hour, count = tracked
-                alpha = max(self.rate_alpha, 1.0 / (ctx.get("rate_hours", 0.0) + 1.0))
-                ops.append((EWM, "rate", count, alpha))
-                ops.append((EWM, _HOW_NAMES[hour_of_week(done_hour * 3600.0)], count,
-                            self.how_alpha))
-            ops.append((SET, RATE_HOUR, f"{hour}|{format_number(ctx['requests_this_hour'])}"))
         lat, lon, country = ctx.get("lat"), ctx.get("lon"), ctx.get("country")
         trusted_ts = ctx.get("trusted_seen_ts")
         if lat is not None and lon is not None and (trusted_ts is None or ts >= trusted_ts):
