@@ -129,6 +129,12 @@ TRUSTED_GEO = "geo:ok"
 TRUSTED_COUNTRY = "cco:"
 """Prefix of the per-key fields marking a country as seen in traffic judged normal (one
 field per country, so the set is bounded by the number of countries)."""
+TRUSTED_HOSTING_ASN = "asno:"
+"""Prefix of the per-key fields marking a hosting network (datacenter, VPS, cloud) as
+used by traffic judged normal. Only hosting networks are recorded, so the fields stay
+few even for a consumer app seen from thousands of residential networks."""
+HOSTING_ALPHA = 0.02
+"""Weight of one event in the key's share of traffic from hosting networks."""
 SPEND_BASELINE_FLOOR_USD = 0.10
 """The usual hourly spend is taken as at least this, so a key that usually spends a
 fraction of a cent is not "100x its rate" for a few cents."""
@@ -186,8 +192,9 @@ _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
 _BASELINE_GETS = tuple(
-    (GETS, 15, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n")
+    (GETS, 17, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n",
+     "host:m", "host:n")
     for h in range(168))
 _REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
                     "psame:n")
@@ -201,6 +208,8 @@ GEO_FEATURES = (
     "new_country_by_key",
     "new_asn_by_key",
     "hosting_asn_by_event",
+    "hosting_share_by_key",
+    "untrusted_hosting_asn_by_event",
     "distinct_countries_by_key_1h",
     "distinct_asns_by_key_1h",
     "countries_seen_by_key",
@@ -415,6 +424,9 @@ class FeatureExtractor:
         # countries and networks: "new" only for a key that had some before
         kidx["cc"] = _novelty(kops, "cc", geo.country, ts, COUNTRY_CAP, 3600)
         kidx["asn"] = _novelty(kops, "asn", geo.asn, ts, ASN_CAP, 3600)
+        if geo.hosting and geo.asn:
+            kidx["hosting_asn"] = len(kops)
+            kops.append((GET, TRUSTED_HOSTING_ASN + geo.asn))
 
         # the previous located event (read, then replace with this one)
         if geo.lat is not None:
@@ -549,6 +561,14 @@ class FeatureExtractor:
         v["new_country_by_key"] = cc_new
         v["new_asn_by_key"] = asn_new
         v["hosting_asn_by_event"] = 1.0 if geo.hosting else 0.0
+        # A key whose normal traffic comes from homes and phones, suddenly used from a
+        # datacenter network its normal traffic never used: a leaked key run from a VPS
+        # looks like this even in the owner's country, with the owner's user agent.
+        host_m, host_n = base[15], base[16]
+        v["hosting_share_by_key"] = float(host_m) if host_n is not None else 0.0
+        hi = kidx.get("hosting_asn")
+        v["untrusted_hosting_asn_by_event"] = (
+            1.0 if hi is not None and host_n is not None and not key_res[hi] else 0.0)
         v["distinct_countries_by_key_1h"] = cc_distinct
         v["distinct_asns_by_key_1h"] = asn_distinct
         cc_start, cc_added, _ = kidx["cc"]
@@ -682,6 +702,10 @@ class FeatureExtractor:
             ops.append((SET, TRUSTED_GEO, f"{lat!r}|{lon!r}|{ts!r}|{country or ''}"))
         if country and (trusted_ts is None or values.get("untrusted_country_by_key")):
             ops.append((SET, TRUSTED_COUNTRY + country, "1"))
+        hosting = values.get("hosting_asn_by_event", 0.0)
+        ops.append((EWM, "host", hosting, self.ewm_alpha))
+        if hosting and ctx.get("asn"):
+            ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
         return [EntityOps(KEY, ctx["key_id"], ops)]
 
 

@@ -63,7 +63,8 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "spend_usd_by_key_30d", "spend_rate_vs_baseline_by_key_1h", "countries_seen_by_key",
        "trusted_geo_distance_km_by_key", "trusted_geo_elapsed_s_by_key",
        "trusted_geo_speed_kmh_by_key", "untrusted_country_by_key", "same_prompt_ratio_by_key",
-       "rate_vs_baseline_by_key_5m"]
+       "rate_vs_baseline_by_key_5m", "hosting_share_by_key",
+       "untrusted_hosting_asn_by_event"]
 )
 """Every feature a policy may name: the extractor's, including those still being added.
 A typo in a policy file is caught by `policy check` instead of silently never firing."""

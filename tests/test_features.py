@@ -106,6 +106,23 @@ def test_a_traveller_becomes_trusted_at_the_destination() -> None:
     assert after["untrusted_country_by_key"] == 0.0
 
 
+def test_a_datacenter_network_is_untrusted_for_a_key_that_never_used_one() -> None:
+    """A key used only from a residential network; then from a hosting network (Hetzner)
+    twice, the first time judged normal. The hosting network is untrusted until then, and
+    the key's hosting share says its normal traffic never came from a datacenter."""
+    home = {"source_ip": "81.2.69.160", "country": "GB", "asn": "AS5089"}
+    vps = {"source_ip": "5.9.0.1"}
+    fvs = run([{"timestamp": T0 + 60 * i, **home} for i in range(40)]
+              + [{"timestamp": T0 + 3000, **vps}, {"timestamp": T0 + 3060, **vps}])
+    assert fvs[39].values["hosting_share_by_key"] == 0.0
+    assert fvs[39].values["untrusted_hosting_asn_by_event"] == 0.0
+    first, second = fvs[40].values, fvs[41].values
+    assert first["hosting_asn_by_event"] == 1.0
+    assert first["untrusted_hosting_asn_by_event"] == 1.0
+    assert second["untrusted_hosting_asn_by_event"] == 0.0  # learned from the first
+    assert 0.0 < second["hosting_share_by_key"] < 0.05
+
+
 def test_many_server_addresses_in_one_country_are_not_travel() -> None:
     ips = ["81.2.69.160", "81.2.69.161", "81.2.69.190", "81.2.70.1"]
     fvs = run([{"timestamp": T0 + i, "source_ip": ips[i % 4]} for i in range(12)])

@@ -109,7 +109,7 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     good.write_text((Path(__file__).parents[1] / "serving/default_policy.yaml").read_text())
     proc = run_cli("policy", "check", str(good))
     assert proc.returncode == 0, proc.stderr
-    assert "ok: 20 rules" in proc.stdout
+    assert "ok: 21 rules" in proc.stdout
 
 
 # ---- the default rules on hand-made vectors ----------------------------------------------
@@ -244,3 +244,13 @@ def test_a_running_scorer_picks_up_a_policy_change(tmp_path: Path) -> None:
     _touch_later(path, POLICY_A)  # the limit drops to 10 per minute
     assert s.score(Event(api_key="sk-a", timestamp=t0 + 16)).decision == "throttle"
 
+
+def test_new_hosting_network_alerts_only_on_keys_that_never_used_one() -> None:
+    vps = {"untrusted_hosting_asn_by_event": 1.0, "hosting_share_by_key": 0.0,
+           "history_events_by_key": 5000.0}
+    f = evaluate_rules(DEFAULT.active_rules(), RuleInput(fv=fv(**vps)))
+    hits = [x for x in f if x.rule_id == "new_hosting_network"]
+    assert hits and hits[0].reason.severity == "medium"  # an alert: never throttles alone
+    # a key that runs from clouds anyway, or one too new to know
+    assert "new_hosting_network" not in fired(fv(**{**vps, "hosting_share_by_key": 0.4}))
+    assert "new_hosting_network" not in fired(fv(**{**vps, "history_events_by_key": 50.0}))
