@@ -124,6 +124,17 @@ POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 EPS = 1e-9
 DAY_RING_SIZE = 32
 """Daily spend buckets: the 30-day window, its edge day and slack for late events."""
+TRUSTED_GEO = "geo:ok"
+"""The key's last located event that was judged normal (lat|lon|ts|country)."""
+TRUSTED_COUNTRY = "cco:"
+"""Prefix of the per-key fields marking a country as seen in traffic judged normal (one
+field per country, so the set is bounded by the number of countries)."""
+TRUSTED_HOSTING_ASN = "asno:"
+"""Prefix of the per-key fields marking a hosting network (datacenter, VPS, cloud) as
+used by traffic judged normal. Only hosting networks are recorded, so the fields stay
+few even for a consumer app seen from thousands of residential networks."""
+HOSTING_ALPHA = 0.02
+"""Weight of one event in the key's share of traffic from hosting networks."""
 SPEND_BASELINE_FLOOR_USD = 0.10
 """The usual hourly spend is taken as at least this, so a key that usually spends a
 fraction of a cent is not "100x its rate" for a few cents."""
@@ -181,10 +192,12 @@ _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
 _BASELINE_GETS = tuple(
-    (GETS, 15, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n")
+    (GETS, 17, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n",
+     "host:m", "host:n")
     for h in range(168))
-_REGULARITY_GETS = (GETS, 5, "gap:m", "gap:v", "gap:n", "same:m", "same:n")
+_REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
+                    "psame:n")
 _HOW_NAMES = tuple(f"how:{h}" for h in range(168))
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
 
@@ -195,13 +208,21 @@ GEO_FEATURES = (
     "new_country_by_key",
     "new_asn_by_key",
     "hosting_asn_by_event",
+    "hosting_share_by_key",
+    "untrusted_hosting_asn_by_event",
     "distinct_countries_by_key_1h",
     "distinct_asns_by_key_1h",
+    "countries_seen_by_key",
+    "trusted_geo_distance_km_by_key",
+    "trusted_geo_elapsed_s_by_key",
+    "trusted_geo_speed_kmh_by_key",
+    "untrusted_country_by_key",
 )
 REGULARITY_FEATURES = (
     "interarrival_cv_by_key",
     "interarrival_mean_s_by_key",
     "same_size_ratio_by_key",
+    "same_prompt_ratio_by_key",
 )
 NOVELTY_FEATURES = (
     "new_endpoint_by_key",
@@ -235,6 +256,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "latency_zscore_by_key",
     "history_events_by_key",
     "rate_vs_hour_of_week_by_key_1h",
+    "rate_vs_baseline_by_key_5m",
     "population_rate_vs_hour_of_week_1h",
     "key_rate_vs_population_1h",
     *GEO_FEATURES,
@@ -385,6 +407,10 @@ class FeatureExtractor:
         kidx["gap"] = len(kops)
         kops.append((EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S))
         kops.append((EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA))
+        # a client stuck in a loop resends the same prompt; the completion (and so the
+        # total) varies from one answer to the next
+        prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
+        kops.append((EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA))
         kops.append(_REGULARITY_GETS)
 
         # novelty for this key
@@ -398,12 +424,19 @@ class FeatureExtractor:
         # countries and networks: "new" only for a key that had some before
         kidx["cc"] = _novelty(kops, "cc", geo.country, ts, COUNTRY_CAP, 3600)
         kidx["asn"] = _novelty(kops, "asn", geo.asn, ts, ASN_CAP, 3600)
+        if geo.hosting and geo.asn:
+            kidx["hosting_asn"] = len(kops)
+            kops.append((GET, TRUSTED_HOSTING_ASN + geo.asn))
 
         # the previous located event (read, then replace with this one)
         if geo.lat is not None:
             kidx["geo"] = len(kops)
             kops.append((GET, "geo"))
             kops.append((SET, "geo", f"{geo.lat!r}|{geo.lon!r}|{ts!r}|{geo.country or ''}"))
+            # where the key was last used in traffic judged normal, and whether this
+            # country is one of those places (written by `learn_ops`)
+            kidx["trusted"] = len(kops)
+            kops.append((GETS, 2, TRUSTED_GEO, TRUSTED_COUNTRY + (geo.country or "")))
 
         # ---- IP ---------------------------------------------------------------------
         ip_ops = None
@@ -489,6 +522,9 @@ class FeatureExtractor:
             v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
         )
         v["rate_vs_hour_of_week_by_key_1h"] = key_rate_ratio
+        # the last 5 minutes against a twelfth of the usual hour (at least one request)
+        v["rate_vs_baseline_by_key_5m"] = (
+            v["requests_count_by_key_5m"] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0)
         spend = _ewm(base, 12)
 
         # population
@@ -525,13 +561,43 @@ class FeatureExtractor:
         v["new_country_by_key"] = cc_new
         v["new_asn_by_key"] = asn_new
         v["hosting_asn_by_event"] = 1.0 if geo.hosting else 0.0
+        # A key whose normal traffic comes from homes and phones, suddenly used from a
+        # datacenter network its normal traffic never used: a leaked key run from a VPS
+        # looks like this even in the owner's country, with the owner's user agent.
+        host_m, host_n = base[15], base[16]
+        v["hosting_share_by_key"] = float(host_m) if host_n is not None else 0.0
+        hi = kidx.get("hosting_asn")
+        v["untrusted_hosting_asn_by_event"] = (
+            1.0 if hi is not None and host_n is not None and not key_res[hi] else 0.0)
         v["distinct_countries_by_key_1h"] = cc_distinct
         v["distinct_asns_by_key_1h"] = asn_distinct
+        cc_start, cc_added, _ = kidx["cc"]
+        v["countries_seen_by_key"] = float(key_res[cc_start]) if cc_added else 0.0
+        # Against the last location judged normal rather than the last event: a leaked
+        # key used from afar while its owner carries on keeps looking impossible on every
+        # attacker event (the attacker's own events never become the reference), whereas
+        # a traveller's first normal event at the destination becomes the new reference.
+        t_distance = t_elapsed = t_speed = untrusted = 0.0
+        trusted_country = trusted_ts = None
+        ti = kidx.get("trusted")
+        if ti is not None and key_res[ti][0]:
+            t_lat, t_lon, t_ts, trusted_country = key_res[ti][0].split("|", 3)
+            trusted_ts = float(t_ts)
+            trusted_country = trusted_country or None
+            t_elapsed = abs(ts - trusted_ts)
+            t_distance = haversine_km(float(t_lat), float(t_lon), geo.lat,  # type: ignore[arg-type]
+                                      geo.lon)  # type: ignore[arg-type]
+            t_speed = t_distance / max(t_elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+            untrusted = 1.0 if geo.country and not key_res[ti][1] else 0.0
+        v["trusted_geo_distance_km_by_key"] = t_distance
+        v["trusted_geo_elapsed_s_by_key"] = t_elapsed
+        v["trusted_geo_speed_kmh_by_key"] = t_speed
+        v["untrusted_country_by_key"] = untrusted
 
         # regularity
         g = kidx["gap"]
         first_event = key_res[g] is None
-        gap_m, gap_v, gap_n, same_m, same_n = key_res[g + 2]
+        gap_m, gap_v, gap_n, same_m, same_n, psame_m, psame_n = key_res[g + 3]
         gap_mean = float(gap_m) if gap_n is not None else 0.0
         if gap_n is not None and float(gap_n) >= MIN_GAPS:
             gap_sd = math.sqrt(max(float(gap_v), 0.0))
@@ -541,6 +607,7 @@ class FeatureExtractor:
         v["interarrival_cv_by_key"] = cv
         v["interarrival_mean_s_by_key"] = gap_mean
         v["same_size_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
+        v["same_prompt_ratio_by_key"] = float(psame_m) if psame_n is not None else 0.0
 
         # novelty (never on the key's first event: a new key is not novel everywhere)
         e = kidx["ep"]
@@ -601,6 +668,9 @@ class FeatureExtractor:
             "prev_country": prev_country,
             "prev_country_name": _country_name(prev_country),
             "prev_seen_ts": prev_ts,
+            "trusted_country": trusted_country,
+            "trusted_country_name": _country_name(trusted_country),
+            "trusted_seen_ts": trusted_ts,
             "population_requests_1h": pop_1h,
             "population_expected_1h": pop_expected,
             "baseline_spend_usd_1h": spend[0] if spend[2] else None,
@@ -610,17 +680,33 @@ class FeatureExtractor:
 
     # ---- learning -----------------------------------------------------------------------
     def learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
-        """Baseline updates for an event that was judged normal."""
-        ts = fv.context["timestamp"]
+        """Baseline updates for an event that was judged normal.
+
+        Its location becomes the key's trusted location (unless a newer one is already
+        there: a late event does not move it back) and its country a trusted country.
+        """
+        ctx = fv.context
+        ts = ctx["timestamp"]
         values = fv.values
         rate = values["requests_count_by_key_1h"]
-        return [EntityOps(KEY, fv.context["key_id"], [
+        ops: list[tuple[Any, ...]] = [
             (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
             (EWM, "rate", rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
             (EWM, "spend", values["spend_usd_by_key_1h"], self.ewm_alpha),
-        ])]
+        ]
+        lat, lon, country = ctx.get("lat"), ctx.get("lon"), ctx.get("country")
+        trusted_ts = ctx.get("trusted_seen_ts")
+        if lat is not None and lon is not None and (trusted_ts is None or ts >= trusted_ts):
+            ops.append((SET, TRUSTED_GEO, f"{lat!r}|{lon!r}|{ts!r}|{country or ''}"))
+        if country and (trusted_ts is None or values.get("untrusted_country_by_key")):
+            ops.append((SET, TRUSTED_COUNTRY + country, "1"))
+        hosting = values.get("hosting_asn_by_event", 0.0)
+        ops.append((EWM, "host", hosting, self.ewm_alpha))
+        if hosting and ctx.get("asn"):
+            ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
+        return [EntityOps(KEY, ctx["key_id"], ops)]
 
 
 class FeatureStream:

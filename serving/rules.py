@@ -60,13 +60,17 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "distinct_failed_keys_by_ip_1h", "population_rate_vs_hour_of_week_1h",
        "key_rate_vs_population_1h", "cost_usd_by_event", "unknown_price_by_event",
        "spend_usd_by_key_5m", "spend_usd_by_key_1h", "spend_usd_by_key_24h",
-       "spend_usd_by_key_30d", "spend_rate_vs_baseline_by_key_1h"]
+       "spend_usd_by_key_30d", "spend_rate_vs_baseline_by_key_1h", "countries_seen_by_key",
+       "trusted_geo_distance_km_by_key", "trusted_geo_elapsed_s_by_key",
+       "trusted_geo_speed_kmh_by_key", "untrusted_country_by_key", "same_prompt_ratio_by_key",
+       "rate_vs_baseline_by_key_5m", "hosting_share_by_key",
+       "untrusted_hosting_asn_by_event"]
 )
 """Every feature a policy may name: the extractor's, including those still being added.
 A typo in a policy file is caught by `policy check` instead of silently never firing."""
 
 CONTEXT_FIELDS = ("key_id", "source_ip", "country", "country_name", "prev_country",
-                  "prev_country_name", "asn")
+                  "prev_country_name", "trusted_country", "trusted_country_name", "asn")
 """Event context any message template may use (empty when unknown)."""
 
 WINDOW_TEXT = {"1m": "minute", "5m": "5 minutes", "1h": "hour", "24h": "24 hours"}

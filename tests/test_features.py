@@ -61,6 +61,68 @@ def test_impossible_travel_singapore_to_germany() -> None:
     assert c["prev_seen_ts"] == T0 and c["lat"] is not None and c["lon"] is not None
 
 
+def test_a_leak_used_alongside_its_owner_stays_far_from_the_trusted_location() -> None:
+    """The owner (GB) carries on while a leaked copy is used from Germany. Only the
+    owner's events are judged normal (learned): every German event, not just the first,
+    is measured against the owner's fresh location, in a country never trusted."""
+    stream = FeatureStream(MemoryStore())
+    out = []
+    for i in range(12):
+        attacker = i % 3 == 2
+        ip = "5.9.0.1" if attacker else "81.2.69.160"
+        fv = stream.process(Event(api_key="sk-a", timestamp=T0 + 60 * i, source_ip=ip),
+                            "k_a")
+        if not attacker:
+            stream.learn(fv)
+        out.append((attacker, fv))
+    for attacker, fv in out[3:]:
+        v = fv.values
+        if attacker:
+            assert v["trusted_geo_distance_km_by_key"] > 500
+            assert v["trusted_geo_elapsed_s_by_key"] == 60.0
+            assert v["trusted_geo_speed_kmh_by_key"] > 1000
+            assert v["untrusted_country_by_key"] == 1.0
+            assert fv.context["trusted_country"] == "GB"
+        else:
+            assert v["trusted_geo_distance_km_by_key"] == 0.0
+            assert v["untrusted_country_by_key"] == 0.0
+    assert out[-1][1].values["countries_seen_by_key"] == 2.0
+
+
+def test_a_traveller_becomes_trusted_at_the_destination() -> None:
+    """GB, then Singapore 14 hours later (a flight): possible, learned, and from then on
+    Singapore is the reference and a trusted country."""
+    fvs = run([
+        {"timestamp": T0, "source_ip": "81.2.69.160"},
+        {"timestamp": T0 + 14 * 3600, "source_ip": "10.0.0.1", "country": "SG",
+         "asn": "AS7473"},
+        {"timestamp": T0 + 14 * 3600 + 60, "source_ip": "10.0.0.1", "country": "SG",
+         "asn": "AS7473"},
+    ])
+    arrival, after = fvs[1].values, fvs[2].values
+    assert arrival["trusted_geo_speed_kmh_by_key"] < 1000
+    assert arrival["untrusted_country_by_key"] == 1.0
+    assert after["trusted_geo_distance_km_by_key"] == 0.0
+    assert after["untrusted_country_by_key"] == 0.0
+
+
+def test_a_datacenter_network_is_untrusted_for_a_key_that_never_used_one() -> None:
+    """A key used only from a residential network; then from a hosting network (Hetzner)
+    twice, the first time judged normal. The hosting network is untrusted until then, and
+    the key's hosting share says its normal traffic never came from a datacenter."""
+    home = {"source_ip": "81.2.69.160", "country": "GB", "asn": "AS5089"}
+    vps = {"source_ip": "5.9.0.1"}
+    fvs = run([{"timestamp": T0 + 60 * i, **home} for i in range(40)]
+              + [{"timestamp": T0 + 3000, **vps}, {"timestamp": T0 + 3060, **vps}])
+    assert fvs[39].values["hosting_share_by_key"] == 0.0
+    assert fvs[39].values["untrusted_hosting_asn_by_event"] == 0.0
+    first, second = fvs[40].values, fvs[41].values
+    assert first["hosting_asn_by_event"] == 1.0
+    assert first["untrusted_hosting_asn_by_event"] == 1.0
+    assert second["untrusted_hosting_asn_by_event"] == 0.0  # learned from the first
+    assert 0.0 < second["hosting_share_by_key"] < 0.05
+
+
 def test_many_server_addresses_in_one_country_are_not_travel() -> None:
     ips = ["81.2.69.160", "81.2.69.161", "81.2.69.190", "81.2.70.1"]
     fvs = run([{"timestamp": T0 + i, "source_ip": ips[i % 4]} for i in range(12)])
@@ -97,6 +159,27 @@ def test_a_runaway_loop_is_metronomic_and_human_traffic_is_not() -> None:
     assert human.values["same_size_ratio_by_key"] < 0.2
     fresh = run([{"timestamp": T0}, {"timestamp": T0 + 5}])[-1]
     assert fresh.values["interarrival_cv_by_key"] == 1.0  # unknown until enough gaps
+
+
+def test_a_retry_loop_repeats_its_prompt_while_answers_vary() -> None:
+    """The same 800-token prompt every 2 s with answers of any length: the total sizes
+    differ, the prompt sizes do not. After two ordinary hours (30 requests each) the last
+    5 minutes run far above the key's usual rate."""
+    rng = random.Random(5)
+    events = [{"timestamp": T0 + 120.0 * i, "prompt_tokens": rng.randint(100, 3000),
+               "completion_tokens": 50, "tokens": 0} for i in range(60)]
+    start = T0 + 2 * 3600
+    for i in range(150):
+        c = rng.randint(20, 700)
+        events.append({"timestamp": start + 2.0 * i, "prompt_tokens": 800,
+                       "completion_tokens": c, "tokens": 800 + c})
+    fvs = run(events)
+    assert fvs[59].values["same_prompt_ratio_by_key"] < 0.2
+    assert fvs[59].values["rate_vs_baseline_by_key_5m"] < 2
+    last = fvs[-1].values
+    assert last["same_prompt_ratio_by_key"] > 0.95
+    assert last["same_size_ratio_by_key"] < 0.2
+    assert last["rate_vs_baseline_by_key_5m"] > 5  # the loop still far above its usual rate
 
 
 def test_novelty_of_endpoint_user_agent_and_model() -> None:

@@ -109,7 +109,7 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     good.write_text((Path(__file__).parents[1] / "serving/default_policy.yaml").read_text())
     proc = run_cli("policy", "check", str(good))
     assert proc.returncode == 0, proc.stderr
-    assert "ok: 19 rules" in proc.stdout
+    assert "ok: 21 rules" in proc.stdout
 
 
 # ---- the default rules on hand-made vectors ----------------------------------------------
@@ -168,10 +168,17 @@ def test_burst_against_baseline_spares_a_shared_surge() -> None:
 
 
 def test_runaway_loop_and_unseen_model() -> None:
-    loop = {"interarrival_cv_by_key": 0.02, "requests_count_by_key_5m": 900.0,
-            "same_size_ratio_by_key": 0.98}
+    # a synchronous loop: a few hundred requests in 5 minutes, the same prompt, answers of
+    # varying size, far above the key's own rate
+    loop = {"interarrival_cv_by_key": 0.02, "requests_count_by_key_5m": 270.0,
+            "same_size_ratio_by_key": 0.1, "same_prompt_ratio_by_key": 0.98,
+            "rate_vs_baseline_by_key_5m": 40.0}
     assert "runaway_loop" in fired(fv(**loop))
     assert "runaway_loop" not in fired(fv(**{**loop, "interarrival_cv_by_key": 0.8}))
+    # a busy client that always runs at this pace is its own normal
+    assert "runaway_loop" not in fired(fv(**{**loop, "rate_vs_baseline_by_key_5m": 1.5}))
+    # a health check every 5 s is metronomic and repetitive, but slow
+    assert "runaway_loop" not in fired(fv(**{**loop, "requests_count_by_key_5m": 60.0}))
     assert "unseen_model" in fired(fv(new_model_by_key=1.0, history_events_by_key=5000))
     assert "unseen_model" not in fired(fv({"key_warm": False}, new_model_by_key=1.0,
                                           history_events_by_key=5))
@@ -236,3 +243,14 @@ def test_a_running_scorer_picks_up_a_policy_change(tmp_path: Path) -> None:
     assert {d.decision for d in out} == {"allow"}
     _touch_later(path, POLICY_A)  # the limit drops to 10 per minute
     assert s.score(Event(api_key="sk-a", timestamp=t0 + 16)).decision == "throttle"
+
+
+def test_new_hosting_network_alerts_only_on_keys_that_never_used_one() -> None:
+    vps = {"untrusted_hosting_asn_by_event": 1.0, "hosting_share_by_key": 0.0,
+           "history_events_by_key": 5000.0}
+    f = evaluate_rules(DEFAULT.active_rules(), RuleInput(fv=fv(**vps)))
+    hits = [x for x in f if x.rule_id == "new_hosting_network"]
+    assert hits and hits[0].reason.severity == "medium"  # an alert: never throttles alone
+    # a key that runs from clouds anyway, or one too new to know
+    assert "new_hosting_network" not in fired(fv(**{**vps, "hosting_share_by_key": 0.4}))
+    assert "new_hosting_network" not in fired(fv(**{**vps, "history_events_by_key": 50.0}))
