@@ -113,9 +113,14 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
             timeout=60)
         assert ingest.returncode == 0, ingest.stderr
         assert json.loads(ingest.stderr.strip().splitlines()[-1])["ingested"] == len(lines)
+        def w1_holds_a_batch() -> bool:
+            return bool(client.xpending_range("kw:events", "keywatch", min="-", max="+",
+                                              count=1, consumername="w1"))
+
         deadline = time.monotonic() + 120  # generous: a loaded machine starts slowly
-        while client.xlen("kw:decisions") < n // 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while time.monotonic() < deadline and not (
+                client.xlen("kw:decisions") >= n // 3 and w1_holds_a_batch()):
+            time.sleep(0.002)
         workers[0].send_signal(signal.SIGKILL)  # mid-stream, batch in hand
         _, err = workers[1].communicate(timeout=90)
         assert workers[1].returncode == 0, err
