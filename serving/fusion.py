@@ -86,11 +86,7 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
         model_tier = "low"
 
     if not findings and model_tier == "none":  # most events: nothing to corroborate
-        strength = max((model_strength(v) for v in scores.values()), default=0.0)
-        if surge:
-            strength *= 0.5
-        combined = 1.0 - (1.0 - SEVERITY_SCORE["none"]) * (1.0 - strength)  # as below
-        return Fusion(severity="none", score=round(min(1.0, max(combined, 0.0)), 4),
+        return Fusion(severity="none", score=_score("none", "none", scores, surge),
                       can_block=False, shared_surge=surge)
 
     # 3. corroboration between independent signals
@@ -104,7 +100,7 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
                                *(f.reason.severity for f in findings if f.kind == "model"))
     rule_features = {name for f in rule_findings for name in f.features}
     # the explanation is computed on demand: only when a model score is high
-    top = [name for name, _ in signals.top_features[:3]] if high else []
+    top = [name for name, _ in signals.top()[:3]] if high else []
     independent_model = bool(high) and not surge and not (
         top and rule_features and set(top) <= rule_features)
     levels = list(groups.values())
@@ -139,20 +135,26 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
         if model_tier == severity or (escalated and independent_model):
             drivers.append(model_reason.code)
 
+    return Fusion(severity=severity, score=_score(floor, severity, scores, surge),
+                  can_block=can_block,
+                  drivers=list(dict.fromkeys(drivers)), model_reason=model_reason,
+                  shared_surge=surge)
+
+
+def _score(floor: str, severity: str, scores: dict[str, float], surge: bool) -> float:
+    """The rule floor and the strongest model combined (noisy-or), never below the final
+    tier's nominal score; models count half in a shared surge."""
     strength = max((model_strength(v) for v in scores.values()), default=0.0)
     if surge:
         strength *= 0.5
     combined = 1.0 - (1.0 - SEVERITY_SCORE[floor]) * (1.0 - strength)
-    score = min(1.0, max(combined, SEVERITY_SCORE[severity]))
-    return Fusion(severity=severity, score=round(score, 4), can_block=can_block,
-                  drivers=list(dict.fromkeys(drivers)), model_reason=model_reason,
-                  shared_surge=surge)
+    return round(min(1.0, max(combined, SEVERITY_SCORE[severity])), 4)
 
 
 def _model_reason(scores: dict[str, float], high: list[str], tier: str,
                   signals: ModelSignals, surge: bool) -> Reason:
     parts = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
-    top = describe_top_features(signals.top_features)
+    top = describe_top_features(signals.top())
     message = f"models flag this event ({parts}); top features: {top}"
     if surge:
         message += "; the whole population is surging, so the models do not escalate"
@@ -164,5 +166,5 @@ def _model_reason(scores: dict[str, float], high: list[str], tier: str,
         message=message,
         evidence={"scores": {k: round(v, 6) for k, v in scores.items()},
                   "high": high, "shared_surge": surge, "key_drift": signals.key_drift,
-                  "top_features": [[n, round(d, 3)] for n, d in signals.top_features[:5]]},
+                  "top_features": [[n, round(d, 3)] for n, d in signals.top()[:5]]},
     )

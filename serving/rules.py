@@ -486,7 +486,7 @@ class ModelScoreRule(RuleBase):
             return None
         return {"value": float(value), "threshold": self.params.above,
                 "signal": self.params.signal,
-                "top_features": describe_top_features(inp.signals.top_features)}
+                "top_features": describe_top_features(inp.signals.top())}
 
 
 class BannedParams(Params):
