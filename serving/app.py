@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -46,6 +46,33 @@ from serving.stores import open_store
 log = logging.getLogger("keywatch")
 
 _EVENT_LIST = TypeAdapter(list[Event])
+_DECISION_LIST = TypeAdapter(list[Decision])
+
+
+def document_event_schema(app: FastAPI) -> None:
+    """The scoring routes read their bodies themselves (see `parse_event`), so FastAPI does
+    not see the Event model: add its schema to the OpenAPI components they refer to."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            event = Event.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(event.pop("$defs", {}))
+            components["Event"] = event
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def parse_event(raw: bytes) -> Event:
+    """The request body as an Event, in one pass of pydantic's JSON parser. Errors are
+    raised as FastAPI's own body errors, so they answer exactly as a declared body would."""
+    try:
+        return Event.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]) from None
 
 
 class BadRequest(Exception):
@@ -178,7 +205,6 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     app.state.settings = settings
     app.state.scorer = scorer
     app.state.event_log = event_log
-    install_ops(app, ops)
     app.add_middleware(IngestGuard, max_body_bytes=settings.max_body_bytes,
                        ingest_token=settings.ingest_token)
     app.add_exception_handler(StoreUnavailable, resilience.store_unavailable_handler)
@@ -244,18 +270,20 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         record([event], [decision], time.perf_counter() - t0)
         return decision
 
-    if scorer.store.name == "memory":
-        # In-process state never blocks: score on the event loop and skip the thread hop.
-        @app.post("/v1/events", tags=["scoring"], response_model=Decision)
-        async def score_event(event: Event, scorer: ScorerDep) -> Decision:
-            """Score one event and return the decision for it."""
-            return score_one(event, scorer)
-    else:
-        # A network store blocks for a round trip: score in the thread pool.
-        @app.post("/v1/events", tags=["scoring"], response_model=Decision)
-        def score_event_blocking(event: Event, scorer: ScorerDep) -> Decision:
-            """Score one event and return the decision for it."""
-            return score_one(event, scorer)
+    event_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Event"}}}}}
+    in_process = scorer.store.name == "memory"
+
+    @app.post("/v1/events", tags=["scoring"], response_model=Decision,
+              openapi_extra=event_body)
+    async def score_event(request: Request) -> Response:
+        """Score one event and return the decision for it."""
+        event = parse_event(await request.body())
+        if in_process:  # in-process state never blocks: score on the event loop
+            decision = score_one(event, request.app.state.scorer)
+        else:  # a network store blocks for a round trip: score in the thread pool
+            decision = await run_in_threadpool(score_one, event, request.app.state.scorer)
+        return Response(decision.model_dump_json(), media_type="application/json")
 
     @app.post(
         "/v1/events:batch",
@@ -276,7 +304,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             }
         },
     )
-    async def score_batch(request: Request) -> list[Decision]:
+    async def score_batch(request: Request) -> Response:
         """Score a list of events in order; a batch with one bad event is refused whole."""
         raw = await request.body()
         if len(raw) > settings.max_body_bytes:
@@ -307,15 +335,18 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         else:
             decisions = await run_in_threadpool(scorer.score_many, events)
         record(events, decisions, time.perf_counter() - t0)
-        return decisions
+        return Response(_DECISION_LIST.dump_json(decisions), media_type="application/json")
 
     @app.post("/v1/check", tags=["scoring"], response_model=CheckResponse)
     def check(body: CheckRequest, scorer: ScorerDep) -> dict[str, Any]:
         """Pre-flight for gateways: is the key or the address banned? One store read."""
         return scorer.check(body.api_key, body.source_ip).as_dict()
 
+    # Routes match in the order they were added: the scoring routes above come first.
+    install_ops(app, ops)
     app.include_router(admin_router)
     app.include_router(dashboard_router)
+    document_event_schema(app)
     return app
 
 

@@ -31,6 +31,13 @@ class LoadResult:
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
 
+    @classmethod
+    def merge(cls, parts: list[LoadResult]) -> LoadResult:
+        """Several runs against one server as one: their requests over their summed time."""
+        return cls(sum(p.requests for p in parts), sum(p.errors for p in parts),
+                   sum(p.seconds for p in parts),
+                   [ms for p in parts for ms in p.latencies_ms])
+
     def as_dict(self) -> dict[str, float]:
         return {"requests": self.requests, "errors": self.errors,
                 "requests_per_s": round(self.rps, 1), "p50_ms": round(self.pct(50), 3),
@@ -56,8 +63,8 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def _run(host: str, port: int, path: str, bodies: Callable[[int], bytes],
-               total: int, concurrency: int) -> LoadResult:
-    counter = iter(range(total))
+               total: int, concurrency: int, start: int) -> LoadResult:
+    counter = iter(range(start, start + total))
     latencies: list[float] = []
     errors = 0
 
@@ -81,10 +88,12 @@ async def _run(host: str, port: int, path: str, bodies: Callable[[int], bytes],
 
 
 def run_load(host: str, port: int, path: str, bodies: Callable[[int], bytes], *,
-             total: int, concurrency: int) -> LoadResult:
+             total: int, concurrency: int, start: int = 0) -> LoadResult:
+    """Send `total` requests, bodies `start`, `start + 1`, … , over `concurrency`
+    keep-alive connections."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError("load tests only target loopback")
-    return asyncio.run(_run(host, port, path, bodies, total, concurrency))
+    return asyncio.run(_run(host, port, path, bodies, total, concurrency, start))
 
 
 def json_bodies(payloads: list[dict[str, object]]) -> Callable[[int], bytes]:

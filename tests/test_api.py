@@ -136,6 +136,43 @@ def test_non_json_bodies_are_refused(client: TestClient) -> None:
     assert r.status_code == 400 and "JSON" in r.json()["error"]
 
 
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"", 400, "not valid JSON"),
+    (b"[]", 422, "body: Input should be an object"),
+    (b"null", 422, "body: Input should be an object"),
+    ("{\"api_key\": \"\u00e9\"}".encode("latin-1"), 400, "not valid JSON"),
+], ids=["empty", "list", "null", "not utf-8"])
+def test_single_event_body_that_is_no_event_is_refused(
+    client: TestClient, body: bytes, status: int, message: str
+) -> None:
+    r = client.post("/v1/events", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert r.json()["detail"][0]["field"] == "body"
+
+
+def test_single_event_is_read_as_json_whatever_its_content_type(client: TestClient) -> None:
+    """Gateways that forget the header still get scored, not a confusing field error."""
+    for headers in ({}, {"content-type": "text/plain"}):
+        r = client.post("/v1/events", content=json.dumps(ev(api_key="sk-no-ctype")).encode(),
+                        headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["key_id"] == KeyHasher(TEST_SECRET).key_id("sk-no-ctype")
+
+
+def test_openapi_documents_the_event_body_and_the_decision(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    event = spec["components"]["schemas"]["Event"]
+    assert {"api_key", "timestamp", "source_ip"} <= set(event["properties"])
+    assert "api_key" in event["required"]
+    op = spec["paths"]["/v1/events"]["post"]
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/Event"}
+    ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/Decision"}
+
+
 def test_batch_over_the_size_limit_is_413(client: TestClient) -> None:
     r = client.post("/v1/events:batch", json=[ev()] * 1001)
     assert r.status_code == 413
