@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,7 +244,11 @@ def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Fi
     from serving.http_load import LoadResult, json_bodies, run_load
 
     figures: list[Figure] = []
-    env = {**os.environ, "KEYWATCH_SECRET": BENCH_SECRET, "KEYWATCH_EVENT_LOG": "false"}
+    # A data directory of its own: the service starts fresh (no checkpoint or snapshot of
+    # an earlier run is restored) and leaves nothing behind in the caller's.
+    data_dir = tempfile.TemporaryDirectory(prefix="keywatch-bench-")
+    env = {**os.environ, "KEYWATCH_SECRET": BENCH_SECRET, "KEYWATCH_EVENT_LOG": "false",
+           "KEYWATCH_DATA_DIR": data_dir.name}
     targets = {"baseline": "serving.trivial_app:app", "keywatch": "serving.app:app_from_env"}
     ports: dict[str, int] = {}
     procs: list[subprocess.Popen[bytes]] = []
@@ -284,6 +289,7 @@ def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Fi
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
+        data_dir.cleanup()
     base, kw = results["baseline"], results["keywatch"]
     figures.append(Figure("http_p99_ms_c1", kw[1].pct(99), "ms", "parse-only p99 c1",
                           base[1].pct(99), "<= 5 ms", higher_is_better=False))

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from serving.bench import format_report, run_bench
 
 
-def test_bench_smoke_writes_every_figure_with_its_baseline(tmp_path: Path,
-                                                           redis_url: str) -> None:
+def test_bench_smoke_writes_every_figure_with_its_baseline(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "results.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the benchmarked service must not use or leave a var/ here
     report = run_bench(size="tiny", out=out, redis_url=redis_url, http=True, rss=True)
     names = {f["name"] for f in report["figures"]}
     assert names >= {"pipeline_memory_events_per_s", "iforest_single_event_per_s",
@@ -27,3 +32,4 @@ def test_bench_smoke_writes_every_figure_with_its_baseline(tmp_path: Path,
     assert [r["stage"] for r in stages] == ["features", "rules", "online", "offline"]
     assert all(r["us_per_event"] >= 0 and r["cumulative_us"] > 0 for r in stages)
     assert "| offline |" in format_report(report)
+    assert list(work.iterdir()) == []
