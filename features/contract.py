@@ -137,6 +137,13 @@ class Event(BaseModel):
     def is_failure(self) -> bool:
         return self.status >= 400
 
+    @property
+    def is_client_failure(self) -> bool:
+        """A failure the caller caused (4xx: a bad request, refused credentials, a rate
+        limit). Server errors (5xx) are the provider's: an upstream outage fails every key
+        at once and says nothing about any one of them, so they never count against a key."""
+        return 400 <= self.status < 500
+
 
 class EventBatch(BaseModel):
     """A list of events scored in input order; refused whole if any event is bad."""

@@ -371,7 +371,7 @@ class FeatureExtractor:
         amounts = (
             1.0,
             float(event.tokens),
-            1.0 if event.status >= 400 else 0.0,
+            1.0 if event.is_client_failure else 0.0,  # the "errors" metric: 4xx only
             1.0 if event.status in (401, 403) else 0.0,
         )
         adds = []

@@ -183,7 +183,7 @@ def test_an_unreachable_webhook_gives_up_after_bounded_attempts() -> None:
 # ---- through the API ----------------------------------------------------------------------
 def failing_events(api_key: str, n: int = 30, t0: float = T0, ip: str = "81.2.69.160"
                    ) -> list[dict[str, object]]:
-    return [{"api_key": api_key, "timestamp": t0 + i, "status": 500, "source_ip": ip,
+    return [{"api_key": api_key, "timestamp": t0 + i, "status": 400, "source_ip": ip,
              "endpoint": "/v1/chat/completions", "tokens": 10} for i in range(n)]
 
 

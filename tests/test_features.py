@@ -216,6 +216,19 @@ def test_credential_stuffing_counts_failed_keys_per_address() -> None:
     assert last.values["auth_fail_count_by_ip_5m"] == 25.0
 
 
+def test_an_upstream_outage_is_not_the_keys_failure() -> None:
+    """5xx are the provider's failures: a key caught in an outage shows no failure ratio,
+    while the same key sending bad requests (4xx) does."""
+    outage = run([{"timestamp": T0 + i, "status": 503} for i in range(30)])[-1]
+    assert outage.values["errors_count_by_key_5m"] == 0.0
+    assert outage.values["failure_ratio_by_key_5m"] == 0.0
+    bad = run([{"timestamp": T0 + i, "status": [400, 404, 429, 401][i % 4]}
+               for i in range(30)])[-1]
+    assert bad.values["errors_count_by_key_5m"] == 30.0
+    assert bad.values["failure_ratio_by_key_5m"] == 1.0
+    assert bad.values["auth_fail_count_by_key_5m"] == 7.0  # 401 only
+
+
 def test_a_flash_sale_lifts_everyone_so_no_key_stands_out() -> None:
     """Yesterday at this hour 10 keys made 10 calls each; today each makes 50 (a sale).
     The population is 5x its usual hour, so a key's own 5x is explained."""

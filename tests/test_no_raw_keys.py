@@ -64,7 +64,7 @@ def test_no_raw_key_reaches_any_output() -> None:
                     for key in FAILING_KEYS:  # failure-rate alerts
                         for _ in range(25):
                             g.post("/v1/chat/completions", headers={
-                                "Authorization": f"Bearer {key}", "x-status": "500",
+                                "Authorization": f"Bearer {key}", "x-status": "400",
                                 "x-forwarded-for": "81.2.69.160"})
                     assert client.flush(10)
                     for key in SWEEP_KEYS:  # credential stuffing from one address
