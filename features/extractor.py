@@ -25,9 +25,14 @@ Two kinds of state, on purpose:
 Spend is a feature too: each event's cost in US dollars (`features.pricing`, prompt and
 completion tokens at the model's price; an unknown model at the default price, flagged)
 is added to per-key spend counters over 5 min, 1 h, 24 h and 30 days (a minute, an hour
-and a day ring, in the same atomic op as the other counters), and a learned baseline of
-the key's hourly spend gives `spend_rate_vs_baseline_by_key_1h`: a key burning money at
-20x its usual rate stands out even when every single request looks normal.
+and a day ring, in the same atomic op as the other counters).
+`spend_rate_vs_baseline_by_key_1h` sets the last hour's spend against the key's busiest
+completed hour of the last day, counting only spend judged normal (a second hour ring
+that only learning adds to): a key burning money at 20x its own peak stands out even when
+every single request looks normal. The baseline is made of past hours, not learned per
+event, so an attack cannot teach it within the hour it is judged, however many requests
+it makes; its unflagged spend raises the next day's peak by at most the 20x it took to
+flag it; and a nightly batch's peak hour is its own baseline, not 24x a daily mean.
 
 Time is event time. Counters live in a minute ring (8 min) and an hour ring (26 h), so a
 late event is still counted in its own bucket: up to 8 minutes late it counts in every
@@ -138,6 +143,9 @@ HOSTING_ALPHA = 0.02
 SPEND_BASELINE_FLOOR_USD = 0.10
 """The usual hourly spend is taken as at least this, so a key that usually spends a
 fraction of a cent is not "100x its rate" for a few cents."""
+SPEND_NORMAL_RING = "spendok:h"
+"""Hourly spend of the key's events judged normal: added by learning only, it is the
+spend baseline's history (see the module docstring)."""
 
 KEY_WINDOWED = {
     "requests": ("count", WINDOWS),
@@ -192,9 +200,8 @@ _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
 _BASELINE_GETS = tuple(
-    (GETS, 17, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "spend:m", "spend:v", "spend:n",
-     "host:m", "host:n")
+    (GETS, 14, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "host:m", "host:n")
     for h in range(168))
 _REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
                     "psame:n")
@@ -394,7 +401,10 @@ class FeatureExtractor:
         _window_reads(kops, _KEY_WINDOWS, stamp_m, stamp_h)
         kidx["spend"] = len(kops)
         kops.append((RING_WINDOWS, "spend:m", MINUTE_RING_SIZE, stamp_m, 1, 5))
-        kops.append((RING_WINDOWS, "spend:h", HOUR_RING_SIZE, stamp_h, 2, 1, 24))
+        kops.append((RING_VALUES, "spend:h", HOUR_RING_SIZE, 25,
+                     *range(stamp_h, stamp_h - 25, -1)))  # this hour, then the 24 before
+        kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 24,
+                     *range(stamp_h - 1, stamp_h - 25, -1)))
         kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
         if source_ip:
             kidx["distinct_ips"] = len(kops)
@@ -525,7 +535,6 @@ class FeatureExtractor:
         # the last 5 minutes against a twelfth of the usual hour (at least one request)
         v["rate_vs_baseline_by_key_5m"] = (
             v["requests_count_by_key_5m"] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0)
-        spend = _ewm(base, 12)
 
         # population
         pop_1h = pop_expected = None
@@ -564,7 +573,7 @@ class FeatureExtractor:
         # A key whose normal traffic comes from homes and phones, suddenly used from a
         # datacenter network its normal traffic never used: a leaked key run from a VPS
         # looks like this even in the owner's country, with the owner's user agent.
-        host_m, host_n = base[15], base[16]
+        host_m, host_n = base[12], base[13]
         v["hosting_share_by_key"] = float(host_m) if host_n is not None else 0.0
         hi = kidx.get("hosting_asn")
         v["untrusted_hosting_asn_by_event"] = (
@@ -632,16 +641,20 @@ class FeatureExtractor:
         # spend: the edge bucket of each window weighted like the other counters
         cost = plan.cost or self.pricing.cost_of(event)
         sp = kidx["spend"]
-        m5, hours, days = key_res[sp], key_res[sp + 1], key_res[sp + 2]
+        m5, hours, days = key_res[sp], key_res[sp + 1], key_res[sp + 3]
         spend_1h = hours[0] + hours[1] * (1.0 - (ts % 3600) / 3600)
+        # the busiest completed hour of the last day, of spend judged normal
+        peak = max(key_res[sp + 2], default=0.0)
         v["cost_usd_by_event"] = cost.usd
         v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
         v["spend_usd_by_key_5m"] = m5[0] + m5[1] * (1.0 - (ts % 60) / 60)
         v["spend_usd_by_key_1h"] = spend_1h
-        v["spend_usd_by_key_24h"] = hours[2] + hours[3] * (1.0 - (ts % 3600) / 3600)
+        # summed newest first from 0.0, as a ring window is, so both stores agree exactly
+        v["spend_usd_by_key_24h"] = (sum(hours[:24], 0.0)
+                                     + hours[24] * (1.0 - (ts % 3600) / 3600))
         v["spend_usd_by_key_30d"] = days[0] + days[1] * (1.0 - (ts % 86400) / 86400)
         v["spend_rate_vs_baseline_by_key_1h"] = (
-            spend_1h / max(spend[0], SPEND_BASELINE_FLOOR_USD) if spend[2] > 0 else 1.0)
+            spend_1h / max(peak, SPEND_BASELINE_FLOOR_USD) if peak > 0 else 1.0)
 
         hour = (ts % 86400) / 3600
         day = (ts // 86400 + 3) % 7
@@ -673,7 +686,7 @@ class FeatureExtractor:
             "trusted_seen_ts": trusted_ts,
             "population_requests_1h": pop_1h,
             "population_expected_1h": pop_expected,
-            "baseline_spend_usd_1h": spend[0] if spend[2] else None,
+            "baseline_spend_usd_1h": peak or None,
             "priced_model": cost.model,
         }
         return FeatureVector(values=v, context=context)
@@ -694,8 +707,11 @@ class FeatureExtractor:
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
             (EWM, "rate", rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
-            (EWM, "spend", values["spend_usd_by_key_1h"], self.ewm_alpha),
         ]
+        cost = values["cost_usd_by_event"]
+        if cost:
+            stamp_h = int(ts // 3600)
+            ops.append((RING_ADD, SPEND_NORMAL_RING, stamp_h % HOUR_RING_SIZE, stamp_h, cost))
         lat, lon, country = ctx.get("lat"), ctx.get("lon"), ctx.get("country")
         trusted_ts = ctx.get("trusted_seen_ts")
         if lat is not None and lon is not None and (trusted_ts is None or ts >= trusted_ts):

@@ -114,6 +114,40 @@ def test_spend_features_over_windows_and_the_spend_rate_baseline() -> None:
     assert unknown["unknown_price_by_event"] == 1.0 and unknown["cost_usd_by_event"] > 0
 
 
+def test_a_token_drain_cannot_teach_the_spend_baseline() -> None:
+    """Huge prompts through the owner's own client at a few requests a minute. The
+    baseline is the key's busiest past hour of normal spend, so however many requests the
+    drain makes it cannot lower its own ratio within the hour, and while it is flagged
+    (not learned) it never raises the bar for the hours after."""
+
+    def event(ts: float, prompt: int) -> Event:
+        return Event(api_key="sk-drain", timestamp=ts, model="gpt-4o", prompt_tokens=prompt,
+                     completion_tokens=200, source_ip="198.51.100.7")
+
+    ratios: dict[str, list[float]] = {}
+    for learned in ("flagged", "learned"):
+        stream = FeatureStream(MemoryStore(), FeatureExtractor())
+        ts = T0
+        for i in range(288):  # two quiet days: a ~2,000-token call every 10 minutes
+            stream.learn(stream.process(event(ts, 1_500 + (i % 7) * 150), "k_drain"))
+            ts += 600.0
+        quiet = stream.process(event(ts, 2_000), "k_drain")["spend_rate_vs_baseline_by_key_1h"]
+        assert quiet < 2.0
+        ratios[learned] = []
+        for i in range(300):  # then 40,000-token prompts every 24 s for two hours
+            fv = stream.process(event(ts + 30 + i * 24.0, 40_000), "k_drain")
+            if learned == "learned":
+                stream.learn(fv)  # the worst case: nothing flagged it, all of it learned
+            ratios[learned].append(fv["spend_rate_vs_baseline_by_key_1h"])
+    first_hour = slice(0, 140)
+    # within the hour it is judged, learning changes nothing: the baseline is past hours
+    assert ratios["learned"][first_hour] == ratios["flagged"][first_hour]
+    assert max(ratios["flagged"][first_hour]) > 20  # far beyond the rule's 20x
+    # the hour after: flagged spend never became the baseline, learned spend did
+    assert ratios["flagged"][-1] > 20
+    assert ratios["learned"][-1] < ratios["flagged"][-1] / 5
+
+
 def test_impact_report_states_the_money_that_would_have_been_saved() -> None:
     decisions = [
         {"key_id": "k_a", "decision": "allow", "severity": "none", "money": {"cost_usd": 1.0}},
