@@ -27,12 +27,14 @@ completion tokens at the model's price; an unknown model at the default price, f
 is added to per-key spend counters over 5 min, 1 h, 24 h and 30 days (a minute, an hour
 and a day ring, in the same atomic op as the other counters).
 `spend_rate_vs_baseline_by_key_1h` sets the last hour's spend against the key's busiest
-completed hour of the last day, counting only spend judged normal (a second hour ring
-that only learning adds to): a key burning money at 20x its own peak stands out even when
-every single request looks normal. The baseline is made of past hours, not learned per
-event, so an attack cannot teach it within the hour it is judged, however many requests
-it makes; its unflagged spend raises the next day's peak by at most the 20x it took to
-flag it; and a nightly batch's peak hour is its own baseline, not 24x a daily mean.
+hour of the last day, counting only spend judged normal (a second hour ring that only
+learning adds to) and only hours that ended at least an hour ago: a key burning money at
+20x its own peak stands out even when every single request looks normal. The baseline is
+made of past hours, not learned per event, so an attack cannot teach it within the hour
+it is judged, however many requests it makes; what it spent before it was flagged waits an
+hour before it counts, so a drain that builds up slowly is still judged against the
+key's peak before it; and a nightly batch's peak hour is its own bar, not 24x a daily
+mean.
 
 Time is event time. Counters live in a minute ring (8 min) and an hour ring (26 h), so a
 late event is still counted in its own bucket: up to 8 minutes late it counts in every
@@ -403,8 +405,8 @@ class FeatureExtractor:
         kops.append((RING_WINDOWS, "spend:m", MINUTE_RING_SIZE, stamp_m, 1, 5))
         kops.append((RING_VALUES, "spend:h", HOUR_RING_SIZE, 25,
                      *range(stamp_h, stamp_h - 25, -1)))  # this hour, then the 24 before
-        kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 24,
-                     *range(stamp_h - 1, stamp_h - 25, -1)))
+        kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23,
+                     *range(stamp_h - 2, stamp_h - 25, -1)))
         kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
         if source_ip:
             kidx["distinct_ips"] = len(kops)
@@ -643,7 +645,8 @@ class FeatureExtractor:
         sp = kidx["spend"]
         m5, hours, days = key_res[sp], key_res[sp + 1], key_res[sp + 3]
         spend_1h = hours[0] + hours[1] * (1.0 - (ts % 3600) / 3600)
-        # the busiest completed hour of the last day, of spend judged normal
+        # the busiest hour of the last day of spend judged normal, among the hours that
+        # ended at least an hour ago
         peak = max(key_res[sp + 2], default=0.0)
         v["cost_usd_by_event"] = cost.usd
         v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
