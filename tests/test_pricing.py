@@ -184,3 +184,9 @@ def test_default_policy_alerts_on_a_key_burning_20x_its_usual_spend() -> None:
     assert "spend_rate_vs_baseline" not in codes(15.0, 60.0)  # under 20x
     assert "spend_rate_vs_baseline" not in codes(25.0, 2.0)  # cheap keys are left alone
     assert "spend_rate_vs_baseline" not in codes(25.0, 60.0, warm=False)
+    # far beyond: throttled, as one signal (the same group) with the alert
+    assert codes(60.0, 12.0) == ["spend_surge", "spend_rate_vs_baseline"]
+    assert "spend_surge" not in codes(40.0, 60.0)  # under 50x: an alert only
+    assert "spend_surge" not in codes(60.0, 8.0)  # under $10 in the hour
+    surge = next(r for r in rules if r.id == "spend_surge")
+    assert (surge.severity, surge.group_name) == ("high", "spend")
