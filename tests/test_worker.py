@@ -118,8 +118,13 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
                                               count=1, consumername="w1"))
 
         deadline = time.monotonic() + 120  # generous: a loaded machine starts slowly
-        while time.monotonic() < deadline and not (
-                client.xlen("kw:decisions") >= n // 3 and w1_holds_a_batch()):
+        while time.monotonic() < deadline:
+            if client.xlen("kw:decisions") >= n // 3:
+                # freeze it, then look: it cannot ack its batch between the look and the kill
+                workers[0].send_signal(signal.SIGSTOP)
+                if w1_holds_a_batch():
+                    break
+                workers[0].send_signal(signal.SIGCONT)
             time.sleep(0.002)
         workers[0].send_signal(signal.SIGKILL)  # mid-stream, batch in hand
         _, err = workers[1].communicate(timeout=90)
