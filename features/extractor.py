@@ -403,8 +403,7 @@ class FeatureExtractor:
         _window_reads(kops, _KEY_WINDOWS, stamp_m, stamp_h)
         kidx["spend"] = len(kops)
         kops.append((RING_WINDOWS, "spend:m", MINUTE_RING_SIZE, stamp_m, 1, 5))
-        kops.append((RING_VALUES, "spend:h", HOUR_RING_SIZE, 25,
-                     *range(stamp_h, stamp_h - 25, -1)))  # this hour, then the 24 before
+        kops.append((RING_WINDOWS, "spend:h", HOUR_RING_SIZE, stamp_h, 2, 1, 24))
         kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23,
                      *range(stamp_h - 2, stamp_h - 25, -1)))
         kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
@@ -652,9 +651,7 @@ class FeatureExtractor:
         v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
         v["spend_usd_by_key_5m"] = m5[0] + m5[1] * (1.0 - (ts % 60) / 60)
         v["spend_usd_by_key_1h"] = spend_1h
-        # summed newest first from 0.0, as a ring window is, so both stores agree exactly
-        v["spend_usd_by_key_24h"] = (sum(hours[:24], 0.0)
-                                     + hours[24] * (1.0 - (ts % 3600) / 3600))
+        v["spend_usd_by_key_24h"] = hours[2] + hours[3] * (1.0 - (ts % 3600) / 3600)
         v["spend_usd_by_key_30d"] = days[0] + days[1] * (1.0 - (ts % 86400) / 86400)
         v["spend_rate_vs_baseline_by_key_1h"] = (
             spend_1h / max(peak, SPEND_BASELINE_FLOOR_USD) if peak > 0 else 1.0)
