@@ -36,6 +36,14 @@ hour before it counts, so a drain that builds up slowly is still judged against 
 key's peak before it; and a nightly batch's peak hour is its own bar, not 24x a daily
 mean.
 
+Request size is judged the same way: `tokens_vs_peak_by_key_24h` is the event's tokens
+against the largest request (`tokens_peak_by_key_24h`) the key sent in normal traffic over
+the last day, from an hour ring that keeps each hour's largest learned request, again
+counting only hours that ended at least an hour ago. A z-score against a running mean
+says little on a key whose sizes vary by orders of magnitude, and it learns a stream of
+stuffed prompts within a few dozen of them; "8x anything this key sent all day" means the
+same on every key, and no request can raise the bar within the hour it is judged.
+
 Time is event time. Counters live in a minute ring (8 min) and an hour ring (26 h), so a
 late event is still counted in its own bucket: up to 8 minutes late it counts in every
 window, up to 26 hours late only in the 1 h/24 h windows, older than that in no window
@@ -73,6 +81,7 @@ from features.stores.base import (
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
+    RING_MAX,
     RING_VALUES,
     RING_WINDOWS,
     SEEN_ADD,
@@ -143,6 +152,10 @@ few even for a consumer app seen from thousands of residential networks."""
 HOSTING_ALPHA = 0.02
 """Weight of one event in the key's share of traffic from hosting networks."""
 SPEND_BASELINE_FLOOR_USD = 0.10
+SIZE_PEAK_RING = "tokok:h"
+"""Each hour's largest request (tokens) among the key's events judged normal."""
+SIZE_PEAK_FLOOR_TOKENS = 256.0
+"""A key whose largest request of the day was tiny is judged against this many tokens."""
 """The usual hourly spend is taken as at least this, so a key that usually spends a
 fraction of a cent is not "100x its rate" for a few cents."""
 SPEND_NORMAL_RING = "spendok:h"
@@ -262,6 +275,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "tokens_log_by_event",
     "latency_log_ms_by_event",
     "tokens_zscore_by_key",
+    "tokens_peak_by_key_24h",
+    "tokens_vs_peak_by_key_24h",
     "latency_zscore_by_key",
     "history_events_by_key",
     "rate_vs_hour_of_week_by_key_1h",
@@ -407,6 +422,9 @@ class FeatureExtractor:
         kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23,
                      *range(stamp_h - 2, stamp_h - 25, -1)))
         kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
+        kidx["size_peak"] = len(kops)
+        kops.append((RING_VALUES, SIZE_PEAK_RING, HOUR_RING_SIZE, 23,
+                     *range(stamp_h - 2, stamp_h - 25, -1)))
         if source_ip:
             kidx["distinct_ips"] = len(kops)
             kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
@@ -526,6 +544,12 @@ class FeatureExtractor:
         v["tokens_log_by_event"] = tokens_log
         v["latency_log_ms_by_event"] = latency_log
         v["tokens_zscore_by_key"] = _z(tokens_log, tok)
+        # the largest normal request of the last day, among the hours that ended at least
+        # an hour ago
+        size_peak = max(key_res[kidx["size_peak"]], default=0.0)
+        v["tokens_peak_by_key_24h"] = size_peak
+        v["tokens_vs_peak_by_key_24h"] = (
+            event.tokens / max(size_peak, SIZE_PEAK_FLOOR_TOKENS) if size_peak > 0 else 1.0)
         v["latency_zscore_by_key"] = _z(latency_log, lat)
         v["history_events_by_key"] = tok[2]
         expected = how[0] if how[2] >= 3 else rate[0]
@@ -708,10 +732,14 @@ class FeatureExtractor:
             (EWM, "rate", rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
         ]
+        stamp_h = int(ts // 3600)
         cost = values["cost_usd_by_event"]
         if cost:
-            stamp_h = int(ts // 3600)
             ops.append((RING_ADD, SPEND_NORMAL_RING, stamp_h % HOUR_RING_SIZE, stamp_h, cost))
+        tokens = math.expm1(values["tokens_log_by_event"])  # the event's own count, exactly
+        if tokens >= 0.5:
+            ops.append((RING_MAX, SIZE_PEAK_RING, stamp_h % HOUR_RING_SIZE, stamp_h,
+                        float(round(tokens))))
         lat, lon, country = ctx.get("lat"), ctx.get("lon"), ctx.get("country")
         trusted_ts = ctx.get("trusted_seen_ts")
         if lat is not None and lon is not None and (trusted_ts is None or ts >= trusted_ts):

@@ -49,7 +49,8 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
      for w in ws]
     + ["failure_ratio_by_key_5m", "auth_fail_ratio_by_key_5m", "auth_fail_ratio_by_ip_5m",
        "distinct_ips_by_key_1h", "distinct_keys_by_ip_1h", "tokens_log_by_event",
-       "latency_log_ms_by_event", "tokens_zscore_by_key", "latency_zscore_by_key",
+       "latency_log_ms_by_event", "tokens_zscore_by_key", "tokens_peak_by_key_24h",
+       "tokens_vs_peak_by_key_24h", "latency_zscore_by_key",
        "history_events_by_key", "rate_vs_hour_of_week_by_key_1h", "hour_of_day_sin",
        "hour_of_day_cos", "day_of_week_sin", "day_of_week_cos", "geo_distance_km_by_key",
        "geo_elapsed_s_by_key", "geo_speed_kmh_by_key", "new_country_by_key", "new_asn_by_key",

@@ -229,6 +229,40 @@ def test_an_upstream_outage_is_not_the_keys_failure() -> None:
     assert bad.values["auth_fail_count_by_key_5m"] == 7.0  # 401 only
 
 
+def test_request_size_is_judged_against_the_keys_largest_normal_request_of_the_day() -> None:
+    """The bar is the largest request of the key's normal traffic in hours that ended at
+    least an hour ago: a stream of stuffed prompts, even if every one of them were learned,
+    cannot raise it for two hours; flagged (unlearned) ones never do; no history is
+    neutral."""
+    def sizes(i: int) -> int:
+        return 400 + (i * 37) % 2_600  # 400..2,999 tokens
+
+    fresh = run([{"timestamp": T0, "tokens": 50_000}])[-1]
+    assert fresh.values["tokens_vs_peak_by_key_24h"] == 1.0
+    assert fresh.values["tokens_peak_by_key_24h"] == 0.0
+    ratios: dict[str, list[float]] = {}
+    for learned in ("flagged", "learned"):
+        stream = FeatureStream(MemoryStore())
+        history = [{"timestamp": T0 + i * 600.0, "tokens": sizes(i)} for i in range(288)]
+        run(history, stream)
+        ts = T0 + 288 * 600.0
+        usual = run([{"timestamp": ts, "tokens": 2_500}], stream)[-1]
+        assert usual.values["tokens_peak_by_key_24h"] == max(
+            sizes(i) for i in range(288) if T0 + i * 600.0 >= (ts // 3600 - 24) * 3600)
+        assert usual.values["tokens_vs_peak_by_key_24h"] < 1.0
+        ratios[learned] = []
+        for i in range(450):  # 40,000-token prompts every 24 s for three hours
+            fv = stream.process(Event(api_key="sk-a", timestamp=ts + 30 + i * 24.0,
+                                      tokens=40_000), "k_sk-a")
+            if learned == "learned":
+                stream.learn(fv)
+            ratios[learned].append(fv.values["tokens_vs_peak_by_key_24h"])
+    assert min(ratios["flagged"]) > 13  # 40,000 / 2,999
+    first_two_hours = slice(0, 298)
+    assert ratios["learned"][first_two_hours] == ratios["flagged"][first_two_hours]
+    assert ratios["learned"][-1] == 1.0  # learned for two hours: the new size is the bar
+
+
 def test_a_flash_sale_lifts_everyone_so_no_key_stands_out() -> None:
     """Yesterday at this hour 10 keys made 10 calls each; today each makes 50 (a sale).
     The population is 5x its usual hour, so a key's own 5x is explained."""

@@ -167,6 +167,23 @@ def test_burst_against_baseline_spares_a_shared_surge() -> None:
                                                key_rate_vs_population_1h=20.0))
 
 
+def test_request_size_fires_far_beyond_the_days_largest_request() -> None:
+    big = {"tokens_vs_peak_by_key_24h": 16.0, "tokens_peak_by_key_24h": 2_500.0,
+           "tokens_log_by_event": math.log1p(40_000)}
+    assert "request_size" in fired(fv(**big))
+    finding = next(f for f in evaluate_rules(DEFAULT.active_rules(), RuleInput(
+        fv=fv(**big), signals=ModelSignals(), bans={})) if f.reason.code == "request_size")
+    assert finding.reason.message == ("request 16x the largest this key sent in normal "
+                                      "traffic over the last day (2,500 tokens)")
+    assert finding.reason.severity == "medium"
+    assert "request_size" not in fired(fv(**{**big, "tokens_vs_peak_by_key_24h": 6.0}))
+    # a tiny key's 10x is still a small request; no history is no bar; nor a new key
+    small = {**big, "tokens_peak_by_key_24h": 300.0, "tokens_log_by_event": math.log1p(3_000)}
+    assert "request_size" not in fired(fv(**small))
+    assert "request_size" not in fired(fv(**{**big, "tokens_peak_by_key_24h": 0.0}))
+    assert "request_size" not in fired(fv({"key_warm": False}, **big))
+
+
 def test_runaway_loop_and_unseen_model() -> None:
     # a synchronous loop: a few hundred requests in 5 minutes, the same prompt, answers of
     # varying size, far above the key's own rate

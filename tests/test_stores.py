@@ -23,6 +23,7 @@ from features.stores.base import (
     RECENT_COUNT,
     RING_ADD,
     RING_GET,
+    RING_MAX,
     RING_SUM,
     RING_VALUES,
     RING_WINDOWS,
@@ -44,7 +45,7 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
         kind = rng.choice(["get", "set", "del", "incr", "ring", "ring_get", "ring_sum", "ewm",
                            "recent", "recent_count", "seen", "zset", "zrem", "zitems",
                            "persist", "gap", "same", "gets", "windows", "values",
-                           "budget"])
+                           "budget", "ring_max"])
         stamp = int(ts // 60) - rng.randint(-1, 3)
         if kind == "get":
             ops.append((GET, rng.choice(["a", "b", "c"])))
@@ -58,6 +59,9 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             ops.append((RING_ADD, "r", stamp % 8, stamp, rng.choice([1, 3, 0.5])))
         elif kind == "ring_get":
             ops.append((RING_GET, "r", stamp % 8, stamp))
+        elif kind == "ring_max":
+            ops.append((RING_MAX, "mx", stamp % 8, stamp, rng.choice([1, 3, 0.5, 7, 2.25])))
+            ops.append((RING_VALUES, "mx", 8, 3, stamp, stamp - 1, stamp - 8))
         elif kind == "ring_sum":
             ops.append((RING_SUM, "r", 8, stamp - rng.randint(0, 9), stamp))
         elif kind == "ewm":
@@ -219,3 +223,17 @@ def test_a_non_finite_number_is_refused_not_sent_as_nil(redis_url: str) -> None:
             store.execute([EntityOps("k", "a", [(INCR, "n", bad)])])
     assert store.execute([EntityOps("k", "a", [(GET, "f"), (GET, "n")])]) == [["1.5", None]]
     store.close()
+
+
+def test_ring_max_keeps_the_largest_value_of_its_stamp(redis_url: str) -> None:
+    """A bucket keeps its stamp's largest value; a newer stamp starts it afresh; a value for
+    a stamp older than the bucket's is refused (None), on both stores alike."""
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="ringmax")):
+        res = store.execute([EntityOps("k", "a", [
+            (RING_MAX, "m", 3, 11, 5.0), (RING_MAX, "m", 3, 11, 2.0),
+            (RING_MAX, "m", 3, 11, 9.5), (RING_VALUES, "m", 8, 1, 11),
+            (RING_MAX, "m", 3, 19, 1.0), (RING_MAX, "m", 3, 11, 50.0),
+            (RING_VALUES, "m", 8, 2, 19, 11)])])
+        assert res == [[5.0, 5.0, 9.5, [9.5], 1.0, None, [1.0, 0.0]]], store.name
+        if isinstance(store, RedisStore):
+            store.close()

@@ -27,6 +27,8 @@ SET = "set"  # (SET, field, value: str) -> None
 DEL = "del"  # (DEL, field) -> None
 INCR = "incr"  # (INCR, field, amount: float) -> float (new value)
 RING_ADD = "ring_add"  # (RING_ADD, name, slot, stamp, amount) -> float | None (None: too late)
+RING_MAX = "ring_max"  # (RING_MAX, name, slot, stamp, value) -> float | None (None: too late)
+#   as RING_ADD, but the bucket keeps the largest value of its stamp instead of the sum
 RING_GET = "ring_get"  # (RING_GET, name, slot, stamp) -> float (0.0 when the slot is stale)
 RING_SUM = "ring_sum"  # (RING_SUM, name, size, stamp_lo, stamp_hi) -> float over live slots
 EWM = "ewm"  # (EWM, name, x, alpha) -> None; updates name:m, name:v, name:n
@@ -64,7 +66,7 @@ BUDGET_ADD = "budget_add"  # (BUDGET_ADD, name, period, amount, limit) -> [statu
 #   of an older, closed period changes nothing (status -1). Exact when amount and limit
 #   are integers (callers count micro-dollars), as every number is a double < 2**53.
 
-OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_GET, RING_SUM, EWM,
+OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
     ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD)
 PERSIST_FIELD = "_persist"

@@ -37,6 +37,7 @@ from features.stores.base import (
     RECENT_COUNT,
     RING_ADD,
     RING_GET,
+    RING_MAX,
     RING_SUM,
     RING_VALUES,
     RING_WINDOWS,
@@ -200,6 +201,26 @@ class MemoryStore(StateStore):
             cell[0] = stamp
             cell[1] = 0.0
         cell[1] += float(amount)
+        return cell[1]
+
+    def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
+        _, name, slot, stamp, value = op
+        ring = s.rings.get(name)
+        if ring is None:
+            ring = s.rings[name] = {}
+        value = float(value)
+        cell = ring.get(slot)
+        if cell is None:
+            ring[slot] = [stamp, value]
+            return value
+        held = cell[0]
+        if held > stamp:
+            return None
+        if held != stamp:
+            cell[0] = stamp
+            cell[1] = value
+        elif value > cell[1]:
+            cell[1] = value
         return cell[1]
 
     def _ring_get(self, s: _EntityState, op: tuple[Any, ...]) -> float:
@@ -412,6 +433,7 @@ _HANDLERS = {
     DEL: MemoryStore._del,
     INCR: MemoryStore._incr,
     RING_ADD: MemoryStore._ring_add,
+    RING_MAX: MemoryStore._ring_max,
     RING_GET: MemoryStore._ring_get,
     RING_SUM: MemoryStore._ring_sum,
     EWM: MemoryStore._ewm,

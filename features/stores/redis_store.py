@@ -35,6 +35,7 @@ from features.stores.base import (
     RECENT_COUNT,
     RING_ADD,
     RING_GET,
+    RING_MAX,
     RING_SUM,
     RING_VALUES,
     RING_WINDOWS,
@@ -48,7 +49,7 @@ from features.stores.base import (
 )
 
 _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
-_FLOAT_OPS = frozenset((INCR, RING_ADD, RING_GET, RING_SUM))
+_FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(

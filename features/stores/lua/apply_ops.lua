@@ -89,8 +89,8 @@ local function cap_z(zk, cap)
 end
 
 -- refuse an unknown op before anything is applied
-local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_get = 1, ring_sum = 1,
-  ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
+local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
+  ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
   gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
   budget_add = 1}
 for _, op in ipairs(ops) do
@@ -124,6 +124,20 @@ for _, op in ipairs(ops) do
       local amount = num(op[5])
       redis.call('HSET', h, tf, string.format('%d', stamp), vf, amount)
       out[#out + 1] = amount
+    end
+  elseif code == 'ring_max' then
+    local vf = op[2] .. ':' .. string.format('%d', op[3])
+    local tf = vf .. ':t'
+    local stamp = op[4]
+    local held = redis.call('HMGET', h, tf, vf)
+    if held[1] and tonumber(held[1]) > stamp then
+      out[#out + 1] = false
+    elseif held[1] and tonumber(held[1]) == stamp and tonumber(held[2] or '0') >= op[5] then
+      out[#out + 1] = held[2]
+    else  -- a fresh bucket, or a larger value: the bucket holds it
+      local value = num(op[5])
+      redis.call('HSET', h, tf, string.format('%d', stamp), vf, value)
+      out[#out + 1] = value
     end
   elseif code == 'ring_get' then
     local vf = op[2] .. ':' .. string.format('%d', op[3])
