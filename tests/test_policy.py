@@ -176,9 +176,9 @@ def test_request_size_fires_far_beyond_the_days_largest_request() -> None:
     assert finding.reason.message == ("request 16x the largest this key sent in normal "
                                       "traffic over the last day (2,500 tokens)")
     assert finding.reason.severity == "medium"
-    assert "request_size" not in fired(fv(**{**big, "tokens_vs_peak_by_key_24h": 6.0}))
+    assert "request_size" not in fired(fv(**{**big, "tokens_vs_peak_by_key_24h": 3.5}))
     # a tiny key's 10x is still a small request; no history is no bar; nor a new key
-    small = {**big, "tokens_peak_by_key_24h": 300.0, "tokens_log_by_event": math.log1p(3_000)}
+    small = {**big, "tokens_peak_by_key_24h": 1_000.0, "tokens_log_by_event": math.log1p(12_000)}
     assert "request_size" not in fired(fv(**small))
     assert "request_size" not in fired(fv(**{**big, "tokens_peak_by_key_24h": 0.0}))
     assert "request_size" not in fired(fv({"key_warm": False}, **big))
