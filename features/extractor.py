@@ -152,12 +152,12 @@ few even for a consumer app seen from thousands of residential networks."""
 HOSTING_ALPHA = 0.02
 """Weight of one event in the key's share of traffic from hosting networks."""
 SPEND_BASELINE_FLOOR_USD = 0.10
+"""The usual hourly spend is taken as at least this, so a key that usually spends a
+fraction of a cent is not "100x its rate" for a few cents."""
 SIZE_PEAK_RING = "tokok:h"
 """Each hour's largest request (tokens) among the key's events judged normal."""
 SIZE_PEAK_FLOOR_TOKENS = 256.0
 """A key whose largest request of the day was tiny is judged against this many tokens."""
-"""The usual hourly spend is taken as at least this, so a key that usually spends a
-fraction of a cent is not "100x its rate" for a few cents."""
 SPEND_NORMAL_RING = "spendok:h"
 """Hourly spend of the key's events judged normal: added by learning only, it is the
 spend baseline's history (see the module docstring)."""
