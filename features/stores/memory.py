@@ -205,22 +205,12 @@ class MemoryStore(StateStore):
 
     def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
         _, name, slot, stamp, value = op
-        ring = s.rings.get(name)
-        if ring is None:
-            ring = s.rings[name] = {}
         value = float(value)
-        cell = ring.get(slot)
-        if cell is None:
-            ring[slot] = [stamp, value]
-            return value
-        held = cell[0]
-        if held > stamp:
+        cell = s.rings.setdefault(name, {}).setdefault(slot, [stamp, value])
+        if cell[0] > stamp:
             return None
-        if held != stamp:
-            cell[0] = stamp
-            cell[1] = value
-        elif value > cell[1]:
-            cell[1] = value
+        if cell[0] != stamp or value > cell[1]:  # a newer hour starts afresh
+            cell[0], cell[1] = stamp, value
         return cell[1]
 
     def _ring_get(self, s: _EntityState, op: tuple[Any, ...]) -> float:
