@@ -105,7 +105,7 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
            "PYTHONPATH": str(ROOT)}
     client = redis.Redis.from_url(redis_url, decode_responses=True)
 
-    workers = [_worker(redis_url, "w1", env), _worker(redis_url, "w2", env)]
+    workers = [_worker(redis_url, "w1", env)]
     try:
         ingest = subprocess.run(
             [sys.executable, "-m", "serving.cli", "ingest", str(events_file),
@@ -113,19 +113,32 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
             timeout=60)
         assert ingest.returncode == 0, ingest.stderr
         assert json.loads(ingest.stderr.strip().splitlines()[-1])["ingested"] == len(lines)
+        deadline = time.monotonic() + 120  # generous: a loaded machine starts slowly
+        # the second worker joins once the first is consuming, so that on a loaded machine
+        # the first is not still starting when the other has drained the stream
+        while client.xlen("kw:decisions") < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers.append(_worker(redis_url, "w2", env))
+
         def w1_holds_a_batch() -> bool:
             return bool(client.xpending_range("kw:events", "keywatch", min="-", max="+",
                                               count=1, consumername="w1"))
 
-        deadline = time.monotonic() + 120  # generous: a loaded machine starts slowly
+        def w2_consumes() -> bool:
+            return any(c["name"] == "w2" for c in client.xinfo_consumers("kw:events",
+                                                                        "keywatch"))
+
+        held = False
         while time.monotonic() < deadline:
-            if client.xlen("kw:decisions") >= n // 3:
+            if client.xlen("kw:decisions") >= n // 3 and w2_consumes():
                 # freeze it, then look: it cannot ack its batch between the look and the kill
                 workers[0].send_signal(signal.SIGSTOP)
-                if w1_holds_a_batch():
+                held = w1_holds_a_batch()
+                if held:
                     break
                 workers[0].send_signal(signal.SIGCONT)
             time.sleep(0.002)
+        assert held, "the first worker was never seen holding a batch"
         workers[0].send_signal(signal.SIGKILL)  # mid-stream, batch in hand
         _, err = workers[1].communicate(timeout=90)
         assert workers[1].returncode == 0, err
