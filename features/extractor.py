@@ -41,8 +41,8 @@ against the largest request (`tokens_peak_by_key_24h`) the key sent in normal tr
 the last day, from an hour ring that keeps each hour's largest learned request, again
 counting only hours that ended at least an hour ago. A z-score against a running mean
 says little on a key whose sizes vary by orders of magnitude, and it learns a stream of
-stuffed prompts within a few dozen of them; "8x anything this key sent all day" means the
-same on every key, and no request can raise the bar within the hour it is judged.
+stuffed prompts within a few dozen of them; "several times anything this key sent all day"
+means the same on every key, and no request can raise the bar within the hour it is judged.
 
 Time is event time. Counters live in a minute ring (8 min) and an hour ring (26 h), so a
 late event is still counted in its own bucket: up to 8 minutes late it counts in every
@@ -419,12 +419,12 @@ class FeatureExtractor:
         kidx["spend"] = len(kops)
         kops.append((RING_WINDOWS, "spend:m", MINUTE_RING_SIZE, stamp_m, 1, 5))
         kops.append((RING_WINDOWS, "spend:h", HOUR_RING_SIZE, stamp_h, 2, 1, 24))
-        kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23,
-                     *range(stamp_h - 2, stamp_h - 25, -1)))
+        # the normal-value rings are read over the hours that ended at least an hour ago
+        past_hours = range(stamp_h - 2, stamp_h - 25, -1)
+        kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23, *past_hours))
         kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
         kidx["size_peak"] = len(kops)
-        kops.append((RING_VALUES, SIZE_PEAK_RING, HOUR_RING_SIZE, 23,
-                     *range(stamp_h - 2, stamp_h - 25, -1)))
+        kops.append((RING_VALUES, SIZE_PEAK_RING, HOUR_RING_SIZE, 23, *past_hours))
         if source_ip:
             kidx["distinct_ips"] = len(kops)
             kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
@@ -692,6 +692,7 @@ class FeatureExtractor:
             "source_ip": event.source_ip,
             "timestamp": ts,
             "key_warm": tok[2] >= WARM_EVENTS,
+            "tokens": event.tokens,
             "baseline_tokens_mean": math.expm1(tok[0]) if tok[2] else None,
             "baseline_requests_1h": expected if rate[2] else None,
             "country": geo.country,
@@ -736,10 +737,9 @@ class FeatureExtractor:
         cost = values["cost_usd_by_event"]
         if cost:
             ops.append((RING_ADD, SPEND_NORMAL_RING, stamp_h % HOUR_RING_SIZE, stamp_h, cost))
-        tokens = math.expm1(values["tokens_log_by_event"])  # the event's own count, exactly
-        if tokens >= 0.5:
+        if ctx["tokens"]:
             ops.append((RING_MAX, SIZE_PEAK_RING, stamp_h % HOUR_RING_SIZE, stamp_h,
-                        float(round(tokens))))
+                        float(ctx["tokens"])))
         lat, lon, country = ctx.get("lat"), ctx.get("lon"), ctx.get("country")
         trusted_ts = ctx.get("trusted_seen_ts")
         if lat is not None and lon is not None and (trusted_ts is None or ts >= trusted_ts):
