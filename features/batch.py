@@ -12,7 +12,7 @@ normal, or at least representative); pass `learn=False` to learn nothing, or a c
 `learn(i, fv) -> bool` (row position, feature vector) to decide per event — for example
 to skip labelled attacks, or to mirror what a running scorer decided.
 
-Cost: about the memory-store speed of `features.bench` (tens of thousands of events per
+Cost: about the memory-store speed of `benchmarks.features_bench` (tens of thousands of events per
 second), one Python pass; memory grows with the distinct keys and addresses (bounded by
 `max_entities`).
 """

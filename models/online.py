@@ -7,9 +7,9 @@ reference window of 1000 events), wrapped with *protected learning*, a warm-up, 
 output and checksummed checkpoints.
 
 How it was chosen. Prequential runs (score, then learn) on 20,000 synthetic feature vectors
-(``models/_synthetic.py``: 15 features, 2 % injected anomalies of five kinds, shuffled), ROC AUC
-over the events after a 3,000-event warm-up, score+learn speed on one core of this machine
-(2 cores, shared, so speeds vary by ~20 % run to run):
+(``tests/support/synthetic.py``: 15 features, 2 % injected anomalies of five kinds,
+shuffled), ROC AUC over the events after a 3,000-event warm-up, score+learn speed on one
+core of this machine (2 cores, shared, so speeds vary by ~20 % run to run):
 
 =====================================  =========  ==========  ======================
 model                                  AUC        AUC         events/s

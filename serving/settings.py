@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_batch_events: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     memory_max_entities: int = 200_000
-    # operator-facing (serving/ops.py): alerts, SIEM export, key activity
+    # operator-facing (serving/alerts/operations.py): alerts, SIEM export, key activity
     alert_min_severity: Literal["none", "low", "medium", "high", "critical"] = "medium"
     alert_dedup_window_s: float = Field(default=600.0, gt=0)
     alert_ring_size: int = Field(default=10_000, ge=1)
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     stream_claim_idle_ms: int = Field(default=30_000, ge=100)
     stream_dedupe_ttl_s: int = Field(default=86_400, ge=60)
     stream_delete_acked: bool = True
-    # spend and the security report (features/pricing.py, serving/report.py)
+    # spend and the security report (features/pricing.py, serving/reports/report.py)
     prices: Path | None = None
     """Price file (YAML/JSON, the policy's `pricing:` schema) over the packaged prices."""
     report_daily_at: str | None = None

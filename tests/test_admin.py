@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
-from serving.app import create_app
+from serving.api.app import create_app
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -9,12 +9,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
-from serving.alert_sinks import WebhookSink, slack_body
-from serving.alerts import AlertPipeline, AlertQuery
-from serving.app import create_app
-from serving.decision import Action, Decision, Reason
-from serving.feedback import feedback_for_retrain
-from serving.jsonl_writer import RotatingJsonlWriter
+from serving.alerts.feedback import feedback_for_retrain
+from serving.alerts.pipeline import AlertPipeline, AlertQuery
+from serving.alerts.sinks import WebhookSink, slack_body
+from serving.api.app import create_app
+from serving.engine.decision import Action, Decision, Reason
+from serving.engine.jsonl_writer import RotatingJsonlWriter
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, closed_port_url
 

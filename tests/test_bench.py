@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.bench import format_report, run_bench
+from benchmarks.suite import format_report, run_bench
 
 
 def test_bench_smoke_writes_every_figure_with_its_baseline(

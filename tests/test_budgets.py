@@ -10,9 +10,9 @@ from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import RedisStore
-from serving.budgets import period_bounds
-from serving.policy import PolicyError, parse_policy
-from serving.scorer import Scorer
+from serving.engine.budgets import period_bounds
+from serving.engine.scorer import Scorer
+from serving.policy.schema import PolicyError, parse_policy
 
 SECRET = "budget-secret-0123456789abcdef"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday

@@ -27,10 +27,10 @@ import httpx
 import pytest
 
 from features.contract import parse_timestamp
-from serving.alerts import AlertPipeline
-from serving.app import create_app
-from serving.decision import Decision, Reason
-from serving.decision_stats import DecisionStats
+from serving.alerts.pipeline import AlertPipeline
+from serving.alerts.stats import DecisionStats
+from serving.api.app import create_app
+from serving.engine.decision import Decision, Reason
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.ops_servers import serve_in_thread
 from training.simulator import simulate
@@ -224,7 +224,7 @@ def test_unban_flow_the_button_uses(fed_server: FedServer) -> None:
         audit = http.get("/admin/audit", params={"limit": 5}).json()["entries"]
         assert [e["action"] for e in audit[:2]] == ["unban", "unban"]
 
-    script = (REPO / "serving" / "static" / "dashboard.js").read_text(encoding="utf-8")
+    script = (REPO / "serving" / "api" / "static" / "dashboard.js").read_text(encoding="utf-8")
     assert '"/admin/unban"' in script and "{ key: ban.target" in script
     assert "{ ip: ban.target" in script
 

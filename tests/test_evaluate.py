@@ -144,7 +144,7 @@ def test_judging_counts_what_it_says(tmp_path: Path) -> None:
 
 def test_cli_refuses_a_directory_that_is_not_a_simulation(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "evaluate", "--data",
+    proc = subprocess.run([sys.executable, "-m", "serving.cli.main", "evaluate", "--data",
                            str(tmp_path)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=60, check=False)
     assert proc.returncode == 2

@@ -8,8 +8,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from features.contract import Event
-from serving.app import create_app
-from serving.event_log import EventLog, read_event_log
+from serving.api.app import create_app
+from serving.engine.event_log import EventLog, read_event_log
 from tests.conftest import make_settings
 
 T0 = 1_794_999_960

@@ -23,7 +23,7 @@ from features.keys import KeyHasher
 from features.stores.base import EntityOps
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import RedisStore
-from serving.scorer import Scorer
+from serving.engine.scorer import Scorer
 
 SECRET = "equivalence-secret-0123456789"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from features.extractor import FeatureVector
-from serving.decision import Reason
-from serving.fusion import fuse, model_strength
-from serving.rules import Finding
-from serving.signals import ModelSignals
+from models.signals import ModelSignals
+from serving.engine.decision import Reason
+from serving.policy.fusion import fuse, model_strength
+from serving.policy.rules import Finding
 
 
 def finding(code: str, severity: str, group: str | None = None, kind: str = "rule",
@@ -94,7 +94,7 @@ def test_a_surge_the_population_shares_is_not_escalated_by_models() -> None:
 
 
 def test_models_alone_max_is_configurable() -> None:
-    from serving.policy import FusionConfig
+    from serving.policy.schema import FusionConfig
 
     signals = ModelSignals(population=0.995, offline=0.995, top_features=TOP)
     assert fuse([], signals, FV, FusionConfig(models_alone_max="high")).severity == "high"

@@ -16,11 +16,11 @@ from pydantic import BaseModel
 
 from features.keys import KeyHasher
 from features.stores.base import EntityOps
-from serving.app import create_app
+from serving.api.app import create_app
 from serving.client import KeywatchClient
-from serving.event_log import read_event_log
+from serving.engine.event_log import read_event_log
 from serving.middleware import KeywatchMiddleware
-from serving.responses import add_ban_reads, ban_ops, read_ban
+from serving.policy.responses import add_ban_reads, ban_ops, read_ban
 from tests.conftest import TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, closed_port_url, serve_in_thread
 

@@ -22,9 +22,9 @@ import pytest
 from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.memory import MemoryStore
-from serving.decision import Decision
-from serving.policy import load_policy
-from serving.scorer import Scorer
+from serving.engine.decision import Decision
+from serving.engine.scorer import Scorer
+from serving.policy.schema import load_policy
 from tests.conftest import TEST_SECRET
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
-from serving.app import create_app
-from serving.event_log import read_event_log
+from serving.api.app import create_app
+from serving.engine.event_log import read_event_log
 from tests.conftest import TEST_SECRET, make_settings
 from tests.ops_servers import serve_in_thread
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.event_log import read_event_log
-from serving.http_load import run_load
+from benchmarks.http_load import run_load
+from serving.engine.event_log import read_event_log
 from tests.conftest import TEST_SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_sustained_load_has_no_errors_no_lost_events_and_flat_memory(tmp_path: P
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET, "KEYWATCH_DATA_DIR": str(tmp_path),
            "KEYWATCH_STORE": "memory", "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env",
+        [sys.executable, "-m", "uvicorn", "--factory", "serving.api.app:app_from_env",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from serving.cli import build_parser
-from serving.logging_setup import configure_logging, make_handler
-from serving.redaction import redact_text
+from serving.cli.main import build_parser
+from serving.observability.logging_setup import configure_logging, make_handler
+from serving.observability.redaction import redact_text
 
 RAW = "sk-live-Zq8xT3vN9wLp2RkY"
 

@@ -6,7 +6,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
+from serving.api.app import create_app
 from tests.conftest import make_settings
 from tests.ops_servers import closed_port_url
 from tests.test_alerts import failing_events

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from models._synthetic import FEATURE_NAMES, anomalies, normal_traffic, traffic
 from models.offline import NotFittedError, OfflineDetector
+from tests.support.synthetic import FEATURE_NAMES, anomalies, normal_traffic, traffic
 
 
 @pytest.fixture(scope="module")

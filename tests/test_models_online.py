@@ -11,9 +11,9 @@ import pytest
 from river import drift
 from sklearn.metrics import roc_auc_score
 
-from models._synthetic import anomalies, normal_traffic, traffic
 from models.integrity import ModelIntegrityError
 from models.online import KeyBaseline, PageHinkleyState, PopulationDetector
+from tests.support.synthetic import anomalies, normal_traffic, traffic
 
 # ---------------------------------------------------------------- population detector
 
@@ -324,7 +324,7 @@ def test_drift_detector_marks_a_change_of_regime_and_rebaseline() -> None:
 def test_baseline_store_encoding_round_trips_and_reads_the_old_json_form(caplog) -> None:
     import json
 
-    from serving.detectors import decode_baseline, encode_baseline
+    from models.detectors import decode_baseline, encode_baseline
 
     baseline = KeyBaseline(min_observations=3)
     for rate in [10, 12, 9.5, 0.0, 1e-300, 3e8]:

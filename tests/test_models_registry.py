@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from models._synthetic import FEATURE_NAMES, normal_traffic
 from models.offline import OfflineDetector
 from models.registry import ModelIntegrityError, ModelRegistry, RegistryError
+from tests.support.synthetic import FEATURE_NAMES, normal_traffic
 
 EVENT = {"requests_count_by_key_1m": 90.0, "interarrival_cv_by_key_5m": 0.01}
 

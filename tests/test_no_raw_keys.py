@@ -17,10 +17,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
-from serving.app import create_app
+from serving.api.app import create_app
 from serving.client import KeywatchClient
-from serving.logging_setup import JsonFormatter
 from serving.middleware import KeywatchMiddleware
+from serving.observability.logging_setup import JsonFormatter
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, serve_in_thread
 from tests.test_gateway import add_check_stand_in

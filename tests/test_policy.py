@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from features.extractor import FeatureVector
-from serving.policy import PolicyError, PolicySource, load_policy, parse_policy
-from serving.rules import BanView, RuleInput, evaluate_rules
-from serving.signals import ModelSignals
+from models.signals import ModelSignals
+from serving.policy.rules import BanView, RuleInput, evaluate_rules
+from serving.policy.schema import PolicyError, PolicySource, load_policy, parse_policy
 
 DEFAULT = load_policy()
 
@@ -94,7 +94,7 @@ def test_each_rule_type_validates_its_own_params(snippet: str, fragment: str) ->
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "serving.cli.main", *args], capture_output=True,
                           text=True, timeout=60, check=False,
                           env={**os.environ, "KEYWATCH_SECRET": "x" * 20})
 
@@ -106,7 +106,7 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"{bad}:6: rules[0] (rate_limit_1m).params.limit" in proc.stderr
     good = tmp_path / "good.yaml"
-    good.write_text((Path(__file__).parents[1] / "serving/default_policy.yaml").read_text())
+    good.write_text((Path(__file__).parents[1] / "serving/policy/default_policy.yaml").read_text())
     proc = run_cli("policy", "check", str(good))
     assert proc.returncode == 0, proc.stderr
     assert "ok: 22 rules" in proc.stdout
@@ -249,7 +249,7 @@ def test_a_running_scorer_picks_up_a_policy_change(tmp_path: Path) -> None:
     from features.contract import Event
     from features.keys import KeyHasher
     from features.stores.memory import MemoryStore
-    from serving.scorer import Scorer
+    from serving.engine.scorer import Scorer
 
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY_A.replace("limit: 10", "limit: 1000"))

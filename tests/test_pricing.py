@@ -10,8 +10,8 @@ from features.contract import Event
 from features.extractor import FeatureExtractor, FeatureStream
 from features.pricing import PriceTable, PricingConfig, load_price_file
 from features.stores.memory import MemoryStore
-from serving.impact import impact_of
-from serving.policy import parse_policy
+from serving.policy.schema import parse_policy
+from serving.reports.impact import impact_of
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -169,8 +169,8 @@ def test_impact_report_states_the_money_that_would_have_been_saved() -> None:
 
 def test_default_policy_alerts_on_a_key_burning_20x_its_usual_spend() -> None:
     from features.extractor import FeatureVector
-    from serving.policy import load_policy
-    from serving.rules import RuleInput, evaluate_rules
+    from serving.policy.rules import RuleInput, evaluate_rules
+    from serving.policy.schema import load_policy
 
     rules = load_policy().active_rules()
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import create_app
+from serving.api.app import create_app
 from tests.conftest import TEST_SECRET, make_settings
 
 T0 = 1_794_999_960
@@ -35,7 +35,7 @@ def traffic() -> list[dict[str, object]]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET}
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "serving.cli.main", *args], capture_output=True,
                           text=True, env=env, timeout=300, check=False)
 
 
@@ -106,7 +106,7 @@ def test_replay_through_redis_matches_memory(tmp_path: Path, redis_url: str) -> 
 @pytest.mark.parametrize("env", [{}, {"KEYWATCH_SECRET": ""}])
 def test_service_refuses_to_start_without_a_secret(env: dict[str, str]) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYWATCH_")}
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "serving.cli.main", "serve", "--port", "0"],
                           capture_output=True, text=True, env={**clean, **env}, timeout=60,
                           check=False)
     assert proc.returncode == 2

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
-from serving.app import create_app
-from serving.cli import main
-from serving.report_schedule import ReportScheduler, next_weekly, parse_weekly
+from serving.api.app import create_app
+from serving.cli.main import main
+from serving.schedules.reports import ReportScheduler, next_weekly, parse_weekly
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from training.simulator import simulate
 

@@ -8,9 +8,9 @@ from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.base import GET, EntityOps
 from features.stores.memory import MemoryStore
-from serving.policy import parse_policy
-from serving.responses import PERMANENT, BanState, EscalationLadder
-from serving.scorer import Scorer
+from serving.engine.scorer import Scorer
+from serving.policy.responses import PERMANENT, BanState, EscalationLadder
+from serving.policy.schema import parse_policy
 from tests.conftest import TEST_SECRET
 
 T0 = 1_794_999_960

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from features.stores.base import EntityOps
 from features.stores.memory import MemoryStore
 from features.stores.snapshot import MAGIC, SnapshotError
-from serving.app import create_app
+from serving.api.app import create_app
 from serving.settings import Settings
 from tests.conftest import make_settings
 from tests.test_stores import random_ops

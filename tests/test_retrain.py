@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
 from models.registry import ModelRegistry
-from serving.app import create_app
-from serving.schedule import next_run, parse_daily_time
+from serving.api.app import create_app
+from serving.schedules.retrain import next_run, parse_daily_time
 from tests.conftest import TEST_SECRET, make_settings
 from training.retrain import Gates, retrain
 from training.simulator import simulate
@@ -94,7 +94,7 @@ def test_retrain_cli_and_models_cli(sim_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "serving.cli", *args],
+        return subprocess.run([sys.executable, "-m", "serving.cli.main", *args],
                               capture_output=True, text=True, env=env, timeout=600,
                               check=False)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from serving.app import create_app
+from serving.api.app import create_app
 from tests.conftest import ADMIN_TOKEN, make_settings
 
 APP = create_app(make_settings(data_dir=Path(tempfile.mkdtemp(prefix="keywatch-st-"))))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from serving.alerts import AlertPipeline, AlertQuery
-from serving.app import create_app
-from serving.jsonl_writer import RotatingJsonlWriter, read_jsonl
-from serving.siem import SiemExporter, detection_finding
+from serving.alerts.pipeline import AlertPipeline, AlertQuery
+from serving.alerts.siem import SiemExporter, detection_finding
+from serving.api.app import create_app
+from serving.engine.jsonl_writer import RotatingJsonlWriter, read_jsonl
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.test_alerts import KEY_A, T0, decision, failing_events
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from serving.worker import WorkerConfig, _parse, build_worker
+from serving.cli.worker import WorkerConfig, _parse, build_worker
 from tests.conftest import TEST_SECRET, make_settings
 from tests.state_probe import redis_request_total
 
@@ -88,7 +88,7 @@ def test_a_redelivered_event_is_neither_counted_twice_nor_decided_differently(
 
 def _worker(url: str, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "worker", "--store", url, "--consumer", name,
+        [sys.executable, "-m", "serving.cli.main", "worker", "--store", url, "--consumer", name,
          "--claim-idle-ms", "1000", "--block-ms", "200", "--count", "32",
          "--exit-when-idle", "2.5", "--log-level", "warning"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -108,7 +108,7 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
     workers = [_worker(redis_url, "w1", env)]
     try:
         ingest = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "ingest", str(events_file),
+            [sys.executable, "-m", "serving.cli.main", "ingest", str(events_file),
              "--store", redis_url], env=env, cwd=ROOT, capture_output=True, text=True,
             timeout=60)
         assert ingest.returncode == 0, ingest.stderr

@@ -56,10 +56,10 @@ from tqdm import tqdm
 
 from features.contract import parse_timestamp
 from features.keys import KeyHasher
-from serving.decision import SEVERITIES, Decision
-from serving.replay import count_lines, iter_records, parse_record
-from serving.scorer import Scorer
-from serving.signals import ModelSignals
+from models.signals import ModelSignals
+from serving.engine.decision import SEVERITIES, Decision
+from serving.engine.replay import count_lines, iter_records, parse_record
+from serving.engine.scorer import Scorer
 
 log = logging.getLogger("keywatch.evaluate")
 
@@ -349,9 +349,9 @@ def replay_in_workers(events_path: Path, names: Sequence[str], *, model_dir: Pat
 def build_variant(name: str, *, model_dir: Path | None,
                   secret: str = EVALUATION_SECRET) -> Scorer:
     """A fresh scorer for one evaluation variant, built the way the service builds its
-    own (`serving.app.build_scorer`): a fresh memory store, a fresh population model,
+    own (`serving.api.app.build_scorer`): a fresh memory store, a fresh population model,
     the registry's promoted offline model."""
-    from serving.app import build_scorer
+    from serving.api.app import build_scorer
     from serving.settings import Settings
 
     if name not in VARIANTS:

@@ -1,0 +1,246 @@
+"""The detectors in the scoring path: online population model, per-key baselines and the
+offline Isolation Forest, turned into calibrated `ModelSignals` for fusion.
+
+- The population model (River HalfSpaceTrees, protected) lives in this process and is
+  checkpointed to disk; it learns only from events the whole pipeline left unflagged.
+- Each key's adaptive baseline (rate and size, with a Page-Hinkley change detector) lives in
+  the state store as one field of the key's hash, so every replica shares it: it is read in
+  the event's single round trip and written back with the next one. Replicas updating the
+  same key at the same instant may lose one update; that moves a mean by a fraction of a
+  percent, whereas counters, limits and bans stay exact.
+- The offline model comes from the registry, is verified before loading, and is
+  hot-reloaded when a new version is promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from features.extractor import FeatureVector, Plan
+from features.stores.base import GET, SET, EntityOps
+from models.feature_space import to_model_space
+from models.offline import OfflineDetector
+from models.online import KeyBaseline, PendingEvent, PopulationDetector
+from models.registry import ModelRegistry
+from models.signals import ModelSignals
+
+log = logging.getLogger("keywatch.detectors")
+
+BASELINE_FIELD = "kb"
+
+
+def baseline_percentile(z: float) -> float:
+    """A z-score as a percentile-like number, distribution-free.
+
+    Cantelli's inequality bounds the one-sided tail of ANY distribution by 1 / (1 + z²),
+    so 1 - 1/(1 + z²) never overstates how unusual a deviation is, however heavy-tailed
+    the key's traffic: z = 10 reads as 0.99, z = 31.6 as 0.999.
+    """
+    if z <= 0:
+        return 0.0
+    return 1.0 - 1.0 / (1.0 + z * z)
+
+
+def encode_baseline(baseline: KeyBaseline) -> str:
+    """The key's baseline as one store field: its floats, comma-separated (repr round-trips
+    every float exactly, and is several times cheaper than JSON on every event)."""
+    return ",".join(map(repr, baseline.to_row()))
+
+
+def decode_baseline(raw: str | bytes | None, params: dict[str, Any]) -> KeyBaseline:
+    """Read what `encode_baseline` wrote; also reads the JSON form written by earlier
+    versions. A value that is neither is logged and replaced by a fresh baseline: one key's
+    baseline restarting is better than every event of that key failing."""
+    if not raw:
+        return KeyBaseline(**params)
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        if text.startswith("{"):
+            return KeyBaseline.from_state(json.loads(text), **params)
+        return KeyBaseline.from_row(text.split(","), **params)
+    except (ValueError, TypeError) as exc:
+        log.error("unreadable key baseline %r, starting afresh: %s", text[:80], exc)
+        return KeyBaseline(**params)
+
+
+@dataclass(slots=True)
+class DetectorState:
+    """What `signals` computed for one event, for `after` to learn from."""
+
+    key_id: str
+    baseline: KeyBaseline
+    rate: float
+    tokens: float
+    pending: PendingEvent | None
+
+
+class Detectors:
+    """Model side of the pipeline; thread-safe.
+
+    Parameters
+    ----------
+    feature_names:
+        Model features, in order (see `models.feature_space`).
+    population:
+        The online population detector, or None to run without it.
+    registry:
+        Where the promoted offline model is found; None to run without it.
+    reload_interval_s:
+        How often the registry's `current` pointer is checked for a new version.
+    """
+
+    def __init__(
+        self,
+        *,
+        feature_names: list[str],
+        population: PopulationDetector | None = None,
+        registry: ModelRegistry | None = None,
+        reload_interval_s: float = 10.0,
+        baseline_params: dict[str, Any] | None = None,
+    ) -> None:
+        self.feature_names = feature_names
+        self.population = population
+        self.registry = registry
+        self.reload_interval_s = reload_interval_s
+        self.baseline_params = baseline_params or {}
+        self.offline: OfflineDetector | None = None
+        self.offline_version: str | None = None
+        self.load_error: str | None = None
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+        self.reload(force=True)
+
+    # ---- offline model ------------------------------------------------------------------
+    def reload(self, *, force: bool = False) -> bool:
+        """Load the registry's current model if it changed; True when a new one loaded.
+
+        A model that fails verification is refused and the one in use is kept.
+        """
+        if self.registry is None:
+            return False
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return False
+        self._next_check = now + self.reload_interval_s
+        try:
+            version = self.registry.current_version()
+        except Exception as exc:
+            self.load_error = f"registry unreadable: {exc}"
+            return False
+        if version is None or version == self.offline_version:
+            return False
+        try:
+            model = self.registry.load(version, expected_features=self.feature_names)
+        except Exception as exc:
+            self.load_error = f"model {version} refused: {exc}"
+            log.error("offline model %s refused, keeping %s: %s", version,
+                      self.offline_version, exc)
+            return False
+        with self._lock:
+            self.offline, self.offline_version = model, version
+        self.load_error = None
+        log.info("offline model %s loaded", version)
+        return True
+
+    def versions(self) -> dict[str, str | None]:
+        online = self.population.version if self.population is not None else None
+        return {"online": online, "offline": self.offline_version}
+
+    # ---- scoring path -------------------------------------------------------------------
+    def plan(self, plan: Plan) -> int:
+        """Queue the read of the key's baseline in the event's round trip."""
+        return plan.key_ops.add(GET, BASELINE_FIELD)
+
+    def signals(self, fv: FeatureVector, raw_baseline: str | None) -> tuple[ModelSignals,
+                                                                             DetectorState]:
+        self.reload()
+        x = to_model_space(fv.values, self.feature_names)
+        baseline = decode_baseline(raw_baseline, self.baseline_params)
+        rate = fv.values.get("requests_count_by_key_1m", 0.0)
+        tokens = math.expm1(fv.values.get("tokens_log_by_event", 0.0))
+        z = baseline.zscores(rate=rate, tokens=tokens)
+        signals = ModelSignals()
+        if z.warm:
+            signals.key_baseline = baseline_percentile(max(z.rate_z, z.tokens_z))
+        signals.key_drift = bool(baseline.ph.drift)
+        pending = None
+        with self._lock:
+            if self.population is not None:
+                pending = self.population.score_pending(x)
+                if self.population.warm:
+                    signals.population = pending.score
+            offline = self.offline
+        row = None
+        if offline is not None:
+            row = offline.vector(x)
+            signals.offline = offline.percentile_of_row(row)
+
+        def explain() -> list[tuple[str, float]]:
+            top: list[tuple[str, float]] = []
+            if offline is not None and row is not None:
+                top = [(d.feature, d.z) for d in offline.deviations_of_row(row, k=3)]
+            if z.warm and not top:
+                top = sorted([("requests_count_by_key_1m", z.rate_z),
+                              ("tokens_log_by_event", z.tokens_z)], key=lambda t: -abs(t[1]))
+            return top
+
+        signals.explain = explain
+        signals.versions = self.versions()
+        return signals, DetectorState(fv.context["key_id"], baseline, rate, tokens, pending)
+
+    def after(self, state: DetectorState, *, flagged: bool) -> list[EntityOps]:
+        """Learn from an event the pipeline did not flag; always track the key's regime.
+
+        Returns the store write of the key's baseline (sent with the next round trip).
+        """
+        state.baseline.update(rate=state.rate, tokens=state.tokens, allow_learn=not flagged)
+        if not flagged and state.pending is not None and self.population is not None:
+            with self._lock:
+                self.population.learn_pending(state.pending)
+        ops = EntityOps("k", state.key_id)
+        ops.add(SET, BASELINE_FIELD, encode_baseline(state.baseline))
+        return [ops]
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_population(self, path: Path) -> str | None:
+        if self.population is None:
+            return None
+        with self._lock:
+            return self.population.save(path)
+
+
+def load_population(path: Path | None, feature_names: list[str], *,
+                    seed: int = 0) -> PopulationDetector:
+    """Restore the checkpointed population model, or start a fresh one.
+
+    A checkpoint that fails its checksum is refused (logged) and a fresh model starts:
+    an unverified pickle is never loaded.
+    """
+    if path is not None and Path(path).exists():
+        try:
+            return PopulationDetector.load(path)
+        except Exception as exc:
+            log.error("population checkpoint %s refused, starting fresh: %s", path, exc)
+    # 15 trees: the same ROC AUC as 25 on our measurements, at 1.6x the speed. Learning
+    # one accepted event in two over a 500-event window spans the same 1,000 events as
+    # learning all of them over 1,000, for half the cost.
+    return PopulationDetector(feature_names=feature_names, n_trees=15, window_size=500,
+                              learn_every=2, seed=seed)
+
+
+def build_detectors(*, model_dir: Path | None, checkpoint: Path | None,
+                    feature_names: list[str], seed: int = 0,
+                    reload_interval_s: float = 10.0) -> Detectors:
+    """Detectors for a service or a replay: the population model (restored from the
+    checkpoint when one is given) and the registry's promoted offline model, if any."""
+    registry = ModelRegistry(model_dir) if model_dir is not None else None
+    return Detectors(feature_names=feature_names,
+                     population=load_population(checkpoint, feature_names, seed=seed),
+                     registry=registry, reload_interval_s=reload_interval_s)

@@ -1,0 +1,363 @@
+"""The one path from an event to a decision, shared by the API, `replay` and notebooks.
+
+event → key id → features (one store round trip, which also reads the ban state of the
+key and the address, and refreshes the allow-list cache when it is stale) → detectors →
+rules (the policy in force, hot-reloaded) → fusion → response → decision.
+
+Shadow mode is computed, not skipped: rules in `monitor` mode, a global dry-run and the
+allow-list all go through the same fusion and response planning, and the decision
+carries what *would* have happened (`would`) while nothing is enforced.
+
+Money: the event's cost is priced in the feature extractor (the policy's `pricing:` over
+the packaged list prices), budgets are checked and counted exactly in the same round trip
+(`serving.engine.budgets`), and every decision carries the money at stake (`serving.engine.money`).
+
+Baseline learning happens only for events that were not flagged,
+and is sent to the store ahead of the next event's operations, so it costs no extra
+round trip and an attacker cannot teach the baselines that the attack is normal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from features.contract import Event, event_time_iso
+from features.extractor import IP, KEY, FeatureExtractor, FeatureVector
+from features.keys import KeyHasher
+from features.pricing import PriceTable, PricingConfig
+from features.stores.base import EntityOps, StateStore
+from models.detectors import Detectors
+from models.signals import ModelSignals
+from serving.engine.budgets import budget_response, plan_budgets
+from serving.engine.decision import Action, Decision, Outcome, Reason, severity_rank
+from serving.engine.money import money_of, state_money
+from serving.policy.fusion import SEVERITY_SCORE, fuse
+from serving.policy.responses import (
+    AllowListCache,
+    BanState,
+    EscalationLadder,
+    add_ban_reads,
+    ban_writes,
+    plan_response,
+    read_ban,
+)
+from serving.policy.rules import RuleInput, evaluate_rules
+from serving.policy.schema import Policy, PolicySource, load_policy
+
+__all__ = ["SEVERITY_SCORE", "CheckResult", "Scorer", "decision_line"]
+
+log = logging.getLogger("keywatch.scorer")
+
+SignalsFn = Callable[[FeatureVector], ModelSignals]
+
+
+@dataclass(slots=True)
+class CheckResult:
+    """The gateway pre-flight answer: may this key (from this address) call now?"""
+
+    key_id: str
+    allowed: bool
+    reason: str | None = None
+    retry_after_s: int | None = None
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "allowed": self.allowed, "reason": self.reason,
+                "retry_after_s": self.retry_after_s, "dry_run": self.dry_run}
+
+
+class Scorer:
+    """Scores events against shared state; safe to call from several threads.
+
+    Parameters
+    ----------
+    policy:
+        A `Policy`, a `PolicySource` (hot-reloaded file) or None for the packaged policy.
+    signals_fn:
+        Turns a feature vector into `ModelSignals`; None means no models yet (every score
+        None), so fusion runs on rules alone.
+    dry_run:
+        Score, explain and alert, never enforce (also settable in the policy file).
+    prices:
+        Model prices from the settings (`KEYWATCH_PRICES`); the policy's `pricing:` is
+        applied over them. None with an empty policy section: the extractor's own table.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        hasher: KeyHasher,
+        extractor: FeatureExtractor | None = None,
+        policy: Policy | PolicySource | None = None,
+        dry_run: bool = False,
+        signals_fn: SignalsFn | None = None,
+        detectors: Detectors | None = None,
+        allow_list_ttl_s: float = 5.0,
+        prices: PricingConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.hasher = hasher
+        self.extractor = extractor or FeatureExtractor()
+        if isinstance(policy, PolicySource):
+            self.policy_source = policy
+        else:
+            self.policy_source = PolicySource.fixed(policy if policy is not None
+                                                    else load_policy())
+        self.dry_run = dry_run
+        self.signals_fn = signals_fn
+        self.detectors = detectors
+        self.allow_list = AllowListCache(ttl_s=allow_list_ttl_s)
+        self._pending: list[EntityOps] = []
+        self._lock = threading.Lock()
+        self.prices = prices
+        self._pricing_for: object = None
+        self._policy_derived: tuple[Policy, tuple[Any, ...], EscalationLadder] | None = None
+
+    # ---- public -----------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self.policy_source.current()
+
+    def score(self, event: Event) -> Decision:
+        decision, _ = self.score_with_features(event)
+        return decision
+
+    def score_many(self, events: Iterable[Event]) -> list[Decision]:
+        return [self.score(e) for e in events]
+
+    def flush(self) -> None:
+        """Send queued baseline updates now (end of a replay, shutdown, idle timer)."""
+        pending = self._take_pending()
+        if pending:
+            try:
+                self.store.execute(pending)
+            except Exception as exc:
+                if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                    self._requeue(pending)
+                raise
+
+    def model_versions(self) -> dict[str, str | None]:
+        if self.detectors is not None:
+            return self.detectors.versions()
+        return {"online": None, "offline": None}
+
+    def model_signals(self, fv: FeatureVector) -> ModelSignals:
+        return self.signals_fn(fv) if self.signals_fn is not None else ModelSignals()
+
+    # ---- pipeline ---------------------------------------------------------------------
+    def _execute(self, requests: list[EntityOps]) -> list[list[Any]]:
+        """One round trip: queued learning, then `requests`, then an allow-list refresh
+        when the cache is stale. Returns the results of `requests` only."""
+        refresh = [AllowListCache.read_ops()] if self.allow_list.stale() else []
+        pending = self._take_pending()
+        try:
+            results = self.store.execute([*pending, *requests, *refresh])
+        except Exception as exc:
+            if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                self._requeue(pending)
+            raise
+        if refresh:
+            self.allow_list.update(results[-1][0])
+        return results[len(pending):len(pending) + len(requests)]
+
+    def _use_prices(self, policy: Policy) -> None:
+        """Price with the settings' and the policy's tables (rebuilt when they change)."""
+        if policy.pricing is self._pricing_for:
+            return
+        if self.prices is not None or not policy.pricing.is_empty:
+            self.extractor.pricing = PriceTable.from_configs(self.prices, policy.pricing)
+        self._pricing_for = policy.pricing
+
+    def _for_policy(self, policy: Policy) -> tuple[tuple[Any, ...], EscalationLadder]:
+        """The policy's active rules and ban ladder, derived once per policy version."""
+        cached = self._policy_derived
+        if cached is None or cached[0] is not policy:
+            ladder = EscalationLadder.from_settings(policy.responses.bans)
+            cached = self._policy_derived = (policy, policy.active_rules(), ladder)
+        return cached[1], cached[2]
+
+    def score_with_features(self, event: Event) -> tuple[Decision, FeatureVector]:
+        policy = self.policy
+        self._use_prices(policy)
+        key_id = self.hasher.key_id(event.api_key)
+        ts = event.timestamp
+        plan = self.extractor.plan(event, key_id)
+        key_ban_idx = add_ban_reads(plan.key_ops)
+        ip_ban_idx = add_ban_reads(plan.ip_ops) if plan.ip_ops is not None else None
+        kb_idx = self.detectors.plan(plan) if self.detectors is not None else None
+        budget_plan = plan_budgets(policy, plan)
+        requests = plan.requests()
+        all_results = self._execute([*requests, *budget_plan.entities])
+        results = all_results[:len(requests)]
+        fv = self.extractor.build(plan, results)
+        budgets = budget_plan.read(results[0], all_results[len(requests):], ts) \
+            if budget_plan.slots else {}
+
+        bans = {"key": read_ban(results[0], key_ban_idx),
+                "ip": read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None
+                else BanState()}
+        entities = {"key": key_id}
+        if event.source_ip:
+            entities["ip"] = event.source_ip
+        detector_state = None
+        if self.detectors is not None and kb_idx is not None:
+            signals, detector_state = self.detectors.signals(fv, results[0][kb_idx])
+        else:
+            signals = self.model_signals(fv)
+        rules, ladder = self._for_policy(policy)
+        findings = evaluate_rules(rules, RuleInput(
+            fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()},
+            budgets=budgets))
+        active = [f for f in findings if f.mode == "active"]
+
+        fused = fuse(active, signals, fv, policy.fusion)
+        plan_active = plan_response(fused, active, policy.responses, bans=bans,
+                                    entities=entities, ladder=ladder, ts=ts)
+        if len(active) == len(findings):
+            shadow, plan_shadow = fused, plan_active
+        else:
+            shadow = fuse(findings, signals, fv, policy.fusion)
+            plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
+                                        entities=entities, ladder=ladder, ts=ts)
+
+        if budgets:  # at a hard budget the budget's own response, not the ban ladder
+            for p, f, findings_used in ((plan_active, fused, active),
+                                        (plan_shadow, shadow, findings)):
+                own = budget_response(f, findings_used, policy, ts)
+                if own is not None:
+                    p.verdict, p.action, p.writes = own
+
+        allow = self.allow_list.entries(policy.allow_list, self.hasher)
+        exempt = allow.key_allowed(key_id) or allow.ip_allowed(event.source_ip)
+        operator_ban = any(f.kind == "ban" and bans[f.scope].by == "admin" for f in active)
+        dry_run = self.dry_run or policy.dry_run
+        enforce = not dry_run and (not exempt or operator_ban)
+
+        reasons: list[Reason] = [f.reason for f in findings]
+        if fused.model_reason is not None:
+            reasons.append(fused.model_reason)
+            reasons.sort(key=lambda r: -severity_rank(r.severity))
+        money = money_of(fv)
+        reasons = state_money(reasons, money)
+        if enforce:
+            verdict, action = plan_active.verdict, plan_active.action
+        else:
+            verdict = "allow"
+            action = Action(type="alert" if plan_shadow.verdict != "allow"
+                            else ("log" if findings else "none"))
+            if exempt and findings:
+                reasons.append(Reason(code="allow_listed", severity="none",
+                                      message="key or address is on the allow-list: "
+                                              "scored and explained, not enforced"))
+        would = None
+        if (plan_shadow.verdict, plan_shadow.action) != (verdict, action):
+            would = Outcome(decision=plan_shadow.verdict,  # type: ignore[arg-type]
+                            severity=shadow.severity,  # type: ignore[arg-type]
+                            action=plan_shadow.action, drivers=shadow.drivers)
+
+        if enforce and plan_active.writes:
+            ops = []
+            for w in plan_active.writes:
+                ops.extend(ban_writes(w.scope, w.entity_id, until=w.until, level=w.level,
+                                      ts=ts, reason=w.reason))
+                log.warning("ban %s %s until %s (offence %d): %s", w.scope,
+                            w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
+            self.store.execute(ops)
+
+        flagged = severity_rank(shadow.severity) >= severity_rank("medium")
+        learn: list[EntityOps] = [] if flagged else self.extractor.learn_ops(fv)
+        if detector_state is not None and self.detectors is not None:
+            learn.extend(self.detectors.after(detector_state, flagged=flagged))
+        if learn:
+            learn = _one_per_entity(learn)
+            with self._lock:
+                self._pending.extend(learn)
+
+        decision = Decision(
+            key_id=key_id,
+            decision=verdict,  # type: ignore[arg-type]
+            severity=fused.severity,  # type: ignore[arg-type]
+            score=fused.score,
+            reasons=reasons,
+            action=action,
+            model_versions=self.model_versions(),
+            event_time=event_time_iso(ts),
+            dry_run=dry_run,
+            drivers=fused.drivers,
+            would=would,
+            enforced=enforce,
+            money=money,
+        )
+        return decision, fv
+
+    # ---- pre-flight -------------------------------------------------------------------
+    def check(self, api_key: str, source_ip: str | None = None,
+              now: float | None = None) -> CheckResult:
+        """Is the key (or its address) banned right now? One store round trip."""
+        ts = time.time() if now is None else now
+        key_id = self.hasher.key_id(api_key)
+        policy = self.policy
+        requests = [EntityOps(KEY, key_id)]
+        idx = {"key": add_ban_reads(requests[0])}
+        if source_ip:
+            requests.append(EntityOps(IP, source_ip))
+            idx["ip"] = add_ban_reads(requests[1])
+        results = self._execute(requests)
+        allow = self.allow_list.entries(policy.allow_list, self.hasher)
+        exempt = allow.key_allowed(key_id) or allow.ip_allowed(source_ip)
+        dry_run = self.dry_run or policy.dry_run
+        enforced_scopes = {r.scope for r in policy.rules
+                           if r.type == "banned" and r.mode == "active"}
+        for n, scope in enumerate(idx):
+            ban = read_ban(results[n], idx[scope])
+            if scope not in enforced_scopes or not ban.active(ts):
+                continue
+            if exempt and ban.by != "admin":
+                continue
+            subject = "key" if scope == "key" else "address"
+            until = "permanently" if ban.permanent else f"until {event_time_iso(ban.until)}"
+            why = f" ({ban.reason})" if ban.reason else ""
+            retry = None if ban.permanent else max(1, math.ceil(ban.until - ts))
+            if dry_run:
+                return CheckResult(key_id, True, f"dry-run: {subject} would be blocked, "
+                                                 f"banned {until}{why}", None, True)
+            return CheckResult(key_id, False, f"{subject} banned {until}{why}", retry)
+        return CheckResult(key_id, True, None, None, dry_run)
+
+    def _take_pending(self) -> list[EntityOps]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+    def _requeue(self, pending: list[EntityOps]) -> None:
+        with self._lock:
+            self._pending[:0] = pending
+
+
+def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:
+    """Join the requests that touch the same entity, in order: each request is one script
+    call on Redis (and one lookup in memory), and an event's learning usually writes the
+    key twice (feature baselines, then the detectors' baseline)."""
+    if len(requests) < 2:
+        return requests
+    joined: dict[tuple[str, str], EntityOps] = {}
+    for req in requests:
+        held = joined.get((req.kind, req.entity_id))
+        if held is None:
+            joined[(req.kind, req.entity_id)] = EntityOps(req.kind, req.entity_id,
+                                                          list(req.ops))
+        else:
+            held.ops.extend(req.ops)
+    return list(joined.values())
+
+
+def decision_line(decision: Decision) -> dict[str, Any]:
+    """The JSON form written by `replay`, one line per event."""
+    return decision.model_dump(mode="json")

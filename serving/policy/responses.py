@@ -1,0 +1,372 @@
+"""Responses: turn a fused severity into an action, and keep ban state in the store.
+
+What happens at each tier is policy data (`responses.tiers`): log, alert, throttle (a
+reduced limit with retry_after_s), a ban on the escalation ladder, or a permanent ban.
+Ban state lives on the entity (key or source address) in the shared store, so a ban set
+by one replica is enforced by every replica on the entity's next event; a small index
+of active bans on a global entity lets the admin API list them without a scan.
+
+Durations grow with the offender's history (30 min → 2 h → 24 h → permanent by
+default) and decay: each clean period of `decay_after` since the last ban forgives one
+step, so an old incident does not make a key's next mistake a permanent ban.
+
+Allow-lists (keys and CIDR ranges) come from the policy file and from the store (managed
+through the admin API, so every replica sees them); the store part is cached for a few
+seconds and refreshed on the back of an event's own round trip. An allow-listed key or
+address is scored and explained but never throttled or banned automatically; a ban an
+operator sets explicitly is still enforced.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from features.contract import event_time_iso
+from features.keys import KeyHasher, looks_like_key_id
+from features.stores.base import GET, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
+from serving.engine.decision import Action
+from serving.policy.fusion import Fusion
+from serving.policy.rules import BanView, Finding
+from serving.policy.schema import PERMANENT_S, AllowList, BanSettings, ResponsesConfig
+
+BAN_UNTIL = "ban:until"
+BAN_LEVEL = "ban:level"
+BAN_LAST = "ban:last"
+BAN_BY = "ban:by"
+BAN_REASON = "ban:reason"
+PERMANENT = 1e18
+"""`until` of a permanent ban (a finite number every backend stores exactly)."""
+
+GLOBAL = "g"
+BANS_ENTITY = "bans"
+ALLOW_ENTITY = "allow"
+AUDIT_ENTITY = "audit"
+INDEX = "index"
+MAX_INDEXED = 100_000
+MAX_AUDIT = 10_000
+SCOPE_KIND = {"key": "k", "ip": "ip"}
+
+
+# ---- ban state --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BanState:
+    until: float = 0.0
+    level: int = 0
+    last: float = 0.0
+    by: str | None = None
+    reason: str | None = None
+
+    def active(self, ts: float) -> bool:
+        return self.until > ts
+
+    @property
+    def permanent(self) -> bool:
+        return self.until >= PERMANENT
+
+    def view(self, ts: float) -> BanView:
+        return BanView(active=self.active(ts), until=event_time_iso(self.until)
+                       if self.until and not self.permanent else None,
+                       permanent=self.permanent, by=self.by, reason=self.reason)
+
+
+BanIdx = tuple[int, int, int, int, int]
+
+
+def add_ban_reads(ops: EntityOps) -> BanIdx:
+    return tuple(ops.add(GET, f) for f in (BAN_UNTIL, BAN_LEVEL, BAN_LAST, BAN_BY,  # type: ignore[return-value]
+                                           BAN_REASON))
+
+
+def read_ban(results: list[Any], idx: BanIdx) -> BanState:
+    until, level, last, by, reason = (results[i] for i in idx)
+    return BanState(
+        until=float(until) if until else 0.0,
+        level=int(float(level)) if level else 0,
+        last=float(last) if last else 0.0,
+        by=by or None,
+        reason=reason or None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationLadder:
+    """Ban durations by repeat offence, with one step forgiven per clean period."""
+
+    durations_s: tuple[float, ...] = (1800, 7200, 86400, PERMANENT_S)
+    decay_after_s: float = 7 * 86400
+
+    @classmethod
+    def from_settings(cls, bans: BanSettings) -> EscalationLadder:
+        return cls(durations_s=tuple(bans.ladder), decay_after_s=bans.decay_after)
+
+    def effective_level(self, state: BanState, ts: float) -> int:
+        """Offences that still count: each clean `decay_after` since the last ban ended
+        (or was imposed, whichever is later) forgives one."""
+        if state.level <= 0:
+            return 0
+        ended = state.last if state.permanent else max(state.last, state.until)
+        clean = max(0.0, ts - ended)
+        return max(0, state.level - int(clean // self.decay_after_s))
+
+    def next_duration(self, state: BanState, ts: float) -> tuple[float, int]:
+        level = self.effective_level(state, ts)
+        duration = self.durations_s[min(level, len(self.durations_s) - 1)]
+        return duration, level + 1
+
+
+def until_for(ts: float, duration_s: float) -> float:
+    return PERMANENT if math.isinf(duration_s) or ts + duration_s >= PERMANENT \
+        else ts + duration_s
+
+
+def ban_ops(kind: str, entity_id: str, *, until: float, level: int | None, ts: float,
+            by: str = "keywatch", reason: str = "") -> EntityOps:
+    """Write a ban on the entity. `level=None` (an operator's ban) leaves the offence
+    history alone."""
+    ops = EntityOps(kind, entity_id)
+    ops.add(SET, BAN_UNTIL, repr(float(until)))
+    if level is not None:
+        ops.add(SET, BAN_LEVEL, str(level))
+        ops.add(SET, BAN_LAST, repr(float(ts)))
+    ops.add(SET, BAN_BY, by)
+    ops.add(SET, BAN_REASON, reason[:500])
+    ops.add(PERSIST, 1 if until >= PERMANENT else 0)
+    return ops
+
+
+def unban_ops(kind: str, entity_id: str) -> EntityOps:
+    ops = EntityOps(kind, entity_id)
+    ops.add(SET, BAN_UNTIL, "0")
+    ops.add(PERSIST, 0)
+    return ops
+
+
+def index_member(scope: str, entity_id: str) -> str:
+    return f"{scope}:{entity_id}"
+
+
+def ban_index_ops(scope: str, entity_id: str, until: float | None) -> EntityOps:
+    """Add (until given) or remove an entry of the active-ban index."""
+    ops = EntityOps(GLOBAL, BANS_ENTITY)
+    if until is None:
+        ops.add(ZREM, INDEX, index_member(scope, entity_id))
+    else:
+        ops.add(ZSET, INDEX, index_member(scope, entity_id), float(until), MAX_INDEXED)
+        ops.add(PERSIST, 1)
+    return ops
+
+
+def ban_writes(scope: str, entity_id: str, *, until: float, level: int | None, ts: float,
+               by: str = "keywatch", reason: str = "") -> list[EntityOps]:
+    return [ban_ops(SCOPE_KIND[scope], entity_id, until=until, level=level, ts=ts, by=by,
+                    reason=reason),
+            ban_index_ops(scope, entity_id, until)]
+
+
+def ban_action(scope: str, until: float, ts: float) -> Action:
+    if until >= PERMANENT:
+        return Action(type="perm_ban", scope=scope)  # type: ignore[arg-type]
+    return Action(
+        type="temp_ban",
+        scope=scope,  # type: ignore[arg-type]
+        until=event_time_iso(until),
+        retry_after_s=max(1, math.ceil(until - ts)),
+    )
+
+
+# ---- graduated response ----------------------------------------------------------------
+@dataclass(slots=True)
+class BanWrite:
+    scope: str
+    entity_id: str
+    until: float
+    level: int
+    reason: str
+
+
+@dataclass(slots=True)
+class ResponsePlan:
+    verdict: str
+    action: Action
+    writes: list[BanWrite] = field(default_factory=list)
+
+
+def plan_response(
+    fusion: Fusion,
+    findings: list[Finding],
+    cfg: ResponsesConfig,
+    *,
+    bans: dict[str, BanState],
+    entities: dict[str, str],
+    ladder: EscalationLadder,
+    ts: float,
+) -> ResponsePlan:
+    """What to do for this severity. Pure: the caller decides whether to enforce it."""
+    ban_finding = next((f for f in findings if f.kind == "ban"
+                        and f.reason.code in fusion.drivers), None)
+    if ban_finding is not None:  # already banned: enforce the ban as it is, no escalation
+        state = bans[ban_finding.scope]
+        return ResponsePlan("block", ban_action(ban_finding.scope, state.until, ts))
+
+    if fusion.severity == "none":
+        return ResponsePlan("allow", Action(type="log" if findings else "none"))
+    tier = cfg.tiers.get(fusion.severity)  # type: ignore[call-overload]
+    kind = tier.action if tier is not None else "log"
+    drivers = [f for f in findings if f.reason.code in fusion.drivers and f.kind != "model"]
+    scopes = [s for s in ("key", "ip") if any(f.scope == s for f in drivers)
+              and s in entities] or ["key"]
+    if kind in ("ban", "perm_ban") and not fusion.can_block:
+        kind = "throttle"  # a model alone never bans
+    if kind in ("none", "log", "alert"):
+        return ResponsePlan("allow", Action(type=kind, scope=scopes[0]))  # type: ignore[arg-type]
+    if kind == "throttle":
+        t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
+        return ResponsePlan("throttle", Action(
+            type="throttle", scope=scopes[0],  # type: ignore[arg-type]
+            retry_after_s=t.retry_after_s if t else 60,
+            limit_per_min=t.limit_per_min if t else None))
+    # a ban on every scope a critical driver names (a stuffing address is banned as IP)
+    critical = [f for f in drivers if f.reason.severity == "critical"]
+    ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
+                  and s in entities] or scopes
+    writes = []
+    reason = ", ".join(fusion.drivers)
+    for scope in ban_scopes:
+        state = bans.get(scope, BanState())
+        duration, level = ladder.next_duration(state, ts)
+        if kind == "perm_ban":
+            duration = PERMANENT_S
+        writes.append(BanWrite(scope, entities[scope], until_for(ts, duration), level, reason))
+    main = writes[0]
+    return ResponsePlan("block", ban_action(main.scope, main.until, ts), writes)
+
+
+# ---- allow-lists ----------------------------------------------------------------------
+def allow_member(kind: str, value: str) -> str:
+    return f"{kind}:{value}"
+
+
+def normalise_key(value: str, hasher: KeyHasher) -> str:
+    """A key id as given, or the key id of a raw key: raw keys are never stored."""
+    value = value.strip()
+    return value if looks_like_key_id(value) else hasher.key_id(value)
+
+
+def normalise_cidr(value: str) -> str:
+    return str(ipaddress.ip_network(value.strip(), strict=False))
+
+
+@dataclass(slots=True)
+class AllowEntries:
+    keys: frozenset[str] = frozenset()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def build(cls, keys: list[str], cidrs: list[str]) -> AllowEntries:
+        nets = []
+        for c in cidrs:
+            try:
+                nets.append(ipaddress.ip_network(c, strict=False))
+            except ValueError:
+                continue
+        return cls(frozenset(keys), tuple(nets))
+
+    def key_allowed(self, key_id: str) -> bool:
+        return key_id in self.keys
+
+    def ip_allowed(self, ip: str | None) -> bool:
+        if not ip or not self.networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr.version == n.version and addr in n for n in self.networks)
+
+
+def parse_allow_items(items: list[list[Any]]) -> tuple[list[str], list[str]]:
+    keys, cidrs = [], []
+    for member, _ in items:
+        kind, _, value = str(member).partition(":")
+        if kind == "key":
+            keys.append(value)
+        elif kind == "cidr":
+            cidrs.append(value)
+    return keys, cidrs
+
+
+class AllowListCache:
+    """The store's allow-list, refreshed at most every `ttl_s` seconds, merged with the
+    policy file's. The refresh read rides on an event's own store round trip."""
+
+    def __init__(self, *, ttl_s: float = 5.0) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._stored: tuple[list[str], list[str]] = ([], [])
+        self._fetched = -math.inf
+        self._merged: AllowEntries | None = None
+        self._merged_for: tuple[int, AllowList] | None = None
+
+    def stale(self) -> bool:
+        return time.monotonic() - self._fetched >= self.ttl_s
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._fetched = -math.inf
+
+    @staticmethod
+    def read_ops() -> EntityOps:
+        ops = EntityOps(GLOBAL, ALLOW_ENTITY)
+        ops.add(ZITEMS, INDEX, "-inf", MAX_INDEXED)
+        return ops
+
+    def update(self, items: list[list[Any]]) -> None:
+        with self._lock:
+            self._stored = parse_allow_items(items)
+            self._fetched = time.monotonic()
+            self._merged = None
+
+    def entries(self, policy_list: AllowList, hasher: KeyHasher) -> AllowEntries:
+        with self._lock:
+            stamp = (id(policy_list), policy_list)
+            if self._merged is None or self._merged_for != stamp:
+                keys = [normalise_key(k, hasher) for k in policy_list.keys] + self._stored[0]
+                cidrs = list(policy_list.cidrs) + self._stored[1]
+                self._merged = AllowEntries.build(keys, cidrs)
+                self._merged_for = stamp
+            return self._merged
+
+
+def allow_add_ops(kind: str, value: str, ts: float) -> EntityOps:
+    ops = EntityOps(GLOBAL, ALLOW_ENTITY)
+    ops.add(ZSET, INDEX, allow_member(kind, value), ts, MAX_INDEXED)
+    ops.add(PERSIST, 1)
+    return ops
+
+
+def allow_remove_ops(kind: str, value: str) -> EntityOps:
+    ops = EntityOps(GLOBAL, ALLOW_ENTITY)
+    ops.add(ZREM, INDEX, allow_member(kind, value))
+    return ops
+
+
+# ---- audit trail ------------------------------------------------------------------------
+def audit_ops(record: dict[str, Any]) -> EntityOps:
+    """Append one admin action to the audit list (newest kept, bounded)."""
+    ops = EntityOps(GLOBAL, AUDIT_ENTITY)
+    member = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    ops.add(ZSET, INDEX, member, float(record["ts"]), MAX_AUDIT)
+    ops.add(PERSIST, 1)
+    return ops
+
+
+def audit_read_ops(limit: int) -> EntityOps:
+    ops = EntityOps(GLOBAL, AUDIT_ENTITY)
+    ops.add(ZITEMS, INDEX, "-inf", limit)
+    return ops
