@@ -43,6 +43,9 @@ from models.feature_space import model_features
 from models.offline import OfflineDetector
 from serving.engine.scorer import Scorer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout the benchmark runs from: its servers import `tests.support` from here."""
+
 BENCH_SECRET = "keywatch-benchmark-secret-0123456789"
 T0 = 1_794_999_960.0
 
@@ -282,8 +285,9 @@ def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Fi
     try:
         for name, target in targets.items():
             ports[name] = port = _free_port()
-            cmd = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port",
-                   str(port), "--log-level", "warning", "--no-access-log"]
+            cmd = [sys.executable, "-m", "uvicorn", target, "--app-dir", str(REPO_ROOT),
+                   "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                   "--no-access-log"]
             if name == "keywatch":
                 cmd.append("--factory")
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import joblib
+
+from features.durable import atomic_write_bytes
 
 __all__ = [
     "ModelIntegrityError",
@@ -53,23 +54,6 @@ def dump_bytes(obj: Any, *, compress: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
 def load_verified(path: str | os.PathLike[str], expected_sha256: str) -> Any:
     """Unpickle ``path`` only if its bytes hash to ``expected_sha256``.
 
@@ -96,17 +80,3 @@ def load_verified(path: str | os.PathLike[str], expected_sha256: str) -> Any:
         return joblib.load(io.BytesIO(data))
     except Exception as exc:  # a correct checksum of a broken pickle: written broken
         raise ModelIntegrityError(f"model file {path} does not unpickle: {exc}") from exc
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from features.durable import fsync_dir, fsync_file
 from models.integrity import (
     ModelIntegrityError,
     atomic_write_bytes,
@@ -170,12 +171,12 @@ class ModelRegistry:
                     json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
                 )
                 for path in tmp_dir.iterdir():
-                    _fsync_file(path)
+                    fsync_file(path)
                 os.rename(tmp_dir, self.versions_dir / name)
             except BaseException:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 raise
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
             self._prune_locked()
         return name
 
@@ -511,17 +512,3 @@ def _library_versions() -> dict[str, str]:
         "river": river.__version__,
         "joblib": joblib.__version__,
     }
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -349,9 +349,9 @@ def replay_in_workers(events_path: Path, names: Sequence[str], *, model_dir: Pat
 def build_variant(name: str, *, model_dir: Path | None,
                   secret: str = EVALUATION_SECRET) -> Scorer:
     """A fresh scorer for one evaluation variant, built the way the service builds its
-    own (`serving.api.app.build_scorer`): a fresh memory store, a fresh population model,
+    own (`serving.engine.factory.build_scorer`): a fresh memory store, a fresh population model,
     the registry's promoted offline model."""
-    from serving.api.app import build_scorer
+    from serving.engine.factory import build_scorer
     from serving.settings import Settings
 
     if name not in VARIANTS:

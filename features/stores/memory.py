@@ -15,6 +15,7 @@ end of the LRU order as new entities arrive (the Redis store gets the same from 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from features.stores.base import (
     StateStore,
     StoreError,
 )
+from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 
 @dataclass(slots=True)
@@ -110,15 +112,35 @@ class MemoryStore(StateStore):
 
     def snapshot(self, path: Path) -> int:
         """Write all state to `path` atomically (see `features.stores.snapshot`)."""
-        from features.stores.snapshot import write_snapshot
-
-        return write_snapshot(self, path)
+        with self._lock:
+            payload = self.export_state()
+        return write_snapshot(payload, path)
 
     def restore(self, path: Path) -> int:
-        """Replace all state with a snapshot's; raises SnapshotError if it is corrupt."""
-        from features.stores.snapshot import read_snapshot
+        """Replace all state with a snapshot's; raises SnapshotError (leaving the store
+        untouched) if it is corrupt or does not hold memory-store state."""
+        payload = read_snapshot(path)
+        try:
+            known = {f.name for f in dataclasses.fields(_EntityState)}
+            entities = [((str(kind), str(entity_id)),
+                         _EntityState(**{k: v for k, v in fields.items() if k in known}))
+                        for kind, entity_id, fields in payload["entities"]]
+            newest_ts = float(payload["newest_ts"])
+        except Exception as exc:
+            raise SnapshotError(f"{path} does not hold memory-store state: {exc}") from None
+        with self._lock:
+            self._entities.clear()
+            self._entities.update(entities)
+            self._newest_ts = newest_ts
+            while len(self._entities) > self.max_entities:
+                self._entities.popitem(last=False)
+        return len(entities)
 
-        return read_snapshot(self, path)
+    def export_state(self) -> dict[str, Any]:
+        """All state as plain values, entities in LRU order (caller holds the lock)."""
+        entities = [(kind, entity_id, dataclasses.asdict(state))
+                    for (kind, entity_id), state in self._entities.items()]
+        return {"newest_ts": self._newest_ts, "entities": entities}
 
     def _entity(self, kind: str, entity_id: str) -> _EntityState:
         key = (kind, entity_id)

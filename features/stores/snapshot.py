@@ -15,18 +15,15 @@ order, so the snapshot survives new fields on the per-entity state (they get def
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
-import os
 import pickle
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from features.stores.memory import MemoryStore
+from features.durable import atomic_open
 
 MAGIC = b"KWSNAP1\n"
 FORMAT_VERSION = 1
@@ -41,50 +38,25 @@ class _BuiltinsOnly(pickle.Unpickler):
         raise SnapshotError(f"snapshot refers to {module}.{name}; only plain values allowed")
 
 
-def _payload(store: MemoryStore) -> dict[str, Any]:
-    entities = [
-        (kind, entity_id, {f.name: getattr(state, f.name)
-                           for f in dataclasses.fields(state)})
-        for (kind, entity_id), state in store._entities.items()
-    ]
-    return {"newest_ts": store._newest_ts, "entities": entities}
-
-
-def write_snapshot(store: MemoryStore, path: Path) -> int:
-    """Write the store's state to `path` atomically; returns the number of entities."""
+def write_snapshot(payload: dict[str, Any], path: Path) -> int:
+    """Write a store's exported state (plain values, with an `entities` list) to `path`
+    atomically; returns the number of entities."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with store._lock:
-        payload = _payload(store)
-        body = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    body = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     header = json.dumps({"format": FORMAT_VERSION, "sha256": hashlib.sha256(body).hexdigest(),
                          "bytes": len(body), "entities": len(payload["entities"]),
                          "created": time.time()}).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(MAGIC + header + b"\n" + body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_open(path, "wb") as fh:
+        fh.write(MAGIC + header + b"\n" + body)
     return len(payload["entities"])
 
 
-def read_snapshot(store: MemoryStore, path: Path) -> int:
-    """Replace the store's state with the snapshot's; returns the number of entities.
+def read_snapshot(path: Path) -> dict[str, Any]:
+    """The exported state held in the snapshot at `path`, as plain values.
 
-    Raises SnapshotError (and leaves the store untouched) if the file is not a valid,
-    intact keywatch snapshot.
+    Raises SnapshotError if the file is not a valid, intact keywatch snapshot; nothing
+    is unpickled before its hash is checked, and only built-in values are accepted.
     """
-    from features.stores.memory import _EntityState
-
     raw = Path(path).read_bytes()
     if not raw.startswith(MAGIC):
         raise SnapshotError(f"{path} is not a keywatch snapshot (bad magic)")
@@ -106,20 +78,10 @@ def read_snapshot(store: MemoryStore, path: Path) -> int:
                             f"header's {expected[:12]}… ({len(body)} bytes)")
     try:
         payload = _BuiltinsOnly(io.BytesIO(body)).load()
-        known = {f.name for f in dataclasses.fields(_EntityState)}
-        entities = [((str(kind), str(entity_id)),
-                     _EntityState(**{k: v for k, v in fields.items() if k in known}))
-                    for kind, entity_id, fields in payload["entities"]]
-        newest_ts = float(payload["newest_ts"])
     except SnapshotError:
         raise
     except Exception as exc:
-        raise SnapshotError(f"{path} does not hold memory-store state: {exc}") from None
-    with store._lock:
-        store._entities.clear()
-        for key, state in entities:
-            store._entities[key] = state
-        store._newest_ts = newest_ts
-        while len(store._entities) > store.max_entities:
-            store._entities.popitem(last=False)
-    return len(entities)
+        raise SnapshotError(f"{path} does not unpickle: {exc}") from None
+    if not isinstance(payload, dict):
+        raise SnapshotError(f"{path} does not hold store state")
+    return payload

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from features.durable import atomic_write_text, fsync_dir
 from features.stores.base import EntityOps
 
 log = logging.getLogger("keywatch.spool")
@@ -60,14 +61,6 @@ def encode_requests(requests: Sequence[EntityOps]) -> list[list[Any]]:
 
 def decode_requests(raw: list[list[Any]]) -> list[EntityOps]:
     return [EntityOps(kind, entity_id, [tuple(op) for op in ops]) for kind, entity_id, ops in raw]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WriteSpool:
@@ -123,13 +116,7 @@ class WriteSpool:
         return writer_id
 
     def _atomic_write(self, path: Path, text: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_write_text(path, text)
 
     def _initial_seq(self) -> int:
         hwm = 0
@@ -163,7 +150,7 @@ class WriteSpool:
         path = self.dir / f"{SEGMENT_PREFIX}{self._next_segment:08d}{SEGMENT_SUFFIX}"
         self._next_segment += 1
         fh = path.open("ab")
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._fh_records = 0
         return fh
 
@@ -225,7 +212,7 @@ class WriteSpool:
         with self._lock:
             path.unlink(missing_ok=True)
             self.pending = max(0, self.pending - records)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _iter_lines_all(self) -> Iterator[bytes]:
         for path in self.segments():

@@ -22,26 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from starlette.concurrency import run_in_threadpool
 
 from features.contract import Event
-from features.extractor import FEATURE_NAMES
-from features.keys import KeyHasher
-from features.pricing import load_price_file
-from features.stores.base import StateStore, StoreError
+from features.stores.base import StoreError
 from features.stores.resilient import StoreUnavailable
-from models.detectors import build_detectors
-from models.feature_space import model_features
 from serving.alerts.operations import Operations
 from serving.api.admin import AdminError
 from serving.api.admin import router as admin_router
 from serving.api.dashboard import router as dashboard_router
 from serving.api.guards import IngestGuard
 from serving.api.ops_routes import install as install_ops
-from serving.cli.runtime import tune_gc
 from serving.engine import reliability as resilience
 from serving.engine.decision import Decision
 from serving.engine.event_log import EventLog
-from serving.engine.open_store import open_store
+from serving.engine.factory import build_scorer
 from serving.engine.scorer import Scorer
-from serving.policy.schema import PolicySource
+from serving.runtime import tune_gc
 from serving.schedules.retrain import RetrainScheduler
 from serving.settings import Settings
 
@@ -122,30 +116,6 @@ async def get_scorer(request: Request) -> Scorer:
 
 
 ScorerDep = Annotated[Scorer, Depends(get_scorer)]
-
-
-def build_scorer(settings: Settings, *, restore_population: bool = False,
-                 store: StateStore | None = None) -> Scorer:
-    """The one Scorer, from settings. `restore_population` resumes the service's
-    checkpointed population model (replays start fresh, like a new deployment)."""
-    if store is None:
-        store = open_store(
-            settings.store,
-            namespace=settings.redis_namespace,
-            timeout_s=settings.redis_timeout_s,
-            memory_max_entities=settings.memory_max_entities,
-        )
-        store = resilience.protect_store(store, settings)
-    detectors = None
-    if settings.models:
-        detectors = build_detectors(
-            model_dir=settings.model_dir,
-            checkpoint=settings.population_checkpoint if restore_population else None,
-            feature_names=model_features(FEATURE_NAMES),
-            reload_interval_s=settings.model_reload_interval_s)
-    prices = load_price_file(settings.prices) if settings.prices is not None else None
-    return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
-                  policy=PolicySource(settings.policy), detectors=detectors, prices=prices)
 
 
 class CheckRequest(BaseModel):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from serving.cli.runtime import tune_gc
+from serving.runtime import tune_gc
 
 if TYPE_CHECKING:
     from models.registry import ManifestInfo
@@ -67,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from serving.api.app import build_scorer
+    from features.durable import atomic_open
+    from serving.engine.factory import build_scorer
     from serving.engine.replay import replay
 
     settings = _settings(args)
@@ -79,10 +80,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tune_gc()
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
+    with atomic_open(out_path, "w", encoding="utf-8") as out:
         summary = replay(scorer, args.events, out, progress=not args.quiet)
-    os.replace(tmp, out_path)
     scorer.store.close()
     print(json.dumps({"replay": summary.as_dict(), "out": str(out_path)}), file=sys.stderr)
     return 1 if summary.failed else 0
@@ -91,7 +90,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.suite import format_report, run_bench
 
-    tune_gc()  # as the service runs (see serving.cli.runtime)
+    tune_gc()  # as the service runs (see serving.runtime)
     report = run_bench(size=args.size, out=args.out, redis_url=args.redis,
                        http=not args.no_http, rss=not args.no_rss)
     print(format_report(report))

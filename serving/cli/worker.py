@@ -347,7 +347,7 @@ def stream_client(url: str, *, block_ms: int, timeout_s: float) -> redis.Redis:
 
 
 def build_worker(settings: Settings, config: WorkerConfig) -> StreamWorker:
-    from serving.api.app import build_scorer
+    from serving.engine.factory import build_scorer
 
     if not settings.store.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("the stream worker needs a redis:// store (--store redis://...)")

@@ -36,7 +36,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections import defaultdict
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from features.contract import event_time_iso, parse_timestamp
+from features.durable import atomic_write_text
 from features.keys import KeyHasher
 from features.pricing import PriceTable
 from serving.engine.decision import SEVERITIES, severity_rank
@@ -723,9 +723,7 @@ def write_report(report: SecurityReport, out_dir: Path, *, plots: bool = True
              "json": ("report.json", json.dumps(report.as_dict(), indent=2, default=str))}
     paths: dict[str, str] = {}
     for kind, (name, text) in files.items():
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text)
         paths[kind] = str(out_dir / name)
     paths.update({f"plot_{k}": str(out_dir / "plots" / v) for k, v in plot_files.items()})
     return paths

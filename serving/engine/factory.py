@@ -1,0 +1,44 @@
+"""The one Scorer, built from settings.
+
+Why here and not in the API: the HTTP service, the CLI verbs (replay, worker) and the
+evaluation all need the same scorer wiring (store, outage policy, detectors, policy,
+prices), and the evaluation must not depend on the HTTP layer to get it.
+"""
+
+from __future__ import annotations
+
+from features.extractor import FEATURE_NAMES
+from features.keys import KeyHasher
+from features.pricing import load_price_file
+from features.stores.base import StateStore
+from models.detectors import build_detectors
+from models.feature_space import model_features
+from serving.engine import reliability as resilience
+from serving.engine.open_store import open_store
+from serving.engine.scorer import Scorer
+from serving.policy.schema import PolicySource
+from serving.settings import Settings
+
+
+def build_scorer(settings: Settings, *, restore_population: bool = False,
+                 store: StateStore | None = None) -> Scorer:
+    """The one Scorer, from settings. `restore_population` resumes the service's
+    checkpointed population model (replays start fresh, like a new deployment)."""
+    if store is None:
+        store = open_store(
+            settings.store,
+            namespace=settings.redis_namespace,
+            timeout_s=settings.redis_timeout_s,
+            memory_max_entities=settings.memory_max_entities,
+        )
+        store = resilience.protect_store(store, settings)
+    detectors = None
+    if settings.models:
+        detectors = build_detectors(
+            model_dir=settings.model_dir,
+            checkpoint=settings.population_checkpoint if restore_population else None,
+            feature_names=model_features(FEATURE_NAMES),
+            reload_interval_s=settings.model_reload_interval_s)
+    prices = load_price_file(settings.prices) if settings.prices is not None else None
+    return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
+                  policy=PolicySource(settings.policy), detectors=detectors, prices=prices)
