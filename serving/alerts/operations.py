@@ -77,7 +77,10 @@ class Operations:
         self.baseline_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self.settings: Settings | None = None
         self.report_scheduler: Any = None
-        self._flusher = PeriodicFlusher(self.writers.values())
+        # the event log is flushed here too, so an idle service loses nothing it scored
+        # to a crash beyond the flush interval
+        self._flusher = PeriodicFlusher([*self.writers.values(),
+                                         *([event_log] if event_log is not None else [])])
         self._flusher_started = False
         self._flusher_lock = threading.Lock()
         metrics.alert_stats = alerts.stats

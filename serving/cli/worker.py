@@ -204,6 +204,8 @@ class StreamWorker:
                 continue
             if worked:
                 last_work = time.monotonic()
+            elif self.event_log is not None and self.event_log.buffered:
+                self.event_log.flush()  # idle: what was scored reaches the disk now
             elif idle_exit_s is not None and time.monotonic() - last_work >= idle_exit_s:
                 break
         self._finish()
