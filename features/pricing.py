@@ -41,6 +41,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from features.validation import describe
+
 PER_MILLION = 1_000_000.0
 
 
@@ -251,6 +253,4 @@ def load_price_file(path: str | Path) -> PricingConfig:
     try:
         return PricingConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
-        raise ValueError(f"price file {p}: {problems}") from None
+        raise ValueError(f"price file {p}: {describe(exc, empty='pricing')}") from None

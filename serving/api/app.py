@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from features.contract import Event
 from features.stores.base import StoreError
 from features.stores.resilient import StoreUnavailable
+from features.validation import field_problems
 from serving.alerts.operations import Operations
 from serving.api.admin import AdminError
 from serving.api.admin import router as admin_router
@@ -91,18 +92,6 @@ class BadRequest(Exception):
         self.status = status
         self.message = message
         self.detail = detail or []
-
-
-def _field_errors(errors: list[Any], drop_prefix: int = 0) -> list[dict[str, Any]]:
-    """Pydantic errors as `{field, message}` pairs with a dotted field path."""
-    out = []
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ())][drop_prefix:]
-        msg = err.get("msg", "invalid")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        out.append({"field": ".".join(loc) or "body", "message": msg, "type": err.get("type")})
-    return out
 
 
 def _summary(detail: list[dict[str, Any]]) -> str:
@@ -201,7 +190,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = _field_errors(list(exc.errors()), drop_prefix=1)
+        detail = field_problems(exc.errors(), drop_prefix=1)
         if any(d["type"] == "json_invalid" for d in detail):
             return JSONResponse(status_code=400, content={
                 "error": "the request body is not valid JSON", "detail": detail})
@@ -291,7 +280,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         try:
             events = _EVENT_LIST.validate_python(items)
         except ValidationError as exc:
-            detail = _field_errors(list(exc.errors()))
+            detail = field_problems(exc)
             first = detail[0]["field"].split(".", 1)[0]
             raise BadRequest(422, f"event {first} is invalid, batch refused: "
                                   f"{_summary(detail)}", detail) from None

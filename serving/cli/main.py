@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from features.validation import describe
 from serving.runtime import tune_gc
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     except (SettingsError, ValidationError) as exc:
         msg = str(exc)
         if isinstance(exc, ValidationError):
-            msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            msg = describe(exc, empty="settings")
         print(f"keywatch: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
 

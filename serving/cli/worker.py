@@ -52,6 +52,7 @@ from pydantic import ValidationError
 from features.contract import Event
 from features.stores.base import StoreError
 from features.stores.once import OnceRedisStore
+from features.validation import describe
 from serving.engine.event_log import EventLog
 from serving.engine.scorer import Scorer, decision_line
 from serving.settings import Settings
@@ -134,9 +135,7 @@ def _parse(entry_id: str, fields: dict[str, str] | None) -> _Item:
     try:
         return _Item(entry_id, event_id, event=Event.model_validate(obj))
     except ValidationError as exc:
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'event'}: "
-                 f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
-        return _Item(entry_id, event_id, error="invalid event: " + "; ".join(parts))
+        return _Item(entry_id, event_id, error="invalid event: " + describe(exc))
 
 
 class StreamWorker:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from features.contract import Event
+from features.validation import describe
 from serving.engine.scorer import Scorer, decision_line
 
 
@@ -57,11 +58,7 @@ def parse_record(record: dict[str, Any] | str) -> Event:
     try:
         return Event.model_validate(record)
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "event"
-            parts.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(parts)) from None
+        raise ValueError(describe(exc)) from None
 
 
 def count_lines(path: Path) -> int | None:
