@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     stream_claim_idle_ms: int = Field(default=30_000, ge=100)
     stream_dedupe_ttl_s: int = Field(default=86_400, ge=60)
     stream_delete_acked: bool = True
-    # spend and the security report (features/pricing.py, serving/reports/report.py)
+    # spend and the security report (features/pricing.py, serving/reports/)
     prices: Path | None = None
     """Price file (YAML/JSON, the policy's `pricing:` schema) over the packaged prices."""
     report_daily_at: str | None = None

@@ -235,7 +235,9 @@ class Operations:
                         plots: bool = True) -> tuple[Any, dict[str, str]]:
         """Write the security report for [since, until) from this service's files (flushed
         first) and its live metrics; returns the report and the written paths."""
-        from serving.reports.report import build_report, metrics_snapshot, write_report
+        from serving.reports.render import write_report
+        from serving.reports.report import build_report
+        from serving.reports.sources import metrics_snapshot
 
         if self.settings is None:
             raise RuntimeError("reports need the service settings (Operations.from_settings)")
@@ -261,7 +263,7 @@ class Operations:
 
     def scheduled_report(self, kind: str, since: float, until: float) -> dict[str, Any]:
         """One scheduled run: write the report into a dated folder, deliver to the webhook."""
-        from serving.reports.report import deliver
+        from serving.reports.render import deliver
 
         day = datetime.fromtimestamp(until, tz=UTC).strftime("%Y-%m-%d")
         report, paths = self.generate_report(since, until,

@@ -275,7 +275,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from features.keys import KeyHasher
     from features.pricing import PriceTable, load_price_file
     from serving.policy.schema import PolicyError, load_policy
-    from serving.reports.report import build_report, deliver, parse_when, write_report
+    from serving.reports.content import parse_when
+    from serving.reports.render import deliver, write_report
+    from serving.reports.report import build_report
 
     settings = _settings(args)
     data_dir = args.data_dir or settings.data_dir
