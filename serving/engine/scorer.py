@@ -130,7 +130,9 @@ class Scorer:
         return decision
 
     def score_many(self, events: Iterable[Event]) -> list[Decision]:
-        return [self.score(e) for e in events]
+        """Score in order, all under the policy in force when the batch began."""
+        with self.policy_source.pinned():
+            return [self.score(e) for e in events]
 
     def flush(self) -> None:
         """Send queued baseline updates now (end of a replay, shutdown, idle timer)."""
