@@ -112,7 +112,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     try:
         result = retrain(events=events, model_dir=model_dir,
                          hasher=KeyHasher(settings.secret or ""),
-                         promote=not args.no_promote, progress=not args.quiet)
+                         promote=not args.no_promote, progress=not args.quiet,
+                         signing_key=settings.model_signing_key)
     except (ValueError, FileNotFoundError) as exc:
         print(f"keywatch: {exc}", file=sys.stderr)
         return 2
@@ -129,7 +130,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("keywatch: no model directory: pass --model-dir or set KEYWATCH_MODEL_DIR",
               file=sys.stderr)
         return 2
-    registry = ModelRegistry(model_dir)
+    registry = ModelRegistry(model_dir, signing_key=settings.model_signing_key)
     try:
         if args.models_command == "list":
             current = registry.current_version()
@@ -226,7 +227,7 @@ def cmd_policy_impact(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
-    from serving.cli.worker import WorkerConfig, run_worker
+    from serving.cli.worker import WorkerConfig, print_dead_letters, run_worker
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -234,10 +235,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = WorkerConfig.from_settings(
         settings, stream=args.stream, decisions_stream=args.decisions_stream,
         group=args.group, consumer=args.consumer, block_ms=args.block_ms, count=args.count,
-        claim_idle_ms=args.claim_idle_ms)
+        claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries)
+    if args.dead_letters is not None:
+        return print_dead_letters(settings, config, count=args.dead_letters)
     tune_gc()
     try:
-        stats = run_worker(settings, config, idle_exit_s=args.exit_when_idle)
+        stats = run_worker(settings, config, idle_exit_s=args.exit_when_idle,
+                           metrics_port=args.metrics_port)
     except ValueError as exc:
         print(f"keywatch: {exc}", file=sys.stderr)
         return 2
@@ -347,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="take over entries pending this long (default: 30000)")
     work.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                       help="stop after this long without work (batch jobs, tests)")
+    work.add_argument("--max-deliveries", type=int,
+                      help="deliveries before an entry goes to the dead letters (default: 5)")
+    work.add_argument("--dead-letters", type=int, nargs="?", const=100, metavar="N",
+                      help="list the newest N dead letters (JSON lines) and exit")
+    work.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     work.add_argument("--model-dir", type=Path)
     work.add_argument("--dev", action="store_true")
     work.add_argument("--dry-run", action="store_true")
