@@ -317,9 +317,11 @@ class ModelRegistry:
 
     def _read_pointer(self) -> dict[str, Any] | None:
         try:
-            text = self.current_file.read_text()
+            text = self.current_file.read_bytes()[:65536].decode("utf-8")
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError):
+            raise ModelIntegrityError(f"pointer file {self.current_file} is unreadable") from None
         try:
             state = json.loads(text)
             version, previous = state["version"], state.get("previous", [])

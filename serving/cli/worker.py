@@ -74,6 +74,9 @@ from serving.settings import Settings
 
 log = logging.getLogger("keywatch.worker")
 
+MAX_ENTRY_BYTES = 64 * 1024
+"""Largest event a stream entry (or an ingested line) may hold."""
+
 PUBLISH_ONCE_LUA = """
 -- KEYS[1] dedupe key, KEYS[2] decisions stream
 -- ARGV: field name, record JSON, maxlen, ttl, event id, entry id
@@ -101,7 +104,7 @@ class WorkerConfig:
     max_deliveries: int = 5
     dead_letters: str = "kw:events:dead"
     dead_letters_maxlen: int = 100_000
-    max_entry_bytes: int = 64 * 1024
+    max_entry_bytes: int = MAX_ENTRY_BYTES
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> WorkerConfig:
@@ -163,7 +166,7 @@ class _Item:
 
 
 def _parse(entry_id: str, fields: dict[str, str] | None, *,
-           max_bytes: int = 64 * 1024) -> _Item:
+           max_bytes: int = MAX_ENTRY_BYTES) -> _Item:
     """The entry as an event, or an item carrying the reason it is refused. Never raises:
     a stream entry is untrusted bytes, and one bad entry must not stop the worker."""
     if not fields or "event" not in fields:
@@ -565,15 +568,15 @@ def ingest_file(client: redis.Redis, path: Path, *, stream: str = "kw:events",
     added = skipped = 0
     pipe = client.pipeline(transaction=False)
     pending = 0
-    with Path(path).open(encoding="utf-8") as fh:
+    with Path(path).open("rb") as fh:  # bytes: a line that is not UTF-8 is skipped alone
         for line in fh:
-            text = line.strip()
-            if not text:
-                continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError:
+                text = line.decode("utf-8").strip()
+                obj = load_json(text, max_bytes=MAX_ENTRY_BYTES) if text else None
+            except (UnicodeDecodeError, JsonRefused):
                 skipped += 1
+                continue
+            if not text:
                 continue
             if not isinstance(obj, dict):
                 skipped += 1
