@@ -67,6 +67,8 @@ def parse_timestamp(value: Any, *, now: float | None = None) -> float:
         raise ValueError("timestamp must be an RFC 3339 string or epoch seconds")
     if not math.isfinite(ts) or ts < 0:
         raise ValueError("timestamp must be a finite, non-negative time")
+    if ts > MAX_EVENT_TIME * 10:
+        raise ValueError("timestamp is past the year 5000: milliseconds? send epoch seconds")
     reference = time.time() if now is None else now
     if ts > reference + MAX_FUTURE_SKEW_S:
         raise ValueError("timestamp is more than a day in the future")

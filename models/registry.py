@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from features.contract import JsonRefused, load_json
 from features.durable import fsync_dir, fsync_file
 from models.integrity import (
     ModelIntegrityError,
@@ -218,7 +219,10 @@ class ModelRegistry:
         """Every stored version, oldest first (by creation time)."""
         if not self.versions_dir.is_dir():
             return []
-        current = self.current_version()
+        try:
+            current = self.current_version()
+        except ModelIntegrityError:
+            current = None  # listed all the same: the versions are what an operator needs
         infos = []
         for path in self.versions_dir.iterdir():
             if path.name.startswith(".") or not path.is_dir():
@@ -327,7 +331,7 @@ class ModelRegistry:
             version, previous = state["version"], state.get("previous", [])
             if not isinstance(version, str) or not isinstance(previous, list):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise ModelIntegrityError(f"pointer file {self.current_file} is unreadable") from None
         return {"version": version, "previous": [str(v) for v in previous]}
 
@@ -352,10 +356,18 @@ class ModelRegistry:
     def history(self) -> list[dict[str, Any]]:
         """The promotion/rollback audit log, oldest first."""
         try:
-            lines = self.history_file.read_text().splitlines()
+            lines = self.history_file.read_bytes().splitlines()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for line in lines:  # a damaged line is skipped, not a reason to lose the log
+            try:
+                entry = load_json(line) if line.strip() else None
+            except JsonRefused:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
 
     # ------------------------------------------------------------------ loading
 
