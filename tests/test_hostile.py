@@ -25,6 +25,8 @@ import pandas as pd
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from features.contract import MAX_JSON_DEPTH, JsonRefused, load_json
 from features.extractor import FEATURE_NAMES
@@ -667,3 +669,45 @@ def test_a_poison_entry_goes_to_the_dead_letters_and_the_rest_is_scored(
     assert {d["reason"] for d in listed} == {"refused", "gave_up"}
     assert json.loads(out.stderr.strip().splitlines()[-1])["dead_letters"] == 2
     assert not _leaks(out.stdout + out.stderr)
+
+
+# ---- property-based fuzz of the JSON bodies --------------------------------------------------
+_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
+            | st.sampled_from([RAW, BARE, "", " ", "404", "1970-01-01T00:00:00Z", "1e999",
+                               "::1", "203.0.113.9", "10.0.0.0/8", "permanent", "30m"]))
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+_event_fields = {"api_key": st.sampled_from([RAW, BARE]) | _json,
+                 "timestamp": st.floats(9e8, 5e9) | st.integers(0, 2**40) | _json,
+                 "status": st.integers(0, 1000) | _json, "tokens": st.integers(-5, 10**9) | _json,
+                 "latency_ms": st.floats(allow_nan=False) | _json,
+                 "source_ip": st.sampled_from(["203.0.113.9", "::1", "not-an-ip"]) | _json,
+                 "endpoint": st.text(max_size=300) | _json, "event_id": _json,
+                 "lat": st.floats(-100, 100) | _json, "lon": st.floats(-200, 200) | _json,
+                 "country": st.text(max_size=3) | _json, "asn": _json}
+_event = st.fixed_dictionaries({}, optional=_event_fields)
+_admin = st.fixed_dictionaries({}, optional={
+    "key": st.sampled_from([RAW, BARE]) | _json, "ip": _json, "cidr": _json,
+    "duration": st.integers(-10, 10**12) | _json, "permanent": _json,
+    "reason": st.sampled_from([f"leaked {BARE}", f"see {RAW}"]) | _json,
+    "verdict": st.sampled_from(["confirmed", "false_positive"]) | _json, "note": _json})
+_bodies = (_json | _event | st.lists(_event, max_size=4)
+           | st.fixed_dictionaries({"events": st.lists(_event, max_size=3)}) | _admin)
+_routes = st.sampled_from([p for m, p in JSON_ROUTES if m == "POST"])
+
+
+@given(route=_routes, body=_bodies)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_fuzzed_json_bodies_never_5xx_leak_or_half_apply(app_client: TestClient, route: str,
+                                                         body: Any) -> None:
+    before, _ = state_of(app_client)
+    r = app_client.post(route, content=json.dumps(body).encode(),
+                        headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code < 500, (route, body, r.text[:300])
+    assert not _leaks(r.content), (route, r.text[:300])
+    after, blob = state_of(app_client)
+    if r.status_code >= 400:
+        assert after == before, (route, body, r.status_code)
+    assert not _leaks(blob)
