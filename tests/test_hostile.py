@@ -583,7 +583,28 @@ def _checkpoint_reader(tmp: Path, data: bytes) -> Callable[[], Any]:
     return lambda: load_population(path, NAMES)  # refused (logged): a fresh model starts
 
 
-READERS = {"replay": _replay_reader, "jsonl": _jsonl_reader, "event log": _event_log_reader,
+def _parquet_reader(tmp: Path, data: bytes) -> Callable[[], Any]:
+    from serving.engine.replay import count_lines, iter_records, parse_record
+
+    broken = _write(tmp / "broken.parquet", b"PAR1" + data)
+    frame = pd.DataFrame([ev(43, status="404"), ev(44)])  # a string status column
+    good = tmp / "events.parquet"
+    frame.astype({"status": str}).to_parquet(good)
+
+    def run() -> None:
+        with pytest.raises(ValueError, match="not a readable Parquet file"):
+            count_lines(broken)
+        with pytest.raises(ValueError, match="not a readable Parquet file"):
+            list(iter_records(broken))
+        rows = [rec for _, rec in iter_records(good)]
+        with pytest.raises(ValueError, match="status"):
+            parse_record(rows[0])
+
+    return run
+
+
+READERS = {"replay": _replay_reader, "parquet": _parquet_reader, "jsonl": _jsonl_reader,
+           "event log": _event_log_reader,
            "policy": _policy_reader, "prices": _price_reader, "ingest": _ingest_reader,
            "model manifest": _manifest_reader, "snapshot": _snapshot_reader,
            "population checkpoint": _checkpoint_reader}

@@ -80,9 +80,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tune_gc()
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out_path, "w", encoding="utf-8") as out:
-        summary = replay(scorer, args.events, out, progress=not args.quiet)
-    scorer.store.close()
+    try:
+        with atomic_open(out_path, "w", encoding="utf-8") as out:
+            summary = replay(scorer, args.events, out, progress=not args.quiet)
+    except ValueError as exc:  # an input file that cannot be read at all
+        print(f"keywatch: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        scorer.store.close()
     print(json.dumps({"replay": summary.as_dict(), "out": str(out_path)}), file=sys.stderr)
     return 1 if summary.failed else 0
 

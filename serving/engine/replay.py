@@ -37,9 +37,7 @@ class ReplaySummary:
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Yield (line number, record) pairs; a record that is not a JSON object is a str."""
     if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
+        table = _read_parquet(path)
         for n, row in enumerate(table.to_pylist(), start=1):
             yield n, {k: v for k, v in row.items() if v is not None}
         return
@@ -49,6 +47,17 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 yield n, line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield n, _Unreadable(f"not UTF-8 text (byte {exc.start}: {exc.reason})")
+
+
+def _read_parquet(path: Path) -> Any:
+    """The Parquet file as a table; ValueError (naming the file) if it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
 
 
 class _Unreadable(str):
@@ -82,9 +91,7 @@ def parse_record(record: dict[str, Any] | str) -> Event:
 
 def count_lines(path: Path) -> int | None:
     if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
+        return _read_parquet(path).num_rows
     with path.open("rb") as fh:
         return sum(1 for _ in fh)
 
