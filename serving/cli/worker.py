@@ -462,6 +462,8 @@ class StreamWorker:
         done = [*published, *duplicates]
         if not done:
             return
+        for item in done:
+            self._last_error.pop(item.entry_id, None)
         ids = [item.entry_id for item in done]
         pipe = self.client.pipeline(transaction=False)
         pipe.xack(cfg.stream, cfg.group, *ids)
