@@ -732,3 +732,55 @@ def test_fuzzed_json_bodies_never_5xx_leak_or_half_apply(app_client: TestClient,
     if r.status_code >= 400:
         assert after == before, (route, body, r.status_code)
     assert not _leaks(blob)
+
+
+# ---- a poisoned key in Redis -----------------------------------------------------------------
+def _poison_key_hash(client: Any, key_id: str) -> None:
+    """Replace the key's state hash by a string: every script touching it gets WRONGTYPE."""
+    [name] = [k for k in client.scan_iter(f"*{{k:{key_id}}}:h")]
+    client.delete(name)
+    client.set(name, "not a hash")
+
+
+def test_one_corrupted_key_in_redis_does_not_take_the_others_down(
+        redis_url: str, tmp_path: Path) -> None:
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    settings = make_settings(store=redis_url, data_dir=tmp_path, event_log=False)
+    with TestClient(create_app(settings)) as c:
+        victim = c.post("/v1/events", json=ev(50, key=BARE)).json()["key_id"]
+        c.post("/v1/events", json=ev(51, key=BARE))  # its learning is queued for later
+        _poison_key_hash(client, victim)
+        assert c.post("/v1/events", json=ev(52, key=BARE)).status_code == 503
+        others = [c.post("/v1/events", json=ev(60 + i, key=f"{RAW}-{i}")).status_code
+                  for i in range(5)]
+        assert others == [200] * 5  # the poisoned update was dropped, not requeued for ever
+        assert c.get("/readyz").status_code == 200
+
+
+def test_the_worker_retries_an_entry_the_store_refuses_then_dead_letters_it(
+        redis_url: str, tmp_path: Path) -> None:
+    import redis as redis_lib
+
+    from serving.cli.worker import WorkerConfig, build_worker
+
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    settings = make_settings(store=redis_url, data_dir=tmp_path, event_log=False)
+    config = WorkerConfig(consumer="w", block_ms=50, claim_idle_ms=100, max_deliveries=3)
+    client.xadd("kw:events", {"event": json.dumps(ev(70, key=BARE))})
+    worker = build_worker(settings, config)
+    assert worker.run(idle_exit_s=0.3).scored == 1
+    victim = json.loads(client.xrange("kw:decisions")[0][1]["decision"])["key_id"]
+    _poison_key_hash(client, victim)
+    client.xadd("kw:events", {"event": json.dumps(ev(71, key=BARE))})
+    for i in range(10):
+        client.xadd("kw:events", {"event": json.dumps(ev(80 + i, key=f"{RAW}-{i}"))})
+    stats = worker.run(idle_exit_s=1.5)
+    worker.store.close()
+    assert stats.scored == 1 + 10 and stats.retries == 2 and stats.dead_letters == 1, stats
+    [(_, letter)] = client.xrange("kw:events:dead")
+    assert letter["reason"] == "gave_up" and "WRONGTYPE" in letter["error"]
+    assert letter["deliveries"] == "3" and json.loads(letter["event"])["key_id"] == victim
+    assert client.xpending("kw:events", "keywatch")["pending"] == 0
+    assert not _leaks(_scan_redis(client))

@@ -426,8 +426,12 @@ class StreamWorker:
                 decision = self.scorer.score(item.event)
                 self.scorer.flush()  # this event's baseline updates, inside its scope
             item.once_keys = keys
-        except StoreError:
-            raise
+        except StoreError as exc:
+            if not getattr(exc, "data_error", False):
+                raise  # the store is down: leave this and the rest pending, back off
+            log.error("worker: event %s refused by the store: %s", item.event_id, exc)
+            item.failed = redact_text(f"the store refused it: {exc}")[:500]
+            return
         except Exception as exc:  # a bug or poison event: retried, then a dead letter
             log.exception("worker: event %s could not be scored", item.event_id)
             item.failed = redact_text(f"{type(exc).__name__}: {exc}")[:500]
