@@ -272,6 +272,11 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
                              response_model=Decision, openapi_extra=event_body,
                              route_class_override=RawBodyRoute)
 
+    def score_pinned(scorer: Scorer, events: list[Event]) -> list[Decision]:
+        """The batch under one policy version: a reload never lands between its events."""
+        with scorer.policy_source.pinned():
+            return scorer.score_many(events)
+
     async def score_batch(request: Request) -> Response:
         """Score a list of events in order; a batch with one bad event is refused whole."""
         raw = await request.body()
@@ -298,7 +303,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
                                   f"{_summary(detail)}", detail) from None
         scorer: Scorer = request.app.state.scorer
         t0 = time.perf_counter()
-        decisions = await run_in_threadpool(scorer.score_many, events)
+        decisions = await run_in_threadpool(score_pinned, scorer, events)
         record(events, decisions, time.perf_counter() - t0)
         return Response(_DECISION_LIST.dump_json(decisions), media_type="application/json")
 

@@ -130,9 +130,7 @@ class Scorer:
         return decision
 
     def score_many(self, events: Iterable[Event]) -> list[Decision]:
-        """Score in order, all under the policy in force when the batch began."""
-        with self.policy_source.pinned():
-            return [self.score(e) for e in events]
+        return [self.score(e) for e in events]
 
     def flush(self) -> None:
         """Send queued baseline updates now (end of a replay, shutdown, idle timer)."""
@@ -343,19 +341,6 @@ class Scorer:
             self._pending[:0] = pending
 
 
-def _retry_later(exc: BaseException) -> bool:
-    """Whether queued learning that failed with `exc` goes back in the queue: not when the
-    store spooled it (`writes_kept`), nor when the store refused it as bad data (a key of the
-    wrong type): requeued, one poisoned key's baseline update would fail every later request
-    of every key, as it rides along with them."""
-    if getattr(exc, "writes_kept", False):
-        return False
-    if getattr(exc, "data_error", False):
-        log.error("queued baseline updates dropped, the store refused them: %s", exc)
-        return False
-    return True
-
-
 def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:
     """Join the requests that touch the same entity, in order: each request is one script
     call on Redis (and one lookup in memory), and an event's learning usually writes the
@@ -376,3 +361,16 @@ def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:
 def decision_line(decision: Decision) -> dict[str, Any]:
     """The JSON form written by `replay`, one line per event."""
     return decision.model_dump(mode="json")
+
+
+def _retry_later(exc: BaseException) -> bool:
+    """Whether queued learning that failed with `exc` goes back in the queue: not when the
+    store spooled it (`writes_kept`), nor when the store refused it as bad data (a key of the
+    wrong type): requeued, one poisoned key's baseline update would fail every later request
+    of every key, as it rides along with them."""
+    if getattr(exc, "writes_kept", False):
+        return False
+    if getattr(exc, "data_error", False):
+        log.error("queued baseline updates dropped, the store refused them: %s", exc)
+        return False
+    return True
