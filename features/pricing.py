@@ -246,8 +246,9 @@ def load_price_file(path: str | Path) -> PricingConfig:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"price file {p}: cannot read: {exc}") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"price file {p}: cannot read: {type(exc).__name__}: {exc}"[:500]
+                         ) from None
     if isinstance(data, dict) and "pricing" in data:
         data = data["pricing"]
     try:

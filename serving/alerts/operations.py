@@ -37,7 +37,7 @@ from serving.alerts.stats import DecisionStats
 from serving.engine.decision import Decision
 from serving.engine.jsonl_writer import PeriodicFlusher, RotatingJsonlWriter
 from serving.observability.metrics import KeywatchMetrics
-from serving.observability.redaction import redact_known_keys, redact_text
+from serving.observability.redaction import redact_free_text, redact_known_keys
 
 if TYPE_CHECKING:
     from serving.engine.event_log import EventLog
@@ -115,12 +115,12 @@ class Operations:
             sinks = sinks_from_settings(settings)
         activity = KeyActivityIndex(per_key=settings.key_activity_per_key,
                                     max_keys=settings.key_activity_max_keys)
-        redact: Callable[[str], str] = redact_text
+        redact: Callable[[str], str] = redact_free_text
         if scorer is not None:
             key_id_of = scorer.hasher.key_id
 
             def redact(text: str) -> str:  # patterns, then any key this replica has seen
-                return redact_known_keys(redact_text(text), key_id_of,
+                return redact_known_keys(redact_free_text(text), key_id_of,
                                          activity.__contains__)
 
         feedback = FeedbackStore(data_dir / FEEDBACK_FILE, redact=redact)

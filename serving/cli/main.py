@@ -81,9 +81,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tune_gc()
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out_path, "w", encoding="utf-8") as out:
-        summary = replay(scorer, args.events, out, progress=not args.quiet)
-    scorer.store.close()
+    try:
+        with atomic_open(out_path, "w", encoding="utf-8") as out:
+            summary = replay(scorer, args.events, out, progress=not args.quiet)
+    except ValueError as exc:  # an input file that cannot be read at all
+        print(f"keywatch: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        scorer.store.close()
     print(json.dumps({"replay": summary.as_dict(), "out": str(out_path)}), file=sys.stderr)
     return 1 if summary.failed else 0
 
@@ -113,7 +118,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     try:
         result = retrain(events=events, model_dir=model_dir,
                          hasher=KeyHasher(settings.secret or ""),
-                         promote=not args.no_promote, progress=not args.quiet)
+                         promote=not args.no_promote, progress=not args.quiet,
+                         signing_key=settings.model_signing_key)
     except (ValueError, FileNotFoundError) as exc:
         print(f"keywatch: {exc}", file=sys.stderr)
         return 2
@@ -130,7 +136,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("keywatch: no model directory: pass --model-dir or set KEYWATCH_MODEL_DIR",
               file=sys.stderr)
         return 2
-    registry = ModelRegistry(model_dir)
+    registry = ModelRegistry(model_dir, signing_key=settings.model_signing_key)
     try:
         if args.models_command == "list":
             current = registry.current_version()
@@ -227,7 +233,7 @@ def cmd_policy_impact(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
-    from serving.cli.worker import WorkerConfig, run_worker
+    from serving.cli.worker import WorkerConfig, print_dead_letters, run_worker
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -235,10 +241,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = WorkerConfig.from_settings(
         settings, stream=args.stream, decisions_stream=args.decisions_stream,
         group=args.group, consumer=args.consumer, block_ms=args.block_ms, count=args.count,
-        claim_idle_ms=args.claim_idle_ms)
+        claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries)
+    if args.dead_letters is not None:
+        return print_dead_letters(settings, config, count=args.dead_letters)
     tune_gc()
     try:
-        stats = run_worker(settings, config, idle_exit_s=args.exit_when_idle)
+        stats = run_worker(settings, config, idle_exit_s=args.exit_when_idle,
+                           metrics_port=args.metrics_port)
     except ValueError as exc:
         print(f"keywatch: {exc}", file=sys.stderr)
         return 2
@@ -350,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="take over entries pending this long (default: 30000)")
     work.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                       help="stop after this long without work (batch jobs, tests)")
+    work.add_argument("--max-deliveries", type=int,
+                      help="deliveries before an entry goes to the dead letters (default: 5)")
+    work.add_argument("--dead-letters", type=int, nargs="?", const=100, metavar="N",
+                      help="list the newest N dead letters (JSON lines) and exit")
+    work.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     work.add_argument("--model-dir", type=Path)
     work.add_argument("--dev", action="store_true")
     work.add_argument("--dry-run", action="store_true")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.contract import Event
-from serving.engine.jsonl_writer import BufferedWriter, append_lines
+from serving.engine.jsonl_writer import BufferedWriter, append_lines, iter_json_lines
 
 if TYPE_CHECKING:
     from serving.engine.decision import Decision
@@ -133,17 +133,11 @@ def read_event_log(directory: Path, *, since: float | None = None,
     """All logged records (optionally in a time range), sorted by event time."""
     records: list[dict[str, Any]] = []
     for path in sorted(Path(directory).glob(f"{PARTITION_PREFIX}*/*.jsonl")):
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line after a crash
-                ts = rec.get("timestamp", 0.0)
-                if (since is None or ts >= since) and (until is None or ts < until):
-                    records.append(rec)
+        for rec in iter_json_lines(path):  # torn or damaged lines are skipped
+            ts = rec.get("timestamp", 0.0)
+            if not isinstance(ts, int | float):
+                continue
+            if (since is None or ts >= since) and (until is None or ts < until):
+                records.append(rec)
     records.sort(key=lambda r: r.get("timestamp", 0.0))
     return records

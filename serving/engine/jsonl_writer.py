@@ -17,9 +17,11 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from features.contract import JsonRefused, load_json
 
 log = logging.getLogger("keywatch.jsonl")
 
@@ -179,23 +181,32 @@ class RotatingJsonlWriter(BufferedWriter[str]):
                 "rotations": self.rotations, "last_error": self.last_error}
 
 
+MAX_RECORD_BYTES = 1024 * 1024
+"""Longest JSONL line read back; a longer one is skipped like a torn line."""
+
+
+def iter_json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of one JSONL file. A line that is torn (a crash mid-write), not
+    UTF-8, too long, nested too deep or not an object is skipped: these files are read at
+    start, and one damaged line must neither stop the service nor hide the others."""
+    with Path(path).open("rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                rec = load_json(raw, max_bytes=MAX_RECORD_BYTES)
+            except JsonRefused:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
 def read_jsonl(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """Records from JSONL files in the order given; torn or blank lines are skipped."""
+    """Records from JSONL files in the order given; unreadable or blank lines are skipped."""
     records: list[dict[str, Any]] = []
     for path in paths:
-        if not Path(path).is_file():
-            continue
-        with Path(path).open(encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line after a crash
-                if isinstance(rec, dict):
-                    records.append(rec)
+        if Path(path).is_file():
+            records.extend(iter_json_lines(Path(path)))
     return records
 
 
