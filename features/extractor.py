@@ -64,6 +64,7 @@ Feature names say what, how, by whom and over what window
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ from features.stores.base import (
     EWM_SAME,
     GET,
     GETS,
+    INCR,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
@@ -158,6 +160,26 @@ SIZE_PEAK_RING = "tokok:h"
 """Each hour's largest request (tokens) among the key's events judged normal."""
 SIZE_PEAK_FLOOR_TOKENS = 256.0
 """A key whose largest request of the day was tiny is judged against this many tokens."""
+NETWORK_OK = "netok:"
+"""Prefix of the per-key fields marking a network (ASN) as used by traffic judged normal;
+`netok:n` counts them, and no more than `NETWORK_CAP` are recorded."""
+PREFIX_OK = "pfxok:"
+"""The same for address prefixes (/24 for IPv4, /48 for IPv6), up to `PREFIX_CAP`."""
+UA_FAMILY_OK = "uafok:"
+"""The same for client libraries (user agent family: the product token before the
+version, e.g. `openai-python`), up to `UA_FAMILY_CAP`."""
+NETWORK_CAP = 64
+PREFIX_CAP = 256
+UA_FAMILY_CAP = 32
+"""Beyond its cap a set is saturated: the key is used from so many places (a consumer
+app) that a new one is no evidence, and the novelty features read 0."""
+HOUR_COUNT = "hodc:"
+"""Per-key counts of events judged normal by hour of day (`hodc:0`..`hodc:23`, `hodc:n`
+the total): the hours the key's normal traffic uses."""
+LAST_NORMAL = "ok:last"
+"""Time of the key's last event judged normal: are the owner's identities in use?"""
+NEVER_S = 1e9
+"""`last_normal_age_s_by_key` of a key with no normal event yet."""
 SPEND_NORMAL_RING = "spendok:h"
 """Hourly spend of the key's events judged normal: added by learning only, it is the
 spend baseline's history (see the module docstring)."""
@@ -246,6 +268,17 @@ REGULARITY_FEATURES = (
     "same_size_ratio_by_key",
     "same_prompt_ratio_by_key",
 )
+IDENTITY_FEATURES = (
+    "untrusted_network_by_event",
+    "untrusted_prefix_by_event",
+    "untrusted_ua_family_by_event",
+    "trusted_networks_by_key",
+    "hour_share_by_key",
+    "last_normal_age_s_by_key",
+    "known_identity_by_event",
+)
+"""Identity finer than a country: the networks (ASN and prefix), client libraries and
+hours of day the key's NORMAL traffic uses, learned only from events judged normal."""
 NOVELTY_FEATURES = (
     "new_endpoint_by_key",
     "new_user_agent_by_key",
@@ -284,6 +317,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "population_rate_vs_hour_of_week_1h",
     "key_rate_vs_population_1h",
     *GEO_FEATURES,
+    *IDENTITY_FEATURES,
     *REGULARITY_FEATURES,
     *NOVELTY_FEATURES,
     *SPEND_FEATURES,
@@ -328,6 +362,9 @@ class Plan:
     population_idx: dict[str, Any] = field(default_factory=dict)
     cost: Cost | None = None
     """The event's estimated price (budgets reuse it, so it is computed once)."""
+    identity: dict[str, Any] = field(default_factory=dict)
+    """The event's identity (network, prefix, client library) and which parts are new,
+    for learning."""
 
     def requests(self) -> list[EntityOps]:
         """The entities of this event, in the order `build` expects their results:
@@ -338,6 +375,25 @@ class Plan:
         if self.population_ops is not None:
             out.append(self.population_ops)
         return out
+
+
+def ua_family(user_agent: str) -> str:
+    """The client library of a user agent: its first product token without the version
+    (`OpenAI/Python 1.30.1` -> `openai`, `python-requests/2.31` -> `python-requests`)."""
+    token = user_agent.strip().split(" ", 1)[0].split("/", 1)[0].lower()
+    return token[:USER_AGENT_MAX_CHARS] or "-"
+
+
+def network_prefix(ip: str | None) -> str | None:
+    """The address's /24 (IPv4) or /48 (IPv6) network, or None."""
+    if not ip:
+        return None
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 def _ua_member(user_agent: str) -> str:
@@ -456,6 +512,17 @@ class FeatureExtractor:
         if geo.hosting and geo.asn:
             kidx["hosting_asn"] = len(kops)
             kops.append((GET, TRUSTED_HOSTING_ASN + geo.asn))
+        # identity: is this network, prefix, client library known from normal traffic;
+        # how much of the key's normal traffic falls in this hour of day (±1 h)
+        hod = int(ts // 3600) % 24
+        kidx["identity"] = len(kops)
+        kops.append((GETS, 10, NETWORK_OK + (geo.asn or "-"),
+                     PREFIX_OK + (network_prefix(source_ip) or "-"),
+                     UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
+                     PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
+                     HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24),
+                     HOUR_COUNT + "n"))
+        kops.append((GET, LAST_NORMAL))
 
         # the previous located event (read, then replace with this one)
         if geo.lat is not None:
@@ -628,6 +695,9 @@ class FeatureExtractor:
         v["trusted_geo_speed_kmh_by_key"] = t_speed
         v["untrusted_country_by_key"] = untrusted
 
+        self._identity_values(v, plan, key_res[kidx["identity"]],
+                              key_res[kidx["identity"] + 1])
+
         # regularity
         g = kidx["gap"]
         first_event = key_res[g] is None
@@ -713,10 +783,62 @@ class FeatureExtractor:
             "population_expected_1h": pop_expected,
             "baseline_spend_usd_1h": peak or None,
             "priced_model": cost.model,
+            "identity": plan.identity,
+            "network": plan.identity.get("prefix"),
         }
         return FeatureVector(values=v, context=context)
 
+    def _identity_values(self, v: dict[str, float], plan: Plan, res: list[Any],
+                         last_normal: Any) -> None:
+        """Novelty of the event's network, prefix and client library against the key's
+        normal traffic, and the share of that traffic in this hour of day."""
+        geo = plan.geo or GeoInfo()
+        net_ok, pfx_ok, ua_ok, net_n, pfx_n, ua_n, h0, h1, h2, h_n = res
+        net_n_f, pfx_n_f, ua_n_f = (float(x) if x else 0.0 for x in (net_n, pfx_n, ua_n))
+
+        def untrusted(ok: Any, n: float, cap: int, known: bool) -> float:
+            # new only for a key whose normal traffic is known and not saturated
+            return 1.0 if known and not ok and 0 < n < cap else 0.0
+
+        prefix = network_prefix(plan.event.source_ip)
+        v["untrusted_network_by_event"] = untrusted(net_ok, net_n_f, NETWORK_CAP,
+                                                    geo.asn is not None)
+        v["untrusted_prefix_by_event"] = untrusted(pfx_ok, pfx_n_f, PREFIX_CAP,
+                                                   prefix is not None)
+        v["untrusted_ua_family_by_event"] = untrusted(ua_ok, ua_n_f, UA_FAMILY_CAP, True)
+        v["trusted_networks_by_key"] = net_n_f
+        total = float(h_n) if h_n else 0.0
+        near = sum(float(x) for x in (h0, h1, h2) if x)
+        v["hour_share_by_key"] = near / total if total > 0 else 1.0
+        v["last_normal_age_s_by_key"] = (
+            max(0.0, plan.event.timestamp - float(last_normal)) if last_normal else NEVER_S)
+        v["known_identity_by_event"] = (
+            1.0 if (net_ok or pfx_ok or geo.asn is None) and (ua_ok or ua_n_f == 0) else 0.0)
+        plan.identity = {"asn": geo.asn, "prefix": prefix,
+                         "ua_family": ua_family(plan.event.user_agent),
+                         "net_new": not net_ok and net_n_f < NETWORK_CAP,
+                         "pfx_new": not pfx_ok and pfx_n_f < PREFIX_CAP,
+                         "ua_new": not ua_ok and ua_n_f < UA_FAMILY_CAP}
+
     # ---- learning -----------------------------------------------------------------------
+    def identity_learn_ops(self, fv: FeatureVector) -> list[tuple[Any, ...]]:
+        """Record the event's identity (network, prefix, client library, hour of day) as
+        the key's normal: only for events judged normal."""
+        ctx = fv.context
+        ident = ctx.get("identity") or {}
+        ops: list[tuple[Any, ...]] = [(SET, LAST_NORMAL, repr(float(ctx["timestamp"])))]
+        for new, prefix, member in ((ident.get("net_new"), NETWORK_OK, ident.get("asn")),
+                                    (ident.get("pfx_new"), PREFIX_OK, ident.get("prefix")),
+                                    (ident.get("ua_new"), UA_FAMILY_OK,
+                                     ident.get("ua_family"))):
+            if new and member:
+                ops.append((SET, prefix + member, "1"))
+                ops.append((INCR, prefix + "n", 1.0))
+        hod = int(ctx["timestamp"] // 3600) % 24
+        ops.append((INCR, HOUR_COUNT + str(hod), 1.0))
+        ops.append((INCR, HOUR_COUNT + "n", 1.0))
+        return ops
+
     def learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
         """Baseline updates for an event that was judged normal.
 
@@ -750,6 +872,7 @@ class FeatureExtractor:
         ops.append((EWM, "host", hosting, self.ewm_alpha))
         if hosting and ctx.get("asn"):
             ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
+        ops.extend(self.identity_learn_ops(fv))
         return [EntityOps(KEY, ctx["key_id"], ops)]
 
 

@@ -109,7 +109,7 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     good.write_text((Path(__file__).parents[1] / "serving/policy/default_policy.yaml").read_text())
     proc = run_cli("policy", "check", str(good))
     assert proc.returncode == 0, proc.stderr
-    assert "ok: 22 rules" in proc.stdout
+    assert f"ok: {len(load_policy().rules)} rules" in proc.stdout
 
 
 # ---- the default rules on hand-made vectors ----------------------------------------------

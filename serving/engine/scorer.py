@@ -42,6 +42,7 @@ from serving.policy.responses import (
     AllowListCache,
     BanState,
     EscalationLadder,
+    KeyContext,
     add_ban_reads,
     ban_writes,
     plan_response,
@@ -218,14 +219,15 @@ class Scorer:
         active = [f for f in findings if f.mode == "active"]
 
         fused = fuse(active, signals, fv, policy.fusion)
+        key_ctx = key_context(fv)
         plan_active = plan_response(fused, active, policy.responses, bans=bans,
-                                    entities=entities, ladder=ladder, ts=ts)
+                                    entities=entities, ladder=ladder, ts=ts, key=key_ctx)
         if len(active) == len(findings):
             shadow, plan_shadow = fused, plan_active
         else:
             shadow = fuse(findings, signals, fv, policy.fusion)
             plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
-                                        entities=entities, ladder=ladder, ts=ts)
+                                        entities=entities, ladder=ladder, ts=ts, key=key_ctx)
 
         if budgets:  # at a hard budget the budget's own response, not the ban ladder
             for p, f, findings_used in ((plan_active, fused, active),
@@ -266,7 +268,7 @@ class Scorer:
             ops = []
             for w in plan_active.writes:
                 ops.extend(ban_writes(w.scope, w.entity_id, until=w.until, level=w.level,
-                                      ts=ts, reason=w.reason))
+                                      ts=ts, reason=w.reason, incident=w.incident))
                 log.warning("ban %s %s until %s (offence %d): %s", w.scope,
                             w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
             self.store.execute(ops)
@@ -339,6 +341,22 @@ class Scorer:
     def _requeue(self, pending: list[EntityOps]) -> None:
         with self._lock:
             self._pending[:0] = pending
+
+
+OWNER_ACTIVE_S = 3600.0
+"""The owner's identities count as in use when the key had an event judged normal this
+recently: a ban for identity evidence then lands on the intruder's address."""
+
+
+def key_context(fv: FeatureVector) -> KeyContext:
+    """The key's normal rate and whether its owner is active, for the response."""
+    expected_1h = fv.context.get("baseline_requests_1h")
+    warm = bool(fv.context.get("key_warm"))
+    age = fv.values.get("last_normal_age_s_by_key")
+    return KeyContext(
+        normal_per_min=expected_1h / 60.0 if expected_1h and warm else None,
+        owner_active=age is not None and age < OWNER_ACTIVE_S,
+        network=fv.context.get("network"))
 
 
 def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:

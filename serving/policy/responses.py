@@ -31,15 +31,26 @@ from features.contract import event_time_iso
 from features.keys import KeyHasher, looks_like_key_id
 from features.stores.base import GET, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
 from serving.engine.decision import Action
-from serving.policy.fusion import Fusion
+from serving.policy.fusion import BLOCKING_EVIDENCE, Fusion
 from serving.policy.rules import BanView, Finding
-from serving.policy.schema import PERMANENT_S, AllowList, BanSettings, ResponsesConfig
+from serving.policy.schema import (
+    PERMANENT_S,
+    AllowList,
+    BanSettings,
+    ResponsesConfig,
+    TierResponse,
+)
 
 BAN_UNTIL = "ban:until"
 BAN_LEVEL = "ban:level"
 BAN_LAST = "ban:last"
 BAN_BY = "ban:by"
 BAN_REASON = "ban:reason"
+BAN_KIND = "ban:kind"
+"""The incident kind of the offences counted in `ban:level` (the evidence kinds behind
+the last automatic ban, e.g. `identity` or `attack`): a ban for another kind of incident
+starts the ladder afresh, so a key's credential-stuffing history never lengthens a ban
+for a leak, nor the other way round."""
 PERMANENT = 1e18
 """`until` of a permanent ban (a finite number every backend stores exactly)."""
 
@@ -61,6 +72,7 @@ class BanState:
     last: float = 0.0
     by: str | None = None
     reason: str | None = None
+    kind: str | None = None
 
     def active(self, ts: float) -> bool:
         return self.until > ts
@@ -75,22 +87,24 @@ class BanState:
                        permanent=self.permanent, by=self.by, reason=self.reason)
 
 
-BanIdx = tuple[int, int, int, int, int]
+BanIdx = tuple[int, ...]
 
 
 def add_ban_reads(ops: EntityOps) -> BanIdx:
-    return tuple(ops.add(GET, f) for f in (BAN_UNTIL, BAN_LEVEL, BAN_LAST, BAN_BY,  # type: ignore[return-value]
-                                           BAN_REASON))
+    return tuple(ops.add(GET, f) for f in (BAN_UNTIL, BAN_LEVEL, BAN_LAST, BAN_BY,
+                                           BAN_REASON, BAN_KIND))
 
 
 def read_ban(results: list[Any], idx: BanIdx) -> BanState:
-    until, level, last, by, reason = (results[i] for i in idx)
+    until, level, last, by, reason, *rest = (results[i] for i in idx)
+    kind = rest[0] if rest else None
     return BanState(
         until=float(until) if until else 0.0,
         level=int(float(level)) if level else 0,
         last=float(last) if last else 0.0,
         by=by or None,
         reason=reason or None,
+        kind=kind or None,
     )
 
 
@@ -98,12 +112,18 @@ def read_ban(results: list[Any], idx: BanIdx) -> BanState:
 class EscalationLadder:
     """Ban durations by repeat offence, with one step forgiven per clean period."""
 
-    durations_s: tuple[float, ...] = (1800, 7200, 86400, PERMANENT_S)
+    durations_s: tuple[float, ...] = (1800, 7200, 86400)
     decay_after_s: float = 7 * 86400
 
     @classmethod
     def from_settings(cls, bans: BanSettings) -> EscalationLadder:
-        return cls(durations_s=tuple(bans.ladder), decay_after_s=bans.decay_after)
+        """The policy's ladder; without `allow_permanent` a permanent step is replaced by
+        the longest finite one (a permanent ban is an operator's act)."""
+        ladder = tuple(bans.ladder)
+        if not bans.allow_permanent:
+            finite = [d for d in ladder if not math.isinf(d)] or [86400.0]
+            ladder = tuple(max(finite) if math.isinf(d) else d for d in ladder)
+        return cls(durations_s=ladder, decay_after_s=bans.decay_after)
 
     def effective_level(self, state: BanState, ts: float) -> int:
         """Offences that still count: each clean `decay_after` since the last ban ended
@@ -114,8 +134,13 @@ class EscalationLadder:
         clean = max(0.0, ts - ended)
         return max(0, state.level - int(clean // self.decay_after_s))
 
-    def next_duration(self, state: BanState, ts: float) -> tuple[float, int]:
+    def next_duration(self, state: BanState, ts: float,
+                      kind: str | None = None) -> tuple[float, int]:
+        """The next ban's length and offence level; offences of another incident kind
+        (`state.kind` differs from `kind`) do not count."""
         level = self.effective_level(state, ts)
+        if kind is not None and state.kind is not None and state.kind != kind:
+            level = 0
         duration = self.durations_s[min(level, len(self.durations_s) - 1)]
         return duration, level + 1
 
@@ -126,14 +151,16 @@ def until_for(ts: float, duration_s: float) -> float:
 
 
 def ban_ops(kind: str, entity_id: str, *, until: float, level: int | None, ts: float,
-            by: str = "keywatch", reason: str = "") -> EntityOps:
+            by: str = "keywatch", reason: str = "", incident: str | None = None) -> EntityOps:
     """Write a ban on the entity. `level=None` (an operator's ban) leaves the offence
-    history alone."""
+    history alone; `incident` is the incident kind the level counts offences of."""
     ops = EntityOps(kind, entity_id)
     ops.add(SET, BAN_UNTIL, repr(float(until)))
     if level is not None:
         ops.add(SET, BAN_LEVEL, str(level))
         ops.add(SET, BAN_LAST, repr(float(ts)))
+        if incident:
+            ops.add(SET, BAN_KIND, incident)
     ops.add(SET, BAN_BY, by)
     ops.add(SET, BAN_REASON, reason[:500])
     ops.add(PERSIST, 1 if until >= PERMANENT else 0)
@@ -163,20 +190,24 @@ def ban_index_ops(scope: str, entity_id: str, until: float | None) -> EntityOps:
 
 
 def ban_writes(scope: str, entity_id: str, *, until: float, level: int | None, ts: float,
-               by: str = "keywatch", reason: str = "") -> list[EntityOps]:
+               by: str = "keywatch", reason: str = "",
+               incident: str | None = None) -> list[EntityOps]:
     return [ban_ops(SCOPE_KIND[scope], entity_id, until=until, level=level, ts=ts, by=by,
-                    reason=reason),
+                    reason=reason, incident=incident),
             ban_index_ops(scope, entity_id, until)]
 
 
-def ban_action(scope: str, until: float, ts: float) -> Action:
+def ban_action(scope: str, until: float, ts: float, network: str | None = None) -> Action:
     if until >= PERMANENT:
-        return Action(type="perm_ban", scope=scope)  # type: ignore[arg-type]
+        return Action(type="perm_ban", scope=scope, network=network)  # type: ignore[arg-type]
+    left = max(1, math.ceil(until - ts))
     return Action(
         type="temp_ban",
         scope=scope,  # type: ignore[arg-type]
         until=event_time_iso(until),
-        retry_after_s=max(1, math.ceil(until - ts)),
+        retry_after_s=left,
+        duration_s=left,
+        network=network,
     )
 
 
@@ -188,6 +219,20 @@ class BanWrite:
     until: float
     level: int
     reason: str
+    incident: str | None = None
+
+
+@dataclass(slots=True)
+class KeyContext:
+    """What the response needs to know about the key beyond the findings."""
+
+    normal_per_min: float | None = None
+    """The key's normal request rate for this hour (learned), None for a cold key."""
+    owner_active: bool = False
+    """The key's own known identities were in use recently (its last event judged normal
+    is recent): a ban then lands on the intruder's address, not the key."""
+    network: str | None = None
+    """The event's network prefix (/24 or /48), reported with an address ban."""
 
 
 @dataclass(slots=True)
@@ -206,8 +251,14 @@ def plan_response(
     entities: dict[str, str],
     ladder: EscalationLadder,
     ts: float,
+    key: KeyContext | None = None,
 ) -> ResponsePlan:
-    """What to do for this severity. Pure: the caller decides whether to enforce it."""
+    """What to do for this severity. Pure: the caller decides whether to enforce it.
+
+    Proportional to the evidence: volume alone throttles (back to about twice the key's
+    normal rate, for a while) and alerts; a ban needs identity or attack evidence
+    (`fusion.can_block`) and lands on the narrowest scope that stops the intruder."""
+    key = key or KeyContext()
     ban_finding = next((f for f in findings if f.kind == "ban"
                         and f.reason.code in fusion.drivers), None)
     if ban_finding is not None:  # already banned: enforce the ban as it is, no escalation
@@ -222,29 +273,61 @@ def plan_response(
     scopes = [s for s in ("key", "ip") if any(f.scope == s for f in drivers)
               and s in entities] or ["key"]
     if kind in ("ban", "perm_ban") and not fusion.can_block:
-        kind = "throttle"  # a model alone never bans
+        kind = "throttle"  # volume alone, or a model alone, never bans
+    if kind == "perm_ban" and not cfg.bans.allow_permanent:
+        kind = "ban"
     if kind in ("none", "log", "alert"):
         return ResponsePlan("allow", Action(type=kind, scope=scopes[0]))  # type: ignore[arg-type]
     if kind == "throttle":
-        t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
-        return ResponsePlan("throttle", Action(
-            type="throttle", scope=scopes[0],  # type: ignore[arg-type]
-            retry_after_s=t.retry_after_s if t else 60,
-            limit_per_min=t.limit_per_min if t else None))
-    # a ban on every scope a critical driver names (a stuffing address is banned as IP)
-    critical = [f for f in drivers if f.reason.severity == "critical"]
+        return ResponsePlan("throttle", throttle_action(cfg, tier, key, ts, scopes[0]))
+    return _ban_plan(fusion, drivers, scopes, kind, bans=bans, entities=entities,
+                     ladder=ladder, ts=ts, key=key)
+
+
+def throttle_action(cfg: ResponsesConfig, tier: TierResponse | None, key: KeyContext,
+                    ts: float, scope: str = "key") -> Action:
+    """A limit back to `rate_factor` times the key's normal rate (the tier's
+    `limit_per_min` for a key with no learned rate), never below `min_per_min`, for
+    `duration`."""
+    t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
+    t = t or TierResponse(action="throttle", limit_per_min=60)
+    if key.normal_per_min is not None and key.normal_per_min > 0:
+        limit = key.normal_per_min * t.rate_factor
+    else:
+        limit = float(t.limit_per_min or 60)
+    limit_i = max(math.ceil(limit), t.min_per_min)
+    duration = int(t.duration)
+    return Action(type="throttle", scope=scope,  # type: ignore[arg-type]
+                  retry_after_s=t.retry_after_s,
+                  limit_per_min=limit_i, duration_s=duration,
+                  until=event_time_iso(ts + duration))
+
+
+def _ban_plan(fusion: Fusion, drivers: list[Finding], scopes: list[str], kind: str, *,
+              bans: dict[str, BanState], entities: dict[str, str],
+              ladder: EscalationLadder, ts: float, key: KeyContext) -> ResponsePlan:
+    """Bans on the scopes the blocking drivers name. Identity evidence on the key lands on
+    the intruder's address while the owner's identities are still in use."""
+    blocking = [f for f in drivers if f.evidence in BLOCKING_EVIDENCE]
+    critical = [f for f in blocking if f.reason.severity == "critical"] or blocking
     ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
                   and s in entities] or scopes
+    identity_only = all(f.evidence == "identity" for f in critical if f.scope == "key")
+    if "key" in ban_scopes and identity_only and key.owner_active and "ip" in entities:
+        ban_scopes = ["ip"]  # the owner carries on; the intruder's address is banned
+    incident = "+".join(sorted({f.evidence for f in blocking})) or "volume"
     writes = []
     reason = ", ".join(fusion.drivers)
     for scope in ban_scopes:
         state = bans.get(scope, BanState())
-        duration, level = ladder.next_duration(state, ts)
+        duration, level = ladder.next_duration(state, ts, incident)
         if kind == "perm_ban":
             duration = PERMANENT_S
-        writes.append(BanWrite(scope, entities[scope], until_for(ts, duration), level, reason))
+        writes.append(BanWrite(scope, entities[scope], until_for(ts, duration), level, reason,
+                               incident))
     main = writes[0]
-    return ResponsePlan("block", ban_action(main.scope, main.until, ts), writes)
+    network = key.network if main.scope == "ip" else None
+    return ResponsePlan("block", ban_action(main.scope, main.until, ts, network), writes)
 
 
 # ---- allow-lists ----------------------------------------------------------------------
