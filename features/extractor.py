@@ -180,6 +180,20 @@ LAST_NORMAL = "ok:last"
 """Time of the key's last event judged normal: are the owner's identities in use?"""
 NEVER_S = 1e9
 """`last_normal_age_s_by_key` of a key with no normal event yet."""
+RECUR_RING_SIZE = 24 * 8 + 2
+"""Hourly rings of the key's known-identity traffic over eight days (+ edge hours)."""
+RECUR_REQ, RECUR_SPEND, RECUR_SIZE = "reqid:h", "spendid:h", "tokid:h"
+"""Requests, spend and largest request per hour of the key's traffic from its known
+identities, judged normal or contained for volume only: what recurs at this hour."""
+RECUR_LAGS = ((24, 48), 168)
+"""A spike recurs when it came at this time (±1 h) on each of the two previous days, or
+at this time a week ago."""
+FIRST_SEEN = "first"
+"""Time of the key's first event judged normal: its age, for cold start."""
+POP_SIZE = "psz:"
+"""Population prior of request size per priced model (EWM of log tokens) on the
+population entity, learned from events judged normal."""
+POP_SIZE_MIN_N = 100.0
 SPEND_NORMAL_RING = "spendok:h"
 """Hourly spend of the key's events judged normal: added by learning only, it is the
 spend baseline's history (see the module docstring)."""
@@ -268,6 +282,15 @@ REGULARITY_FEATURES = (
     "same_size_ratio_by_key",
     "same_prompt_ratio_by_key",
 )
+RECURRENCE_FEATURES = (
+    "recurring_requests_1h_by_key",
+    "recurring_spend_usd_1h_by_key",
+    "recurring_tokens_peak_by_key",
+    "key_age_h_by_key",
+    "tokens_vs_population_z_by_event",
+)
+"""Cold start and recurrence: what the key's known identities did at this hour on
+earlier days, its age, and a request's size against the population's for its model."""
 IDENTITY_FEATURES = (
     "untrusted_network_by_event",
     "untrusted_prefix_by_event",
@@ -318,6 +341,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "key_rate_vs_population_1h",
     *GEO_FEATURES,
     *IDENTITY_FEATURES,
+    *RECURRENCE_FEATURES,
     *REGULARITY_FEATURES,
     *NOVELTY_FEATURES,
     *SPEND_FEATURES,
@@ -523,6 +547,12 @@ class FeatureExtractor:
                      HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24),
                      HOUR_COUNT + "n"))
         kops.append((GET, LAST_NORMAL))
+        kidx["recur"] = len(kops)
+        lag_stamps = [stamp_h - lag + d for lag in (*RECUR_LAGS[0], RECUR_LAGS[1])
+                      for d in (-1, 0, 1)]
+        for ring in (RECUR_REQ, RECUR_SPEND, RECUR_SIZE):
+            kops.append((RING_VALUES, ring, RECUR_RING_SIZE, len(lag_stamps), *lag_stamps))
+        kops.append((GET, FIRST_SEEN))
 
         # the previous located event (read, then replace with this one)
         if geo.lat is not None:
@@ -556,6 +586,8 @@ class FeatureExtractor:
             (RING_VALUES, POP_RING, POP_RING_SIZE, 2 + len(_POP_LAGS), stamp_h, stamp_h - 1,
              *(stamp_h - lag for lag in _POP_LAGS)),
         ]
+        size_name = POP_SIZE + (cost.model or "other")
+        pops.append((GETS, 3, f"{size_name}:m", f"{size_name}:v", f"{size_name}:n"))
 
         return Plan(
             event=event,
@@ -613,13 +645,16 @@ class FeatureExtractor:
         v["tokens_zscore_by_key"] = _z(tokens_log, tok)
         # the largest normal request of the last day, among the hours that ended at least
         # an hour ago
-        size_peak = max(key_res[kidx["size_peak"]], default=0.0)
+        size_peak = max(max(key_res[kidx["size_peak"]], default=0.0),
+                        _recurring(key_res[kidx["recur"] + 2]))
         v["tokens_peak_by_key_24h"] = size_peak
         v["tokens_vs_peak_by_key_24h"] = (
             event.tokens / max(size_peak, SIZE_PEAK_FLOOR_TOKENS) if size_peak > 0 else 1.0)
         v["latency_zscore_by_key"] = _z(latency_log, lat)
         v["history_events_by_key"] = tok[2]
         expected = how[0] if how[2] >= 3 else rate[0]
+        # a spike that recurs at this hour from the key's known identities is normal
+        expected = max(expected, _recurring(key_res[kidx["recur"]]))
         key_rate_ratio = (
             v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
         )
@@ -697,6 +732,15 @@ class FeatureExtractor:
 
         self._identity_values(v, plan, key_res[kidx["identity"]],
                               key_res[kidx["identity"] + 1])
+        r = kidx["recur"]
+        recur_req, recur_spend, recur_size = (_recurring(key_res[r + i]) for i in range(3))
+        v["recurring_requests_1h_by_key"] = recur_req
+        v["recurring_spend_usd_1h_by_key"] = recur_spend
+        v["recurring_tokens_peak_by_key"] = recur_size
+        first = key_res[r + 3]
+        v["key_age_h_by_key"] = max(0.0, ts - float(first)) / 3600.0 if first else 0.0
+        psz = pop_res[2] if pop_res is not None else None
+        v["tokens_vs_population_z_by_event"] = _population_z(tokens_log, psz)
 
         # regularity
         g = kidx["gap"]
@@ -740,7 +784,8 @@ class FeatureExtractor:
         spend_1h = hours[0] + hours[1] * (1.0 - (ts % 3600) / 3600)
         # the busiest hour of the last day of spend judged normal, among the hours that
         # ended at least an hour ago
-        peak = max(key_res[sp + 2], default=0.0)
+        peak = max(max(key_res[sp + 2], default=0.0),
+                   _recurring(key_res[kidx["recur"] + 1]))
         v["cost_usd_by_event"] = cost.usd
         v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
         v["spend_usd_by_key_5m"] = m5[0] + m5[1] * (1.0 - (ts % 60) / 60)
@@ -849,7 +894,7 @@ class FeatureExtractor:
         ts = ctx["timestamp"]
         values = fv.values
         rate = values["requests_count_by_key_1h"]
-        ops: list[tuple[Any, ...]] = [
+        ops: list[tuple[Any, ...]] = [*self.recurrence_ops(fv), *self.identity_learn_ops(fv),
             (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
             (EWM, "rate", rate, self.ewm_alpha),
@@ -872,7 +917,36 @@ class FeatureExtractor:
         ops.append((EWM, "host", hosting, self.ewm_alpha))
         if hosting and ctx.get("asn"):
             ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
-        ops.extend(self.identity_learn_ops(fv))
+        out = [EntityOps(KEY, ctx["key_id"], ops)]
+        model = ctx.get("priced_model") or "other"
+        if ctx["tokens"]:
+            out.append(EntityOps(POPULATION, POPULATION_ID, [
+                (EWM, POP_SIZE + model, values["tokens_log_by_event"], self.ewm_alpha / 4)]))
+        return out
+
+    def recurrence_ops(self, fv: FeatureVector) -> list[tuple[Any, ...]]:
+        """What recurs: the event counted in the key's known-identity hourly rings. Also
+        for events contained for volume only from the key's known identities, so a
+        nightly job keeps teaching its own pattern while it is throttled."""
+        ctx = fv.context
+        ts = ctx["timestamp"]
+        stamp_h = int(ts // 3600)
+        slot = stamp_h % RECUR_RING_SIZE
+        ops: list[tuple[Any, ...]] = [(RING_ADD, RECUR_REQ, slot, stamp_h, 1.0)]
+        cost = fv.values.get("cost_usd_by_event", 0.0)
+        if cost:
+            ops.append((RING_ADD, RECUR_SPEND, slot, stamp_h, cost))
+        if ctx["tokens"]:
+            ops.append((RING_MAX, RECUR_SIZE, slot, stamp_h, float(ctx["tokens"])))
+        if not fv.values.get("key_age_h_by_key"):
+            ops.append((SET, FIRST_SEEN, repr(float(ts))))
+        return ops
+
+    def contained_learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
+        """Learning for an event contained for volume only, from the key's known
+        identities: its recurrence and that the owner is active, nothing else."""
+        ctx = fv.context
+        ops = [*self.recurrence_ops(fv), (SET, LAST_NORMAL, repr(float(ctx["timestamp"])))]
         return [EntityOps(KEY, ctx["key_id"], ops)]
 
 
@@ -972,6 +1046,23 @@ def _lag_mean(res: list[Any], start: int, count: int) -> float | None:
             total += res[i]
             n += 1
     return total / n if n else None
+
+
+def _recurring(values: Sequence[float]) -> float:
+    """What recurred at this hour: the smaller of the two previous days' (each the
+    largest of the hour and its neighbours), or a week ago's."""
+    day = [max(values[i:i + 3]) for i in range(0, 6, 3)]
+    week = max(values[6:9])
+    return max(min(day), week)
+
+
+def _population_z(tokens_log: float, stats: Sequence[Any] | None) -> float:
+    """The request's size against the population's for its model, in standard
+    deviations (0.0 until the population has enough normal requests of the model)."""
+    if not stats or stats[2] is None or float(stats[2]) < POP_SIZE_MIN_N:
+        return 0.0
+    mean, var = float(stats[0]), float(stats[1])
+    return (tokens_log - mean) / max(math.sqrt(max(var, 0.0)), 0.25)
 
 
 def _country_name(code: str | None) -> str | None:

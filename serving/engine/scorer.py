@@ -274,7 +274,7 @@ class Scorer:
             self.store.execute(ops)
 
         flagged = severity_rank(shadow.severity) >= severity_rank("medium")
-        learn: list[EntityOps] = [] if flagged else self.extractor.learn_ops(fv)
+        learn: list[EntityOps] = self._learning(fv, shadow, flagged)
         if detector_state is not None and self.detectors is not None:
             learn.extend(self.detectors.after(detector_state, flagged=flagged))
         if learn:
@@ -298,6 +298,19 @@ class Scorer:
             money=money,
         )
         return decision, fv
+
+    def _learning(self, fv: FeatureVector, fused: Any, flagged: bool) -> list[EntityOps]:
+        """What this event teaches. Normal: everything. Contained for volume only, from
+        the key's known identities (network and client library its normal traffic uses):
+        only what recurs and that the owner is active, so a nightly job being throttled
+        still teaches its own pattern while a runaway loop teaches no baseline. Anything
+        else flagged: nothing (an attacker cannot teach the baselines)."""
+        if not flagged:
+            return self.extractor.learn_ops(fv)
+        volume_only = set(fused.evidence) <= {"volume"}
+        if volume_only and fv.values.get("known_identity_by_event"):
+            return self.extractor.contained_learn_ops(fv)
+        return []
 
     # ---- pre-flight -------------------------------------------------------------------
     def check(self, api_key: str, source_ip: str | None = None,
