@@ -46,7 +46,7 @@ RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "ci_runner": {"runs_per_workday": (2.0, 20.0), "requests_per_run": (5.0, 80.0),
                   "run_minutes": (2.0, 12.0)},
     "region_migration": {"ramp_hours": (0.5, 12.0)},
-    "app_launch": {"market_factor": (0.3, 2.0), "ramp_hours": (6.0, 24.0)},
+    "app_launch": {"market_factor": (0.3, 1.5), "ramp_hours": (6.0, 24.0)},
 }
 """Parameter ranges per archetype (uniform; rates are further scaled by the
 perturbation of the seed)."""

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training import incidents as incident_mod
+from training.archetypes import shape, specialise
 from training.incidents import SCENARIOS, Incident, IncidentContext
 from training.networks import ip_strings
 from training.perturb import Perturbation
@@ -38,6 +39,7 @@ from training.tenants import (
     ARCHETYPES,
     CHAT_MODEL_WEIGHTS,
     TENANT_KINDS,
+    Draw,
     Tenant,
     build_population,
     describe,
@@ -218,8 +220,13 @@ def simulate(
 
     tenants = build_population(_rng(seed, _STREAM_POPULATION), keys, clock, key_vocab, ua_vocab,
                                perturb=perturbation, test_start_minute=test_start_minute)
+    draw = Draw(clock, key_vocab, ua_vocab, perturbation, test_start_minute)
+    special = _rng(seed, _STREAM_POPULATION + 4)
     for i, tenant in enumerate(tenants):
-        schedule(tenant, clock, _rng(seed, _STREAM_SCHEDULE + i))
+        specialise(tenant, special, draw)
+        rng = _rng(seed, _STREAM_SCHEDULE + i)
+        schedule(tenant, clock, rng)
+        shape(tenant, clock, rng)
     flash = _flash_sale(_rng(seed, _STREAM_POPULATION + 1), tenants, clock, test_start_minute)
     outage = _upstream_outage(
         _rng(seed, _STREAM_POPULATION + 3),

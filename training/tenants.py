@@ -448,19 +448,21 @@ PLAIN_ARCHETYPES = ("backend_service", "nightly_batch", "mobile_app", "developer
 that what happens to them measures the legitimate surprise alone."""
 
 _SPECIAL_SHARES = {
-    "weekly_batch": 0.03,
-    "month_end_batch": 0.03,
     "new_key": 0.04,
     "ci_runner": 0.04,
+    "month_end_batch": 0.03,
+    "weekly_batch": 0.03,
     "region_migration": 0.03,
     "app_launch": 0.03,
 }
+"""Shares of the surprising archetypes, most telling first (a small population gets the
+first ones that fit)."""
 
 
 def archetype_counts(n_keys: int) -> dict[str, int]:
     """How many keys of each archetype. Below 12 keys only the plain kinds and one
-    traveller (a tiny population has no room for every surprise)."""
-    special = n_keys >= 12
+    traveller; from 12 on, the surprises in `_SPECIAL_SHARES` order while at least one
+    plain backend remains (all of them from 16 keys)."""
     counts = {
         "nightly_batch": max(1, round(0.07 * n_keys)),
         "travelling_developer": max(1, round(0.03 * n_keys)),
@@ -468,7 +470,8 @@ def archetype_counts(n_keys: int) -> dict[str, int]:
         "developer": max(1, round(0.25 * n_keys)),
     }
     for archetype, share in _SPECIAL_SHARES.items():
-        counts[archetype] = max(1, round(share * n_keys)) if special else 0
+        room = n_keys - sum(counts.values()) - 1
+        counts[archetype] = min(max(1, round(share * n_keys)), room) if n_keys >= 12 else 0
     backend = n_keys - sum(counts.values())
     if backend < 1:
         raise ValueError(f"need at least 5 keys for a mixed population, got {n_keys}")
@@ -504,7 +507,11 @@ def build_population(
     perturb: Perturbation | None = None,
     test_start_minute: int | None = None,
 ) -> list[Tenant]:
-    """Draw `n_keys` tenants (archetypes shuffled, so a key's position tells nothing)."""
+    """Draw `n_keys` tenants (archetypes shuffled, so a key's position tells nothing).
+
+    The surprising archetypes get their own parameters from `training.archetypes.specialise`
+    afterwards (the simulator calls it), and their shape from `archetypes.shape` after
+    `schedule`."""
     draw = Draw(
         clock,
         key_vocab,
@@ -522,10 +529,7 @@ def build_population(
     for tenant in tenants:
         if tenant.archetype == "travelling_developer":
             _plan_travel(rng, tenant, clock)
-    from training.archetypes import specialise  # the archetypes build on this module
-
     for tenant in tenants:
-        specialise(tenant, rng, draw)
         _apply_perturbation(tenant, draw.perturb)
     return tenants
 
@@ -580,8 +584,8 @@ def _tenant(rng: np.random.Generator, draw: Draw, archetype: str, apps: list[str
 BATCH_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     # minutes the job runs, seconds between requests per worker, prompt-size factor
     "nightly_batch": {"minutes": (20, 40), "interval_s": (1.0, 4.0), "size": (0.5, 2.0)},
-    "weekly_batch": {"minutes": (30, 90), "interval_s": (0.8, 3.0), "size": (0.5, 3.0)},
-    "month_end_batch": {"minutes": (45, 180), "interval_s": (0.5, 3.0), "size": (0.7, 4.0)},
+    "weekly_batch": {"minutes": (30, 90), "interval_s": (1.5, 5.0), "size": (0.5, 3.0)},
+    "month_end_batch": {"minutes": (40, 120), "interval_s": (1.5, 5.0), "size": (0.7, 4.0)},
 }
 """Parameter ranges of the batch archetypes (drawn per key, then perturbed)."""
 
@@ -790,9 +794,6 @@ def schedule(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> None:
         tenant.lam = np.zeros(n)  # all of its traffic is CI runs (`training.archetypes`)
     else:
         _developer_schedule(tenant, clock, rng)
-    from training.archetypes import shape  # the archetypes build on this module
-
-    shape(tenant, clock, rng)
 
 
 def _sessions(
