@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     spool_dir: Path | None = None  # default: data_dir/spool
     snapshot_enabled: bool = True
     snapshot_path: Path | None = None  # default: data_dir/state.snapshot (memory store)
+    enforcement_clock: Literal["wall", "event"] = "wall"
+    """The service's clock for bans and limits: `wall` (the server's); `event` stamps them
+    in event time, as `replay` does (a service fed a historical stream, or a test)."""
+    journal_enabled: bool = True
+    """Memory store: journal bans, limits and admin acts (fsync per act), so a crash
+    loses none of them."""
+    journal_path: Path | None = None  # default: data_dir/enforcement.journal
     ingest_token: str | None = Field(default=None, repr=False)
     stream_events: str = "kw:events"
     stream_decisions: str = "kw:decisions"

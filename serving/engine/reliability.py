@@ -78,6 +78,13 @@ def snapshot_path(settings: Settings, store: StateStore) -> Path | None:
     return settings.snapshot_path or settings.data_dir / "state.snapshot"
 
 
+def journal_path(settings: Settings) -> Path | None:
+    """Where the memory store journals bans, limits and admin acts (None: disabled)."""
+    if not settings.journal_enabled:
+        return None
+    return settings.journal_path or settings.data_dir / "enforcement.journal"
+
+
 def restore_state(scorer: Scorer, settings: Settings) -> int:
     """At start: load the snapshot if there is one; a corrupt one is set aside, not used."""
     path = snapshot_path(settings, scorer.store)
@@ -113,5 +120,5 @@ def save_state(scorer: Scorer, settings: Settings) -> int:
     return n
 
 
-__all__ = ["StoreUnavailable", "protect_store", "restore_state", "save_state",
+__all__ = ["StoreUnavailable", "journal_path", "protect_store", "restore_state", "save_state",
            "snapshot_path", "store_status", "store_unavailable_handler"]
