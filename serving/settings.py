@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # reliability: Redis outage policy, restarts, ingestion security, stream workers
     redis_outage_policy: Literal["fail_open", "fail_closed", "error"] = "fail_open"
     redis_retry_interval_s: float = Field(default=1.0, gt=0)
+    enforcement_cache_refresh_s: float = Field(default=3.0, gt=0)
+    """fail_open: how often each replica re-reads the active bans, limits and allow-list
+    it keeps enforcing during a Redis outage."""
     spool_dir: Path | None = None  # default: data_dir/spool
     snapshot_enabled: bool = True
     snapshot_path: Path | None = None  # default: data_dir/state.snapshot (memory store)

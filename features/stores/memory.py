@@ -127,6 +127,11 @@ class MemoryStore(StateStore):
     def __len__(self) -> int:
         return len(self._entities)
 
+    def stats(self) -> dict[str, float]:
+        """Feature state dropped so far, and enforcement state held (for /metrics)."""
+        return {"feature_evictions": self.evictions, "feature_expirations": self.expirations,
+                "enforcement_entities": self.enforcement_entities()}
+
     def enforcement_entities(self) -> int:
         """Entities holding enforcement state (never evicted), global ones included."""
         return len(self._enforcement) + len(self._pinned)

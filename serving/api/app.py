@@ -30,6 +30,8 @@ from serving.api.admin import router as admin_router
 from serving.api.dashboard import router as dashboard_router
 from serving.api.guards import IngestGuard
 from serving.api.ops_routes import install as install_ops
+from serving.api.routes_limits import active_bans, key_enforcement
+from serving.api.routes_limits import router as limits_router
 from serving.engine import reliability as resilience
 from serving.engine.decision import Decision
 from serving.engine.event_log import EventLog
@@ -169,6 +171,10 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         if settings.event_log else None
     )
     ops = Operations.from_settings(settings, scorer=scorer, event_log=event_log)
+    ops.ban_lookup = lambda key_id: key_enforcement(scorer, key_id)["ban"]
+    ops.limit_lookup = lambda key_id: key_enforcement(scorer, key_id)["limit"]
+    ops.bans_active = lambda: active_bans(scorer)
+    ops.metrics.store_stats = getattr(scorer.store, "stats", None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -350,6 +356,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
     # Routes match in the order they were added: the scoring routes above come first.
     install_ops(app, ops)
     app.include_router(admin_router)
+    app.include_router(limits_router)
     app.include_router(dashboard_router)
     document_event_schema(app)
     return app
