@@ -348,10 +348,12 @@ class Scorer:
             log.warning("ban %s %s until %s (offence %d): %s", w.scope,
                         w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
         for lw in plan.limits:
-            if not needs_limit_write(limits.get(lw.scope, LimitState()), lw, now):
+            held = limits.get(lw.scope, LimitState())
+            if not needs_limit_write(held, lw, now):
                 continue
             ops.extend(limit_writes(lw.scope, lw.entity_id, rate_per_min=lw.rate_per_min,
-                                    burst=lw.burst, until=lw.until, reason=lw.reason))
+                                    burst=lw.burst, until=lw.until, reason=lw.reason,
+                                    fresh=not held.active))
             log.warning("limit %s %s to %g/min until %s: %s", lw.scope, lw.entity_id,
                         lw.rate_per_min, event_time_iso(lw.until), lw.reason)
         if ops:

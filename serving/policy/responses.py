@@ -245,9 +245,15 @@ def default_burst(rate_per_min: float) -> int:
 
 
 def limit_writes(scope: str, entity_id: str, *, rate_per_min: float, burst: int,
-                 until: float, by: str = "keywatch", reason: str = "") -> list[EntityOps]:
-    """Set a limit on the entity (its meter is kept) and index it until it ends."""
+                 until: float, by: str = "keywatch", reason: str = "",
+                 fresh: bool = True) -> list[EntityOps]:
+    """Set a limit on the entity and index it until it ends. `fresh`: the meter starts
+    anew (a new limit); otherwise it is kept (a limit renewed while it holds, so renewing
+    grants no new burst)."""
     ops = EntityOps(SCOPE_KIND[scope], entity_id)
+    if fresh:
+        ops.add(SET, "lim:tat", "0")
+        ops.add(SET, "lim:tat_e", "0")
     ops.add(SET, LIM_RATE, repr(float(rate_per_min)))
     ops.add(SET, LIM_BURST, str(int(burst)))
     ops.add(SET, LIM_UNTIL, repr(float(until)))
