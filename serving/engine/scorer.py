@@ -52,12 +52,13 @@ from serving.policy.responses import (
     add_ban_reads,
     add_limit_reads,
     ban_writes,
+    limit_write_for,
     limit_writes,
+    limited_action,
     needs_limit_write,
     plan_response,
     read_ban,
     read_limit,
-    throttle_action,
 )
 from serving.policy.rules import RuleInput, evaluate_rules
 from serving.policy.schema import Policy, PolicySource, load_policy
@@ -268,12 +269,17 @@ class Scorer:
             plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
                                         entities=entities, ladder=ladder, ts=now)
 
+        limit_write = limit_write_for(plan_active, entities, now, ", ".join(fused.drivers))
         if budgets:  # at a hard budget the budget's own response, not the ban ladder
             for p, f, findings_used in ((plan_active, fused, active),
                                         (plan_shadow, shadow, findings)):
                 own = budget_response(f, findings_used, policy, ts)
                 if own is not None:
                     p.verdict, p.action, p.writes = own
+                    if p is plan_active:
+                        limit_write = None  # the budget's answer sets no limit
+        if limit_write is not None:  # a throttle is a limit on its scope, for a while
+            plan_active.limits.append(limit_write)
 
         allow = self.allow_list.entries(policy.allow_list, self.hasher)
         exempt = allow.key_allowed(key_id) or allow.ip_allowed(event.source_ip)
@@ -294,7 +300,7 @@ class Scorer:
             if not enforce:  # an operator's limit on an allow-listed key still holds
                 verdict, action = "allow", Action(type="log" if findings else "none")
             if limited is not None and limited[1].over and verdict != "block":
-                verdict, action = "throttle", throttle_action(limited[0], limited[1], now)
+                verdict, action = "throttle", limited_action(limited[0], limited[1], now)
         else:
             verdict = "allow"
             action = Action(type="alert" if plan_shadow.verdict != "allow"

@@ -286,7 +286,7 @@ def read_limit_detail(results: list[Any], idx: tuple[int, ...]) -> dict[str, Any
             "until_ts": float(until), "by": by or None, "reason": reason or None}
 
 
-def throttle_action(scope: str, limit: LimitState, now: float) -> Action:
+def limited_action(scope: str, limit: LimitState, now: float) -> Action:
     """The decision's action while a limit meters the key or address: the limit, when it
     ends, and when the next call fits if this one was over."""
     return Action(type="throttle", scope=scope,  # type: ignore[arg-type]
@@ -354,7 +354,12 @@ def plan_response(
     if kind in ("none", "log", "alert"):
         return ResponsePlan("allow", Action(type=kind, scope=scopes[0]))  # type: ignore[arg-type]
     if kind == "throttle":
-        return _throttle_plan(cfg, tier, scopes[0], entities, fusion, ts)
+        t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
+        return ResponsePlan("throttle", Action(
+            type="throttle", scope=scopes[0],  # type: ignore[arg-type]
+            retry_after_s=t.retry_after_s if t else 60,
+            limit_per_min=t.limit_per_min if t else None,
+            duration_s=int(t.duration) if t else None, burst=t.burst if t else None))
     # a ban on every scope a critical driver names (a stuffing address is banned as IP)
     critical = [f for f in drivers if f.reason.severity == "critical"]
     ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
@@ -371,20 +376,18 @@ def plan_response(
     return ResponsePlan("block", ban_action(main.scope, main.until, ts), writes)
 
 
-def _throttle_plan(cfg: ResponsesConfig, tier: Any, scope: str, entities: dict[str, str],
-                   fusion: Fusion, now: float) -> ResponsePlan:
-    """A throttle: a limit on the scope for the tier's duration (written by the scorer)."""
-    t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
-    rate = float(t.limit_per_min) if t is not None and t.limit_per_min else 60.0
-    duration = float(getattr(t, "duration", None) or DEFAULT_LIMIT_S)
-    burst = int(getattr(t, "burst", None) or default_burst(rate))
-    until = now + duration
-    action = Action(type="throttle", scope=scope,  # type: ignore[arg-type]
-                    retry_after_s=t.retry_after_s if t else 60,
-                    limit_per_min=max(1, round(rate)), burst=burst,
-                    until=event_time_iso(until))
-    write = LimitWrite(scope, entities[scope], rate, burst, until, ", ".join(fusion.drivers))
-    return ResponsePlan("throttle", action, limits=[write])
+def limit_write_for(plan: ResponsePlan, entities: dict[str, str], now: float,
+                    reason: str) -> LimitWrite | None:
+    """The limit a throttle decision sets: the action's `limit_per_min` on its scope for
+    its `duration_s` (15 min if unsaid), with its `burst` (ten seconds' worth if unsaid)."""
+    action = plan.action
+    if plan.verdict != "throttle" or action.type != "throttle" or action.scope not in entities:
+        return None
+    rate = float(action.limit_per_min or 60)
+    duration = float(action.duration_s or DEFAULT_LIMIT_S)
+    burst = int(action.burst or default_burst(rate))
+    return LimitWrite(str(action.scope), entities[str(action.scope)], rate, burst,
+                      now + duration, reason)
 
 
 def needs_limit_write(held: LimitState, write: LimitWrite, now: float) -> bool:
