@@ -6,6 +6,17 @@ Ban state lives on the entity (key or source address) in the shared store, so a 
 by one replica is enforced by every replica on the entity's next event; a small index
 of active bans on a global entity lets the admin API list them without a scan.
 
+Throttles are state too: a throttle decision sets a limit on the key (or the address)
+for a while — `limit_per_min` calls a minute with a small burst, metered by GCRA in the
+store (`LIMIT` in `features.stores.base`) in the same round trip as the event's features
+and the gateway's pre-flight — so a throttle means fewer calls served, not a word in a
+decision. Limits end on their own (`duration` of the throttle tier, 15 min by default)
+and are indexed like bans, so the admin API can list them.
+
+Bans and limits are stored in wall time (the server's clock) when live, so a backlog of
+old events still writes a ban that holds now; a replay keeps event time throughout (the
+scorer's `enforcement_clock`).
+
 Durations grow with the offender's history (30 min → 2 h → 24 h → permanent by
 default) and decay: each clean period of `decay_after` since the last ban forgives one
 step, so an old incident does not make a key's next mistake a permanent ban.
@@ -29,7 +40,7 @@ from typing import Any
 
 from features.contract import event_time_iso
 from features.keys import KeyHasher, looks_like_key_id
-from features.stores.base import GET, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
+from features.stores.base import GET, LIMIT, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
 from serving.engine.decision import Action
 from serving.policy.fusion import BLOCKING_EVIDENCE, Fusion
 from serving.policy.rules import BanView, Finding
@@ -54,8 +65,17 @@ for a leak, nor the other way round."""
 PERMANENT = 1e18
 """`until` of a permanent ban (a finite number every backend stores exactly)."""
 
+LIM_RATE = "lim:rate"
+LIM_BURST = "lim:burst"
+LIM_UNTIL = "lim:until"
+LIM_BY = "lim:by"
+LIM_REASON = "lim:reason"
+DEFAULT_LIMIT_S = 900.0
+"""How long a throttle's limit lasts when the tier does not say."""
+
 GLOBAL = "g"
 BANS_ENTITY = "bans"
+LIMITS_ENTITY = "limits"
 ALLOW_ENTITY = "allow"
 AUDIT_ENTITY = "audit"
 INDEX = "index"
@@ -211,6 +231,103 @@ def ban_action(scope: str, until: float, ts: float, network: str | None = None) 
     )
 
 
+# ---- limits (throttles as state) ----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """An entity's limit as the meter answered it (status -1: no active limit)."""
+
+    status: int = -1
+    retry_after_s: float = 0.0
+    rate_per_min: float = 0.0
+    until: float = 0.0
+    burst: float = 0.0
+    by: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status >= 0
+
+    @property
+    def over(self) -> bool:
+        return self.status == 0
+
+
+LimitIdx = tuple[int, int]
+
+
+def add_limit_reads(ops: EntityOps, mode: str, now: float) -> LimitIdx:
+    """Meter the entity's limit in its own call: `take` (pre-flight), `count` (a served
+    call reported), `peek`. See LIMIT in `features.stores.base`."""
+    return ops.add(LIMIT, mode, float(now)), ops.add(GET, LIM_BY)
+
+
+def read_limit(results: list[Any], idx: LimitIdx) -> LimitState:
+    raw, by = results[idx[0]], results[idx[1]]
+    if not raw or raw[0] < 0:
+        return LimitState()
+    return LimitState(status=int(raw[0]), retry_after_s=float(raw[1]),
+                      rate_per_min=float(raw[2]), until=float(raw[3]), burst=float(raw[4]),
+                      by=by or None)
+
+
+def default_burst(rate_per_min: float) -> int:
+    """Ten seconds' worth of calls, at least one: a limit meters a rate, not each gap."""
+    return max(1, round(rate_per_min / 6))
+
+
+def limit_writes(scope: str, entity_id: str, *, rate_per_min: float, burst: int,
+                 until: float, by: str = "keywatch", reason: str = "",
+                 fresh: bool = True) -> list[EntityOps]:
+    """Set a limit on the entity and index it until it ends. `fresh`: the meter starts
+    anew (a new limit); otherwise it is kept (a limit renewed while it holds, so renewing
+    grants no new burst)."""
+    ops = EntityOps(SCOPE_KIND[scope], entity_id)
+    if fresh:
+        ops.add(SET, "lim:tat", "0")
+        ops.add(SET, "lim:tat_e", "0")
+    ops.add(SET, LIM_RATE, repr(float(rate_per_min)))
+    ops.add(SET, LIM_BURST, str(int(burst)))
+    ops.add(SET, LIM_UNTIL, repr(float(until)))
+    ops.add(SET, LIM_BY, by)
+    ops.add(SET, LIM_REASON, reason[:500])
+    index = EntityOps(GLOBAL, LIMITS_ENTITY)
+    index.add(ZSET, INDEX, index_member(scope, entity_id), float(until), MAX_INDEXED)
+    index.add(PERSIST, 1)
+    return [ops, index]
+
+
+def unlimit_writes(scope: str, entity_id: str) -> list[EntityOps]:
+    ops = EntityOps(SCOPE_KIND[scope], entity_id)
+    ops.add(SET, LIM_UNTIL, "0")
+    index = EntityOps(GLOBAL, LIMITS_ENTITY)
+    index.add(ZREM, INDEX, index_member(scope, entity_id))
+    return [ops, index]
+
+
+def add_limit_detail_reads(ops: EntityOps) -> tuple[int, ...]:
+    return tuple(ops.add(GET, f) for f in (LIM_RATE, LIM_BURST, LIM_UNTIL, LIM_BY, LIM_REASON))
+
+
+def read_limit_detail(results: list[Any], idx: tuple[int, ...]) -> dict[str, Any] | None:
+    """A limit's settings as stored, for listings (None when never set)."""
+    rate, burst, until, by, reason = (results[i] for i in idx)
+    if not rate or not until:
+        return None
+    return {"limit_per_min": float(rate), "burst": int(float(burst or 1)),
+            "until_ts": float(until), "by": by or None, "reason": reason or None}
+
+
+def limited_action(scope: str, limit: LimitState, now: float) -> Action:
+    """The decision's action while a limit meters the key or address: the limit, when it
+    ends, and when the next call fits if this one was over."""
+    return Action(type="throttle", scope=scope,  # type: ignore[arg-type]
+                  until=event_time_iso(limit.until),
+                  retry_after_s=max(1, math.ceil(limit.retry_after_s)) if limit.over
+                  else None,
+                  limit_per_min=max(1, round(limit.rate_per_min)),
+                  burst=max(1, round(limit.burst)))
+
+
 # ---- graduated response ----------------------------------------------------------------
 @dataclass(slots=True)
 class BanWrite:
@@ -236,10 +353,21 @@ class KeyContext:
 
 
 @dataclass(slots=True)
+class LimitWrite:
+    scope: str
+    entity_id: str
+    rate_per_min: float
+    burst: int
+    until: float
+    reason: str
+
+
+@dataclass(slots=True)
 class ResponsePlan:
     verdict: str
     action: Action
     writes: list[BanWrite] = field(default_factory=list)
+    limits: list[LimitWrite] = field(default_factory=list)
 
 
 def plan_response(
@@ -299,7 +427,7 @@ def throttle_action(cfg: ResponsesConfig, tier: TierResponse | None, key: KeyCon
     duration = int(t.duration)
     return Action(type="throttle", scope=scope,  # type: ignore[arg-type]
                   retry_after_s=t.retry_after_s,
-                  limit_per_min=limit_i, duration_s=duration,
+                  limit_per_min=limit_i, duration_s=duration, burst=t.burst,
                   until=event_time_iso(ts + duration))
 
 
@@ -328,6 +456,31 @@ def _ban_plan(fusion: Fusion, drivers: list[Finding], scopes: list[str], kind: s
     main = writes[0]
     network = key.network if main.scope == "ip" else None
     return ResponsePlan("block", ban_action(main.scope, main.until, ts, network), writes)
+
+
+def limit_write_for(plan: ResponsePlan, entities: dict[str, str], now: float,
+                    reason: str) -> LimitWrite | None:
+    """The limit a throttle decision sets: the action's `limit_per_min` on its scope for
+    its `duration_s` (15 min if unsaid), with its `burst` (ten seconds' worth if unsaid)."""
+    action = plan.action
+    if plan.verdict != "throttle" or action.type != "throttle" or action.scope not in entities:
+        return None
+    rate = float(action.limit_per_min or 60)
+    duration = float(action.duration_s or DEFAULT_LIMIT_S)
+    burst = int(action.burst or default_burst(rate))
+    return LimitWrite(str(action.scope), entities[str(action.scope)], rate, burst,
+                      now + duration, reason)
+
+
+def needs_limit_write(held: LimitState, write: LimitWrite, now: float) -> bool:
+    """Write a throttle's limit unless one as strict holds for at least half as long (an
+    operator's limit is never loosened or shortened by the automatic one)."""
+    if not held.active:
+        return True
+    if held.by == "admin":
+        return False
+    half = (write.until - now) / 2
+    return write.rate_per_min < held.rate_per_min or held.until - now < half
 
 
 # ---- allow-lists ----------------------------------------------------------------------

@@ -70,7 +70,9 @@ class TierResponse(_Strict):
     min_per_min: int = Field(default=5, ge=1)
     """For throttle: the limit never goes below this many requests per minute."""
     duration: float = 900.0
-    """For throttle: how long the limit lasts (renewed while the anomaly goes on)."""
+    """For throttle: how long the limit holds once set (renewed while the throttle goes on)."""
+    burst: int | None = Field(default=None, ge=1)
+    """For throttle: calls allowed back to back; default ten seconds' worth of the limit."""
 
     @field_validator("duration", mode="before")
     @classmethod
