@@ -168,6 +168,8 @@ PREFIX_OK = "pfxok:"
 UA_FAMILY_OK = "uafok:"
 """The same for client libraries (user agent family: the product token before the
 version, e.g. `openai-python`), up to `UA_FAMILY_CAP`."""
+COUNTRY_IPS_CAP = 64
+"""Distinct addresses per country per key that are counted (beyond: a crowd anyway)."""
 NETWORK_CAP = 64
 PREFIX_CAP = 256
 UA_FAMILY_CAP = 32
@@ -292,6 +294,7 @@ RECURRENCE_FEATURES = (
 """Cold start and recurrence: what the key's known identities did at this hour on
 earlier days, its age, and a request's size against the population's for its model."""
 IDENTITY_FEATURES = (
+    "distinct_ips_in_country_by_key_1h",
     "untrusted_network_by_event",
     "untrusted_prefix_by_event",
     "untrusted_ua_family_by_event",
@@ -508,6 +511,11 @@ class FeatureExtractor:
         if source_ip:
             kidx["distinct_ips"] = len(kops)
             kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
+            # addresses in this event's country within the hour: a leak abroad is one
+            # or a few machines, an app launching in a new country is a crowd
+            kidx["country_ips"] = len(kops)
+            kops.append((RECENT_ADD, "ips:" + (geo.country or "-"), source_ip, ts, 3600,
+                         COUNTRY_IPS_CAP))
         kidx["baselines"] = len(kops)
         kops.append(_BASELINE_GETS[hour_of_week(ts)])
 
@@ -730,6 +738,8 @@ class FeatureExtractor:
         v["trusted_geo_speed_kmh_by_key"] = t_speed
         v["untrusted_country_by_key"] = untrusted
 
+        i = kidx.get("country_ips")
+        v["distinct_ips_in_country_by_key_1h"] = float(key_res[i]) if i is not None else 0.0
         self._identity_values(v, plan, key_res[kidx["identity"]],
                               key_res[kidx["identity"] + 1])
         r = kidx["recur"]

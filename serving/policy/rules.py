@@ -78,6 +78,7 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "untrusted_hosting_asn_by_event", "untrusted_network_by_event",
        "untrusted_prefix_by_event", "untrusted_ua_family_by_event", "trusted_networks_by_key",
        "hour_share_by_key", "last_normal_age_s_by_key", "known_identity_by_event",
+       "distinct_ips_in_country_by_key_1h",
        "recurring_requests_1h_by_key", "recurring_spend_usd_1h_by_key",
        "recurring_tokens_peak_by_key", "key_age_h_by_key", "tokens_vs_population_z_by_event"]
 )
