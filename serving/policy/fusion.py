@@ -7,18 +7,19 @@ Principles, in the order they are applied:
    the offline percentile at or above `model_alert` (0.999) → medium; two models (e.g.
    population and offline) both high → high. A model alone never reaches critical, so a
    model alone never bans — an Isolation Forest does not know about flash sales.
-3. Corroboration escalates: independent signals are rule *groups* (every volume rule
-   is one group: a burst that crosses three rate limits is one piece of evidence) plus
-   the models, counted only when their top features are not just the features of the
-   rules that fired. Two independent signals at high or above → critical; two at medium
-   or above → at least high.
+3. Corroboration escalates, between different KINDS of evidence (each rule declares
+   one: identity, attack or volume; the models see volume): a burst that crosses three
+   rate limits, overspends and trips the models is one piece of evidence. Two kinds at
+   high or above → critical; two at medium or above → at least high.
 4. A surge the whole population shares (the population's rate against its hour-of-week
    norm is high and this key is within a few times of it) is not escalated by models,
    and models do not corroborate: everybody is busy, not this key.
 
-A block needs critical, which only an active rule at critical or two corroborating
-signals can produce (`can_block`). The score in [0, 1] combines the rule floor with the
-model strength (noisy-or) and never falls below the final tier's nominal score.
+A block needs critical, which only a critical identity or attack finding, or two kinds
+of evidence at high (one of which is then not volume), can produce (`can_block`):
+volume alone throttles, never bans. The score is calibrated: each tier owns a band of
+[0, 1] and the event sits in it at the strongest model's percentile among normal
+traffic (see `_score`).
 """
 
 from __future__ import annotations
