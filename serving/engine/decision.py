@@ -30,7 +30,7 @@ class Reason(BaseModel):
     mode: Literal["active", "monitor"] = "active"
     """`monitor`: the rule is in shadow mode; it explains and alerts, never enforces."""
     scope: Literal["key", "ip"] | None = None
-    evidence_kind: Literal["identity", "attack", "volume"] | None = None
+    evidence_kind: Literal["identity", "attack", "volume", "budget"] | None = None
     """What this reason is evidence of: someone else using the key (identity), an attack
     pattern (attack), or how much it is used (volume). A key-scope ban needs identity or
     attack evidence; volume alone throttles."""

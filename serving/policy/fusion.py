@@ -35,8 +35,9 @@ from serving.policy.schema import FusionConfig
 
 SEVERITY_SCORE = {"none": 0.0, "low": 0.3, "medium": 0.55, "high": 0.8, "critical": 0.95}
 BAND_TOP = {"none": 0.3, "low": 0.55, "medium": 0.8, "high": 0.95, "critical": 1.0}
-BLOCKING_EVIDENCE = frozenset({"identity", "attack"})
-"""Evidence kinds that may ban on their own (at critical) or corroborate volume."""
+BLOCKING_EVIDENCE = frozenset({"identity", "attack", "budget"})
+"""Evidence kinds that may block on their own (at critical) or corroborate volume; a
+budget's block is its own refusal until the period resets, never a ban."""
 MODEL_NAMES = ("population", "offline", "key_baseline")
 
 

@@ -26,7 +26,7 @@ from models.signals import ModelSignals
 from serving.engine.decision import Reason
 
 Scope = Literal["key", "ip"]
-Evidence = Literal["identity", "attack", "volume"]
+Evidence = Literal["identity", "attack", "volume", "budget"]
 """What a finding is evidence of. Corroboration needs two different kinds.
 
 - identity: someone other than the owner is using the key (a network, country, client
@@ -34,8 +34,10 @@ Evidence = Literal["identity", "attack", "volume"]
 - attack: an attack pattern (credential stuffing, probing, a banned address);
 - volume: how much (rate, spend, size, bursts, and the models, which see the same
   volume). Volume alone throttles and alerts; it never bans.
+- budget: an operator's spending limit (`type: budget`); at a hard `block` limit the
+  call is refused until the period resets (the budget's own response, never a ban).
 """
-EVIDENCE_KINDS: tuple[str, ...] = ("identity", "attack", "volume")
+EVIDENCE_KINDS: tuple[str, ...] = ("identity", "attack", "volume", "budget")
 Mode = Literal["active", "monitor", "off"]
 RuleSeverity = Literal["low", "medium", "high", "critical"]
 Code = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{1,63}$")]
@@ -578,6 +580,7 @@ class BudgetRule(RuleBase):
 
     type: Literal["budget"]
     params: BudgetParams
+    default_evidence: ClassVar[str] = "budget"
     severity: RuleSeverity = "high"
     """Severity at the hard limit; by default from `hard` (throttle → high, block →
     critical, alert → medium), so the tiers do what `hard` says."""
