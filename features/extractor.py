@@ -64,6 +64,7 @@ Feature names say what, how, by whom and over what window
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ from features.stores.base import (
     EWM_SAME,
     GET,
     GETS,
+    INCR,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
@@ -158,6 +160,42 @@ SIZE_PEAK_RING = "tokok:h"
 """Each hour's largest request (tokens) among the key's events judged normal."""
 SIZE_PEAK_FLOOR_TOKENS = 256.0
 """A key whose largest request of the day was tiny is judged against this many tokens."""
+NETWORK_OK = "netok:"
+"""Prefix of the per-key fields marking a network (ASN) as used by traffic judged normal;
+`netok:n` counts them, and no more than `NETWORK_CAP` are recorded."""
+PREFIX_OK = "pfxok:"
+"""The same for address prefixes (/24 for IPv4, /48 for IPv6), up to `PREFIX_CAP`."""
+UA_FAMILY_OK = "uafok:"
+"""The same for client libraries (user agent family: the product token before the
+version, e.g. `openai-python`), up to `UA_FAMILY_CAP`."""
+COUNTRY_IPS_CAP = 64
+"""Distinct addresses per country per key that are counted (beyond: a crowd anyway)."""
+NETWORK_CAP = 64
+PREFIX_CAP = 256
+UA_FAMILY_CAP = 32
+"""Beyond its cap a set is saturated: the key is used from so many places (a consumer
+app) that a new one is no evidence, and the novelty features read 0."""
+HOUR_COUNT = "hodc:"
+"""Per-key counts of events judged normal by hour of day (`hodc:0`..`hodc:23`, `hodc:n`
+the total): the hours the key's normal traffic uses."""
+LAST_NORMAL = "ok:last"
+"""Time of the key's last event judged normal: are the owner's identities in use?"""
+NEVER_S = 1e9
+"""`last_normal_age_s_by_key` of a key with no normal event yet."""
+RECUR_RING_SIZE = 24 * 8 + 2
+"""Hourly rings of the key's known-identity traffic over eight days (+ edge hours)."""
+RECUR_REQ, RECUR_SPEND, RECUR_SIZE = "reqid:h", "spendid:h", "tokid:h"
+"""Requests, spend and largest request per hour of the key's traffic from its known
+identities, judged normal or contained for volume only: what recurs at this hour."""
+RECUR_LAGS = ((24, 48), 168)
+"""A spike recurs when it came at this time (±1 h) on each of the two previous days, or
+at this time a week ago."""
+FIRST_SEEN = "first"
+"""Time of the key's first event judged normal: its age, for cold start."""
+POP_SIZE = "psz:"
+"""Population prior of request size per priced model (EWM of log tokens) on the
+population entity, learned from events judged normal."""
+POP_SIZE_MIN_N = 100.0
 SPEND_NORMAL_RING = "spendok:h"
 """Hourly spend of the key's events judged normal: added by learning only, it is the
 spend baseline's history (see the module docstring)."""
@@ -246,6 +284,27 @@ REGULARITY_FEATURES = (
     "same_size_ratio_by_key",
     "same_prompt_ratio_by_key",
 )
+RECURRENCE_FEATURES = (
+    "recurring_requests_1h_by_key",
+    "recurring_spend_usd_1h_by_key",
+    "recurring_tokens_peak_by_key",
+    "key_age_h_by_key",
+    "tokens_vs_population_z_by_event",
+)
+"""Cold start and recurrence: what the key's known identities did at this hour on
+earlier days, its age, and a request's size against the population's for its model."""
+IDENTITY_FEATURES = (
+    "distinct_ips_in_country_by_key_1h",
+    "untrusted_network_by_event",
+    "untrusted_prefix_by_event",
+    "untrusted_ua_family_by_event",
+    "trusted_networks_by_key",
+    "hour_share_by_key",
+    "last_normal_age_s_by_key",
+    "known_identity_by_event",
+)
+"""Identity finer than a country: the networks (ASN and prefix), client libraries and
+hours of day the key's NORMAL traffic uses, learned only from events judged normal."""
 NOVELTY_FEATURES = (
     "new_endpoint_by_key",
     "new_user_agent_by_key",
@@ -284,6 +343,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "population_rate_vs_hour_of_week_1h",
     "key_rate_vs_population_1h",
     *GEO_FEATURES,
+    *IDENTITY_FEATURES,
+    *RECURRENCE_FEATURES,
     *REGULARITY_FEATURES,
     *NOVELTY_FEATURES,
     *SPEND_FEATURES,
@@ -328,6 +389,9 @@ class Plan:
     population_idx: dict[str, Any] = field(default_factory=dict)
     cost: Cost | None = None
     """The event's estimated price (budgets reuse it, so it is computed once)."""
+    identity: dict[str, Any] = field(default_factory=dict)
+    """The event's identity (network, prefix, client library) and which parts are new,
+    for learning."""
 
     def requests(self) -> list[EntityOps]:
         """The entities of this event, in the order `build` expects their results:
@@ -338,6 +402,25 @@ class Plan:
         if self.population_ops is not None:
             out.append(self.population_ops)
         return out
+
+
+def ua_family(user_agent: str) -> str:
+    """The client library of a user agent: its first product token without the version
+    (`OpenAI/Python 1.30.1` -> `openai`, `python-requests/2.31` -> `python-requests`)."""
+    token = user_agent.strip().split(" ", 1)[0].split("/", 1)[0].lower()
+    return token[:USER_AGENT_MAX_CHARS] or "-"
+
+
+def network_prefix(ip: str | None) -> str | None:
+    """The address's /24 (IPv4) or /48 (IPv6) network, or None."""
+    if not ip:
+        return None
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 def _ua_member(user_agent: str) -> str:
@@ -428,6 +511,11 @@ class FeatureExtractor:
         if source_ip:
             kidx["distinct_ips"] = len(kops)
             kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
+            # addresses in this event's country within the hour: a leak abroad is one
+            # or a few machines, an app launching in a new country is a crowd
+            kidx["country_ips"] = len(kops)
+            kops.append((RECENT_ADD, "ips:" + (geo.country or "-"), source_ip, ts, 3600,
+                         COUNTRY_IPS_CAP))
         kidx["baselines"] = len(kops)
         kops.append(_BASELINE_GETS[hour_of_week(ts)])
 
@@ -456,6 +544,23 @@ class FeatureExtractor:
         if geo.hosting and geo.asn:
             kidx["hosting_asn"] = len(kops)
             kops.append((GET, TRUSTED_HOSTING_ASN + geo.asn))
+        # identity: is this network, prefix, client library known from normal traffic;
+        # how much of the key's normal traffic falls in this hour of day (±1 h)
+        hod = int(ts // 3600) % 24
+        kidx["identity"] = len(kops)
+        kops.append((GETS, 10, NETWORK_OK + (geo.asn or "-"),
+                     PREFIX_OK + (network_prefix(source_ip) or "-"),
+                     UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
+                     PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
+                     HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24),
+                     HOUR_COUNT + "n"))
+        kops.append((GET, LAST_NORMAL))
+        kidx["recur"] = len(kops)
+        lag_stamps = [stamp_h - lag + d for lag in (*RECUR_LAGS[0], RECUR_LAGS[1])
+                      for d in (-1, 0, 1)]
+        for ring in (RECUR_REQ, RECUR_SPEND, RECUR_SIZE):
+            kops.append((RING_VALUES, ring, RECUR_RING_SIZE, len(lag_stamps), *lag_stamps))
+        kops.append((GET, FIRST_SEEN))
 
         # the previous located event (read, then replace with this one)
         if geo.lat is not None:
@@ -489,6 +594,8 @@ class FeatureExtractor:
             (RING_VALUES, POP_RING, POP_RING_SIZE, 2 + len(_POP_LAGS), stamp_h, stamp_h - 1,
              *(stamp_h - lag for lag in _POP_LAGS)),
         ]
+        size_name = POP_SIZE + (cost.model or "other")
+        pops.append((GETS, 3, f"{size_name}:m", f"{size_name}:v", f"{size_name}:n"))
 
         return Plan(
             event=event,
@@ -546,13 +653,16 @@ class FeatureExtractor:
         v["tokens_zscore_by_key"] = _z(tokens_log, tok)
         # the largest normal request of the last day, among the hours that ended at least
         # an hour ago
-        size_peak = max(key_res[kidx["size_peak"]], default=0.0)
+        size_peak = max(max(key_res[kidx["size_peak"]], default=0.0),
+                        _recurring(key_res[kidx["recur"] + 2]))
         v["tokens_peak_by_key_24h"] = size_peak
         v["tokens_vs_peak_by_key_24h"] = (
             event.tokens / max(size_peak, SIZE_PEAK_FLOOR_TOKENS) if size_peak > 0 else 1.0)
         v["latency_zscore_by_key"] = _z(latency_log, lat)
         v["history_events_by_key"] = tok[2]
         expected = how[0] if how[2] >= 3 else rate[0]
+        # a spike that recurs at this hour from the key's known identities is normal
+        expected = max(expected, _recurring(key_res[kidx["recur"]]))
         key_rate_ratio = (
             v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
         )
@@ -628,6 +738,20 @@ class FeatureExtractor:
         v["trusted_geo_speed_kmh_by_key"] = t_speed
         v["untrusted_country_by_key"] = untrusted
 
+        i = kidx.get("country_ips")
+        v["distinct_ips_in_country_by_key_1h"] = float(key_res[i]) if i is not None else 0.0
+        self._identity_values(v, plan, key_res[kidx["identity"]],
+                              key_res[kidx["identity"] + 1])
+        r = kidx["recur"]
+        recur_req, recur_spend, recur_size = (_recurring(key_res[r + i]) for i in range(3))
+        v["recurring_requests_1h_by_key"] = recur_req
+        v["recurring_spend_usd_1h_by_key"] = recur_spend
+        v["recurring_tokens_peak_by_key"] = recur_size
+        first = key_res[r + 3]
+        v["key_age_h_by_key"] = max(0.0, ts - float(first)) / 3600.0 if first else 0.0
+        psz = pop_res[2] if pop_res is not None else None
+        v["tokens_vs_population_z_by_event"] = _population_z(tokens_log, psz)
+
         # regularity
         g = kidx["gap"]
         first_event = key_res[g] is None
@@ -670,7 +794,8 @@ class FeatureExtractor:
         spend_1h = hours[0] + hours[1] * (1.0 - (ts % 3600) / 3600)
         # the busiest hour of the last day of spend judged normal, among the hours that
         # ended at least an hour ago
-        peak = max(key_res[sp + 2], default=0.0)
+        peak = max(max(key_res[sp + 2], default=0.0),
+                   _recurring(key_res[kidx["recur"] + 1]))
         v["cost_usd_by_event"] = cost.usd
         v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
         v["spend_usd_by_key_5m"] = m5[0] + m5[1] * (1.0 - (ts % 60) / 60)
@@ -713,10 +838,62 @@ class FeatureExtractor:
             "population_expected_1h": pop_expected,
             "baseline_spend_usd_1h": peak or None,
             "priced_model": cost.model,
+            "identity": plan.identity,
+            "network": plan.identity.get("prefix"),
         }
         return FeatureVector(values=v, context=context)
 
+    def _identity_values(self, v: dict[str, float], plan: Plan, res: list[Any],
+                         last_normal: Any) -> None:
+        """Novelty of the event's network, prefix and client library against the key's
+        normal traffic, and the share of that traffic in this hour of day."""
+        geo = plan.geo or GeoInfo()
+        net_ok, pfx_ok, ua_ok, net_n, pfx_n, ua_n, h0, h1, h2, h_n = res
+        net_n_f, pfx_n_f, ua_n_f = (float(x) if x else 0.0 for x in (net_n, pfx_n, ua_n))
+
+        def untrusted(ok: Any, n: float, cap: int, known: bool) -> float:
+            # new only for a key whose normal traffic is known and not saturated
+            return 1.0 if known and not ok and 0 < n < cap else 0.0
+
+        prefix = network_prefix(plan.event.source_ip)
+        v["untrusted_network_by_event"] = untrusted(net_ok, net_n_f, NETWORK_CAP,
+                                                    geo.asn is not None)
+        v["untrusted_prefix_by_event"] = untrusted(pfx_ok, pfx_n_f, PREFIX_CAP,
+                                                   prefix is not None)
+        v["untrusted_ua_family_by_event"] = untrusted(ua_ok, ua_n_f, UA_FAMILY_CAP, True)
+        v["trusted_networks_by_key"] = net_n_f
+        total = float(h_n) if h_n else 0.0
+        near = sum(float(x) for x in (h0, h1, h2) if x)
+        v["hour_share_by_key"] = near / total if total > 0 else 1.0
+        v["last_normal_age_s_by_key"] = (
+            max(0.0, plan.event.timestamp - float(last_normal)) if last_normal else NEVER_S)
+        v["known_identity_by_event"] = (
+            1.0 if (net_ok or pfx_ok or geo.asn is None) and (ua_ok or ua_n_f == 0) else 0.0)
+        plan.identity = {"asn": geo.asn, "prefix": prefix,
+                         "ua_family": ua_family(plan.event.user_agent),
+                         "net_new": not net_ok and net_n_f < NETWORK_CAP,
+                         "pfx_new": not pfx_ok and pfx_n_f < PREFIX_CAP,
+                         "ua_new": not ua_ok and ua_n_f < UA_FAMILY_CAP}
+
     # ---- learning -----------------------------------------------------------------------
+    def identity_learn_ops(self, fv: FeatureVector) -> list[tuple[Any, ...]]:
+        """Record the event's identity (network, prefix, client library, hour of day) as
+        the key's normal: only for events judged normal."""
+        ctx = fv.context
+        ident = ctx.get("identity") or {}
+        ops: list[tuple[Any, ...]] = [(SET, LAST_NORMAL, repr(float(ctx["timestamp"])))]
+        for new, prefix, member in ((ident.get("net_new"), NETWORK_OK, ident.get("asn")),
+                                    (ident.get("pfx_new"), PREFIX_OK, ident.get("prefix")),
+                                    (ident.get("ua_new"), UA_FAMILY_OK,
+                                     ident.get("ua_family"))):
+            if new and member:
+                ops.append((SET, prefix + member, "1"))
+                ops.append((INCR, prefix + "n", 1.0))
+        hod = int(ctx["timestamp"] // 3600) % 24
+        ops.append((INCR, HOUR_COUNT + str(hod), 1.0))
+        ops.append((INCR, HOUR_COUNT + "n", 1.0))
+        return ops
+
     def learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
         """Baseline updates for an event that was judged normal.
 
@@ -727,7 +904,7 @@ class FeatureExtractor:
         ts = ctx["timestamp"]
         values = fv.values
         rate = values["requests_count_by_key_1h"]
-        ops: list[tuple[Any, ...]] = [
+        ops: list[tuple[Any, ...]] = [*self.recurrence_ops(fv), *self.identity_learn_ops(fv),
             (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
             (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
             (EWM, "rate", rate, self.ewm_alpha),
@@ -750,6 +927,36 @@ class FeatureExtractor:
         ops.append((EWM, "host", hosting, self.ewm_alpha))
         if hosting and ctx.get("asn"):
             ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
+        out = [EntityOps(KEY, ctx["key_id"], ops)]
+        model = ctx.get("priced_model") or "other"
+        if ctx["tokens"]:
+            out.append(EntityOps(POPULATION, POPULATION_ID, [
+                (EWM, POP_SIZE + model, values["tokens_log_by_event"], self.ewm_alpha / 4)]))
+        return out
+
+    def recurrence_ops(self, fv: FeatureVector) -> list[tuple[Any, ...]]:
+        """What recurs: the event counted in the key's known-identity hourly rings. Also
+        for events contained for volume only from the key's known identities, so a
+        nightly job keeps teaching its own pattern while it is throttled."""
+        ctx = fv.context
+        ts = ctx["timestamp"]
+        stamp_h = int(ts // 3600)
+        slot = stamp_h % RECUR_RING_SIZE
+        ops: list[tuple[Any, ...]] = [(RING_ADD, RECUR_REQ, slot, stamp_h, 1.0)]
+        cost = fv.values.get("cost_usd_by_event", 0.0)
+        if cost:
+            ops.append((RING_ADD, RECUR_SPEND, slot, stamp_h, cost))
+        if ctx["tokens"]:
+            ops.append((RING_MAX, RECUR_SIZE, slot, stamp_h, float(ctx["tokens"])))
+        if not fv.values.get("key_age_h_by_key"):
+            ops.append((SET, FIRST_SEEN, repr(float(ts))))
+        return ops
+
+    def contained_learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
+        """Learning for an event contained for volume only, from the key's known
+        identities: its recurrence and that the owner is active, nothing else."""
+        ctx = fv.context
+        ops = [*self.recurrence_ops(fv), (SET, LAST_NORMAL, repr(float(ctx["timestamp"])))]
         return [EntityOps(KEY, ctx["key_id"], ops)]
 
 
@@ -849,6 +1056,23 @@ def _lag_mean(res: list[Any], start: int, count: int) -> float | None:
             total += res[i]
             n += 1
     return total / n if n else None
+
+
+def _recurring(values: Sequence[float]) -> float:
+    """What recurred at this hour: the smaller of the two previous days' (each the
+    largest of the hour and its neighbours), or a week ago's."""
+    day = [max(values[i:i + 3]) for i in range(0, 6, 3)]
+    week = max(values[6:9])
+    return max(min(day), week)
+
+
+def _population_z(tokens_log: float, stats: Sequence[Any] | None) -> float:
+    """The request's size against the population's for its model, in standard
+    deviations (0.0 until the population has enough normal requests of the model)."""
+    if not stats or stats[2] is None or float(stats[2]) < POP_SIZE_MIN_N:
+        return 0.0
+    mean, var = float(stats[0]), float(stats[1])
+    return (tokens_log - mean) / max(math.sqrt(max(var, 0.0)), 0.25)
 
 
 def _country_name(code: str | None) -> str | None:

@@ -30,10 +30,55 @@ from models.offline import OfflineDetector
 from models.online import KeyBaseline, PendingEvent, PopulationDetector
 from models.registry import ModelRegistry
 from models.signals import ModelSignals
+from models.streaming import SeasonalStream, StreamParams, state_size
 
 log = logging.getLogger("keywatch.detectors")
 
 BASELINE_FIELD = "kb"
+STREAMS_FIELD = "ks"
+"""The key's streaming detectors (requests per minute, tokens, latency), one field."""
+STREAM_PARAMS: dict[str, StreamParams] = {
+    "requests_count_by_key_1m": StreamParams(phases=24),
+    "tokens_log_by_event": StreamParams(phases=1),
+    "latency_log_ms_by_event": StreamParams(phases=1),
+}
+"""The key's univariate series and their detectors: the rate has a daily rhythm; a
+call's size and latency are judged against the key's recent level."""
+
+
+class KeyStreams:
+    """A key's `SeasonalStream`s, stored as one comma-separated field of floats."""
+
+    def __init__(self, raw: str | bytes | None = None) -> None:
+        self.streams: dict[str, SeasonalStream] = {}
+        values: list[float] | None = None
+        if raw:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            try:
+                values = [float(x) for x in text.split(",")]
+            except ValueError:
+                values = None
+            if values is not None and len(values) != sum(
+                    state_size(p) for p in STREAM_PARAMS.values()):
+                log.error("unreadable key streams (%d values), starting afresh", len(values))
+                values = None
+        at = 0
+        for name, params in STREAM_PARAMS.items():
+            n = state_size(params)
+            self.streams[name] = SeasonalStream(
+                params, values[at:at + n] if values is not None else None)
+            at += n
+
+    def encode(self) -> str:
+        return ",".join(f"{x:.10g}" for s in self.streams.values() for x in s.v)
+
+    @staticmethod
+    def series(fv: FeatureVector) -> dict[str, float]:
+        """The values the streams see: requests per minute, tokens, latency (ms)."""
+        return {"requests_count_by_key_1m": fv.values.get("requests_count_by_key_1m", 0.0),
+                "tokens_log_by_event": math.expm1(fv.values.get("tokens_log_by_event", 0.0)),
+                "latency_log_ms_by_event": math.expm1(
+                    fv.values.get("latency_log_ms_by_event", 0.0))}
 
 
 def baseline_percentile(z: float) -> float:
@@ -75,9 +120,9 @@ class DetectorState:
     """What `signals` computed for one event, for `after` to learn from."""
 
     key_id: str
-    baseline: KeyBaseline
-    rate: float
-    tokens: float
+    streams: KeyStreams
+    series: dict[str, float]
+    ts: float
     pending: PendingEvent | None
 
 
@@ -175,21 +220,24 @@ class Detectors:
 
     # ---- scoring path -------------------------------------------------------------------
     def plan(self, plan: Plan) -> int:
-        """Queue the read of the key's baseline in the event's round trip."""
-        return plan.key_ops.add(GET, BASELINE_FIELD)
+        """Queue the read of the key's streaming detectors in the event's round trip."""
+        return plan.key_ops.add(GET, STREAMS_FIELD)
 
-    def signals(self, fv: FeatureVector, raw_baseline: str | None) -> tuple[ModelSignals,
-                                                                             DetectorState]:
+    def signals(self, fv: FeatureVector, raw_streams: str | None) -> tuple[ModelSignals,
+                                                                            DetectorState]:
         self.reload()
         x = to_model_space(fv.values, self.feature_names)
-        baseline = decode_baseline(raw_baseline, self.baseline_params)
-        rate = fv.values.get("requests_count_by_key_1m", 0.0)
-        tokens = math.expm1(fv.values.get("tokens_log_by_event", 0.0))
-        z = baseline.zscores(rate=rate, tokens=tokens)
+        streams = KeyStreams(raw_streams)
+        series = KeyStreams.series(fv)
+        ts = float(fv.context.get("timestamp") or 0.0)
         signals = ModelSignals()
-        if z.warm:
-            signals.key_baseline = baseline_percentile(max(z.rate_z, z.tokens_z))
-        signals.key_drift = bool(baseline.ph.drift)
+        scores = {name: s.score(ts, series[name]) for name, s in streams.streams.items()
+                  if s.warm()}
+        if scores:
+            # the key's own view: the rarest of its series, as a percentile of its own
+            # normal points
+            signals.key_baseline = max(scores.values())
+        zs = {name: streams.streams[name].zscore(ts, series[name]) for name in scores}
         pending = None
         with self._lock:
             if self.population is not None:
@@ -206,26 +254,26 @@ class Detectors:
             top: list[tuple[str, float]] = []
             if offline is not None and row is not None:
                 top = [(d.feature, d.z) for d in offline.deviations_of_row(row, k=3)]
-            if z.warm and not top:
-                top = sorted([("requests_count_by_key_1m", z.rate_z),
-                              ("tokens_log_by_event", z.tokens_z)], key=lambda t: -abs(t[1]))
+            if zs and not top:
+                top = sorted(zs.items(), key=lambda t: -abs(t[1]))[:3]
             return top
 
         signals.explain = explain
         signals.versions = self.versions()
-        return signals, DetectorState(fv.context["key_id"], baseline, rate, tokens, pending)
+        return signals, DetectorState(fv.context["key_id"], streams, series, ts, pending)
 
     def after(self, state: DetectorState, *, flagged: bool) -> list[EntityOps]:
         """Learn from an event the pipeline did not flag; always track the key's regime.
 
         Returns the store write of the key's baseline (sent with the next round trip).
         """
-        state.baseline.update(rate=state.rate, tokens=state.tokens, allow_learn=not flagged)
+        for name, stream in state.streams.streams.items():
+            stream.learn(state.ts, state.series[name], flagged=flagged)
         if not flagged and state.pending is not None and self.population is not None:
             with self._lock:
                 self.population.learn_pending(state.pending)
         ops = EntityOps("k", state.key_id)
-        ops.add(SET, BASELINE_FIELD, encode_baseline(state.baseline))
+        ops.add(SET, STREAMS_FIELD, state.streams.encode())
         return [ops]
 
     # ---- checkpoints --------------------------------------------------------------------

@@ -8,6 +8,7 @@ on any honest traffic, not the targets of the issue, which the report itself jud
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from training.evaluate import (
+    ACTION_TYPES,
     TARGETS,
     VARIANTS,
     DecisionArrays,
@@ -26,6 +28,14 @@ from training.evaluate import (
     evaluate,
     judge,
     load_truth,
+)
+from training.evaluate_seeds import (
+    SeedResult,
+    SeedsReport,
+    aggregate_targets,
+    choose_and_report,
+    evaluate_seeds,
+    worst_of,
 )
 from training.simulator import simulate
 
@@ -105,8 +115,8 @@ def test_quality_floor(evaluation: tuple[Path, EvaluationReport]) -> None:
     assert stuffing and all(i.detected and i.stopped > 0.8 for i in stuffing)
 
 
-def test_judging_counts_what_it_says(tmp_path: Path) -> None:
-    """Detection, time to detect, stopped share and benign shares on a hand-made case."""
+def _hand_built() -> tuple[Truth, np.ndarray, DecisionArrays]:
+    """Six events: k1 is abused (inc-1), k2 is legitimate (one event in a flash sale)."""
     import pandas as pd
 
     labels = pd.DataFrame({
@@ -124,22 +134,118 @@ def test_judging_counts_what_it_says(tmp_path: Path) -> None:
     arrays = DecisionArrays.empty(len(ts))
     arrays.verdict[:] = [0, 2, 1, 0, 2, 2]
     arrays.severity[:] = [2, 4, 3, 0, 4, 4]
+    perm = ACTION_TYPES.index("perm_ban")
+    arrays.action[:] = [0, perm, 3, 0, perm, 0]
+    arrays.action_key_scope[:] = True
     arrays.drivers = {1: ["naive_burst"], 2: ["impossible_travel"], 4: ["banned_key"],
                       5: ["banned_key"]}
+    return truth, ts, arrays
+
+
+def test_judging_counts_what_it_says() -> None:
+    """Detection, time to detect, stopped share, legitimate shares, permanent bans and the
+    owner's traffic after a compromise, on a hand-made case."""
+    truth, ts, arrays = _hand_built()
     res = judge(truth, ts, arrays)
     (inc,) = res.incidents
     assert inc.detected and inc.ttd_min == pytest.approx(1.0)
     assert inc.first_drivers == ["impossible_travel"]
     assert inc.stopped == pytest.approx(2 / 3)
-    # legitimate: lines 1, 3 (k2) and 4 (k1 after its incident ended)
-    assert res.benign.events == 3
-    assert res.benign.blocked == pytest.approx(2 / 3)
-    assert res.benign.blocked_after_incident == 1  # k1's ban outlasting its incident
+    # legitimate: lines 1 and 3 (k2); line 4 is k1's owner after its compromise
+    assert res.benign.events == 2
+    assert res.benign.blocked == pytest.approx(1 / 2)
+    assert res.benign.throttled == 0
+    assert res.benign.owner_after_events == 1 and res.benign.owner_after_blocked == 1.0
+    assert res.summary["owner_blocked_after_compromise"] == 1.0
     assert res.benign.surge_blocked == 1
-    assert res.benign.key_days == 2  # k2 and k1, both on day 0
+    assert res.benign.key_days == 1  # k2 on day 0
     assert res.benign.key_days_alerted == pytest.approx(1.0)
-    assert dict(res.benign.alert_drivers) == {"naive_burst": 1, "banned_key": 1}
+    assert dict(res.benign.alert_drivers) == {"naive_burst": 1}
+    # k2 was banned for good; k1 too, but k1 was compromised: that ban is not counted here
+    assert res.benign.perm_banned_keys == [{"key": "k2…", "archetype": "mobile_app"}]
+    assert res.summary["benign_keys_perm_banned"] == 1
+    (stopped,) = res.benign.stopped_keys
+    assert stopped["key"] == "k2…" and stopped["blocked"] == 1 and stopped["perm_banned"]
+    assert stopped["why"] == [("naive_burst", 1)]
+    assert res.benign.by_archetype["mobile_app"]["blocked"] == pytest.approx(0.5)
     assert res.summary["incidents_detected"] == 1.0
+    met = {t["measure"]: t["met"] for t in res.targets}
+    assert not met["benign_blocked"] and not met["benign_keys_perm_banned"]
+    assert met["incidents_detected"] and met["median_ttd_min"]
+
+
+def test_worst_case_and_threshold_are_computed_over_seeds() -> None:
+    """The worst seed per target direction, and a threshold chosen on one seed only."""
+    truth, ts, arrays = _hand_built()
+    base = judge(truth, ts, arrays)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    a.summary.update(incidents_detected=1.0, median_ttd_min=0.5, benign_blocked=0.001)
+    b.summary.update(incidents_detected=0.5, median_ttd_min=None, benign_blocked=0.0)
+    agg = aggregate_targets([a, b])
+    assert agg["incidents_detected"]["worst"] == 0.5
+    assert agg["incidents_detected"]["median"] == pytest.approx(0.75)
+    assert agg["benign_blocked"]["worst"] == 0.001
+    assert agg["median_ttd_min"]["worst"] is None and not agg["median_ttd_min"]["met"]
+    assert not agg["incidents_detected"]["met"]
+    assert worst_of([0.2, 0.9], TARGETS[0]) == 0.2
+
+    def seed(n: int, days: list[float], incidents: list[float]) -> SeedResult:
+        return SeedResult(seed=n, perturbation={}, events=0, variants={"keywatch": a},
+                          keyday_max_score={"keywatch": days},
+                          incident_max_score={"keywatch": [("x", s) for s in incidents]},
+                          seconds=0.0)
+
+    choose = seed(0, [0.1] * 98 + [0.5, 0.9], [0.95, 0.6])
+    report = seed(1, [0.05] * 9 + [0.95], [0.99, 0.08])
+    th = choose_and_report([choose, report], "keywatch", [0], [1])
+    # 2% of the choose seed's 100 key-days may reach it: the two highest (0.9, 0.5)
+    assert 0.1 < th["threshold"] <= 0.5 + 1e-6
+    assert th["choose"]["keydays_alerted"] == pytest.approx(0.02)
+    assert th["report"]["keydays_alerted"] == pytest.approx(0.1)
+    assert th["report"]["incidents_detected"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def naive_seeds(tmp_path_factory: pytest.TempPathFactory) -> SeedsReport:
+    return evaluate_seeds(tmp_path_factory.mktemp("seeds"), seeds=[3, 4], choose=[3],
+                          keys=12, days=2, variants=("naive",), progress=False)
+
+
+def test_the_naive_policy_is_caught_failing_on_every_seed(naive_seeds: SeedsReport) -> None:
+    report = naive_seeds
+    agg = report.aggregate["naive"]
+    assert not agg["benign_blocked"]["met"] and agg["benign_blocked"]["worst"] > 0.1
+    assert agg["benign_blocked"]["worst"] == max(agg["benign_blocked"]["values"])
+    assert len(agg["benign_blocked"]["values"]) == 2
+    text = report.report_md.read_text()
+    assert "**FAIL**" in text and "Choose seeds" in text and "Report seeds" in text
+    assert "seed 3 (choose)" in text
+    # the blocked legitimate keys are listed with the rules that stopped them
+    stopped = [k for r in report.results for k in r.variants["naive"].benign.stopped_keys]
+    assert stopped and all(k["why"] and k["why"][0][0].startswith("naive_") for k in stopped)
+    assert stopped[0]["key"] in text
+    # every incident type and every archetype present is in the report
+    for r in report.results:
+        for archetype in r.variants["naive"].benign.by_archetype:
+            assert f"| {archetype} |" in text
+        for inc in r.variants["naive"].incidents:
+            assert f"| {inc.scenario} |" in text
+    assert report.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(report.report_json.read_text())
+    assert doc["choose_seeds"] == [3] and doc["report_seeds"] == [4]
+    starts = {r.perturbation["start"] for r in report.results}
+    assert len(starts) == 2  # each seed is its own perturbed simulation
+
+
+def test_cli_checks_seeds_and_choose(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["--seeds", "1"], ["--seeds", "1,2", "--choose", "1,2"],
+                 ["--seeds", "1,2", "--choose", "7"], ["--seeds", "a,b"]):
+        proc = subprocess.run([sys.executable, "-m", "serving.cli.main", "evaluate", *args,
+                               "--out", str(tmp_path)], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=60, check=False)
+        assert proc.returncode == 2, args
+        assert "seeds" in proc.stderr or "integers" in proc.stderr
 
 
 def test_cli_refuses_a_directory_that_is_not_a_simulation(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from serving.policy.rules import Finding
 
 
 def finding(code: str, severity: str, group: str | None = None, kind: str = "rule",
-            features: tuple[str, ...] = ()) -> Finding:
+            features: tuple[str, ...] = (), evidence: str = "volume") -> Finding:
     return Finding(reason=Reason(code=code, severity=severity, message=code),  # type: ignore[arg-type]
                    rule_id=code, group=group or code, scope="key", kind=kind,  # type: ignore[arg-type]
-                   features=features)
+                   features=features, evidence=evidence)
 
 
 FV = FeatureVector(values={})
@@ -47,30 +47,44 @@ def test_models_alone_raise_the_tier_but_never_ban(signals: ModelSignals, tier: 
         assert f.model_reason.evidence["top_features"][0] == ["tokens_zscore_by_key", 7.5]
 
 
-def test_a_critical_rule_bans_on_its_own() -> None:
+def test_a_critical_identity_or_attack_rule_bans_on_its_own() -> None:
+    f = fuse([finding("credential_stuffing", "critical", evidence="attack")], ModelSignals(),
+             FV)
+    assert f.severity == "critical" and f.can_block and f.drivers == ["credential_stuffing"]
+    assert f.evidence == ["attack"]
+
+
+def test_volume_alone_never_bans_even_at_critical() -> None:
+    # deliberate change (issue 17): a hard rate limit is volume; it throttles, never bans
     f = fuse([finding("rate_limit_1m_hard", "critical", "volume")], ModelSignals(), FV)
-    assert f.severity == "critical" and f.can_block and f.drivers == ["rate_limit_1m_hard"]
-
-
-def test_rules_of_one_group_are_one_signal() -> None:
-    f = fuse([finding("rate_limit_1m", "high", "volume"),
-              finding("token_limit_1m", "high", "volume")], ModelSignals(), FV)
     assert f.severity == "high" and not f.can_block
 
 
-def test_two_independent_rules_corroborate() -> None:
-    f = fuse([finding("impossible_travel", "high", "location"),
+def test_volume_rules_are_one_kind_of_evidence() -> None:
+    f = fuse([finding("rate_limit_1m", "high", "volume"),
+              finding("token_limit_1m", "high", "volume")], ModelSignals(), FV)
+    assert f.severity == "high" and not f.can_block
+    # different groups, one kind: spend and burst and size do not corroborate each other
+    f = fuse([finding("spend_surge", "high", "spend"), finding("burst", "high", "volume"),
+              finding("request_size", "high")],
+             ModelSignals(offline=0.9999, top_features=TOP), FV)
+    assert f.severity == "high" and not f.can_block
+
+
+def test_two_kinds_of_evidence_corroborate() -> None:
+    f = fuse([finding("impossible_travel", "high", "location", evidence="identity"),
               finding("failure_rate", "high")], ModelSignals(), FV)
     assert f.severity == "critical" and f.can_block
     assert set(f.drivers) == {"impossible_travel", "failure_rate"}
-    f = fuse([finding("request_size", "medium"), finding("failure_rate", "medium")],
-             ModelSignals(), FV)
+    assert f.evidence == ["identity", "volume"]
+    f = fuse([finding("new_network", "medium", evidence="identity"),
+              finding("failure_rate", "medium")], ModelSignals(), FV)
     assert f.severity == "high" and not f.can_block
 
 
 def test_a_rule_plus_an_independent_model_corroborate() -> None:
     travel = finding("impossible_travel", "high", "location",
-                     features=("geo_speed_kmh_by_key",))
+                     features=("geo_speed_kmh_by_key",), evidence="identity")
     f = fuse([travel], ModelSignals(offline=0.995, top_features=TOP), FV)
     assert f.severity == "critical" and f.can_block
     assert "model_anomaly" in f.drivers
@@ -113,9 +127,18 @@ def test_score_is_in_range_and_grows_with_evidence() -> None:
         fuse([], ModelSignals(offline=0.99), FV).score,
         fuse([finding("x_rule", "medium")], ModelSignals(offline=0.99), FV).score,
         fuse([finding("x_rule", "high")], ModelSignals(offline=0.999), FV).score,
-        fuse([finding("x_rule", "critical")], ModelSignals(offline=0.99999), FV).score,
+        fuse([finding("x_rule", "critical", evidence="identity")],
+             ModelSignals(offline=0.99999), FV).score,
     ]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert scores == sorted(scores) and scores[-1] > 0.95
     assert model_strength(None) == 0.0 and model_strength(0.9) == 0.0
     assert model_strength(1.0) == 1.0
+
+
+def test_score_moves_with_the_models_when_no_rule_fires() -> None:
+    quiet = [fuse([], ModelSignals(key_baseline=p), FV) for p in (0.1, 0.5, 0.9, 0.98)]
+    assert all(f.severity == "none" for f in quiet)
+    scores = [f.score for f in quiet]
+    assert scores == sorted(scores) and len(set(scores)) == 4
+    assert all(0.0 < s < 0.3 for s in scores)  # below the low tier's band

@@ -7,8 +7,14 @@ decisions must match `expected.json`:
   order among the reasons), `first_code`, `absent_codes`, `no_codes`, `mode`, `action`
   (a subset of the action), `would` (a subset of the would-outcome).
 - `all`: checks on every event (optionally only those matching `filter` on input fields).
+- `expect_first`: checks on the first event matching `filter`.
+- `some`: at least `at_least` of the events matching `filter` have `decision`.
+- `not_decision` (in any check): the decision must not be this one.
 - `requires_features`: features the case depends on; where the extractor does not build
   them yet the case is skipped, naming them, rather than passing vacuously.
+
+A case without a `policy.yaml` runs the SHIPPED default policy (written by
+`tests/golden/make_default_policy_cases.py`): what users get is what is tested.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def check(decision: Decision, spec: dict[str, Any], where: str) -> None:
     codes = [r.code for r in decision.reasons]
     if "decision" in spec:
         assert decision.decision == spec["decision"], f"{where}: {decision.model_dump()}"
+    if "not_decision" in spec:
+        assert decision.decision != spec["not_decision"], f"{where}: {decision.model_dump()}"
     if "codes" in spec:
         present = [c for c in codes if c in spec["codes"]]
         assert present == spec["codes"], f"{where}: reasons {codes}"
@@ -64,8 +72,9 @@ def test_golden_case(case: str) -> None:
     expected = json.loads((folder / "expected.json").read_text())
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()
               if line.strip()]
+    policy_file = folder / "policy.yaml"
     scorer = Scorer(store=MemoryStore(), hasher=KeyHasher(TEST_SECRET),
-                    policy=load_policy(folder / "policy.yaml"))
+                    policy=load_policy(policy_file if policy_file.exists() else None))
     decisions = []
     for i, raw in enumerate(events):
         decision, fv = scorer.score_with_features(Event.model_validate(raw))
@@ -76,6 +85,20 @@ def test_golden_case(case: str) -> None:
         decisions.append(decision)
     for spec in expected.get("expect", []):
         check(decisions[spec["event"]], spec, f"{case} event {spec['event']}")
+    def matching(wanted: dict[str, Any]) -> list[int]:
+        found = [i for i, raw in enumerate(events)
+                 if all(raw.get(k) == v for k, v in wanted.items())]
+        assert found, f"{case}: the filter {wanted} matched no event"
+        return found
+
+    for spec in expected.get("expect_first", []):
+        i = matching(spec["filter"])[0]
+        check(decisions[i], spec, f"{case} event {i} (first of {spec['filter']})")
+    for spec in expected.get("some", []):
+        idx = matching(spec["filter"])
+        share = sum(decisions[i].decision == spec["decision"] for i in idx) / len(idx)
+        assert share >= spec["at_least"], (
+            f"{case}: {share:.1%} of {spec['filter']} are {spec['decision']}")
     for spec in expected.get("all", []):
         wanted = spec.get("filter", {})
         matched = 0

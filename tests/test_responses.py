@@ -22,7 +22,8 @@ rules:
   - {id: banned_ip, type: banned, scope: ip, severity: critical}
   - {id: rate_soft, type: rate_limit, group: volume, severity: high,
      params: {window: 1m, limit: 10}}
-  - {id: rate_hard, type: rate_limit, group: volume, severity: critical,
+  # declared attack evidence (a scraper's signature, say): volume alone would never ban
+  - {id: rate_hard, type: rate_limit, group: volume, severity: critical, evidence: attack,
      params: {window: 1m, limit: 20}}
   - id: stuffing
     type: distinct_count
@@ -30,7 +31,7 @@ rules:
     severity: critical
     params: {feature: distinct_keys_by_ip_1h, limit: 5, min: {auth_fail_count_by_ip_5m: 3}}
 responses:
-  bans: {ladder: [30m, 2h, 24h, permanent], decay_after: 2d}
+  bans: {ladder: [30m, 2h, 24h, permanent], decay_after: 2d, allow_permanent: true}
 allow_list:
   keys: [sk-trusted]
   cidrs: [10.0.0.0/8]
@@ -75,6 +76,39 @@ def test_repeat_offences_escalate_to_a_permanent_ban() -> None:
     assert lengths == [1800, 7200, 86400, "perm_ban"]
     key_id = KeyHasher(TEST_SECRET).key_id("sk-a")
     assert float(stored_ban(s, "k", key_id) or 0) >= PERMANENT
+
+
+def test_without_the_switch_the_ladder_never_reaches_permanent() -> None:
+    s = Scorer(store=MemoryStore(), hasher=KeyHasher(TEST_SECRET),
+               policy=parse_policy(POLICY.replace(", allow_permanent: true", "")))
+    ts = T0
+    lengths = []
+    for _ in range(5):
+        d = burst(s, ts)
+        blocked = next(x for x in d if x.decision == "block")
+        lengths.append(blocked.action.retry_after_s or blocked.action.type)
+        ts += (blocked.action.retry_after_s or 0) + 120
+    assert lengths == [1800, 7200, 86400, 86400, 86400]
+
+
+def test_an_incident_of_another_kind_starts_its_own_ladder() -> None:
+    ladder = EscalationLadder(durations_s=(1800, 7200, 86400), decay_after_s=7 * 86400)
+    after_two = BanState(until=T0 + 7200, level=2, last=T0, kind="attack")
+    assert ladder.next_duration(after_two, T0 + 8000, "attack") == (86400, 3)
+    assert ladder.next_duration(after_two, T0 + 8000, "identity") == (1800, 1)
+
+
+def test_volume_alone_throttles_to_twice_the_normal_rate_never_bans() -> None:
+    policy = parse_policy(POLICY.replace(", evidence: attack", ""))
+    s = Scorer(store=MemoryStore(), hasher=KeyHasher(TEST_SECRET), policy=policy)
+    # a warm key calling about 3 times a minute for an hour
+    for i in range(180):
+        s.score(Event(api_key="sk-a", timestamp=T0 + i * 20, source_ip="81.2.69.160"))
+    d = burst(s, T0 + 3600, n=40)
+    assert {x.decision for x in d} <= {"allow", "throttle"} and d[-1].decision == "throttle"
+    action = next(x.action for x in d if x.decision == "throttle")  # the limit as set
+    assert action.type == "throttle" and action.duration_s == 900 and action.until
+    assert action.limit_per_min is not None and 5 <= action.limit_per_min <= 12
 
 
 def test_a_clean_period_forgives_one_step_at_a_time() -> None:

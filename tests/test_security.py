@@ -73,7 +73,8 @@ def scan_redis(client: redis.Redis) -> tuple[int, dict[str, list[bytes]]]:
 
 
 def _runaway(c: TestClient, key: str) -> list[str]:
-    """A key in a loop: 3,100 calls in 31 s gets it throttled, then banned."""
+    """A key in a loop: 3,100 calls in 31 s gets it throttled (volume alone never bans);
+    then the key is tried with others from one address, which gets the address banned."""
     texts = []
     for start in range(0, 3100, 1000):
         batch = [{**ev(0, key), "timestamp": T0 + i * 0.01, "event_id": f"loop-{i}"}
@@ -81,6 +82,13 @@ def _runaway(c: TestClient, key: str) -> list[str]:
         r = c.post("/v1/events:batch", json=batch)
         assert r.status_code == 200, r.text
         texts.append(r.text)
+    assert '"throttle"' in texts[-1]
+    stuffing = [{**ev(0, key if i == 0 else f"{key}-guess-{i}"), "timestamp": T0 + 40 + i,
+                 "status": 401, "source_ip": "203.0.113.99", "event_id": f"guess-{i}"}
+                for i in range(30)]
+    r = c.post("/v1/events:batch", json=stuffing)
+    assert r.status_code == 200, r.text
+    texts.append(r.text)
     assert '"block"' in texts[-1]
     return texts
 

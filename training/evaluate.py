@@ -108,11 +108,23 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target("incidents_detected", "incidents detected", ">=", 0.95, "share"),
     Target("median_ttd_min", "median time to detect", "<=", 2.0, "minutes"),
-    Target("attack_events_stopped", "attack events stopped", ">=", 0.80, "share"),
-    Target("benign_blocked", "legitimate events blocked", "<=", 0.0005, "share"),
+    Target("attack_events_stopped", "attack events stopped", ">=", 0.90, "share"),
+    Target("benign_blocked", "legitimate events blocked", "<=", 0.0002, "share"),
+    Target("benign_throttled", "legitimate events throttled", "<=", 0.002, "share"),
     Target("benign_keydays_alerted", "legitimate key-days alerted high+", "<=", 0.02, "share"),
+    Target("benign_keys_perm_banned", "legitimate keys ever permanently banned", "<=", 0,
+           "count"),
     Target("surge_blocked", "flash-sale surge events blocked", "<=", 0, "count"),
+    Target("owner_blocked_after_compromise", "owner traffic blocked after a compromise", "<=",
+           0.05, "share"),
 )
+"""The targets of issue 17, judged on the test period (worst case over seeds in
+`training.evaluate_seeds`)."""
+
+ACTION_TYPES: tuple[str, ...] = ("none", "log", "alert", "throttle", "temp_ban", "perm_ban",
+                                 "refuse")
+ACTION_CODE = {a: i for i, a in enumerate(ACTION_TYPES)}
+PERM_BAN = ACTION_CODE["perm_ban"]
 
 
 # ---- the truth -------------------------------------------------------------------------------
@@ -139,6 +151,8 @@ def load_truth(data_dir: Path) -> Truth:
     labels = pd.read_json(data_dir / "labels.jsonl", lines=True, dtype=False)
     for column in ("incident_id", "scenario", "benign_tag"):
         labels[column] = labels[column].astype(object).where(labels[column].notna(), None)
+    if "archetype" not in labels:  # simulations from before archetypes
+        labels["archetype"] = labels["tenant_kind"]
     incidents = json.loads((data_dir / "incidents.json").read_text())
     for inc in incidents:
         inc["start_ts"] = parse_timestamp(inc["start"], now=math.inf)
@@ -159,6 +173,10 @@ class DecisionArrays:
     """int8 index into SEVERITIES."""
     score: np.ndarray
     """float32 fused score in [0, 1]."""
+    action: np.ndarray
+    """int8 index into ACTION_TYPES (-1: a type this evaluation does not know)."""
+    action_key_scope: np.ndarray
+    """bool: the action applies to the whole key (not an address or a network)."""
     signals: dict[str, np.ndarray]
     """float32 per event for each of RECORDED_SIGNALS (NaN when the model had no score)."""
     drivers: dict[int, list[str]] = field(default_factory=dict)
@@ -167,7 +185,8 @@ class DecisionArrays:
     @classmethod
     def empty(cls, n: int) -> DecisionArrays:
         return cls(verdict=np.full(n, -1, np.int8), severity=np.zeros(n, np.int8),
-                   score=np.zeros(n, np.float32),
+                   score=np.zeros(n, np.float32), action=np.zeros(n, np.int8),
+                   action_key_scope=np.zeros(n, bool),
                    signals={s: np.full(n, np.nan, np.float32) for s in RECORDED_SIGNALS})
 
     def record(self, i: int, decision: Decision) -> None:
@@ -176,6 +195,9 @@ class DecisionArrays:
         self.verdict[i] = v
         self.severity[i] = s
         self.score[i] = decision.score
+        action = decision.action
+        self.action[i] = ACTION_CODE.get(action.type, -1)
+        self.action_key_scope[i] = action.scope in (None, "key")
         if v or s >= SEVERITY_CODE["medium"]:
             self.drivers[i] = list(decision.drivers)
 
@@ -400,12 +422,20 @@ class BenignResult:
     """Rules behind the legitimate key-days alerted at high or above: key-days per code."""
     collateral_events: int
     collateral_stopped: float
-    """The owners' own traffic on compromised keys, stopped share (see module doc)."""
+    """The owners' own traffic on compromised keys while the incident lasts, stopped."""
     week_blocked: float
     """Legitimate events blocked over the whole replay, training days included."""
-    blocked_after_incident: int
-    """Of the legitimate events blocked: those of a key after an incident on it ended (a
-    ban from the incident outlasting the abuse). Counted as blocked all the same."""
+    owner_after_events: int = 0
+    owner_after_blocked: float = 0.0
+    """The owners' own traffic on a key from its first incident's start on (the test
+    period): blocked share. Reported apart from legitimate traffic (issue 17)."""
+    perm_banned_keys: list[dict[str, str]] = field(default_factory=list)
+    """Never-compromised keys that got a permanent key ban at any time in the replay."""
+    by_archetype: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per legitimate archetype: events, blocked, throttled, key_days, key_days_alerted,
+    keys, perm_banned."""
+    stopped_keys: list[dict[str, Any]] = field(default_factory=list)
+    """Legitimate keys with events blocked (or permanently banned): how many and why."""
 
 
 @dataclass(slots=True)
@@ -447,21 +477,27 @@ def after_incident_mask(truth: Truth, ts: np.ndarray) -> np.ndarray:
     return out
 
 
-def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "",
-          description: str = "") -> VariantResult:
-    """Score one variant's decisions against the labels, on the test period."""
-    labels = truth.labels
-    incident_ids = labels["incident_id"].to_numpy()
-    in_test = ts >= truth.test_start
-    verdict, severity = arrays.verdict, arrays.severity
-    detected_event = (severity >= HIGH) | (verdict > 0)
+def since_compromise_mask(truth: Truth, ts: np.ndarray) -> np.ndarray:
+    """Events of a victim key from the start of an incident on it (during and after)."""
+    keys = truth.labels["key"].to_numpy()
+    out = np.zeros(len(ts), bool)
+    for inc in truth.incidents:
+        for victim in inc["victim_keys"]:
+            out |= (keys == victim) & (ts >= inc["start_ts"])
+    return out
 
-    incidents: list[IncidentResult] = []
+
+def _judge_incidents(truth: Truth, ts: np.ndarray, arrays: DecisionArrays,
+                     in_test: np.ndarray) -> list[IncidentResult]:
+    incident_ids = truth.labels["incident_id"].to_numpy()
+    verdict = arrays.verdict
+    detected_event = (arrays.severity >= HIGH) | (verdict > 0)
+    out: list[IncidentResult] = []
     for inc in truth.test_incidents:
         idx = np.flatnonzero((incident_ids == inc["id"]) & in_test)
         hits = idx[detected_event[idx]]
         first = int(hits[np.argmin(ts[hits])]) if len(hits) else None
-        incidents.append(IncidentResult(
+        out.append(IncidentResult(
             id=inc["id"], scenario=inc["scenario"], victim=inc["victim_keys"][0],
             events=len(idx), detected=first is not None,
             ttd_min=None if first is None else max(0.0, (ts[first] - inc["start_ts"]) / 60),
@@ -469,53 +505,101 @@ def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "
             blocked=float((verdict[idx] == 2).mean()) if len(idx) else 0.0,
             first_drivers=[] if first is None else arrays.drivers.get(first, []),
         ))
+    return out
 
-    no_incident = labels["incident_id"].isna().to_numpy()
-    compromised = compromised_mask(truth, ts)
-    legit_all = no_incident & ~compromised & ~np.isnan(ts)
-    legit = legit_all & in_test
-    collateral = no_incident & compromised & in_test
-    tags = labels["benign_tag"].to_numpy()
-    kinds = labels["tenant_kind"].to_numpy()
-    days = np.floor(np.nan_to_num(ts) / 86400).astype(np.int64)
-    key_days = pd.DataFrame({"key": labels["key"].to_numpy()[legit], "day": days[legit],
-                             "alert": severity[legit] >= HIGH})
-    per_day = key_days.groupby(["key", "day"])["alert"].any()
-    surge = legit & (tags == "flash_sale")
-    drivers: dict[str, int] = {}
-    for i in np.flatnonzero(legit & (verdict > 0)):
+
+def _key_day_alerts(keys: np.ndarray, days: np.ndarray, alert: np.ndarray) -> pd.Series:
+    """Per (key, day): whether any event was at high or above."""
+    return pd.DataFrame({"key": keys, "day": days, "alert": alert}).groupby(
+        ["key", "day"])["alert"].any()
+
+
+def _driver_counts(arrays: DecisionArrays, idx: np.ndarray) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for i in idx:
         for code in arrays.drivers.get(int(i), []):
-            drivers[code] = drivers.get(code, 0) + 1
-    alerts: dict[str, set[tuple[str, int]]] = {}
-    keys = labels["key"].to_numpy()
-    for i in np.flatnonzero(legit & (severity >= HIGH)):
-        for code in arrays.drivers.get(int(i), []) or ["(none)"]:
-            alerts.setdefault(code, set()).add((keys[i], int(days[i])))
-    n_legit = int(legit.sum())
-    benign = BenignResult(
-        events=n_legit,
-        blocked=float((verdict[legit] == 2).mean()) if n_legit else 0.0,
-        throttled=float((verdict[legit] == 1).mean()) if n_legit else 0.0,
-        key_days=len(per_day),
-        key_days_alerted=float(per_day.mean()) if len(per_day) else 0.0,
-        surge_events=int(surge.sum()),
-        surge_blocked=int((verdict[surge] == 2).sum()),
-        surge_throttled=int((verdict[surge] == 1).sum()),
-        by_tag={t: _shares(verdict, legit & (tags == t))
-                for t in sorted({t for t in tags[legit] if isinstance(t, str)})},
-        by_tenant_kind={k: _shares(verdict, legit & (kinds == k))
-                        for k in sorted(set(kinds[legit]))},
-        top_drivers=sorted(drivers.items(), key=lambda kv: -kv[1])[:8],
-        alert_drivers=sorted(((c, len(kd)) for c, kd in alerts.items()),
-                             key=lambda kv: -kv[1])[:8],
-        collateral_events=int(collateral.sum()),
-        collateral_stopped=float((verdict[collateral] > 0).mean()) if collateral.any() else 0.0,
-        week_blocked=float((verdict[legit_all] == 2).mean()) if legit_all.any() else 0.0,
-        blocked_after_incident=int((legit & (verdict == 2) & after_incident_mask(truth, ts))
-                                   .sum()),
-    )
+            counts[code] = counts.get(code, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
 
+
+def _perm_banned(truth: Truth, arrays: DecisionArrays, legit_keys_mask: np.ndarray
+                 ) -> list[dict[str, str]]:
+    """Never-compromised keys that ever received a permanent key ban."""
+    labels = truth.labels
+    hit = legit_keys_mask & (arrays.action == PERM_BAN) & arrays.action_key_scope
+    keys = labels["key"].to_numpy()[hit]
+    archetypes = archetype_column(labels)[hit]
+    seen = dict(zip(keys.tolist(), archetypes.tolist(), strict=True))
+    return [{"key": short_key(k), "archetype": a} for k, a in sorted(seen.items())]
+
+
+def archetype_column(labels: pd.DataFrame) -> np.ndarray:
+    """Each event's legitimate archetype (the tenant kind for older simulations)."""
+    column = "archetype" if "archetype" in labels else "tenant_kind"
+    return labels[column].to_numpy()
+
+
+def short_key(key: str) -> str:
+    """What the report shows of a key: enough to find it, not the key."""
+    return f"{key[:12]}…"
+
+
+def _stopped_keys(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, legit: np.ndarray,
+                  banned: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Legitimate keys with blocked events in the judged days, or banned for good: how
+    many events, what stopped them, when first."""
+    labels = truth.labels
+    keys = labels["key"].to_numpy()
+    verdict = arrays.verdict
+    banned_keys = {b["key"] for b in banned}
+    out = []
+    stopped = legit & (verdict == 2)
+    candidates = set(keys[stopped].tolist()) | {k for k in set(keys[legit].tolist())
+                                                if short_key(k) in banned_keys}
+    for key in candidates:
+        mine = legit & (keys == key)
+        idx = np.flatnonzero(mine & (verdict == 2))
+        first = float(ts[idx].min()) if len(idx) else None
+        out.append({
+            "key": short_key(key), "archetype": archetype_column(labels)[mine][0],
+            "events": int(mine.sum()), "blocked": len(idx),
+            "throttled": int((verdict[mine] == 1).sum()),
+            "perm_banned": short_key(key) in banned_keys,
+            "first_blocked": None if first is None else _iso(first),
+            "why": _driver_counts(arrays, idx)[:4],
+        })
+    return sorted(out, key=lambda d: -d["blocked"])
+
+
+def _iso(ts: float) -> str:
+    return pd.Timestamp(ts, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M")
+
+
+def _by_archetype(truth: Truth, arrays: DecisionArrays, legit: np.ndarray,
+                  days: np.ndarray, banned: list[dict[str, str]]) -> dict[str, dict[str, float]]:
+    labels = truth.labels
+    archetypes = archetype_column(labels)
+    keys = labels["key"].to_numpy()
+    out: dict[str, dict[str, float]] = {}
+    for a in sorted(set(archetypes[legit].tolist())):
+        mask = legit & (archetypes == a)
+        per_day = _key_day_alerts(keys[mask], days[mask], arrays.severity[mask] >= HIGH)
+        out[a] = {**_shares(arrays.verdict, mask), "keys": len(set(keys[mask].tolist())),
+                  "key_days": len(per_day),
+                  "key_days_alerted": float(per_day.mean()) if len(per_day) else 0.0,
+                  "perm_banned": sum(b["archetype"] == a for b in banned)}
+    return out
+
+
+def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "",
+          description: str = "") -> VariantResult:
+    """Score one variant's decisions against the labels, on the test period."""
+    in_test = ts >= truth.test_start
+    incidents = _judge_incidents(truth, ts, arrays, in_test)
+    benign = judge_benign(truth, ts, arrays, in_test)
+    incident_ids = truth.labels["incident_id"].to_numpy()
     attack = np.isin(incident_ids, [i.id for i in incidents]) & in_test
+    verdict = arrays.verdict
     ttd = [i.ttd_min if i.detected else math.inf for i in incidents]
     median_ttd = float(np.median(ttd)) if ttd else None
     summary: dict[str, float | None] = {
@@ -529,13 +613,72 @@ def judge(truth: Truth, ts: np.ndarray, arrays: DecisionArrays, *, name: str = "
         "benign_blocked": benign.blocked,
         "benign_throttled": benign.throttled,
         "benign_keydays_alerted": benign.key_days_alerted,
+        "benign_keys_perm_banned": float(len(benign.perm_banned_keys)),
         "surge_blocked": float(benign.surge_blocked),
+        "owner_blocked_after_compromise": (benign.owner_after_blocked
+                                           if benign.owner_after_events else None),
     }
     targets = [{"measure": t.measure, "label": t.label, "target": f"{t.op} {_fmt(t.bound, t)}",
-                "value": summary.get(t.measure), "met": t.met(summary.get(t.measure))}
+                "value": summary.get(t.measure),
+                "met": t.met(summary.get(t.measure))
+                or (t.measure == "owner_blocked_after_compromise"
+                    and summary.get(t.measure) is None)}
                for t in TARGETS]
     return VariantResult(name=name, description=description, incidents=incidents,
                          benign=benign, summary=summary, targets=targets)
+
+
+def judge_benign(truth: Truth, ts: np.ndarray, arrays: DecisionArrays,
+                 in_test: np.ndarray) -> BenignResult:
+    """Legitimate traffic in the test period: events with no incident, apart from the
+    owners' own traffic on a key since its compromise (reported on its own)."""
+    labels = truth.labels
+    verdict, severity = arrays.verdict, arrays.severity
+    no_incident = labels["incident_id"].isna().to_numpy()
+    since = since_compromise_mask(truth, ts)
+    legit_all = no_incident & ~since & ~np.isnan(ts)
+    legit = legit_all & in_test
+    owner_after = no_incident & since & in_test
+    collateral = no_incident & compromised_mask(truth, ts) & in_test
+    tags, keys = labels["benign_tag"].to_numpy(), labels["key"].to_numpy()
+    kinds = labels["tenant_kind"].to_numpy()
+    days = np.floor(np.nan_to_num(ts) / 86400).astype(np.int64)
+    per_day = _key_day_alerts(keys[legit], days[legit], severity[legit] >= HIGH)
+    surge = legit & (tags == "flash_sale")
+    alerts: dict[str, set[tuple[str, int]]] = {}
+    for i in np.flatnonzero(legit & (severity >= HIGH)):
+        for code in arrays.drivers.get(int(i), []) or ["(none)"]:
+            alerts.setdefault(code, set()).add((keys[i], int(days[i])))
+    victims = {v for inc in truth.incidents for v in inc["victim_keys"]}
+    never_victim = no_incident & ~np.isin(keys, list(victims)) & ~np.isnan(ts)
+    banned = _perm_banned(truth, arrays, never_victim)
+    n_legit = int(legit.sum())
+    return BenignResult(
+        events=n_legit,
+        blocked=float((verdict[legit] == 2).mean()) if n_legit else 0.0,
+        throttled=float((verdict[legit] == 1).mean()) if n_legit else 0.0,
+        key_days=len(per_day),
+        key_days_alerted=float(per_day.mean()) if len(per_day) else 0.0,
+        surge_events=int(surge.sum()),
+        surge_blocked=int((verdict[surge] == 2).sum()),
+        surge_throttled=int((verdict[surge] == 1).sum()),
+        by_tag={t: _shares(verdict, legit & (tags == t))
+                for t in sorted({t for t in tags[legit] if isinstance(t, str)})},
+        by_tenant_kind={k: _shares(verdict, legit & (kinds == k))
+                        for k in sorted(set(kinds[legit]))},
+        top_drivers=_driver_counts(arrays, np.flatnonzero(legit & (verdict > 0)))[:8],
+        alert_drivers=sorted(((c, len(kd)) for c, kd in alerts.items()),
+                             key=lambda kv: -kv[1])[:8],
+        collateral_events=int(collateral.sum()),
+        collateral_stopped=float((verdict[collateral] > 0).mean()) if collateral.any() else 0.0,
+        week_blocked=float((verdict[legit_all] == 2).mean()) if legit_all.any() else 0.0,
+        owner_after_events=int(owner_after.sum()),
+        owner_after_blocked=float((verdict[owner_after] == 2).mean())
+        if owner_after.any() else 0.0,
+        perm_banned_keys=banned,
+        by_archetype=_by_archetype(truth, arrays, legit, days, banned),
+        stopped_keys=_stopped_keys(truth, ts, arrays, legit, banned),
+    )
 
 
 def _fmt(value: float | None, target: Target) -> str:
@@ -564,6 +707,10 @@ class EvaluationReport:
     events: int
     replay_seconds: float
     seconds: float
+    truth: Truth | None = None
+    """The labels judged against (kept for callers that judge further)."""
+    replayed: Replayed | None = None
+    """Every variant's per-event decisions."""
 
     def met(self, variant: str = "keywatch") -> dict[str, bool]:
         return {t["measure"]: t["met"] for t in self.variants[variant].targets}
@@ -571,13 +718,13 @@ class EvaluationReport:
 
 def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
              progress: bool = True, variants: Sequence[str] = VARIANTS,
-             workers: int | None = None) -> EvaluationReport:
+             workers: int | None = None, plots: bool = True) -> EvaluationReport:
     """Retrain on the training days, replay everything per variant, judge the test days.
 
     `model_dir` is the model registry to retrain into and score with (default:
     `out_dir/models`). Writes `report.md`, `report.json` and PNG plots to `out_dir`.
     `workers`: processes to spread the variants over (default: one per variant, at most
-    one per CPU); 1 replays them all in this process.
+    one per CPU); 1 replays them all in this process. `plots=False` skips the figures.
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -620,13 +767,14 @@ def evaluate(data_dir: Path, *, model_dir: Path | None = None, out_dir: Path,
 
     results = {v: judge(truth, replayed.ts, replayed.decisions[v], name=v,
                         description=VARIANT_DESCRIPTIONS[v]) for v in variants}
-    plots = write_plots(out_dir, truth, replayed, results)
+    figures = write_plots(out_dir, truth, replayed, results) if plots else {}
     save_decisions(out_dir / "decisions.npz", replayed)
     report = EvaluationReport(
         data_dir=data_dir, out_dir=out_dir, report_md=out_dir / "report.md",
-        report_json=out_dir / "report.json", plots=plots, variants=results,
+        report_json=out_dir / "report.json", plots=figures, variants=results,
         retrain=retrain_info, test_start=truth.meta["test_start"], events=len(replayed.ts),
-        replay_seconds=replayed.seconds, seconds=time.perf_counter() - started)
+        replay_seconds=replayed.seconds, seconds=time.perf_counter() - started,
+        truth=truth, replayed=replayed)
     report.report_md.write_text(render_markdown(report, truth))
     report.report_json.write_text(json.dumps(_jsonable(report_dict(report, truth)), indent=2)
                                   + "\n")
@@ -750,16 +898,15 @@ def _variant_section(res: VariantResult) -> list[str]:
         f"| legitimate events throttled | {_pct(b.throttled, 2)} | | |",
         f"| flash-sale surge events throttled | {b.surge_throttled:,} of {b.surge_events:,} "
         f"| | |",
-        f"| collateral: owners' own traffic on compromised keys stopped | "
+        f"| collateral: owners' own traffic during an incident on their key stopped | "
         f"{_pct(b.collateral_stopped)} of {b.collateral_events:,} | | |",
         f"| legitimate events blocked over the whole week (training days too) | "
         f"{_pct(b.week_blocked, 2)} | | |",
         "",
         f"Legitimate test events: {b.events:,}; key-days: {b.key_days:,}. "
-        + (f"{b.blocked_after_incident:,} of the legitimate events blocked belong to a key "
-           "after an incident on it had ended (with the default policy: a ban outlasting "
-           "the abuse). "
-           if b.blocked_after_incident else "")
+        + (f"Owners' own traffic on a key since its compromise: {b.owner_after_events:,} "
+           f"events, {_pct(b.owner_after_blocked, 2)} blocked (reported apart). "
+           if b.owner_after_events else "")
         + ("Rules behind legitimate events stopped (events, share of all legitimate "
            "events): " + ", ".join(f"`{c}` {n:,} ({_pct(n / max(b.events, 1))})"
                                    for c, n in b.top_drivers) + "." if b.top_drivers
@@ -775,12 +922,33 @@ def _variant_section(res: VariantResult) -> list[str]:
         ttd = f"{i.ttd_min:.1f} min" if i.ttd_min is not None else "—"
         lines.append(f"| {i.id} | {i.scenario} | {i.events:,} | {'yes' if i.detected else 'no'}"
                      f" | {ttd} | {_pct(i.stopped)} | {', '.join(i.first_drivers) or '—'} |")
-    lines += ["", "| legitimate traffic | events | blocked | throttled |", "|---|---|---|---|"]
-    for group, table in (("tag", b.by_tag), ("tenant", b.by_tenant_kind)):
-        for k, v in table.items():
-            lines.append(f"| {group}: {k} | {v['events']:,} | {_pct(v['blocked'], 2)} | "
-                         f"{_pct(v['throttled'], 2)} |")
-    lines.append("")
+    lines += ["", "| legitimate traffic | events | blocked | throttled | key-days alerted high+ "
+              "| keys banned for good |", "|---|---|---|---|---|---|"]
+    for k, v in b.by_archetype.items():
+        lines.append(f"| archetype: {k} | {v['events']:,} | {_pct(v['blocked'], 2)} | "
+                     f"{_pct(v['throttled'], 2)} | {_pct(v['key_days_alerted'])} of "
+                     f"{v['key_days']} | {v['perm_banned']} of {v['keys']} |")
+    for k, v in b.by_tag.items():
+        lines.append(f"| tag: {k} | {v['events']:,} | {_pct(v['blocked'], 2)} | "
+                     f"{_pct(v['throttled'], 2)} | | |")
+    lines += ["", *stopped_keys_lines(b.stopped_keys), ""]
+    return lines
+
+
+def stopped_keys_lines(stopped: list[dict[str, Any]], seed: int | None = None) -> list[str]:
+    """The legitimate keys blocked (or banned for good), and why, as a Markdown table."""
+    if not stopped:
+        return ["No legitimate key had an event blocked."]
+    head = "| seed " if seed is not None else ""
+    lines = [f"{head}| legitimate key | archetype | events | blocked | throttled | banned for "
+             "good | first blocked | why (rule: events) |",
+             "|---" * (8 + (seed is not None)) + "|"]
+    for k in stopped:
+        why = ", ".join(f"`{c}` {n:,}" for c, n in k["why"]) or "—"
+        lines.append(f"{f'| {seed} ' if seed is not None else ''}| `{k['key']}` | "
+                     f"{k['archetype']} | {k['events']:,} | {k['blocked']:,} | "
+                     f"{k['throttled']:,} | {'yes' if k['perm_banned'] else 'no'} | "
+                     f"{k['first_blocked'] or '—'} | {why} |")
     return lines
 
 

@@ -5,8 +5,8 @@ attackers borrow what they can from the victim (user agent, models, token sizes)
 act alongside the owner's ongoing traffic, and are only as loud as their goal needs.
 
 - leaked_key_abroad: a leaked key used from another continent while the owner works.
-- leaked_key_domestic_vps: a leaked key used from a VPS in the owner's own country, with
-  the owner's user agent, at night.
+- leaked_key_domestic_vps: a leaked key used from a VPS (a hosting ASN) in the owner's own
+  country, with the owner's own client library (user agent), at night local time.
 - runaway_loop: the owner's own client is stuck: the same request on a timer, from the
   owner's address, for tens of minutes.
 - token_drain: huge prompts (tens of thousands of tokens) burning the key's quota.
@@ -30,7 +30,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from training.networks import COUNTRIES, blocks_for, countries_with, sample_ips
-from training.tenants import COUNTRY_WEIGHTS, Tenant, consumer_curve, network_rtt
+from training.perturb import Perturbation
+from training.tenants import (
+    COUNTRY_WEIGHTS,
+    PLAIN_ARCHETYPES,
+    Tenant,
+    consumer_curve,
+    network_rtt,
+)
 from training.traffic import (
     CHAT,
     LIST_MODELS,
@@ -118,11 +125,19 @@ class Incident:
 
 @dataclass
 class IncidentContext:
-    """What a scenario may look at and add to."""
+    """What a scenario may look at and add to, and how much to scale its rate and sizes
+    (the seed's perturbation; see `scaled_for`)."""
 
     clock: Clock
     ua_vocab: Vocab
     key_vocab: Vocab
+    perturb: Perturbation = field(default_factory=Perturbation)
+    rate: float = 1.0
+    size: float = 1.0
+
+    def scaled_for(self, scenario: str) -> IncidentContext:
+        return replace(self, rate=self.perturb.attack_rate_of(scenario),
+                       size=self.perturb.attack_size_of(scenario))
 
 
 @dataclass
@@ -262,11 +277,11 @@ def leaked_key_abroad(ctx, victim, rng, window, incident) -> Outcome:
         ips,
         _one_of(rng, ATTACKER_UAS),
         models=models,
-        prompt=float(rng.uniform(600, 2500)),
-        completion=float(rng.uniform(250, 900)),
+        prompt=float(rng.uniform(600, 2500)) * ctx.size,
+        completion=float(rng.uniform(250, 900)) * ctx.size,
         rtt_ms=network_rtt(network, country),
     )
-    rate = float(rng.uniform(0.5, 4.0))
+    rate = float(rng.uniform(0.5, 4.0)) * ctx.rate
     ts = poisson_times(rng, clock.ms_at_minute(start), _bursty_rate(rng, rate, duration))
     cols = render(profile, ts, rng, key=victim.index, incident=incident)
     return Outcome(
@@ -296,9 +311,9 @@ def leaked_key_domestic_vps(ctx, victim, rng, window, incident) -> Outcome:
         ip_ua=None,
         ip_daily_churn=False,
         rtt_ms=network_rtt("hosting", victim.country),
-        prompt_median=victim.main.prompt_median * 1.5,
+        prompt_median=victim.main.prompt_median * 1.5 * ctx.size,
     )
-    rate = max(0.3, victim.peak_rate * float(rng.uniform(0.4, 1.0)))
+    rate = max(0.3, victim.peak_rate * float(rng.uniform(0.4, 1.0))) * ctx.rate
     ts = poisson_times(rng, clock.ms_at_minute(start), _bursty_rate(rng, rate, duration))
     cols = render(profile, ts, rng, key=victim.index, incident=incident)
     return Outcome(
@@ -337,7 +352,7 @@ def runaway_loop(ctx, victim, rng, window, incident) -> Outcome:
         fixed_prompt=prompt,
         fixed_completion=completion,
     )
-    interval = float(rng.uniform(0.4, 2.5))
+    interval = float(rng.uniform(0.4, 2.5)) / ctx.rate
     count = int(duration * 60 / interval)
     start_ms = int(clock.ms_at_minute(start)) + int(rng.integers(0, MS_PER_MINUTE))
     ts = metronome_times(rng, start_ms, interval, count, 0.01)
@@ -370,7 +385,7 @@ def token_drain(ctx, victim, rng, window, incident) -> Outcome:
     start = _pick_start(rng, victim, clock, window, duration, "active")
     duration = _minutes_left(clock, start, duration)
     models = _owner_models(victim)
-    prompt = float(rng.uniform(30_000, 70_000))
+    prompt = float(np.clip(rng.uniform(30_000, 70_000) * ctx.size, 12_000, 120_000))
     via_owner = victim.kind in ("backend_service", "mobile_app") and rng.random() < 0.5
     if via_owner:
         # Abuse through the owner's own app: a user pasting whole books into it.
@@ -403,7 +418,7 @@ def token_drain(ctx, victim, rng, window, incident) -> Outcome:
             prompt_sigma=0.35,
         )
         where, countries = f"from a hosting address in {COUNTRIES[country].name}", [country]
-    rate = float(rng.uniform(0.5, 3.0))
+    rate = float(rng.uniform(0.5, 3.0)) * ctx.rate
     ts = poisson_times(rng, clock.ms_at_minute(start), _bursty_rate(rng, rate, duration))
     cols = render(profile, ts, rng, key=victim.index, incident=incident, endpoint=CHAT)
     return Outcome(
@@ -437,7 +452,7 @@ def credential_stuffing(ctx, victim, rng, window, incident) -> Outcome:
     blocks = [b for c in countries for b in blocks_for(c, "hosting")]
     ips = sample_ips(rng, blocks, n_addr)
     ua = _one_of(rng, STUFFER_UAS)
-    rate_s = float(rng.uniform(1.0, 3.0))
+    rate_s = float(rng.uniform(1.0, 3.0)) * ctx.rate
     sweep_ms = min(sweep_min * MS_PER_MINUTE, clock.end_ms - int(clock.ms_at_minute(start)))
     count = max(int(sweep_ms / 1000 * rate_s), 20)
     start_ms = int(clock.ms_at_minute(start))
@@ -482,7 +497,7 @@ def credential_stuffing(ctx, victim, rng, window, incident) -> Outcome:
             rtt_ms=probe.rtt_ms,
         ),
     )
-    rate = float(rng.uniform(3, 12))
+    rate = float(rng.uniform(3, 12)) * ctx.rate
     abuse_ts = poisson_times(rng, abuse_start, _bursty_rate(rng, rate, int(abuse_minutes)))
     abuse = render(abuser, abuse_ts, rng, key=victim.index, incident=incident)
     return Outcome(
@@ -524,7 +539,7 @@ def key_resale(ctx, victim, rng, window, incident) -> Outcome:
         join = start + int(rng.uniform(0, 0.3) * (end - start))
         hour, weekday, _ = clock.local(COUNTRIES[country].timezones[0])
         span = slice(join, end)
-        rate = float(rng.lognormal(np.log(0.12), 0.8))
+        rate = float(rng.lognormal(np.log(0.12), 0.8)) * ctx.rate
         lam = rate * consumer_curve(hour[span], weekday[span], 1.2) * 2.0
         ts = poisson_times(rng, clock.ms_at_minute(join), lam)
         parts.append(render(profile, ts, rng, key=victim.index, incident=incident))
@@ -580,7 +595,7 @@ def llm_jacking(ctx, victim, rng, window, incident) -> Outcome:
     )
     burst_start = start + gap
     burst = _minutes_left(clock, burst_start, burst)
-    rate = float(rng.uniform(2, 8))
+    rate = float(rng.uniform(2, 8)) * ctx.rate
     jack = _attacker(
         ctx,
         ips,
@@ -623,7 +638,7 @@ def slow_and_low(ctx, victim, rng, window, incident) -> Outcome:
         ip_daily_churn=False,
         rtt_ms=network_rtt("hosting", country),
     )
-    rate = float(np.clip(victim.mean_rate * rng.uniform(0.1, 0.25), 0.03, 1.0))
+    rate = float(np.clip(victim.mean_rate * rng.uniform(0.1, 0.25), 0.03, 1.0)) * ctx.rate
     lam = np.full(duration, rate) * rng.lognormal(0, 0.15, duration)
     ts = poisson_times(rng, clock.ms_at_minute(start), lam)
     cols = render(profile, ts, rng, key=victim.index, incident=incident)
@@ -651,7 +666,8 @@ SCENARIO_FUNCTIONS: dict[str, Callable[..., Outcome]] = {
 def eligible(scenario: str, tenant: Tenant, *, strict: bool = True) -> bool:
     """Whether a tenant can plausibly be the victim of a scenario (`strict=False`
     keeps only what the scenario cannot do without)."""
-    if strict and (tenant.kind not in ELIGIBLE_KINDS[scenario] or tenant.travel is not None):
+    if strict and (tenant.kind not in ELIGIBLE_KINDS[scenario]
+                   or tenant.archetype not in PLAIN_ARCHETYPES):
         return False
     if scenario == "leaked_key_domestic_vps":
         return bool(blocks_for(tenant.country, "hosting"))

@@ -31,9 +31,20 @@ import numpy as np
 from tqdm import tqdm
 
 from training import incidents as incident_mod
+from training.archetypes import shape, specialise
 from training.incidents import SCENARIOS, Incident, IncidentContext
 from training.networks import ip_strings
-from training.tenants import TENANT_KINDS, Tenant, build_population, describe, schedule
+from training.perturb import Perturbation
+from training.tenants import (
+    ARCHETYPES,
+    CHAT_MODEL_WEIGHTS,
+    TENANT_KINDS,
+    Draw,
+    Tenant,
+    build_population,
+    describe,
+    schedule,
+)
 from training.tenants import generate_baseline as tenant_events
 from training.traffic import (
     BENIGN_TAGS,
@@ -46,8 +57,9 @@ from training.traffic import (
     Vocab,
 )
 
-DEFAULT_START = datetime(2026, 11, 2, tzinfo=UTC)
-"""A Monday. Fixed so that output depends on the seed alone."""
+DEFAULT_START = datetime(2026, 10, 26, tzinfo=UTC)
+"""A Monday. Fixed so that output depends on the seed alone; a 7-day span then has the
+month's last day (a Saturday) in the judged days, where month-end jobs run."""
 
 TEST_DAYS = 2
 """The last two days are the test period: evaluate there, train before it."""
@@ -59,6 +71,7 @@ _STREAM_SCHEDULE = 1_000
 _STREAM_BASELINE = 2_000
 _STREAM_INCIDENT = 3_000
 _STREAM_EVENTS = 4
+_STREAM_PERTURB = 5
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,17 @@ def _upstream_outage(
     }
 
 
+def draw_perturbation(seed: int, days: int) -> Perturbation:
+    """The perturbation `simulate(..., perturb=True)` uses for this seed."""
+    return Perturbation.draw(
+        _rng(seed, _STREAM_PERTURB),
+        archetypes=ARCHETYPES,
+        scenarios=SCENARIOS,
+        models=tuple(CHAT_MODEL_WEIGHTS),
+        days=days,
+    )
+
+
 def simulate(
     out_dir: Path,
     *,
@@ -166,17 +190,23 @@ def simulate(
     seed: int = 0,
     start: datetime | None = None,
     progress: bool = False,
+    perturb: bool | Perturbation = False,
 ) -> SimulationSummary:
     """Write a labelled traffic simulation to `out_dir` and summarise it.
 
     `keys` >= 8 and `days` >= 1. The test period is the last two days (all of it when
-    `days` <= 2); every scenario has at least one incident there.
+    `days` <= 2); every scenario has at least one incident there. `perturb=True` redraws
+    rates, sizes, schedules, the model mix and the calendar from the seed
+    (`draw_perturbation`); a `Perturbation` is used as given.
     """
     if keys < 8:
         raise ValueError(f"keys must be at least 8 (one victim per scenario), got {keys}")
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
-    start = DEFAULT_START if start is None else start
+    if perturb is True:
+        perturb = draw_perturbation(seed, days)
+    perturbation = perturb if isinstance(perturb, Perturbation) else Perturbation()
+    start = start or perturbation.start or DEFAULT_START
     if start.tzinfo is None:
         start = start.replace(tzinfo=UTC)
     start = start.astimezone(UTC).replace(second=0, microsecond=0)
@@ -188,9 +218,15 @@ def simulate(
     key_vocab, ua_vocab = Vocab(), Vocab()
     bar = tqdm(total=keys + 10 + 3, desc="simulate", unit="step", disable=not progress)
 
-    tenants = build_population(_rng(seed, _STREAM_POPULATION), keys, clock, key_vocab, ua_vocab)
+    tenants = build_population(_rng(seed, _STREAM_POPULATION), keys, clock, key_vocab, ua_vocab,
+                               perturb=perturbation, test_start_minute=test_start_minute)
+    draw = Draw(clock, key_vocab, ua_vocab, perturbation, test_start_minute)
+    special = _rng(seed, _STREAM_POPULATION + 4)
     for i, tenant in enumerate(tenants):
-        schedule(tenant, clock, _rng(seed, _STREAM_SCHEDULE + i))
+        specialise(tenant, special, draw)
+        rng = _rng(seed, _STREAM_SCHEDULE + i)
+        schedule(tenant, clock, rng)
+        shape(tenant, clock, rng)
     flash = _flash_sale(_rng(seed, _STREAM_POPULATION + 1), tenants, clock, test_start_minute)
     outage = _upstream_outage(
         _rng(seed, _STREAM_POPULATION + 3),
@@ -214,47 +250,10 @@ def simulate(
         train=max(1, round(keys / 25)),
     )
     planned.sort(key=lambda p: (p.period != "train", p.window[0]))
-    ctx = IncidentContext(clock, ua_vocab, key_vocab)
-    records: list[Incident] = []
+    ctx = IncidentContext(clock, ua_vocab, key_vocab, perturbation)
     bar.total = keys + len(planned) + 3
-    for j, item in enumerate(planned):
-        rng = _rng(seed, _STREAM_INCIDENT + j)
-        outcome = incident_mod.SCENARIO_FUNCTIONS[item.scenario](
-            ctx, item.victim, rng, item.window, j
-        )
-        cols = outcome.columns
-        keep = (cols.ts_ms >= clock.start_ms) & (cols.ts_ms < clock.end_ms)
-        cols = cols.take(np.flatnonzero(keep))
-        parts.append(cols)
-        sources = np.unique(cols.ip[cols.key == item.victim.index])
-        records.append(
-            Incident(
-                id="",
-                scenario=item.scenario,
-                victim_keys=[item.victim.key],
-                start_ms=int(cols.ts_ms.min()) if len(cols) else 0,
-                end_ms=int(cols.ts_ms.max()) if len(cols) else 0,
-                period=item.period,
-                description=outcome.description,
-                source_ips=ip_strings(sources[:60]),
-                source_countries=outcome.countries,
-                events=len(cols),
-                details=outcome.details,
-            )
-        )
-        bar.update(1)
-
-    # Number incidents by start time, so inc-001 is the earliest.
-    order = sorted(range(len(records)), key=lambda j: (records[j].start_ms, j))
-    renumber = np.full(len(records) + 1, -1, dtype=np.int16)
-    for new, old in enumerate(order):
-        records[old].id = f"inc-{new + 1:03d}"
-        renumber[old] = new
-    records = [records[j] for j in order]
-
-    events = Columns.concat(parts)
-    events.incident = renumber[events.incident]  # -1 stays -1 (last slot)
-    events = events.take(np.argsort(events.ts_ms, kind="stable"))
+    records = _run_incidents(ctx, planned, seed, parts, bar)
+    events = _number_incidents(records, parts)
     bar.update(1)
 
     paths = {
@@ -263,16 +262,19 @@ def simulate(
         "incidents": out_dir / "incidents.json",
         "meta": out_dir / "meta.json",
     }
-    kind_of_key = {t.index: t.kind for t in tenants}
     _write_events(paths["events"], events, key_vocab, ua_vocab)
     bar.update(1)
-    _write_labels(paths["labels"], events, key_vocab, kind_of_key, records)
+    _write_labels(paths["labels"], events, key_vocab, tenants, records)
     _write_incidents(paths["incidents"], records)
     test_start_ms = int(clock.ms_at_minute(test_start_minute))
+    kind_of_key = {t.index: t.kind for t in tenants}
     meta = _meta(seed, keys, clock, test_start_ms, events, records, tenants, kind_of_key)
     meta["flash_sale"] = flash
     meta["upstream_outage"] = outage
-    meta["travel"] = _travel(tenants, clock)
+    travels = _travels(tenants, clock)
+    meta["travel"] = travels[0] if travels else None
+    meta["travels"] = travels
+    meta["perturbation"] = None if perturbation.is_identity else perturbation.describe()
     meta["tenants"] = [describe(t) for t in tenants]
     paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     bar.update(1)
@@ -296,6 +298,55 @@ def simulate(
         test_start=iso(test_start_ms),
         by_scenario=by_scenario,
     )
+
+
+def _run_incidents(
+    ctx: IncidentContext, planned: list, seed: int, parts: list[Columns], bar: tqdm
+) -> list[Incident]:
+    """Inject every planned incident: its events go to `parts`, its truth is returned."""
+    clock = ctx.clock
+    records: list[Incident] = []
+    for j, item in enumerate(planned):
+        rng = _rng(seed, _STREAM_INCIDENT + j)
+        outcome = incident_mod.SCENARIO_FUNCTIONS[item.scenario](
+            ctx.scaled_for(item.scenario), item.victim, rng, item.window, j
+        )
+        cols = outcome.columns
+        keep = (cols.ts_ms >= clock.start_ms) & (cols.ts_ms < clock.end_ms)
+        cols = cols.take(np.flatnonzero(keep))
+        parts.append(cols)
+        sources = np.unique(cols.ip[cols.key == item.victim.index])
+        records.append(
+            Incident(
+                id="",
+                scenario=item.scenario,
+                victim_keys=[item.victim.key],
+                start_ms=int(cols.ts_ms.min()) if len(cols) else 0,
+                end_ms=int(cols.ts_ms.max()) if len(cols) else 0,
+                period=item.period,
+                description=outcome.description,
+                source_ips=ip_strings(sources[:60]),
+                source_countries=outcome.countries,
+                events=len(cols),
+                details=outcome.details,
+            )
+        )
+        bar.update(1)
+    return records
+
+
+def _number_incidents(records: list[Incident], parts: list[Columns]) -> Columns:
+    """Number incidents by start time (inc-001 is the earliest, `records` is reordered in
+    place) and return every event, sorted by time, with the new numbers."""
+    order = sorted(range(len(records)), key=lambda j: (records[j].start_ms, j))
+    renumber = np.full(len(records) + 1, -1, dtype=np.int16)
+    for new, old in enumerate(order):
+        records[old].id = f"inc-{new + 1:03d}"
+        renumber[old] = new
+    records[:] = [records[j] for j in order]
+    events = Columns.concat(parts)
+    events.incident = renumber[events.incident]  # -1 stays -1 (last slot)
+    return events.take(np.argsort(events.ts_ms, kind="stable"))
 
 
 def _timestamps(ts_ms: np.ndarray) -> list[str]:
@@ -341,11 +392,14 @@ def _write_labels(
     path: Path,
     ev: Columns,
     keys: Vocab,
-    kind_of_key: dict[int, str],
+    tenants: list[Tenant],
     records: list[Incident],
 ) -> None:
     key_json = [json.dumps(k) for k in keys.items]
+    kind_of_key = {t.index: t.kind for t in tenants}
+    archetype_of_key = {t.index: t.archetype for t in tenants}
     kind_json = [json.dumps(kind_of_key.get(i, "invalid_key")) for i in range(len(keys))]
+    arch_json = [json.dumps(archetype_of_key.get(i, "invalid_key")) for i in range(len(keys))]
     incident_json = [(json.dumps(r.id), json.dumps(r.scenario)) for r in records]
     incident_json.append(("null", "null"))  # index -1
     tag_json = [json.dumps(t) for t in BENIGN_TAGS] + ["null"]
@@ -353,7 +407,8 @@ def _write_labels(
         out.writelines(
             f'{{"line":{n},"incident_id":{incident_json[inc][0]},'
             f'"scenario":{incident_json[inc][1]},"key":{key_json[k]},'
-            f'"tenant_kind":{kind_json[k]},"benign_tag":{tag_json[tag]}}}\n'
+            f'"tenant_kind":{kind_json[k]},"archetype":{arch_json[k]},'
+            f'"benign_tag":{tag_json[tag]}}}\n'
             for n, (inc, k, tag) in enumerate(
                 zip(ev.incident.tolist(), ev.key.tolist(), ev.tag.tolist(), strict=True)
             )
@@ -418,8 +473,8 @@ def _meta(
             "labels.jsonl has one line per events.jsonl line in the same order; 'line' is "
             "the 0-based event line. incident_id/scenario are set only on events made by "
             "an incident (the owner's own traffic during an incident stays null); "
-            "benign_tag marks legitimate surprises (flash_sale, nightly_batch, travel, "
-            "upstream_outage); "
+            "benign_tag marks legitimate surprises (" + ", ".join(BENIGN_TAGS) + "); "
+            "archetype is the key's legitimate archetype (training.tenants.ARCHETYPES); "
             "tenant_kind is 'invalid_key' for keys that do not exist (credential stuffing)."
         ),
         "counts": {
@@ -446,14 +501,15 @@ def _meta(
     }
 
 
-def _travel(tenants: list[Tenant], clock: Clock) -> dict[str, object] | None:
-    for tenant in tenants:
-        if tenant.travel is not None:
-            return {
-                "key": tenant.key,
-                "from": tenant.country,
-                "to": tenant.travel.destination,
-                "departure": iso(int(clock.ms_at_minute(tenant.travel.depart_minute))),
-                "arrival": iso(int(clock.ms_at_minute(tenant.travel.arrive_minute))),
-            }
-    return None
+def _travels(tenants: list[Tenant], clock: Clock) -> list[dict[str, object]]:
+    return [
+        {
+            "key": t.key,
+            "from": t.country,
+            "to": t.travel.destination,
+            "departure": iso(int(clock.ms_at_minute(t.travel.depart_minute))),
+            "arrival": iso(int(clock.ms_at_minute(t.travel.arrive_minute))),
+        }
+        for t in tenants
+        if t.travel is not None
+    ]

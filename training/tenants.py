@@ -34,6 +34,7 @@ from training.networks import (
     distance_km,
     sample_ips,
 )
+from training.perturb import Perturbation
 from training.traffic import (
     CHAT,
     COMPLETE,
@@ -52,7 +53,7 @@ from training.traffic import (
     render,
 )
 
-TENANT_KINDS = ("backend_service", "batch_job", "mobile_app", "developer")
+TENANT_KINDS = ("backend_service", "batch_job", "mobile_app", "developer", "ci_runner")
 
 COUNTRY_WEIGHTS = {
     "US": 28,
@@ -155,13 +156,36 @@ def network_rtt(network: str, country: str) -> float:
 
 @dataclass
 class BatchJob:
-    """A nightly job: local start time, request interval and size."""
+    """A scheduled job: local start time, request interval and size, and when it runs:
+    `nightly` every night, `weekly` on `weekday` (Mon=0), `month_end` on the month's
+    last day."""
 
     local_hour: float
     interval_s: float
     minutes: float
     workers: int
     profile: int  # index into Tenant.profiles
+    period: str = "nightly"
+    weekday: int = -1
+
+    def runs_on(self, weekday: int, local_day: int) -> bool:
+        """Whether the job runs on this local day (days since the epoch)."""
+        if self.period == "weekly":
+            return weekday == self.weekday
+        if self.period == "month_end":
+            tomorrow = np.datetime64(int(local_day) + 1, "D").astype(object)
+            return tomorrow.day == 1
+        return True
+
+
+@dataclass
+class Stream:
+    """Extra legitimate traffic of a key: events at `times_ms` drawn from `profile`,
+    tagged `tag` (a BENIGN_TAGS index or -1)."""
+
+    profile: RequestProfile
+    times_ms: np.ndarray
+    tag: int = -1
 
 
 @dataclass
@@ -191,7 +215,10 @@ class Tenant:
     batch: BatchJob | None = None
     travel: Travel | None = None
     remote: bool = False
+    archetype: str = ""
     details: dict[str, object] = field(default_factory=dict)
+    streams: list[Stream] = field(default_factory=list)
+    """Extra traffic beside the main schedule (a launch market, CI runs)."""
     # Per-minute schedule, filled by `schedule()` and adjusted by population events.
     lam: np.ndarray | None = None
     loc: np.ndarray | None = None
@@ -224,9 +251,11 @@ def make_key(rng: np.random.Generator) -> str:
 # --------------------------------------------------------------------------- profiles
 
 
-def _chat_models(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _chat_models(
+    rng: np.random.Generator, count: int, mix: dict[str, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     names = list(CHAT_MODEL_WEIGHTS)
-    weights = np.array(list(CHAT_MODEL_WEIGHTS.values()))
+    weights = np.array([w * (mix or {}).get(n, 1.0) for n, w in CHAT_MODEL_WEIGHTS.items()])
     chosen = rng.choice(len(names), size=count, replace=False, p=weights / weights.sum())
     share = np.sort(rng.dirichlet(np.full(count, 1.2)))[::-1] if count > 1 else np.ones(1)
     return np.array([MODEL_INDEX[names[i]] for i in chosen]), share
@@ -301,7 +330,7 @@ def _cloud_blocks(rng: np.random.Generator, country: str) -> list[IpBlock]:
 
 
 def _backend_profile(
-    rng: np.random.Generator, tenant_country: str, ua_vocab: Vocab
+    rng: np.random.Generator, tenant_country: str, ua_vocab: Vocab, mix: dict | None = None
 ) -> RequestProfile:
     blocks = _cloud_blocks(rng, tenant_country)
     n_ips = int(rng.integers(2, 7))
@@ -319,7 +348,7 @@ def _backend_profile(
         uas=[main_ua],
         ip_ua=ip_ua,
         endpoint_p=[1.0 - embed_share - legacy, embed_share, legacy, 0.0],
-        models=_chat_models(rng, int(rng.choice([1, 1, 2, 2, 3]))),
+        models=_chat_models(rng, int(rng.choice([1, 1, 2, 2, 3])), mix),
         embedding_model=_one_of(rng, ("text-embedding-3-small", "text-embedding-3-large")),
         tokens=_token_params(rng, 1200.0, 250.0, 0.6),
         rtt_ms=network_rtt("cloud", CLOUD_HOME.get(tenant_country, tenant_country)),
@@ -328,7 +357,7 @@ def _backend_profile(
 
 
 def _mobile_profile(
-    rng: np.random.Generator, country: str, ua_vocab: Vocab, app: str
+    rng: np.random.Generator, country: str, ua_vocab: Vocab, app: str, mix: dict | None = None
 ) -> RequestProfile:
     blocks = blocks_for(country, ("residential", "mobile"))
     n_ips = int(np.clip(rng.lognormal(np.log(400), 0.35), 150, 900))
@@ -357,7 +386,7 @@ def _mobile_profile(
         uas=ua_ids,
         ip_ua=ip_ua,
         endpoint_p=[1.0, 0.0, 0.0, 0.0],
-        models=_chat_models(rng, int(rng.choice([1, 1, 2]))),
+        models=_chat_models(rng, int(rng.choice([1, 1, 2])), mix),
         tokens=_token_params(rng, 380.0, 160.0, 0.55),
         rtt_ms=network_rtt("mobile", country),
         errors=_error_rates(rng, flaky=1.4),
@@ -366,7 +395,7 @@ def _mobile_profile(
 
 
 def _developer_profiles(
-    rng: np.random.Generator, country: str, ua_vocab: Vocab
+    rng: np.random.Generator, country: str, ua_vocab: Vocab, mix: dict | None = None
 ) -> list[RequestProfile]:
     """Profiles by place: 0 office, 1 home, 2 home after the ISP reassigned the address."""
     residential = blocks_for(country, "residential")
@@ -377,7 +406,7 @@ def _developer_profiles(
     n_uas = int(rng.integers(2, 5))
     uas = [ua_vocab.add(DEV_UAS[i]) for i in rng.choice(len(DEV_UAS), n_uas, replace=False)]
     ua_p = rng.dirichlet(np.full(n_uas, 1.0))
-    models = _chat_models(rng, int(rng.integers(2, 5)))
+    models = _chat_models(rng, int(rng.integers(2, 5)), mix)
     tokens = _token_params(rng, 700.0, 300.0, 1.1)
     errors = _error_rates(rng)
     errors["p_400"] *= 4  # developers send malformed requests while they experiment
@@ -399,132 +428,247 @@ def _developer_profiles(
 
 # ----------------------------------------------------------------------- population
 
+ARCHETYPE_KIND: dict[str, str] = {
+    "backend_service": "backend_service",
+    "new_key": "backend_service",
+    "region_migration": "backend_service",
+    "nightly_batch": "batch_job",
+    "weekly_batch": "batch_job",
+    "month_end_batch": "batch_job",
+    "mobile_app": "mobile_app",
+    "app_launch": "mobile_app",
+    "developer": "developer",
+    "travelling_developer": "developer",
+    "ci_runner": "ci_runner",
+}
+"""Each legitimate archetype and the broad kind of tenant it is."""
+ARCHETYPES = tuple(ARCHETYPE_KIND)
+PLAIN_ARCHETYPES = ("backend_service", "nightly_batch", "mobile_app", "developer")
+"""Archetypes that may be an incident's victim: the others are judged as they are, so
+that what happens to them measures the legitimate surprise alone."""
 
-def kind_counts(n_keys: int) -> dict[str, int]:
-    """How many keys of each kind: a third backends, a quarter apps, developers, batch."""
-    batch = max(1, round(0.12 * n_keys))
-    mobile = max(1, round(0.25 * n_keys))
-    developer = max(2, round(0.3 * n_keys))
-    backend = n_keys - batch - mobile - developer
+_SPECIAL_SHARES = {
+    "new_key": 0.04,
+    "ci_runner": 0.04,
+    "month_end_batch": 0.03,
+    "weekly_batch": 0.03,
+    "region_migration": 0.03,
+    "app_launch": 0.03,
+}
+"""Shares of the surprising archetypes, most telling first (a small population gets the
+first ones that fit)."""
+
+
+def archetype_counts(n_keys: int) -> dict[str, int]:
+    """How many keys of each archetype. Below 12 keys only the plain kinds and one
+    traveller; from 12 on, the surprises in `_SPECIAL_SHARES` order while at least one
+    plain backend remains (all of them from 16 keys)."""
+    counts = {
+        "nightly_batch": max(1, round(0.07 * n_keys)),
+        "travelling_developer": max(1, round(0.03 * n_keys)),
+        "mobile_app": max(1, round(0.2 * n_keys)),
+        "developer": max(1, round(0.25 * n_keys)),
+    }
+    for archetype, share in _SPECIAL_SHARES.items():
+        room = n_keys - sum(counts.values()) - 1
+        counts[archetype] = min(max(1, round(share * n_keys)), room) if n_keys >= 12 else 0
+    backend = n_keys - sum(counts.values())
     if backend < 1:
         raise ValueError(f"need at least 5 keys for a mixed population, got {n_keys}")
-    return {
-        "backend_service": backend,
-        "batch_job": batch,
-        "mobile_app": mobile,
-        "developer": developer,
-    }
+    return {"backend_service": backend, **counts}
+
+
+def kind_counts(n_keys: int) -> dict[str, int]:
+    """How many keys of each broad kind."""
+    out = dict.fromkeys(TENANT_KINDS, 0)
+    for archetype, n in archetype_counts(n_keys).items():
+        out[ARCHETYPE_KIND[archetype]] += n
+    return out
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What every tenant draw needs: the clock, vocabularies and the perturbation."""
+
+    clock: Clock
+    key_vocab: Vocab
+    ua_vocab: Vocab
+    perturb: Perturbation
+    test_start_minute: int
 
 
 def build_population(
-    rng: np.random.Generator, n_keys: int, clock: Clock, key_vocab: Vocab, ua_vocab: Vocab
+    rng: np.random.Generator,
+    n_keys: int,
+    clock: Clock,
+    key_vocab: Vocab,
+    ua_vocab: Vocab,
+    *,
+    perturb: Perturbation | None = None,
+    test_start_minute: int | None = None,
 ) -> list[Tenant]:
-    """Draw `n_keys` tenants (kinds shuffled, so a key's position tells nothing)."""
-    counts = kind_counts(n_keys)
-    kinds = [kind for kind, n in counts.items() for _ in range(n)]
-    kinds = [kinds[i] for i in rng.permutation(len(kinds))]
-    codes = list(COUNTRY_WEIGHTS)
-    weights = np.array(list(COUNTRY_WEIGHTS.values()), dtype=np.float64)
+    """Draw `n_keys` tenants (archetypes shuffled, so a key's position tells nothing).
+
+    The surprising archetypes get their own parameters from `training.archetypes.specialise`
+    afterwards (the simulator calls it), and their shape from `archetypes.shape` after
+    `schedule`."""
+    draw = Draw(
+        clock,
+        key_vocab,
+        ua_vocab,
+        perturb or Perturbation(),
+        max(0, clock.minutes - 2 * 1440) if test_start_minute is None else test_start_minute,
+    )
+    counts = archetype_counts(n_keys)
+    archetypes = [a for a, n in counts.items() for _ in range(n)]
+    archetypes = [archetypes[i] for i in rng.permutation(len(archetypes))]
     apps = list(APP_NAMES)
     rng.shuffle(apps)
-    tenants: list[Tenant] = []
-    for kind in kinds:
-        key = make_key(rng)
-        country = codes[rng.choice(len(codes), p=weights / weights.sum())]
-        tz = _one_of(rng, COUNTRIES[country].timezones)
-        index = key_vocab.add(key)
-        if kind == "backend_service":
-            tenant = Tenant(
-                index,
-                key,
-                kind,
-                country,
-                tz,
-                [_backend_profile(rng, country, ua_vocab)],
-                peak_rate=float(np.clip(rng.lognormal(np.log(1.3), 0.7), 0.15, 12)),
-                shift_h=float(rng.normal(0, 0.6)),
-                weekend_factor=float(rng.uniform(0.3, 0.7)),
-                consumer_share=float(rng.choice([0.0, 0.0, 0.3, 0.6])),
-            )
-        elif kind == "batch_job":
-            day = _backend_profile(rng, country, ua_vocab)
-            night = _batch_profile(rng, day, ua_vocab)
-            job = BatchJob(
-                local_hour=float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0, 4.0])),
-                interval_s=float(rng.uniform(1.5, 4.0)),
-                minutes=float(rng.uniform(25, 35)),
-                workers=int(rng.choice([1, 2, 4])),
-                profile=1,
-            )
-            tenant = Tenant(
-                index,
-                key,
-                kind,
-                country,
-                tz,
-                [day, night],
-                peak_rate=float(np.clip(rng.lognormal(np.log(0.35), 0.5), 0.05, 2)),
-                shift_h=float(rng.normal(0, 0.6)),
-                weekend_factor=float(rng.uniform(0.3, 0.7)),
-                batch=job,
-            )
-            tenant.details["nightly_batch_local_time"] = (
-                f"{int(job.local_hour):02d}:{int(job.local_hour % 1 * 60):02d}"
-            )
-        elif kind == "mobile_app":
-            app = apps.pop() if apps else f"App{len(tenants)}"
-            tenant = Tenant(
-                index,
-                key,
-                kind,
-                country,
-                tz,
-                [_mobile_profile(rng, country, ua_vocab, app)],
-                peak_rate=float(np.clip(rng.lognormal(np.log(1.8), 0.5), 0.4, 12)),
-                shift_h=float(rng.normal(0, 0.5)),
-                weekend_factor=float(rng.uniform(1.05, 1.35)),
-            )
-            tenant.details["app"] = app
-            tenant.details["distinct_ips"] = len(tenant.main.ips)
-        else:
-            tenant = Tenant(
-                index,
-                key,
-                kind,
-                country,
-                tz,
-                _developer_profiles(rng, country, ua_vocab),
-                peak_rate=float(np.clip(rng.lognormal(np.log(1.0), 0.5), 0.2, 5)),
-                shift_h=float(rng.normal(0, 0.8)),
-                remote=bool(rng.random() < 0.35),
-            )
-        tenants.append(tenant)
-    _ensure_hosting_country(rng, tenants, ua_vocab)
-    _plan_travel(rng, tenants, clock, ua_vocab)
+    tenants = [_tenant(rng, draw, archetype, apps) for archetype in archetypes]
+    _ensure_hosting_country(rng, tenants, ua_vocab, draw.perturb.model_mix)
+    for tenant in tenants:
+        if tenant.archetype == "travelling_developer":
+            _plan_travel(rng, tenant, clock)
+    for tenant in tenants:
+        _apply_perturbation(tenant, draw.perturb)
     return tenants
 
 
+def _country(rng: np.random.Generator) -> tuple[str, str]:
+    codes = list(COUNTRY_WEIGHTS)
+    weights = np.array(list(COUNTRY_WEIGHTS.values()), dtype=np.float64)
+    country = codes[rng.choice(len(codes), p=weights / weights.sum())]
+    return country, _one_of(rng, COUNTRIES[country].timezones)
+
+
+def _tenant(rng: np.random.Generator, draw: Draw, archetype: str, apps: list[str]) -> Tenant:
+    kind = ARCHETYPE_KIND[archetype]
+    key = make_key(rng)
+    country, tz = _country(rng)
+    index = draw.key_vocab.add(key)
+    mix, uas = draw.perturb.model_mix, draw.ua_vocab
+    common = {"index": index, "key": key, "kind": kind, "country": country, "tz": tz,
+              "archetype": archetype}
+    if kind in ("backend_service", "ci_runner"):
+        return Tenant(
+            profiles=[_backend_profile(rng, country, uas, mix)],
+            peak_rate=float(np.clip(rng.lognormal(np.log(1.3), 0.7), 0.15, 12)),
+            shift_h=float(rng.normal(0, 0.6)),
+            weekend_factor=float(rng.uniform(0.3, 0.7)),
+            consumer_share=float(rng.choice([0.0, 0.0, 0.3, 0.6])),
+            **common,
+        )
+    if kind == "batch_job":
+        return _batch_tenant(rng, draw, common)
+    if kind == "mobile_app":
+        app = apps.pop() if apps else f"App{index}"
+        tenant = Tenant(
+            profiles=[_mobile_profile(rng, country, uas, app, mix)],
+            peak_rate=float(np.clip(rng.lognormal(np.log(1.8), 0.5), 0.4, 12)),
+            shift_h=float(rng.normal(0, 0.5)),
+            weekend_factor=float(rng.uniform(1.05, 1.35)),
+            **common,
+        )
+        tenant.details["app"] = app
+        tenant.details["distinct_ips"] = len(tenant.main.ips)
+        return tenant
+    return Tenant(
+        profiles=_developer_profiles(rng, country, uas, mix),
+        peak_rate=float(np.clip(rng.lognormal(np.log(1.0), 0.5), 0.2, 5)),
+        shift_h=float(rng.normal(0, 0.8)),
+        remote=bool(rng.random() < 0.35),
+        **common,
+    )
+
+
+BATCH_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    # minutes the job runs, seconds between requests per worker, prompt-size factor
+    "nightly_batch": {"minutes": (20, 40), "interval_s": (1.0, 4.0), "size": (0.5, 2.0)},
+    "weekly_batch": {"minutes": (30, 90), "interval_s": (1.5, 5.0), "size": (0.5, 3.0)},
+    "month_end_batch": {"minutes": (40, 120), "interval_s": (1.5, 5.0), "size": (0.7, 4.0)},
+}
+"""Parameter ranges of the batch archetypes (drawn per key, then perturbed)."""
+
+
+def _batch_tenant(rng: np.random.Generator, draw: Draw, common: dict) -> Tenant:
+    """A backend that also runs a job: nightly, weekly (on a day of the judged period:
+    its earlier runs predate the span), or on the last day of the month."""
+    archetype = common["archetype"]
+    ranges = BATCH_RANGES[archetype]
+    day = _backend_profile(rng, common["country"], draw.ua_vocab, draw.perturb.model_mix)
+    night = _batch_profile(rng, day, draw.ua_vocab, float(rng.uniform(*ranges["size"])))
+    weekday = -1
+    if archetype == "weekly_batch":
+        _, weekdays, _ = draw.clock.local(common["tz"])
+        judged = weekdays[draw.test_start_minute:] if draw.test_start_minute < len(weekdays) \
+            else weekdays
+        weekday = int(_one_of(rng, sorted(set(judged.tolist()))))
+    job = BatchJob(
+        local_hour=float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 22.0, 23.0])),
+        interval_s=float(rng.uniform(*ranges["interval_s"])),
+        minutes=float(rng.uniform(*ranges["minutes"])),
+        workers=int(rng.choice([1, 2, 4])),
+        profile=1,
+        period=archetype.removesuffix("_batch"),
+        weekday=weekday,
+    )
+    tenant = Tenant(
+        profiles=[day, night],
+        peak_rate=float(np.clip(rng.lognormal(np.log(0.35), 0.5), 0.05, 2)),
+        shift_h=float(rng.normal(0, 0.6)),
+        weekend_factor=float(rng.uniform(0.3, 0.7)),
+        batch=job,
+        **common,
+    )
+    tenant.details["nightly_batch_local_time"] = (
+        f"{int(job.local_hour):02d}:{int(job.local_hour % 1 * 60):02d}"
+    )
+    tenant.details["batch"] = {"period": job.period, "minutes": round(job.minutes),
+                               "requests_per_min": round(60 / job.interval_s, 1)}
+    return tenant
+
+
+def _apply_perturbation(tenant: Tenant, perturb: Perturbation) -> None:
+    """Scale rates and sizes and shift the rhythm by the seed's perturbation."""
+    rate, size = perturb.rate_of(tenant.archetype), perturb.size_of(tenant.archetype)
+    tenant.peak_rate *= rate
+    tenant.shift_h += perturb.shift_h
+    if tenant.batch is not None:
+        tenant.batch.interval_s /= rate
+        tenant.batch.local_hour = (tenant.batch.local_hour + perturb.shift_h) % 24
+        tenant.details["nightly_batch_local_time"] = (
+            f"{int(tenant.batch.local_hour):02d}:{int(tenant.batch.local_hour % 1 * 60):02d}"
+        )
+    if size != 1.0:
+        tenant.profiles = [
+            replace(p, prompt_median=p.prompt_median * size,
+                    completion_median=p.completion_median * size)
+            for p in tenant.profiles
+        ]
+
+
 def _ensure_hosting_country(
-    rng: np.random.Generator, tenants: list[Tenant], ua_vocab: Vocab
+    rng: np.random.Generator, tenants: list[Tenant], ua_vocab: Vocab, mix: dict | None = None
 ) -> None:
     """A domestic-VPS leak needs a victim in a country with VPS providers: in a small
     population where no app or backend is in one, move one mobile app to the US."""
     hosting = {b.country for b in blocks_for(network="hosting")}
-    if any(t.country in hosting for t in tenants if t.kind in ("mobile_app", "backend_service")):
+    plain = [t for t in tenants if t.archetype in ("mobile_app", "backend_service")]
+    if any(t.country in hosting for t in plain):
         return
-    tenant = next(t for t in tenants if t.kind == "mobile_app")
+    tenant = next(t for t in tenants if t.archetype == "mobile_app")
     tenant.country, tenant.tz = "US", COUNTRIES["US"].timezones[0]
-    tenant.profiles = [_mobile_profile(rng, "US", ua_vocab, str(tenant.details["app"]))]
+    tenant.profiles = [_mobile_profile(rng, "US", ua_vocab, str(tenant.details["app"]), mix)]
     tenant.details["distinct_ips"] = len(tenant.main.ips)
 
 
 def _batch_profile(
-    rng: np.random.Generator, day: RequestProfile, ua_vocab: Vocab
+    rng: np.random.Generator, day: RequestProfile, ua_vocab: Vocab, size: float = 1.0
 ) -> RequestProfile:
-    """The nightly job: one cron host, one client, embeddings or summaries."""
+    """The job: one cron host, one client, embeddings or summaries."""
     embeddings = rng.random() < 0.6
     tokens = {
-        "prompt_median": np.array([2600.0, 480.0, 180.0, 0.0]) * rng.lognormal(0, 0.2),
+        "prompt_median": np.array([2600.0, 480.0, 180.0, 0.0]) * rng.lognormal(0, 0.2) * size,
         "prompt_sigma": np.array([0.3, 0.12, 0.5, 0.0]),
         "completion_median": np.array([300.0, 0.0, 100.0, 0.0]),
         "completion_sigma": np.array([0.35, 0.0, 0.5, 0.0]),
@@ -547,15 +691,9 @@ def _batch_profile(
     )
 
 
-def _plan_travel(
-    rng: np.random.Generator, tenants: list[Tenant], clock: Clock, ua_vocab: Vocab
-) -> None:
-    """Send one developer to another continent mid-week (Wednesday evening when the
-    span allows it): a hotel address and a conference-venue address at the destination."""
-    developers = [t for t in tenants if t.kind == "developer"]
-    if not developers:
-        return
-    traveler = developers[int(rng.integers(len(developers)))]
+def _plan_travel(rng: np.random.Generator, traveler: Tenant, clock: Clock) -> None:
+    """Send a developer to another continent: departure on a day after the first and
+    before the last, between 07:00 and 21:00 local; a hotel and a venue address there."""
     home = COUNTRIES[traveler.country]
     options = [
         c
@@ -567,8 +705,8 @@ def _plan_travel(
     dest_tz = dest.timezones[0]
     hour, _, local_day = clock.local(traveler.tz)
     first_day = int(local_day[0])
-    depart_day = first_day + (2 if clock.days >= 4 else 0)
-    depart_hour = 19.0 if clock.days >= 2 else 7.0
+    depart_day = first_day + (int(rng.integers(1, clock.days - 1)) if clock.days >= 3 else 0)
+    depart_hour = float(rng.uniform(7.0, 21.0)) if clock.days >= 2 else 7.0
     candidates = np.flatnonzero((local_day == depart_day) & (hour >= depart_hour))
     if not len(candidates):
         candidates = np.flatnonzero(hour >= depart_hour)
@@ -652,6 +790,8 @@ def schedule(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> None:
     elif tenant.kind == "mobile_app":
         curve = consumer_curve(shifted, weekday, tenant.weekend_factor)
         tenant.lam = tenant.peak_rate * curve * _wander(rng, n) * _daily(rng, local_day, 0.1)
+    elif tenant.kind == "ci_runner":
+        tenant.lam = np.zeros(n)  # all of its traffic is CI runs (`training.archetypes`)
     else:
         _developer_schedule(tenant, clock, rng)
 
@@ -776,16 +916,27 @@ def generate_baseline(tenant: Tenant, clock: Clock, rng: np.random.Generator) ->
             )
         )
     if tenant.batch is not None:
-        parts.append(_nightly_batch(tenant, clock, rng))
+        parts.append(_batch_runs(tenant, clock, rng))
+    for stream in tenant.streams:
+        ts = stream.times_ms[(stream.times_ms >= clock.start_ms) & (stream.times_ms < clock.end_ms)]
+        minute = ((ts - clock.start_ms) // MS_PER_MINUTE).astype(np.int64)
+        parts.append(
+            render(stream.profile, ts, rng, key=tenant.index, tag=stream.tag,
+                   stress=tenant.stress[minute], outage=tenant.outage[minute])
+        )
     return Columns.concat(parts)
 
 
-def _nightly_batch(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> Columns:
+def _batch_runs(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> Columns:
+    """The job's requests on every day it runs, metronomic, `workers` interleaved."""
     job = tenant.batch
     assert job is not None
-    hour, _, local_day = clock.local(tenant.tz)
+    hour, weekday, local_day = clock.local(tenant.tz)
     times = []
     for day in np.unique(local_day):
+        first = np.flatnonzero(local_day == day)[0]
+        if not job.runs_on(int(weekday[first]), int(day)):
+            continue
         at = np.flatnonzero((local_day == day) & (hour >= job.local_hour))
         if not len(at) or hour[at[0]] - job.local_hour > 0.05:
             continue  # the job's start time is not inside the span that day
@@ -808,7 +959,7 @@ def _nightly_batch(tenant: Tenant, clock: Clock, rng: np.random.Generator) -> Co
         ts,
         rng,
         key=tenant.index,
-        tag=TAG_INDEX["nightly_batch"],
+        tag=TAG_INDEX[f"{job.period}_batch"],
         stress=3.0,
         outage=tenant.outage[((ts - clock.start_ms) // MS_PER_MINUTE).astype(np.int64)],
     )
@@ -819,6 +970,7 @@ def describe(tenant: Tenant) -> dict[str, object]:
     return {
         "key": tenant.key,
         "kind": tenant.kind,
+        "archetype": tenant.archetype,
         "country": tenant.country,
         "timezone": tenant.tz,
         "models": sorted(tenant.model_names),

@@ -58,7 +58,19 @@ _PER_TOKEN = np.array([m.ms_per_token for m in MODEL_SPECS])
 _CONTEXT = np.array([m.context for m in MODEL_SPECS])
 _MAX_OUT = np.array([max(m.max_output, 1) for m in MODEL_SPECS])
 
-BENIGN_TAGS = ("flash_sale", "nightly_batch", "travel", "upstream_outage")
+BENIGN_TAGS = (
+    "flash_sale",
+    "nightly_batch",
+    "travel",
+    "upstream_outage",
+    "weekly_batch",
+    "month_end_batch",
+    "first_day",
+    "ci_run",
+    "migration",
+    "launch",
+)
+"""Legitimate surprises, marked on the events they make (labels.jsonl `benign_tag`)."""
 TAG_INDEX = {name: i for i, name in enumerate(BENIGN_TAGS)}
 
 MS_PER_MINUTE = 60_000

@@ -30,16 +30,43 @@ class Reason(BaseModel):
     mode: Literal["active", "monitor"] = "active"
     """`monitor`: the rule is in shadow mode; it explains and alerts, never enforces."""
     scope: Literal["key", "ip"] | None = None
+    evidence_kind: Literal["identity", "attack", "volume", "budget"] | None = None
+    """What this reason is evidence of: someone else using the key (identity), an attack
+    pattern (attack), or how much it is used (volume). A key-scope ban needs identity or
+    attack evidence; volume alone throttles."""
 
 
 class Action(BaseModel):
-    """What the gateway should do with this key (or address) now."""
+    """What the gateway should do with this key (or address) now.
+
+    Fields by `type`:
+
+    - `throttle`: `limit_per_min` (requests per minute the gateway lets through: about
+      twice the key's normal rate for this hour, never below the policy's floor),
+      `duration_s` (how long the limit lasts) and `until` (its end, ISO time);
+      `retry_after_s` for a refused call. `scope` is the entity limited (`key`).
+    - `temp_ban`: `scope` is what is banned: `ip` (the intruder's address, while the
+      owner's own identities are still in use) or `key` (the whole key: nobody but the
+      intruder is using it, or the evidence is about the key itself); `until`,
+      `duration_s` and `retry_after_s` say for how long. `network` names the intruder's
+      network prefix (a /24 or /48) for a gateway that bans networks.
+    - `perm_ban`: only by an operator or with `responses.bans.allow_permanent: true`.
+    """
 
     type: ActionType = "none"
-    scope: Literal["key", "ip"] | None = None
+    scope: Literal["key", "ip", "network"] | None = None
     until: str | None = None
     retry_after_s: int | None = None
+    """Seconds until the refused call may be tried again (a ban's end, or for a throttle
+    when the next call fits under the limit; None while the calls are within it)."""
     limit_per_min: int | None = None
+    """For throttle: the calls a minute the key (or address) is limited to, until `until`."""
+    burst: int | None = None
+    """For throttle: calls allowed back to back within the limit (GCRA burst)."""
+    duration_s: int | None = None
+    """How long the limit (throttle) or the ban (temp_ban) lasts once set."""
+    network: str | None = None
+    """For an address ban: the intruder's network prefix (/24 or /48)."""
 
 
 class Outcome(BaseModel):

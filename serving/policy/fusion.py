@@ -7,18 +7,19 @@ Principles, in the order they are applied:
    the offline percentile at or above `model_alert` (0.999) → medium; two models (e.g.
    population and offline) both high → high. A model alone never reaches critical, so a
    model alone never bans — an Isolation Forest does not know about flash sales.
-3. Corroboration escalates: independent signals are rule *groups* (every volume rule
-   is one group: a burst that crosses three rate limits is one piece of evidence) plus
-   the models, counted only when their top features are not just the features of the
-   rules that fired. Two independent signals at high or above → critical; two at medium
-   or above → at least high.
+3. Corroboration escalates, between different KINDS of evidence (each rule declares
+   one: identity, attack or volume; the models see volume): a burst that crosses three
+   rate limits, overspends and trips the models is one piece of evidence. Two kinds at
+   high or above → critical; two at medium or above → at least high.
 4. A surge the whole population shares (the population's rate against its hour-of-week
    norm is high and this key is within a few times of it) is not escalated by models,
    and models do not corroborate: everybody is busy, not this key.
 
-A block needs critical, which only an active rule at critical or two corroborating
-signals can produce (`can_block`). The score in [0, 1] combines the rule floor with the
-model strength (noisy-or) and never falls below the final tier's nominal score.
+A block needs critical, which only a critical identity or attack finding, or two kinds
+of evidence at high (one of which is then not volume), can produce (`can_block`):
+volume alone throttles, never bans. The score is calibrated: each tier owns a band of
+[0, 1] and the event sits in it at the strongest model's percentile among normal
+traffic (see `_score`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from serving.policy.rules import Finding, describe_top_features
 from serving.policy.schema import FusionConfig
 
 SEVERITY_SCORE = {"none": 0.0, "low": 0.3, "medium": 0.55, "high": 0.8, "critical": 0.95}
+BAND_TOP = {"none": 0.3, "low": 0.55, "medium": 0.8, "high": 0.95, "critical": 1.0}
+BLOCKING_EVIDENCE = frozenset({"identity", "attack", "budget"})
+"""Evidence kinds that may block on their own (at critical) or corroborate volume; a
+budget's block is its own refusal until the period resets, never a ban."""
 MODEL_NAMES = ("population", "offline", "key_baseline")
 
 
@@ -45,6 +50,8 @@ class Fusion:
     """Codes of the findings behind the severity (what the impact report attributes to)."""
     model_reason: Reason | None = None
     shared_surge: bool = False
+    evidence: list[str] = field(default_factory=list)
+    """The kinds of evidence behind the severity (identity, attack, volume)."""
 
 
 def model_strength(p: float | None) -> float:
@@ -89,13 +96,15 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
         return Fusion(severity="none", score=_score("none", "none", scores, surge),
                       can_block=False, shared_surge=surge)
 
-    # 3. corroboration between independent signals
+    # 3. corroboration between independent KINDS of evidence (identity, attack, volume):
+    # a burst that crosses three rate limits, overspends and trips the models is one
+    # piece of evidence, volume, however many rules see it
     rule_findings = [f for f in findings if f.kind != "model"]
     floor = max_severity(*(f.reason.severity for f in findings))
-    groups: dict[str, str] = {}
+    kinds: dict[str, str] = {}
     for f in rule_findings:
-        groups[f.group] = max_severity(groups.get(f.group, "none"), f.reason.severity)
-    # model_score rules and the fused models are one signal: "the models"
+        kinds[f.evidence] = max_severity(kinds.get(f.evidence, "none"), f.reason.severity)
+    # model_score rules and the fused models are one signal: "the models", which see volume
     model_level = max_severity(model_tier,
                                *(f.reason.severity for f in findings if f.kind == "model"))
     rule_features = {name for f in rule_findings for name in f.features}
@@ -103,9 +112,10 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
     top = [name for name, _ in signals.top()[:3]] if high else []
     independent_model = bool(high) and not surge and not (
         top and rule_features and set(top) <= rule_features)
-    levels = list(groups.values())
     if independent_model and rule_findings:
-        levels.append(max_severity(model_level, "high"))
+        kinds["volume"] = max_severity(kinds.get("volume", "none"),
+                                       max_severity(model_level, "high"))
+    levels = list(kinds.values())
     n_high = sum(1 for lv in levels if severity_rank(lv) >= severity_rank("high"))
     n_medium = sum(1 for lv in levels if severity_rank(lv) >= severity_rank("medium"))
 
@@ -117,10 +127,13 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
     elif n_medium >= 2 and severity_rank(severity) < severity_rank("high"):
         severity, escalated = "high", True
 
+    # a block needs evidence that someone else is using the key, or an attack: a critical
+    # identity or attack finding, or two kinds at high (one of which is then not volume)
     can_block = severity == "critical" and (
-        any(f.reason.severity == "critical" and f.kind != "model" for f in findings)
+        any(f.reason.severity == "critical" and f.kind != "model"
+            and f.evidence in BLOCKING_EVIDENCE for f in findings)
         or n_high >= 2)
-    if severity == "critical" and not can_block:  # defensive: nothing else may ban
+    if severity == "critical" and not can_block:  # volume alone throttles, never bans
         severity = "high"
 
     # drivers and the explanation of the model part
@@ -135,20 +148,31 @@ def fuse(findings: list[Finding], signals: ModelSignals, fv: FeatureVector,
         if model_tier == severity or (escalated and independent_model):
             drivers.append(model_reason.code)
 
+    by_code = {f.reason.code: f.evidence for f in findings}
+    evidence = sorted({by_code.get(code, "volume") for code in drivers})
     return Fusion(severity=severity, score=_score(floor, severity, scores, surge),
                   can_block=can_block,
                   drivers=list(dict.fromkeys(drivers)), model_reason=model_reason,
-                  shared_surge=surge)
+                  shared_surge=surge, evidence=evidence)
 
 
 def _score(floor: str, severity: str, scores: dict[str, float], surge: bool) -> float:
-    """The rule floor and the strongest model combined (noisy-or), never below the final
-    tier's nominal score; models count half in a shared surge."""
-    strength = max((model_strength(v) for v in scores.values()), default=0.0)
+    """A calibrated anomaly score in [0, 1], with the same meaning on every key.
+
+    Each tier owns a band ([0, 0.3) none, [0.3, 0.55) low, [0.55, 0.8) medium,
+    [0.8, 0.95) high, [0.95, 1] critical); within its band the event sits at the
+    strongest model's percentile among normal traffic (the per-key detector's
+    percentile among the key's own normal points, the population and offline models'
+    among everybody's). So the score moves with the models' view even when no rule
+    fires, ranks events across keys, and never contradicts the tier. Models count half
+    in a shared surge (everybody is busy, not this key)."""
+    p = max(scores.values(), default=0.0)
     if surge:
-        strength *= 0.5
-    combined = 1.0 - (1.0 - SEVERITY_SCORE[floor]) * (1.0 - strength)
-    return round(min(1.0, max(combined, SEVERITY_SCORE[severity])), 4)
+        p *= 0.5
+    p = min(max(float(p), 0.0), 1.0)
+    tier = severity if severity_rank(severity) >= severity_rank(floor) else floor
+    lo, hi = SEVERITY_SCORE[tier], BAND_TOP[tier]
+    return round(min(1.0, lo + (hi - lo) * p * 0.999), 4)
 
 
 def _model_reason(scores: dict[str, float], high: list[str], tier: str,

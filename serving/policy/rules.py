@@ -26,6 +26,18 @@ from models.signals import ModelSignals
 from serving.engine.decision import Reason
 
 Scope = Literal["key", "ip"]
+Evidence = Literal["identity", "attack", "volume", "budget"]
+"""What a finding is evidence of. Corroboration needs two different kinds.
+
+- identity: someone other than the owner is using the key (a network, country, client
+  library or hour its normal traffic never used; impossible travel; key sharing);
+- attack: an attack pattern (credential stuffing, probing, a banned address);
+- volume: how much (rate, spend, size, bursts, and the models, which see the same
+  volume). Volume alone throttles and alerts; it never bans.
+- budget: an operator's spending limit (`type: budget`); at a hard `block` limit the
+  call is refused until the period resets (the budget's own response, never a ban).
+"""
+EVIDENCE_KINDS: tuple[str, ...] = ("identity", "attack", "volume", "budget")
 Mode = Literal["active", "monitor", "off"]
 RuleSeverity = Literal["low", "medium", "high", "critical"]
 Code = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{1,63}$")]
@@ -65,7 +77,12 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "trusted_geo_distance_km_by_key", "trusted_geo_elapsed_s_by_key",
        "trusted_geo_speed_kmh_by_key", "untrusted_country_by_key", "same_prompt_ratio_by_key",
        "rate_vs_baseline_by_key_5m", "hosting_share_by_key",
-       "untrusted_hosting_asn_by_event"]
+       "untrusted_hosting_asn_by_event", "untrusted_network_by_event",
+       "untrusted_prefix_by_event", "untrusted_ua_family_by_event", "trusted_networks_by_key",
+       "hour_share_by_key", "last_normal_age_s_by_key", "known_identity_by_event",
+       "distinct_ips_in_country_by_key_1h",
+       "recurring_requests_1h_by_key", "recurring_spend_usd_1h_by_key",
+       "recurring_tokens_peak_by_key", "key_age_h_by_key", "tokens_vs_population_z_by_event"]
 )
 """Every feature a policy may name: the extractor's, including those still being added.
 A typo in a policy file is caught by `policy check` instead of silently never firing."""
@@ -124,6 +141,8 @@ class Finding:
     scope: str
     kind: Literal["rule", "model", "ban"]
     features: tuple[str, ...] = ()
+    evidence: str = "volume"
+    """The evidence kind (`Evidence`): what corroboration and the ban scope look at."""
 
     @property
     def mode(self) -> str:
@@ -171,8 +190,13 @@ class RuleBase(BaseModel):
     signal when fusion looks for corroboration; defaults to the id."""
     message: str | None = None
     description: str | None = None
+    evidence: Evidence | None = None
+    """The kind of evidence a finding of this rule is (identity, attack or volume);
+    defaults to the rule type's (`default_evidence`). Declared once per rule, here, so
+    fusion and responses never guess it from a rule's name."""
 
     kind: ClassVar[Literal["rule", "model", "ban"]] = "rule"
+    default_evidence: ClassVar[str] = "volume"
     default_message: ClassVar[str] = "{value}"
 
     @field_validator("mode", mode="before")
@@ -210,6 +234,11 @@ class RuleBase(BaseModel):
     @property
     def group_name(self) -> str:
         return self.group or self.id
+
+    @property
+    def evidence_kind(self) -> str:
+        """The declared kind, else the rule type's default."""
+        return self.evidence or self.default_evidence
 
     @property
     def template(self) -> str:
@@ -253,12 +282,14 @@ class RuleBase(BaseModel):
                 evidence={k: _round(v) for k, v in evidence.items()},
                 mode="monitor" if self.mode == "monitor" else "active",
                 scope=self.scope,
+                evidence_kind=self.evidence_kind,  # type: ignore[arg-type]
             ),
             rule_id=self.id,
             group=self.group_name,
             scope=self.scope,
             kind=self.kind,
             features=self.features(),
+            evidence=self.evidence_kind,
         )
 
 
@@ -386,6 +417,7 @@ class DistinctCountRule(RuleBase):
 
     type: Literal["distinct_count"]
     params: DistinctCountParams
+    default_evidence: ClassVar[str] = "identity"
     default_message: ClassVar[str] = "{value:.0f} distinct values of {feature} (limit {limit})"
 
     def features(self) -> tuple[str, ...]:
@@ -424,6 +456,7 @@ class TravelSpeedRule(RuleBase):
 
     type: Literal["travel_speed"]
     params: TravelSpeedParams
+    default_evidence: ClassVar[str] = "identity"
     default_message: ClassVar[str] = (
         "{origin} → {destination} ({km:,.0f} km) in {minutes:.0f} min "
         "({speed_kmh:,.0f} km/h)")
@@ -500,6 +533,7 @@ class BannedRule(RuleBase):
     type: Literal["banned"]
     params: BannedParams = Field(default_factory=BannedParams)
     kind: ClassVar[Literal["rule", "model", "ban"]] = "ban"
+    default_evidence: ClassVar[str] = "attack"
     default_message: ClassVar[str] = "{subject} is banned until {until}{why}"
 
     def template_fields(self) -> dict[str, Any]:
@@ -546,6 +580,7 @@ class BudgetRule(RuleBase):
 
     type: Literal["budget"]
     params: BudgetParams
+    default_evidence: ClassVar[str] = "budget"
     severity: RuleSeverity = "high"
     """Severity at the hard limit; by default from `hard` (throttle → high, block →
     critical, alert → medium), so the tiers do what `hard` says."""

@@ -84,13 +84,33 @@ class TierResponse(_Strict):
 
     action: Literal["none", "log", "alert", "throttle", "ban", "perm_ban"]
     limit_per_min: int | None = Field(default=None, ge=1)
-    """For throttle: the reduced rate the gateway should allow."""
+    """For throttle: the rate the gateway allows a key with no learned normal rate."""
     retry_after_s: int = Field(default=60, ge=1)
+    rate_factor: float = Field(default=2.0, ge=1.0, le=100.0)
+    """For throttle: the limit is this multiple of the key's normal rate for the hour."""
+    min_per_min: int = Field(default=5, ge=1)
+    """For throttle: the limit never goes below this many requests per minute."""
+    duration: float = 900.0
+    """For throttle: how long the limit holds once set (renewed while the throttle goes on)."""
+    burst: int | None = Field(default=None, ge=1)
+    """For throttle: calls allowed back to back; default ten seconds' worth of the limit."""
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds == PERMANENT_S:
+            raise ValueError("a throttle's duration must be finite")
+        return seconds
 
 
 class BanSettings(_Strict):
-    ladder: tuple[float, ...] = Field(default=(1800, 7200, 86400, PERMANENT_S), min_length=1)
-    """Ban lengths for the 1st, 2nd, 3rd... offence; the last repeats."""
+    ladder: tuple[float, ...] = Field(default=(1800, 7200, 86400), min_length=1)
+    """Ban lengths for the 1st, 2nd, 3rd... offence of one incident kind; the last
+    repeats. Offences of another kind (identity vs attack) start their own ladder."""
+    allow_permanent: bool = False
+    """Off by default: a permanent ban is an operator's act. Off, a `permanent` step of
+    the ladder (and a tier's `perm_ban`) becomes the longest finite ban."""
     decay_after: float = 7 * 86400
     """Each clean period this long since the last ban forgives one step of the ladder."""
 
