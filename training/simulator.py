@@ -61,9 +61,10 @@ from training.traffic import (
     Vocab,
 )
 
-DEFAULT_START = datetime(2026, 10, 26, tzinfo=UTC)
-"""A Monday. Fixed so that output depends on the seed alone; a 7-day span then has the
-month's last day (a Saturday) in the judged days, where month-end jobs run."""
+DEFAULT_START = datetime(2026, 11, 2, tzinfo=UTC)
+"""A Monday. Fixed so that output depends on the seed alone. Its span has no month end,
+so month-end jobs stay idle; a perturbed simulation (`perturb=True`) always puts a month
+end in the judged days."""
 
 TEST_DAYS = 2
 """The last two days are the test period: evaluate there, train before it."""
