@@ -13,10 +13,21 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_FUTURE_SKEW_S = 24 * 3600
 """Events stamped more than a day in the future are refused: clocks are never that wrong."""
+
+MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+MAX_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC).timestamp()
+"""The documented range of event times, whatever the clock: 2000-01-01 to 2100-01-01 UTC.
+A time outside it is a unit mistake (milliseconds sent as seconds) or a zeroed field, never
+a call made with a key; accepting it would move a key's windows to 1970 or past 2100."""
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in any JSON we read from outside (an event
+is two levels deep; a batch three). A parser that recurses must never meet 10,000 `[`."""
 
 MAX_BATCH_EVENTS = 1000
 """Largest batch accepted by `POST /v1/events:batch`."""
@@ -56,9 +67,23 @@ def parse_timestamp(value: Any, *, now: float | None = None) -> float:
         raise ValueError("timestamp must be an RFC 3339 string or epoch seconds")
     if not math.isfinite(ts) or ts < 0:
         raise ValueError("timestamp must be a finite, non-negative time")
+    if ts > MAX_EVENT_TIME * 10:
+        raise ValueError("timestamp is past the year 5000: milliseconds? send epoch seconds")
     reference = time.time() if now is None else now
     if ts > reference + MAX_FUTURE_SKEW_S:
         raise ValueError("timestamp is more than a day in the future")
+    return ts
+
+
+def check_event_time(ts: float) -> float:
+    """`ts` if it lies in the documented range of event times, else ValueError saying so."""
+    if ts < MIN_EVENT_TIME:
+        raise ValueError("timestamp is before 2000-01-01: event times are accepted from "
+                         "2000-01-01 to 2100-01-01 UTC")
+    if ts >= MAX_EVENT_TIME:
+        hint = " (milliseconds? send seconds)" if ts > MAX_EVENT_TIME * 100 else ""
+        raise ValueError("timestamp is after 2100-01-01: event times are accepted from "
+                         f"2000-01-01 to 2100-01-01 UTC{hint}")
     return ts
 
 
@@ -67,9 +92,14 @@ class Event(BaseModel):
 
     `timestamp` is normalised to epoch seconds (float, UTC). The raw `api_key` is only
     ever used to derive the HMAC `key_id`; it is excluded from every dump of the model.
+
+    Types are strict: `"status": "404"` or `"tokens": true` is refused, not coerced, since a
+    gateway that sends strings for numbers is misconfigured and its numbers cannot be
+    trusted (an int is accepted where a float is expected). Every string has a length limit.
     """
 
-    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, frozen=True)
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, frozen=True,
+                              strict=True)
 
     api_key: str = Field(min_length=1, max_length=512, exclude=True, repr=False)
     timestamp: float = Field(default_factory=time.time)
@@ -92,7 +122,7 @@ class Event(BaseModel):
     @field_validator("timestamp", mode="before")
     @classmethod
     def _parse_timestamp(cls, value: Any) -> float:
-        return parse_timestamp(value)
+        return check_event_time(parse_timestamp(value))
 
     @field_validator("source_ip")
     @classmethod
@@ -151,6 +181,46 @@ class EventBatch(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     events: list[Event] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
+
+
+class JsonRefused(ValueError):
+    """Untrusted JSON refused before anything was done with it; the message says why."""
+
+
+def load_json(raw: bytes | str, *, max_bytes: int | None = None,
+              max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse untrusted JSON with size and depth limits; raise `JsonRefused` naming the problem.
+
+    orjson never recurses past 1,024 levels (so a stream entry of nested `[` cannot crash a
+    worker with RecursionError, as `json.loads` did), and the parsed value is then walked
+    without recursion to hold it to `max_depth`. NaN and Infinity are not JSON and are
+    refused; so is text that is not UTF-8.
+    """
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise JsonRefused(f"JSON of {len(raw)} bytes is over the limit of {max_bytes}")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc) or "allocate" in str(exc):  # orjson's stack is full
+            raise JsonRefused(f"JSON nested deeper than {max_depth} levels") from None
+        raise JsonRefused(f"not valid JSON: {exc}") from None
+    check_depth(value, max_depth)
+    return value
+
+
+def check_depth(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raise `JsonRefused` if lists and dicts in `value` nest deeper than `max_depth`."""
+    if type(value) is not dict and type(value) is not list:
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise JsonRefused(f"JSON nested deeper than {max_depth} levels")
+        children = node.values() if type(node) is dict else node
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
 
 
 def event_time_iso(ts: float) -> str:

@@ -41,6 +41,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from features.validation import describe
+
 PER_MILLION = 1_000_000.0
 
 
@@ -244,13 +246,12 @@ def load_price_file(path: str | Path) -> PricingConfig:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"price file {p}: cannot read: {exc}") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"price file {p}: cannot read: {type(exc).__name__}: {exc}"[:500]
+                         ) from None
     if isinstance(data, dict) and "pricing" in data:
         data = data["pricing"]
     try:
         return PricingConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
-        raise ValueError(f"price file {p}: {problems}") from None
+        raise ValueError(f"price file {p}: {describe(exc, empty='pricing')}") from None

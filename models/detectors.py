@@ -113,6 +113,7 @@ class Detectors:
         self.offline: OfflineDetector | None = None
         self.offline_version: str | None = None
         self.load_error: str | None = None
+        self._refused: str | None = None  # the promoted version that failed: not retried
         self._next_check = 0.0
         self._lock = threading.Lock()
         self.reload(force=True)
@@ -121,7 +122,9 @@ class Detectors:
     def reload(self, *, force: bool = False) -> bool:
         """Load the registry's current model if it changed; True when a new one loaded.
 
-        A model that fails verification is refused and the one in use is kept.
+        A model that fails verification is refused and the one in use is kept; with none in
+        use (a start), the newest earlier-promoted version that verifies is loaded instead.
+        Either way `load_error` stays set, so `/readyz` says the service is degraded.
         """
         if self.registry is None:
             return False
@@ -133,20 +136,37 @@ class Detectors:
             version = self.registry.current_version()
         except Exception as exc:
             self.load_error = f"registry unreadable: {exc}"
-            return False
-        if version is None or version == self.offline_version:
+            return self._fall_back(None)
+        if version is None or version in (self.offline_version, self._refused):
             return False
         try:
             model = self.registry.load(version, expected_features=self.feature_names)
         except Exception as exc:
             self.load_error = f"model {version} refused: {exc}"
+            self._refused = version
             log.error("offline model %s refused, keeping %s: %s", version,
                       self.offline_version, exc)
-            return False
+            return self._fall_back(version)
         with self._lock:
             self.offline, self.offline_version = model, version
         self.load_error = None
+        self._refused = None
         log.info("offline model %s loaded", version)
+        return True
+
+    def _fall_back(self, failed: str | None) -> bool:
+        """With no offline model in use, load the newest earlier-promoted one that verifies."""
+        if self.offline is not None or self.registry is None:
+            return False
+        found = self.registry.load_fallback(self.feature_names, skip=failed)
+        if found is None:
+            log.error("no verified earlier offline model to fall back to")
+            return False
+        version, model = found
+        with self._lock:
+            self.offline, self.offline_version = model, version
+        log.warning("offline model: fell back to %s, the newest earlier version that verifies",
+                    version)
         return True
 
     def versions(self) -> dict[str, str | None]:
@@ -237,10 +257,12 @@ def load_population(path: Path | None, feature_names: list[str], *,
 
 def build_detectors(*, model_dir: Path | None, checkpoint: Path | None,
                     feature_names: list[str], seed: int = 0,
-                    reload_interval_s: float = 10.0) -> Detectors:
+                    reload_interval_s: float = 10.0,
+                    signing_key: str | None = None) -> Detectors:
     """Detectors for a service or a replay: the population model (restored from the
     checkpoint when one is given) and the registry's promoted offline model, if any."""
-    registry = ModelRegistry(model_dir) if model_dir is not None else None
+    registry = ModelRegistry(model_dir, signing_key=signing_key) \
+        if model_dir is not None else None
     return Detectors(feature_names=feature_names,
                      population=load_population(checkpoint, feature_names, seed=seed),
                      registry=registry, reload_interval_s=reload_interval_s)

@@ -5,11 +5,17 @@ we wrote must never be loaded. Every artifact therefore travels with its SHA-256
 file for online checkpoints, the manifest for registry versions), and the bytes are verified
 *before* they reach ``joblib.load``. Writes go to a temporary file in the same directory and are
 moved into place with ``os.replace``, so a reader sees the old file or the new one, never half.
+
+A checksum beside the file catches corruption, not tampering: whoever can swap the pickle can
+swap its checksum too. With a signing key configured (``KEYWATCH_MODEL_SIGNING_KEY``), the
+registry's manifests (which hold every file's SHA-256) carry an HMAC-SHA256 made with that
+key (:func:`sign`), and a manifest without a valid one is refused before any byte is unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import os
 from pathlib import Path
@@ -26,7 +32,24 @@ __all__ = [
     "load_verified",
     "sha256_bytes",
     "sha256_file",
+    "sign",
+    "signature_matches",
 ]
+
+SIGNATURE_SCHEME = "hmac-sha256"
+
+
+def sign(data: bytes, key: str | bytes) -> str:
+    """``hmac-sha256:<hex>`` of ``data`` under ``key``."""
+    raw_key = key.encode() if isinstance(key, str) else key
+    return f"{SIGNATURE_SCHEME}:{hmac.new(raw_key, data, hashlib.sha256).hexdigest()}"
+
+
+def signature_matches(data: bytes, key: str | bytes, signature: object) -> bool:
+    """Whether ``signature`` is :func:`sign` of ``data`` under ``key`` (constant time)."""
+    if not isinstance(signature, str):
+        return False
+    return hmac.compare_digest(sign(data, key).encode(), signature.encode())
 
 
 class ModelIntegrityError(RuntimeError):

@@ -20,6 +20,11 @@ Why it is built this way
   are verified *before* unpickling (unpickling runs code), and the feature schema is checked
   against what the caller computes: a model fitted on other columns must not score quietly
   wrong. Any mismatch raises :class:`ModelIntegrityError` naming the file.
+* With a ``signing_key``, every manifest written is signed (HMAC-SHA256) and every manifest
+  read must carry a valid signature: a swapped pickle *and* checksum are refused, since whoever
+  swapped them does not hold the key. Without a key, checksums catch corruption only.
+* :meth:`ModelRegistry.load_fallback` finds the newest earlier-promoted version that still
+  verifies, for a server whose promoted version fails to load.
 
 Hot reload, for a running server::
 
@@ -45,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from features.contract import JsonRefused, load_json
 from features.durable import fsync_dir, fsync_file
 from models.integrity import (
     ModelIntegrityError,
@@ -53,6 +59,8 @@ from models.integrity import (
     load_verified,
     sha256_bytes,
     sha256_file,
+    sign,
+    signature_matches,
 )
 from models.offline import OfflineDetector
 
@@ -61,7 +69,9 @@ __all__ = ["ManifestInfo", "ModelIntegrityError", "ModelRegistry", "RegistryErro
 MODEL_FILE = "model.joblib"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-_RESERVED = frozenset({"format", "version", "files", "created_at", "libraries", "integrity"})
+_RESERVED = frozenset({"format", "version", "files", "created_at", "libraries", "integrity",
+                       "signature"})
+MAX_MANIFEST_BYTES = 1024 * 1024
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KIND_PREFIX = {"offline-iforest": "iforest"}
 
@@ -103,11 +113,13 @@ class ModelRegistry:
         promotion, except the current and the previous (rollback target) versions.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, keep: int = 5) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, keep: int = 5,
+                 signing_key: str | bytes | None = None) -> None:
         if keep < 2:
             raise ValueError("keep must be at least 2 (the current and the previous version)")
         self.root = Path(root)
         self.keep = keep
+        self.signing_key = signing_key or None
         self.versions_dir = self.root / "versions"
         self.current_file = self.root / "current"
         self.history_file = self.root / "history.jsonl"
@@ -166,6 +178,8 @@ class ModelRegistry:
                 }
                 manifest.setdefault("metrics", {})
                 manifest.setdefault("gates", {})
+                if self.signing_key is not None:
+                    manifest["signature"] = sign(_canonical(manifest), self.signing_key)
                 manifest["integrity"] = _manifest_digest(manifest)
                 (tmp_dir / MANIFEST_FILE).write_text(
                     json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -205,7 +219,10 @@ class ModelRegistry:
         """Every stored version, oldest first (by creation time)."""
         if not self.versions_dir.is_dir():
             return []
-        current = self.current_version()
+        try:
+            current = self.current_version()
+        except ModelIntegrityError:
+            current = None  # listed all the same: the versions are what an operator needs
         infos = []
         for path in self.versions_dir.iterdir():
             if path.name.startswith(".") or not path.is_dir():
@@ -304,15 +321,17 @@ class ModelRegistry:
 
     def _read_pointer(self) -> dict[str, Any] | None:
         try:
-            text = self.current_file.read_text()
+            text = self.current_file.read_bytes()[:65536].decode("utf-8")
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError):
+            raise ModelIntegrityError(f"pointer file {self.current_file} is unreadable") from None
         try:
             state = json.loads(text)
             version, previous = state["version"], state.get("previous", [])
             if not isinstance(version, str) or not isinstance(previous, list):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise ModelIntegrityError(f"pointer file {self.current_file} is unreadable") from None
         return {"version": version, "previous": [str(v) for v in previous]}
 
@@ -337,10 +356,18 @@ class ModelRegistry:
     def history(self) -> list[dict[str, Any]]:
         """The promotion/rollback audit log, oldest first."""
         try:
-            lines = self.history_file.read_text().splitlines()
+            lines = self.history_file.read_bytes().splitlines()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for line in lines:  # a damaged line is skipped, not a reason to lose the log
+            try:
+                entry = load_json(line) if line.strip() else None
+            except JsonRefused:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
 
     # ------------------------------------------------------------------ loading
 
@@ -415,6 +442,40 @@ class ModelRegistry:
             )
         return detector
 
+    def load_fallback(
+        self, expected_features: Sequence[str] | None = None, *, skip: str | None = None
+    ) -> tuple[str, OfflineDetector] | None:
+        """The newest earlier-promoted version that verifies and loads, or None.
+
+        Candidates: the rollback stack (newest first), then every version the history says
+        was ever promoted (newest first), never ``skip`` (the version that just failed).
+        """
+        candidates: list[str] = []
+        try:
+            state = self._read_pointer()
+        except ModelIntegrityError:
+            state = None
+        if state:
+            candidates.extend(reversed(state["previous"]))
+        try:
+            promoted = [h.get("version") for h in self.history()
+                        if h.get("action") in ("promote", "rollback")]
+        except (OSError, ValueError):
+            promoted = []
+        candidates.extend(v for v in reversed(promoted) if isinstance(v, str))
+        seen: set[str] = set()
+        for version in candidates:
+            if version in seen or version == skip:
+                continue
+            seen.add(version)
+            try:
+                detector = self.load(version, expected_features=expected_features)
+            except Exception:  # pruned, damaged, unsigned: try the next one
+                continue
+            if isinstance(detector, OfflineDetector):
+                return version, detector
+        return None
+
     def _read_manifest(self, version: str) -> dict[str, Any]:
         if not _VERSION_RE.match(version):
             raise RegistryError(f"invalid version name {version!r}")
@@ -422,11 +483,16 @@ class ModelRegistry:
         if not path.parent.is_dir():
             raise RegistryError(f"unknown version {version!r} in {self.versions_dir}")
         try:
-            manifest = json.loads(path.read_text())
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_MANIFEST_BYTES + 1)
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise ModelIntegrityError(f"manifest {path} is over {MAX_MANIFEST_BYTES} bytes")
+            manifest = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ModelIntegrityError(f"manifest {path} is missing") from None
-        except ValueError as exc:
-            raise ModelIntegrityError(f"manifest {path} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
+            raise ModelIntegrityError(f"manifest {path} is not valid JSON: "
+                                      f"{type(exc).__name__}") from None
         if not isinstance(manifest, dict) or manifest.get("integrity") != _manifest_digest(
             manifest
         ):
@@ -434,8 +500,21 @@ class ModelRegistry:
                 f"manifest {path} fails its integrity check (edited or corrupted); "
                 "refusing to load this version"
             )
+        if self.signing_key is not None:
+            body = {k: v for k, v in manifest.items() if k not in ("integrity", "signature")}
+            if not signature_matches(_canonical(body), self.signing_key,
+                                     manifest.get("signature")):
+                state = "unsigned" if "signature" not in manifest else "signed with another key"
+                raise ModelIntegrityError(
+                    f"manifest {path} is {state}: with a model signing key configured, only "
+                    "manifests signed with it are loaded (was the model or its checksum "
+                    "swapped?)")
         if manifest.get("version") != version or not isinstance(manifest.get("files"), dict):
             raise ModelIntegrityError(f"manifest {path} does not describe version {version!r}")
+        files = manifest["files"]
+        if not all(isinstance(i, dict) and isinstance(i.get("sha256"), str)
+                   for i in files.values()):
+            raise ModelIntegrityError(f"manifest {path} lists a file without a SHA-256")
         return manifest
 
     # ------------------------------------------------------------------ pruning
@@ -480,10 +559,12 @@ class ModelRegistry:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _manifest_digest(manifest: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "integrity"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return sha256_bytes(canonical.encode())
+    return sha256_bytes(_canonical({k: v for k, v in manifest.items() if k != "integrity"}))
 
 
 def _schema_difference(recorded: list[str], other: list[str]) -> str:

@@ -9,6 +9,24 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET = "keywatch-development-secret-do-not-use-in-production"
+MIN_TOKEN_CHARS = 16
+"""Shortest admin token, ingestion token or model signing key accepted at start."""
+MIN_TOKEN_DISTINCT = 6
+"""Fewest distinct characters in one: `aaaaaaaaaaaaaaaa` is as long as it is weak."""
+
+
+def weak_token_reason(value: str) -> str | None:
+    """Why a bearer token or key is too weak to guard anything, or None if it is not.
+
+    Length and variety only: a token is a shared secret an operator generates (e.g. with
+    `openssl rand -hex 32`), so any sensible one passes and a placeholder does not."""
+    if len(value) < MIN_TOKEN_CHARS:
+        return f"it has {len(value)} characters, fewer than {MIN_TOKEN_CHARS}"
+    if len(set(value)) < MIN_TOKEN_DISTINCT:
+        return f"it uses fewer than {MIN_TOKEN_DISTINCT} distinct characters"
+    if value.strip() != value:
+        return "it starts or ends with whitespace"
+    return None
 
 
 class SettingsError(ValueError):
@@ -40,7 +58,10 @@ class Settings(BaseSettings):
     models: bool = True
     """Run the online and offline models (KEYWATCH_MODELS=false: rules only)."""
     max_batch_events: int = 1000
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest body of the ingestion routes, refused (413) before it is read."""
+    max_other_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest body of every other route (admin, feedback, /v1/check)."""
     memory_max_entities: int = 200_000
     # operator-facing (serving/alerts/operations.py): alerts, SIEM export, key activity
     alert_min_severity: Literal["none", "low", "medium", "high", "critical"] = "medium"
@@ -71,7 +92,14 @@ class Settings(BaseSettings):
     stream_claim_idle_ms: int = Field(default=30_000, ge=100)
     stream_dedupe_ttl_s: int = Field(default=86_400, ge=60)
     stream_delete_acked: bool = True
-    # spend and the security report (features/pricing.py, serving/reports/report.py)
+    stream_max_deliveries: int = Field(default=5, ge=1)
+    """An entry delivered this many times without completing goes to the dead letters."""
+    stream_dead_letters: str | None = None
+    """Dead-letter stream (default: `<stream_events>:dead`)."""
+    stream_dead_letters_maxlen: int = Field(default=100_000, ge=100)
+    model_signing_key: str | None = Field(default=None, repr=False)
+    """HMAC key signing model manifests: when set, an unsigned or re-signed model is refused."""
+    # spend and the security report (features/pricing.py, serving/reports/)
     prices: Path | None = None
     """Price file (YAML/JSON, the policy's `pricing:` schema) over the packaged prices."""
     report_daily_at: str | None = None
@@ -97,6 +125,24 @@ class Settings(BaseSettings):
         elif self.env != "development" and len(self.secret) < 16:
             raise SettingsError("KEYWATCH_SECRET must be at least 16 characters long")
         return self
+
+    @model_validator(mode="after")
+    def _strong_tokens(self) -> Settings:
+        """A one-character admin token guards nothing: refuse weak tokens at start."""
+        for name in ("admin_token", "ingest_token", "model_signing_key"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            reason = weak_token_reason(value)
+            if reason is not None:
+                raise SettingsError(
+                    f"KEYWATCH_{name.upper()} is too weak: {reason}. Generate one with "
+                    "`openssl rand -hex 32`.")
+        return self
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return self.stream_dead_letters or f"{self.stream_events}:dead"
 
     @property
     def population_checkpoint(self) -> Path:

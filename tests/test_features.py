@@ -294,7 +294,7 @@ def test_bad_input_gives_a_vector_not_an_exception() -> None:
         {"timestamp": T0},  # no address, no sizes, nothing optional
         {"timestamp": T0 + 1, "source_ip": "240.0.0.1"},  # reserved, unknown to the db
         {"timestamp": T0 + 2, "source_ip": "2001:db8::1"},  # documentation prefix
-        {"timestamp": 86_400.0, "source_ip": "81.2.69.160"},  # 1970: far in the past
+        {"timestamp": 946_771_200.0, "source_ip": "81.2.69.160"},  # 2000: far in the past
         {"timestamp": T0 + 3, "country": "XK"},  # a code some databases lack
         {"timestamp": T0 + 4, "country": "ZZ", "asn": "AS0"},  # not a country at all
     ])

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from features.keys import KeyHasher
 from serving.api.app import create_app
 from serving.cli.main import main
-from serving.schedules.reports import ReportScheduler, next_weekly, parse_weekly
+from serving.schedules.cron import next_fire, weekly_cron
+from serving.schedules.reports import ReportScheduler
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from training.simulator import simulate
 
@@ -99,11 +100,12 @@ def test_report_endpoint_needs_the_admin_token_and_writes_the_report(
 
 
 def test_schedule_times_and_a_failing_run_does_not_stop_it() -> None:
-    assert parse_weekly("Monday 07:30") == (0, 7, 30) and parse_weekly("fri") == (4, 7, 0)
+    assert weekly_cron("Monday 07:30") == "30 7 * * 1" and weekly_cron("fri") == "0 7 * * 5"
+    assert weekly_cron("0 6 * * 0") == "0 6 * * 0"
     with pytest.raises(ValueError):
-        parse_weekly("someday 25:00")
+        weekly_cron("someday 25:00")
     thu = datetime(2026, 1, 1, 9, 0, tzinfo=UTC)
-    assert next_weekly(thu, 0, 7, 0) == datetime(2026, 1, 5, 7, 0, tzinfo=UTC)
+    assert next_fire(weekly_cron("mon"), thu) == datetime(2026, 1, 5, 7, 0, tzinfo=UTC)
     calls = []
 
     def run(kind: str, since: float, until: float) -> None:
@@ -111,7 +113,9 @@ def test_schedule_times_and_a_failing_run_does_not_stop_it() -> None:
         raise RuntimeError("disk full")
 
     sched = ReportScheduler(run=run, daily_at="06:00", weekly_on="mon 06:00")
-    assert sched.next_due(thu) == (datetime(2026, 1, 2, 6, 0, tzinfo=UTC), "daily")
+    assert sched.next_due(thu) == (datetime(2026, 1, 2, 6, 0, tzinfo=UTC), ["daily"])
+    monday = datetime(2026, 1, 5, 5, 0, tzinfo=UTC)
+    assert sched.next_due(monday) == (datetime(2026, 1, 5, 6, 0, tzinfo=UTC), ["weekly", "daily"])
     result = sched.run_once("weekly", thu)
     assert calls == [("weekly", 7 * 86400.0)] and result["ok"] is False
     assert "disk full" in result["error"]

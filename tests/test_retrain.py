@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from features.keys import KeyHasher
 from models.registry import ModelRegistry
 from serving.api.app import create_app
-from serving.schedules.retrain import next_run, parse_daily_time
+from serving.schedules.cron import daily_cron, next_fire, parse_daily_time
 from tests.conftest import TEST_SECRET, make_settings
 from training.retrain import Gates, retrain
 from training.simulator import simulate
@@ -122,5 +122,7 @@ def test_schedule_parsing() -> None:
     with pytest.raises(ValueError, match="HH:MM"):
         parse_daily_time("3am")
     now = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
-    assert next_run(now, 3, 0) == datetime(2026, 11, 28, 3, 0, tzinfo=UTC)
-    assert next_run(now, 5, 30) == datetime(2026, 11, 27, 5, 30, tzinfo=UTC)
+    assert next_fire(daily_cron("03:00"), now) == datetime(2026, 11, 28, 3, 0, tzinfo=UTC)
+    assert next_fire(daily_cron("05:30"), now) == datetime(2026, 11, 27, 5, 30, tzinfo=UTC)
+    assert next_fire(daily_cron("*/15 * * * *"), now) == datetime(2026, 11, 27, 4, 15,
+                                                                   tzinfo=UTC)

@@ -44,7 +44,7 @@ def load_events(path: Path, *, hasher: KeyHasher | None = None,
                     continue
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     if fh.read(1) == "":
                         break  # a torn last line after a crash
                     raise ValueError(f"{f}:{n}: not valid JSON") from None

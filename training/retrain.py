@@ -84,6 +84,7 @@ def retrain(
     promote: bool = True,
     progress: bool = True,
     random_state: int = 0,
+    signing_key: str | None = None,
 ) -> RetrainResult:
     """Fit, gate and (if it passes) promote a new offline model; never raises on a gate."""
     gates = gates or Gates()
@@ -111,7 +112,7 @@ def retrain(
         reasons.append(f"{high_share:.2%} of recent traffic would score high or above "
                        f"(gate: {gates.max_holdout_high_share:.2%})")
 
-    registry = ModelRegistry(model_dir)
+    registry = ModelRegistry(model_dir, signing_key=signing_key)
     current = _load_current(registry, names)
     if current is not None and len(holdout):
         cur_pct = current.percentiles(holdout)

@@ -193,7 +193,12 @@ class RedisStore(StateStore):
                 if isinstance(reply, ResponseError):
                     raise reply
         except redis.RedisError as exc:
-            raise StoreError(f"redis store failed: {exc}") from exc
+            error = StoreError(f"redis store failed: {exc}")
+            # a key holding the wrong type (or a value the script cannot read) is bad data,
+            # not an outage: retrying the same writes fails the same way for ever
+            error.data_error = isinstance(exc, ResponseError) and (  # type: ignore[attr-defined]
+                "WRONGTYPE" in str(exc) or "user_script" in str(exc))
+            raise error from exc
         return replies
 
     def _round_trip(self, packed: list[bytes]) -> list[Any]:

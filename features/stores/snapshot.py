@@ -67,8 +67,8 @@ def read_snapshot(path: Path) -> dict[str, Any]:
         header = json.loads(raw[len(MAGIC):header_end])
         expected = str(header["sha256"])
         version = int(header["format"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SnapshotError(f"{path} has an unreadable header: {exc}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise SnapshotError(f"{path} has an unreadable header: {type(exc).__name__}") from None
     if version != FORMAT_VERSION:
         raise SnapshotError(f"{path} has format {version}, this keywatch reads {FORMAT_VERSION}")
     body = raw[header_end + 1:]

@@ -200,7 +200,7 @@ class WriteSpool:
                     record = SpoolRecord(seq=int(obj["seq"]), wall_time=float(obj["t"]),
                                          requests=decode_requests(obj["ops"]),
                                          ambiguous=bool(obj.get("amb")))
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     self.corrupt_lines += 1
                     log.warning("spool %s line %d is unreadable, skipped (%s)", path.name, n,
                                 type(exc).__name__)

@@ -37,7 +37,7 @@ from serving.alerts.stats import DecisionStats
 from serving.engine.decision import Decision
 from serving.engine.jsonl_writer import PeriodicFlusher, RotatingJsonlWriter
 from serving.observability.metrics import KeywatchMetrics
-from serving.observability.redaction import redact_known_keys, redact_text
+from serving.observability.redaction import redact_free_text, redact_known_keys
 
 if TYPE_CHECKING:
     from serving.engine.event_log import EventLog
@@ -77,7 +77,10 @@ class Operations:
         self.baseline_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self.settings: Settings | None = None
         self.report_scheduler: Any = None
-        self._flusher = PeriodicFlusher(self.writers.values())
+        # the event log is flushed here too, so an idle service loses nothing it scored
+        # to a crash beyond the flush interval
+        self._flusher = PeriodicFlusher([*self.writers.values(),
+                                         *([event_log] if event_log is not None else [])])
         self._flusher_started = False
         self._flusher_lock = threading.Lock()
         metrics.alert_stats = alerts.stats
@@ -112,12 +115,12 @@ class Operations:
             sinks = sinks_from_settings(settings)
         activity = KeyActivityIndex(per_key=settings.key_activity_per_key,
                                     max_keys=settings.key_activity_max_keys)
-        redact: Callable[[str], str] = redact_text
+        redact: Callable[[str], str] = redact_free_text
         if scorer is not None:
             key_id_of = scorer.hasher.key_id
 
             def redact(text: str) -> str:  # patterns, then any key this replica has seen
-                return redact_known_keys(redact_text(text), key_id_of,
+                return redact_known_keys(redact_free_text(text), key_id_of,
                                          activity.__contains__)
 
         feedback = FeedbackStore(data_dir / FEEDBACK_FILE, redact=redact)
@@ -232,7 +235,9 @@ class Operations:
                         plots: bool = True) -> tuple[Any, dict[str, str]]:
         """Write the security report for [since, until) from this service's files (flushed
         first) and its live metrics; returns the report and the written paths."""
-        from serving.reports.report import build_report, metrics_snapshot, write_report
+        from serving.reports.render import write_report
+        from serving.reports.report import build_report
+        from serving.reports.sources import metrics_snapshot
 
         if self.settings is None:
             raise RuntimeError("reports need the service settings (Operations.from_settings)")
@@ -258,7 +263,7 @@ class Operations:
 
     def scheduled_report(self, kind: str, since: float, until: float) -> dict[str, Any]:
         """One scheduled run: write the report into a dated folder, deliver to the webhook."""
-        from serving.reports.report import deliver
+        from serving.reports.render import deliver
 
         day = datetime.fromtimestamp(until, tz=UTC).strftime("%Y-%m-%d")
         report, paths = self.generate_report(since, until,

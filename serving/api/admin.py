@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from features.contract import event_time_iso
 from features.stores.base import ZITEMS, EntityOps
 from serving.engine.scorer import Scorer
+from serving.observability.redaction import FreeText
 from serving.policy.responses import (
     AUDIT_ENTITY,
     BANS_ENTITY,
@@ -98,7 +99,7 @@ class Target(BaseModel):
 
     key: str | None = Field(default=None, min_length=1, max_length=512, repr=False)
     ip: str | None = None
-    reason: str = Field(default="", max_length=500)
+    reason: FreeText = Field(default="", max_length=500)
 
     @field_validator("ip")
     @classmethod
@@ -139,7 +140,7 @@ class AllowRequest(BaseModel):
 
     key: str | None = Field(default=None, min_length=1, max_length=512, repr=False)
     cidr: str | None = None
-    reason: str = Field(default="", max_length=500)
+    reason: FreeText = Field(default="", max_length=500)
 
     @field_validator("cidr")
     @classmethod

@@ -1,12 +1,16 @@
-"""Edge guards for the ingestion endpoints: optional bearer token, request body size limit.
+"""Edge guards for every route: a body size limit, and the ingestion token where it applies.
 
-Why: the ingestion endpoints are the only way in for untrusted bytes. A token (when the
-operator sets `ingest_token`) keeps anyone but the gateway from feeding events that would
-poison baselines or get a victim's key banned; the size limit keeps one client from
-making the server buffer an unbounded body. Both are checked before the body is read:
-the token from the headers, the size first from `Content-Length` and then while the body
-streams in (a chunked body without a length is cut off at the limit), so an oversized or
-unauthenticated request costs almost nothing.
+Why: every route that takes a body is a way in for untrusted bytes. The size limit keeps
+one client from making the server buffer an unbounded body: the ingestion endpoints take
+up to `max_body_bytes` (a batch of events), every other route (admin, feedback, the
+gateway pre-flight) up to `max_other_body_bytes`, which no legitimate request comes near.
+A token (when the operator sets `ingest_token`) keeps anyone but the gateway from feeding
+events that would poison baselines or get a victim's key banned, and from probing
+`/v1/check` for which keys are banned. Both are checked before the body is read: the token
+from the headers, the size first from `Content-Length` and then while the body streams in
+(a chunked body without a length is cut off at the limit), so an oversized or
+unauthenticated request costs almost nothing, and the route's own authentication (the
+admin token) never waits for a body it would refuse.
 
 This is a plain ASGI middleware (not `BaseHTTPMiddleware`) so that it adds no task or
 copy per request on the hot path.
@@ -28,6 +32,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 INGEST_PATHS: frozenset[str] = frozenset({"/v1/events", "/v1/events:batch"})
+"""Routes that take event bodies, up to `max_body_bytes`."""
+TOKEN_PATHS: frozenset[str] = INGEST_PATHS | {"/v1/check"}
+"""Routes covered by the ingestion token when one is set: what the gateway calls."""
+OTHER_BODY_BYTES = 64 * 1024
+"""Default body limit of every other route (admin acts, feedback, the pre-flight)."""
 
 
 class _BodyTooLarge(HTTPException):
@@ -52,28 +61,33 @@ async def _reply(send: Send, status: int, body: dict[str, Any],
 
 
 class IngestGuard:
-    """Checks the bearer token and the body size of POSTs to the ingestion endpoints."""
+    """Checks the body size of every request, and the ingestion token on `token_paths`."""
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int,
                  ingest_token: str | None = None,
-                 paths: frozenset[str] = INGEST_PATHS) -> None:
+                 paths: frozenset[str] = INGEST_PATHS,
+                 token_paths: frozenset[str] = TOKEN_PATHS,
+                 max_other_body_bytes: int = OTHER_BODY_BYTES) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_other_body_bytes = max_other_body_bytes
         self._token = f"Bearer {ingest_token}".encode() if ingest_token else None
         self.paths = paths
+        self.token_paths = token_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope.get("method") != "POST"
-                or scope.get("path") not in self.paths):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path")
         headers = dict(scope.get("headers") or [])
-        if self._token is not None:
+        if self._token is not None and path in self.token_paths:
             presented = headers.get(b"authorization", b"")
             if not hmac.compare_digest(presented, self._token):
                 await _reply(send, 401, {"error": "missing or wrong ingestion token"},
                              [(b"www-authenticate", b'Bearer realm="keywatch"')])
                 return
+        limit = self.max_body_bytes if path in self.paths else self.max_other_body_bytes
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -81,11 +95,10 @@ class IngestGuard:
             except ValueError:
                 await _reply(send, 400, {"error": "invalid Content-Length"})
                 return
-            if declared > self.max_body_bytes:
-                await self._too_large(send)
+            if declared > limit:
+                await self._too_large(send, limit)
                 return
 
-        limit = self.max_body_bytes
         seen = 0
 
         async def limited_receive() -> Message:
@@ -109,7 +122,8 @@ class IngestGuard:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await self._too_large(send)
+                await self._too_large(send, limit)
 
-    async def _too_large(self, send: Send) -> None:
-        await _reply(send, 413, {"error": f"request body over {self.max_body_bytes} bytes"})
+    @staticmethod
+    async def _too_large(send: Send, limit: int) -> None:
+        await _reply(send, 413, {"error": f"request body over {limit} bytes"})

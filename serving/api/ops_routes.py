@@ -175,7 +175,8 @@ def security_report(
     import json
     import time
 
-    from serving.reports.report import parse_when, render_html, render_markdown
+    from serving.reports.content import parse_when
+    from serving.reports.render import render_html, render_markdown
 
     now = time.time()
     try:

@@ -17,14 +17,13 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
-from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.contract import Event
+from serving.engine.jsonl_writer import BufferedWriter, append_lines, iter_json_lines
 
 if TYPE_CHECKING:
     from serving.engine.decision import Decision
@@ -55,8 +54,11 @@ def partition_name(ts: float) -> str:
     return PARTITION_PREFIX + datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
 
 
-class EventLog:
-    """Append-only, day-partitioned JSONL log with bounded retention and buffering."""
+class EventLog(BufferedWriter[tuple[str, str]]):
+    """Append-only, day-partitioned JSONL log with bounded retention and buffering.
+
+    A `PeriodicFlusher` (the app and the worker start one) writes the buffer out while the
+    service is idle; `append` also flushes once `flush_interval_s` has passed."""
 
     def __init__(
         self,
@@ -67,18 +69,12 @@ class EventLog:
         max_buffered: int = 200_000,
         writer_id: str | None = None,
     ) -> None:
+        super().__init__(max_buffered=max_buffered)
         self.directory = Path(directory)
         self.retention_days = retention_days
         self.flush_interval_s = flush_interval_s
-        self.max_buffered = max_buffered
         self.writer_id = writer_id or f"{os.getpid()}"
-        self._buffer: deque[tuple[str, str]] = deque()
-        self._lock = threading.Lock()
         self._last_flush = time.monotonic()
-        self.written = 0
-        self.dropped = 0
-        self.write_errors = 0
-        self.last_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -86,50 +82,26 @@ class EventLog:
 
     def append(self, event: Event, key_id: str, decision: Decision | None = None) -> None:
         line = json.dumps(event_record(event, key_id, decision), separators=(",", ":"))
-        with self._lock:
-            if len(self._buffer) >= self.max_buffered:
-                self._buffer.popleft()
-                self.dropped += 1
-            self._buffer.append((partition_name(event.timestamp), line))
+        self._queue((partition_name(event.timestamp), line))
         if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def flush(self) -> bool:
-        """Write buffered lines; on failure keep them for the next try. True if all written."""
-        with self._lock:
-            lines = list(self._buffer)
-            self._buffer.clear()
-            self._last_flush = time.monotonic()
-        if not lines:
-            return True
+        self._last_flush = time.monotonic()
+        return super().flush()
+
+    def _write(self, items: list[tuple[str, str]], done: list[int]) -> None:
+        """One append per day partition, partitions in the order they were first seen;
+        `items` is reordered in place to match, so a failure keeps exactly the rest."""
         by_partition: dict[str, list[str]] = {}
-        for part, line in lines:
+        for part, line in items:
             by_partition.setdefault(part, []).append(line)
-        done: list[str] = []
-        try:
-            for part, part_lines in by_partition.items():
-                path = self.directory / part / f"events-{self.writer_id}.jsonl"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("a", encoding="utf-8") as fh:
-                    fh.write("\n".join(part_lines) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                done.append(part)
-                self.written += len(part_lines)
-        except OSError as exc:
-            self.write_errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("event log write failed, keeping %d lines buffered: %s",
-                      len(lines), exc)
-            with self._lock:
-                keep = [(p, ln) for p, ln in lines if p not in done]
-                self._buffer.extendleft(reversed(keep))
-                while len(self._buffer) > self.max_buffered:
-                    self._buffer.popleft()
-                    self.dropped += 1
-            return False
-        self.last_error = None
-        return True
+        items[:] = [(part, line) for part, lines in by_partition.items() for line in lines]
+        for part, lines in by_partition.items():
+            path = self.directory / part / f"events-{self.writer_id}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            append_lines(path, lines)
+            done[0] += len(lines)
 
     def prune(self, *, now: float | None = None) -> list[str]:
         """Delete day partitions older than the retention; returns what was removed."""
@@ -151,7 +123,7 @@ class EventLog:
         return removed
 
     def status(self) -> dict[str, Any]:
-        return {"written": self.written, "buffered": len(self._buffer),
+        return {"written": self.written, "buffered": self.buffered,
                 "dropped": self.dropped, "write_errors": self.write_errors,
                 "last_error": self.last_error}
 
@@ -161,17 +133,11 @@ def read_event_log(directory: Path, *, since: float | None = None,
     """All logged records (optionally in a time range), sorted by event time."""
     records: list[dict[str, Any]] = []
     for path in sorted(Path(directory).glob(f"{PARTITION_PREFIX}*/*.jsonl")):
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line after a crash
-                ts = rec.get("timestamp", 0.0)
-                if (since is None or ts >= since) and (until is None or ts < until):
-                    records.append(rec)
+        for rec in iter_json_lines(path):  # torn or damaged lines are skipped
+            ts = rec.get("timestamp", 0.0)
+            if not isinstance(ts, int | float):
+                continue
+            if (since is None or ts >= since) and (until is None or ts < until):
+                records.append(rec)
     records.sort(key=lambda r: r.get("timestamp", 0.0))
     return records

@@ -38,7 +38,8 @@ def build_scorer(settings: Settings, *, restore_population: bool = False,
             model_dir=settings.model_dir,
             checkpoint=settings.population_checkpoint if restore_population else None,
             feature_names=model_features(FEATURE_NAMES),
-            reload_interval_s=settings.model_reload_interval_s)
+            reload_interval_s=settings.model_reload_interval_s,
+            signing_key=settings.model_signing_key)
     prices = load_price_file(settings.prices) if settings.prices is not None else None
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
                   policy=PolicySource(settings.policy), detectors=detectors, prices=prices)

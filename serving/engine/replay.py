@@ -15,8 +15,12 @@ from typing import IO, Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from features.contract import Event
+from features.contract import Event, JsonRefused, check_depth, load_json
+from features.validation import describe
 from serving.engine.scorer import Scorer, decision_line
+
+MAX_LINE_BYTES = 64 * 1024
+"""Longest event line read (an event is well under 4 KB; its strings are bounded)."""
 
 
 @dataclass(slots=True)
@@ -34,41 +38,57 @@ class ReplaySummary:
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Yield (line number, record) pairs; a record that is not a JSON object is a str."""
     if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
+        table = _read_parquet(path)
         for n, row in enumerate(table.to_pylist(), start=1):
             yield n, {k: v for k, v in row.items() if v is not None}
         return
-    with path.open("r", encoding="utf-8") as fh:
+    with path.open("rb") as fh:  # bytes: one line that is not UTF-8 is that line's error
         for n, line in enumerate(fh, start=1):
-            yield n, line
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield n, _Unreadable(f"not UTF-8 text (byte {exc.start}: {exc.reason})")
+
+
+def _read_parquet(path: Path) -> Any:
+    """The Parquet file as a table; ValueError (naming the file) if it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+
+
+class _Unreadable(str):
+    """A line that could not be decoded; its text is the reason."""
 
 
 def parse_record(record: dict[str, Any] | str) -> Event:
+    """One input record as an Event; ValueError naming the problem (size, depth, types)."""
+    if isinstance(record, _Unreadable):
+        raise ValueError(str(record))
     if isinstance(record, str):
         try:
-            obj = json.loads(record)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON: {exc.msg}") from None
+            obj = load_json(record, max_bytes=MAX_LINE_BYTES)
+        except JsonRefused as exc:
+            raise ValueError(str(exc)) from None
         if not isinstance(obj, dict):
             raise ValueError("a line must be a JSON object")
         record = obj
     try:
+        check_depth(record)
         return Event.model_validate(record)
+    except JsonRefused as exc:
+        raise ValueError(str(exc)) from None
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "event"
-            parts.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(parts)) from None
+        raise ValueError(describe(exc)) from None
 
 
 def count_lines(path: Path) -> int | None:
     if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
+        return _read_parquet(path).num_rows
     with path.open("rb") as fh:
         return sum(1 for _ in fh)
 

@@ -139,7 +139,7 @@ class Scorer:
             try:
                 self.store.execute(pending)
             except Exception as exc:
-                if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+                if _retry_later(exc):
                     self._requeue(pending)
                 raise
 
@@ -160,7 +160,7 @@ class Scorer:
         try:
             results = self.store.execute([*pending, *requests, *refresh])
         except Exception as exc:
-            if not getattr(exc, "writes_kept", False):  # spooled writes: not again
+            if _retry_later(exc):
                 self._requeue(pending)
             raise
         if refresh:
@@ -361,3 +361,16 @@ def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:
 def decision_line(decision: Decision) -> dict[str, Any]:
     """The JSON form written by `replay`, one line per event."""
     return decision.model_dump(mode="json")
+
+
+def _retry_later(exc: BaseException) -> bool:
+    """Whether queued learning that failed with `exc` goes back in the queue: not when the
+    store spooled it (`writes_kept`), nor when the store refused it as bad data (a key of the
+    wrong type): requeued, one poisoned key's baseline update would fail every later request
+    of every key, as it rides along with them."""
+    if getattr(exc, "writes_kept", False):
+        return False
+    if getattr(exc, "data_error", False):
+        log.error("queued baseline updates dropped, the store refused them: %s", exc)
+        return False
+    return True

@@ -7,7 +7,8 @@ Loki, Elasticsearch, CloudWatch and Datadog parse without a grok pattern.
 `RedactingFilter` sits on the handler, so it sees every record that is emitted, including
 those from uvicorn and third-party libraries that propagate to the root logger. keywatch
 itself only ever logs key ids; the filter is the last line of defence for text that came
-from outside (a request path with `?api_key=`, an exception quoting a header).
+from outside (a request path with `?api_key=`, an exception quoting a header). Access-log
+paths get `redact_path`: a raw key pasted into a URL has no prefix to match on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
-from serving.observability.redaction import redact_text, redact_value
+from serving.observability.redaction import redact_path, redact_text, redact_value
 
 LogFormat = Literal["json", "text"]
 
@@ -33,6 +34,10 @@ class RedactingFilter(logging.Filter):
     """Masks raw-key-looking text in the message, its arguments and `extra` fields."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5 \
+                and isinstance(args[2], str):  # (client, method, path, version, status)
+            record.args = (args[0], args[1], redact_path(args[2]), *args[3:])
         try:
             message = record.getMessage()
         except Exception:  # a broken format string: log it as given rather than drop it

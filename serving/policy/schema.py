@@ -7,16 +7,23 @@ never fires. `keywatch policy check FILE` runs exactly the loader the service us
 Running services pick up a changed file without a restart (`PolicySource`): the file's
 mtime is checked at most once a second, and a broken new version is refused with a
 logged error while the previous policy stays in force — a bad edit must not disarm
-detection nor take the service down.
+detection nor take the service down. "Broken" includes a file that cannot be read, is not
+UTF-8, is over `MAX_POLICY_BYTES`, nests or expands (YAML aliases) past sane limits, or
+holds a number that is not finite (`.nan` as a ban length once crashed the next ban).
+A request is scored under one policy version: `PolicySource.pinned()` holds the version
+in force for the thread while a batch is scored, so a reload never splits a batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import math
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +39,12 @@ log = logging.getLogger("keywatch.policy")
 
 DEFAULT_POLICY = "default_policy.yaml"
 PERMANENT_S = float("inf")
+MAX_DURATION_S = 100 * 365 * 86400
+"""Longest finite duration (100 years); anything longer is written `permanent`."""
+MAX_POLICY_BYTES = 1024 * 1024
+"""Largest policy file read: the packaged one is 10 KB."""
+MAX_POLICY_NODES = 100_000
+"""Most YAML nodes a policy may expand to, counting every alias use (no 'billion laughs')."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$")
 _UNIT_S = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -41,17 +54,25 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or text like '30m', '2h', '7d'")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number of seconds (or 'permanent')")
         if value <= 0:
             raise ValueError("a duration must be positive")
-        return float(value)
+        return _bounded(float(value))
     if isinstance(value, str):
         if value.strip().lower() in ("permanent", "forever"):
             return PERMANENT_S
         m = _DURATION.match(value.lower())
         if m and float(m.group(1)) > 0:
-            return float(m.group(1)) * _UNIT_S[m.group(2)]
+            return _bounded(float(m.group(1)) * _UNIT_S[m.group(2)])
     raise ValueError(f"{value!r} is not a duration: use seconds or text like '30m', '2h', "
                      "'7d', or 'permanent'")
+
+
+def _bounded(seconds: float) -> float:
+    if seconds > MAX_DURATION_S:
+        raise ValueError("a duration is at most 100 years; write 'permanent' for longer")
+    return seconds
 
 
 class _Strict(BaseModel):
@@ -262,20 +283,72 @@ def _path(loc: tuple[Any, ...], data: Any) -> str:
     return "".join(out)
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Validate policy text; raise PolicyError naming every problem and its line."""
+def _expanded_nodes(root: yaml.Node | None, limit: int) -> int:
+    """How many nodes the document expands to, every alias counted in full (memoised, so
+    the count itself is cheap however big the expansion); stops counting past `limit`."""
+    memo: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = memo.get(id(node))
+        if known is not None:
+            return known
+        memo[id(node)] = limit + 1  # a cycle counts as over the limit
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        memo[id(node)] = min(total, limit + 1)
+        return memo[id(node)]
+
+    return size(root) if root is not None else 0
+
+
+def _non_finite(data: Any, root: yaml.Node | None) -> list[Problem]:
+    """Every number in the policy that is NaN or infinite (YAML's `.nan`, `.inf`)."""
+    problems = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(_line_of(root, loc), _path(loc, data),
+                                    f"{value} is not a finite number (write 'permanent' "
+                                    "for a ban with no end)"))
+        elif isinstance(value, dict):
+            stack.extend((v, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, (*loc, i)) for i, v in enumerate(value))
+    return problems
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML node tree and its data, with size limits; PolicyError when unusable."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if _expanded_nodes(root, MAX_POLICY_NODES) > MAX_POLICY_NODES:
+            raise PolicyError(source, [Problem(None, "", "the YAML expands to more than "
+                                                         f"{MAX_POLICY_NODES} nodes (aliases)")])
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(source, [Problem(mark.line + 1 if mark else None, "",
                                            f"not valid YAML: {problem}")]) from None
+    except RecursionError:
+        raise PolicyError(source, [Problem(None, "", "the YAML is nested too deeply")]) from None
+    return root, data
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Validate policy text; raise PolicyError naming every problem and its line."""
+    root, data = _compose(text, source)
     if not isinstance(data, dict):
         raise PolicyError(source, [Problem(1, "", "a policy is a mapping with at least "
                                                   "'rules'")])
-    problems: list[Problem] = []
+    problems: list[Problem] = _non_finite(data, root)
+    if problems:  # NaN compares false with every bound: refuse it before anything else
+        raise PolicyError(source, problems)
     policy: Policy | None = None
     try:
         policy = Policy.model_validate(data)
@@ -320,9 +393,19 @@ def load_policy(path: str | Path | None = None) -> Policy:
         return parse_policy(text, source=f"(packaged) {DEFAULT_POLICY}")
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyError(str(p), [Problem(None, "", f"cannot read: {exc.strerror}")]) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(str(p), [Problem(None, "", f"over {MAX_POLICY_BYTES} bytes")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(p), [Problem(None, "", f"not UTF-8 text (byte {exc.start}: "
+                                                     f"{exc.reason})")]) from None
+    if "\x00" in text:
+        raise PolicyError(str(p), [Problem(None, "", "holds a NUL byte: not a text file")])
     return parse_policy(text, source=str(p))
 
 
@@ -343,6 +426,7 @@ class PolicySource:
         self._checked = time.monotonic()
         self.version = 1
         self.last_error: str | None = None
+        self._pins = threading.local()
 
     @classmethod
     def fixed(cls, policy: Policy) -> PolicySource:
@@ -357,7 +441,24 @@ class PolicySource:
             return None
         return st.st_mtime_ns, st.st_size
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[Policy]:
+        """Hold the policy in force for this thread: every `current()` inside the block
+        returns it, so a request (a batch) is scored entirely under one version."""
+        held = getattr(self._pins, "policy", None)
+        if held is not None:  # already pinned by an outer block
+            yield held
+            return
+        self._pins.policy = policy = self.current()
+        try:
+            yield policy
+        finally:
+            self._pins.policy = None
+
     def current(self) -> Policy:
+        held = getattr(self._pins, "policy", None)
+        if held is not None:
+            return held
         if self.path is None:
             return self._policy
         now = time.monotonic()
@@ -373,9 +474,11 @@ class PolicySource:
             self._stamp = stamp
             try:
                 self._policy = load_policy(self.path)
-            except PolicyError as exc:
-                self.last_error = str(exc)
-                log.error("policy reload refused, previous policy stays in force: %s", exc)
+            except Exception as exc:  # any failure: never take scoring down with it
+                self.last_error = str(exc) if isinstance(exc, PolicyError) \
+                    else f"{self.path}: {type(exc).__name__}: {exc}"
+                log.error("policy reload refused, previous policy stays in force: %s",
+                          self.last_error)
             else:
                 self.version += 1
                 self.last_error = None

@@ -13,43 +13,28 @@ import logging
 import os
 import subprocess
 import sys
-import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
+
+from serving.schedules.cron import CronLoop, daily_cron
 
 log = logging.getLogger("keywatch.schedule")
 
 
-def parse_daily_time(spec: str) -> tuple[int, int]:
-    """'HH:MM' (UTC) → (hour, minute); a clear error otherwise."""
-    try:
-        hh, mm = spec.strip().split(":")
-        hour, minute = int(hh), int(mm)
-    except ValueError:
-        raise ValueError(f"retrain schedule {spec!r} is not HH:MM (UTC)") from None
-    if not (0 <= hour < 24 and 0 <= minute < 60):
-        raise ValueError(f"retrain schedule {spec!r} is not a time of day")
-    return hour, minute
-
-
-def next_run(now: datetime, hour: int, minute: int) -> datetime:
-    candidate = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
-    return candidate if candidate > now else candidate + timedelta(days=1)
-
-
 class RetrainScheduler:
-    """Runs `keywatch retrain` daily at a UTC time, in a child process."""
+    """Runs `keywatch retrain` at `daily_at` ('HH:MM' UTC or a cron expression), in a
+    child process."""
 
     def __init__(self, *, daily_at: str, events: Path, model_dir: Path,
                  timeout_s: float = 3 * 3600, env: dict[str, str] | None = None) -> None:
-        self.hour, self.minute = parse_daily_time(daily_at)
+        self.cron = daily_cron(daily_at)
         self.events = events
         self.model_dir = model_dir
         self.timeout_s = timeout_s
         self.env = env
         self.last_result: dict[str, object] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = CronLoop([("retrain", self.cron)], lambda _name, _at: self.run_once(),
+                              thread_name="keywatch-retrain")
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "serving.cli.main", "retrain", "--events", str(self.events),
@@ -72,18 +57,8 @@ class RetrainScheduler:
         self.last_result = result
         return result
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            now = datetime.now(UTC)
-            wait = (next_run(now, self.hour, self.minute) - now).total_seconds()
-            if self._stop.wait(wait):
-                return
-            self.run_once()
-
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="keywatch-retrain",
-                                        daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._loop.stop()

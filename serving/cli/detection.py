@@ -99,7 +99,7 @@ def _evaluate_one(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `simulate` and `evaluate` verbs to the `keywatch` parser."""
     from training.evaluate_seeds import DEFAULT_DAYS, DEFAULT_KEYS, DEFAULT_SEEDS
 

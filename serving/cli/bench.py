@@ -1,0 +1,33 @@
+"""The `bench` verb: every path's speed as ratios (needs a source checkout)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from serving.runtime import tune_gc
+
+if TYPE_CHECKING:
+    pass
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.suite import format_report, run_bench
+
+    tune_gc()  # as the service runs (see serving.runtime)
+    report = run_bench(size=args.size, out=args.out, redis_url=args.redis,
+                       http=not args.no_http, rss=not args.no_rss)
+    print(format_report(report))
+    print(f"\nwritten to {args.out}" if args.out else "")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = sub.add_parser("bench", help="speed of every path, as ratios against baselines")
+    bench.add_argument("--size", choices=["tiny", "smoke", "full"], default="full")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    bench.add_argument("--redis", help="use this Redis instead of starting a local one")
+    bench.add_argument("--no-http", action="store_true")
+    bench.add_argument("--no-rss", action="store_true")
+    bench.set_defaults(func=cmd_bench)
