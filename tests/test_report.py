@@ -20,8 +20,8 @@ from training.simulator import simulate
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 START = "2026-11-02T00:00:00Z"
-CUT = "2026-11-02T12:00:00Z"
-"""Half a day of a small simulated population: the first incidents fall in it."""
+CUT = "2026-11-03T00:00:00Z"
+"""The first day of a small simulated population: the first incidents fall in it."""
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_summary_matches_files(day_run) -> None:
     assert summary.incidents == len(data["incidents"])
     assert summary.incident_events == sum(1 for lab in data["labels"] if lab["incident_id"])
     assert summary.keys == 20 and summary.days == 1 and summary.seed == 3
-    assert summary.start == "2026-10-26T00:00:00.000Z"
+    assert summary.start == "2026-11-02T00:00:00.000Z"
 
 
 def test_every_event_validates_against_the_contract(day_run) -> None:
@@ -479,8 +479,15 @@ def test_every_archetype_is_in_the_population_and_the_labels(week_run) -> None:
     assert {lab["archetype"] for lab in data["labels"]} == set(ARCHETYPES) | {"invalid_key"}
 
 
-def test_weekly_and_month_end_jobs_run_once_in_the_judged_days(week_run) -> None:
-    _, data = week_run
+@pytest.fixture(scope="module")
+def perturbed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulationSummary, dict]:
+    summary = simulate(tmp_path_factory.mktemp("perturbed"), keys=20, days=4, seed=2,
+                       perturb=True)
+    return summary, _read(summary)
+
+
+def test_weekly_and_month_end_jobs_run_once_in_the_judged_days(perturbed_run) -> None:
+    _, data = perturbed_run
     test_start = _ts(data["meta"]["test_start"])
     for archetype in ("weekly_batch", "month_end_batch"):
         for key, pairs in _key_events(data, archetype).items():

@@ -45,7 +45,7 @@ from training.evaluate import (
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 DEFAULT_CHOOSE: tuple[int, ...] = (0, 1)
 DEFAULT_KEYS = 16
-DEFAULT_DAYS = 4
+DEFAULT_DAYS = 3
 KEYDAY_ALERT_SHARE = 0.02
 """The score threshold is chosen so that this share of legitimate key-days reach it."""
 

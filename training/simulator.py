@@ -2,10 +2,12 @@
 
 A detector can only be judged on traffic that looks like the real thing, with the
 truth written down beside it. This module draws a population of keys (backends,
-nightly batch jobs, mobile apps, developers; see `training.tenants`), lets them
-work for `days` days in their own time zones, lays a population-wide flash sale and a
-developer's flight over that as legitimate surprises, injects labelled incidents of
-every kind (`training.incidents`), and writes:
+nightly batch jobs, mobile apps, developers; see `training.tenants`) and the legitimate
+archetypes that break naive detectors (weekly and month-end jobs, a new key's heavy first
+day, CI runners on rotating datacenter addresses, a region migration, an app launch in a
+new country, travelling developers; see `training.archetypes`), lets them work for `days`
+days in their own time zones, lays a population-wide flash sale and an upstream outage
+over that, injects labelled incidents of every kind (`training.incidents`), and writes:
 
 - `events.jsonl`: the public event contract only (what a gateway would POST), sorted
   by timestamp. No labels, no geolocation: keywatch looks addresses up itself.
@@ -16,7 +18,9 @@ every kind (`training.incidents`), and writes:
   counts, the flash-sale window, the traveller, and a per-key summary.
 
 Everything follows from the seed (numpy Generators, a fixed default start, no wall
-clock), so the same arguments give byte-identical files. Each tenant and incident has
+clock), so the same arguments give byte-identical files. `perturb=True` also redraws
+the generator's parameters from the seed (`training.perturb`), for evaluations that
+must not be tunable to one set of constants. Each tenant and incident has
 its own random stream, so adding a scenario does not reshuffle the others.
 """
 
@@ -57,9 +61,10 @@ from training.traffic import (
     Vocab,
 )
 
-DEFAULT_START = datetime(2026, 10, 26, tzinfo=UTC)
-"""A Monday. Fixed so that output depends on the seed alone; a 7-day span then has the
-month's last day (a Saturday) in the judged days, where month-end jobs run."""
+DEFAULT_START = datetime(2026, 11, 2, tzinfo=UTC)
+"""A Monday. Fixed so that output depends on the seed alone. Its span has no month end,
+so month-end jobs stay idle; a perturbed simulation (`perturb=True`) always puts a month
+end in the judged days."""
 
 TEST_DAYS = 2
 """The last two days are the test period: evaluate there, train before it."""

@@ -15,6 +15,12 @@ Four kinds of tenant, because they stress a detector in different ways:
   clients and several models. One developer flies to another continent mid-week: a
   gap of several hours, then traffic from the destination (tagged `travel`).
 
+Each key also has an `archetype` (`ARCHETYPES`), finer than its kind: `batch_job` keys
+run nightly, weekly or month-end jobs (`BATCH_RANGES`), developers may travel, and the
+surprising archetypes of `training.archetypes` (new keys, CI runners of their own kind
+`ci_runner`, region migrations, app launches) are backends and apps with a twist. Every
+archetype draws its parameters from ranges, and a seed's `Perturbation` scales them.
+
 Rates are inhomogeneous Poisson processes on a one-minute grid: a diurnal and weekly
 curve in each key's own time zone, times a slowly wandering AR(1) log-normal factor
 and a per-day factor, so no two days look alike.
