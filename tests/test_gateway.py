@@ -16,10 +16,10 @@ from pydantic import BaseModel
 
 from features.keys import KeyHasher
 from features.stores.base import EntityOps
+from keywatch_gateway.client import KeywatchClient
+from keywatch_gateway.middleware import KeywatchMiddleware
 from serving.api.app import create_app
-from serving.client import KeywatchClient
 from serving.engine.event_log import read_event_log
-from serving.middleware import KeywatchMiddleware
 from serving.policy.responses import add_ban_reads, ban_ops, read_ban
 from tests.conftest import TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, closed_port_url, serve_in_thread

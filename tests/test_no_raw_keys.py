@@ -17,9 +17,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
+from keywatch_gateway.client import KeywatchClient
+from keywatch_gateway.middleware import KeywatchMiddleware
 from serving.api.app import create_app
-from serving.client import KeywatchClient
-from serving.middleware import KeywatchMiddleware
 from serving.observability.logging_setup import JsonFormatter
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, serve_in_thread

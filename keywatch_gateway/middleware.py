@@ -34,7 +34,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.client import KeywatchClient
+from keywatch_gateway.client import KeywatchClient
 
 USAGE_STATE_KEY = "keywatch_usage"
 USAGE_FIELDS = ("tokens", "prompt_tokens", "completion_tokens", "model", "country", "asn")
