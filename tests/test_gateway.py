@@ -114,10 +114,10 @@ def test_client_batches_reach_the_event_log(keywatch: Keywatch) -> None:
 
 def test_middleware_reports_each_keyed_request(keywatch: Keywatch) -> None:
     client = KeywatchClient(keywatch.url, flush_interval_s=0.05)
-    app = gateway(client, key_header="x-api-key", trust_forwarded_for=True)
+    app = gateway(client, key_header="x-api-key", trusted_proxies=["10.0.0.0/8"])
     headers = {"Authorization": "Bearer sk-live-mw-bearer", "user-agent": "gw-test/1.0",
                "x-forwarded-for": "81.2.69.160, 10.0.0.1"}
-    with TestClient(app) as c:
+    with TestClient(app, client=("10.0.0.2", 50000)) as c:  # a trusted balancer's address
         for _ in range(3):
             assert c.post("/v1/chat/completions", headers=headers).status_code == 200
         assert c.get("/v1/models", headers={"x-api-key": "sk-live-mw-header"}
@@ -133,7 +133,7 @@ def test_middleware_reports_each_keyed_request(keywatch: Keywatch) -> None:
     assert e["source_ip"] == "81.2.69.160" and e["latency_ms"] > 0
     (other,) = keywatch.events("sk-live-mw-header")
     assert (other["endpoint"], other["status"]) == ("/v1/models", 404)
-    assert "source_ip" not in other  # TestClient's peer is not an IP address
+    assert other["source_ip"] == "10.0.0.2"  # no X-Forwarded-For: the peer itself
     assert client.stats()["reported"] == 4
 
 
@@ -145,8 +145,12 @@ def test_middleware_refuses_a_banned_key_and_caches_the_verdict(keywatch: Keywat
         for _ in range(3):
             r = c.post("/v1/chat/completions",
                        headers={"Authorization": "Bearer sk-live-mw-banned"})
-            assert r.status_code == 429
+            assert r.status_code == 403  # a banned key: permission denied, not a rate limit
             assert 0 < int(r.headers["retry-after"]) <= 600
+            assert r.headers["x-should-retry"] == "false"
+            error = r.json()["error"]
+            assert error["code"] == "api_key_blocked" and error["type"] == "permission_denied"
+            assert error["message"].startswith("This API key is blocked until 20")
             assert "sk-live" not in r.text
         for _ in range(3):
             ok = c.post("/v1/chat/completions",
@@ -155,7 +159,7 @@ def test_middleware_refuses_a_banned_key_and_caches_the_verdict(keywatch: Keywat
     client.close()
     assert client.checks == 2  # one per key; the rest came from the cache
     refused = keywatch.events("sk-live-mw-banned")
-    assert [e["status"] for e in refused] == [429, 429, 429]  # keywatch still sees them
+    assert [e["status"] for e in refused] == [403, 403, 403]  # keywatch still sees them
 
 
 def test_nothing_waits_when_keywatch_is_down() -> None:
@@ -197,5 +201,5 @@ def test_fail_closed_refuses_when_keywatch_cannot_answer() -> None:
     app = gateway(client, enforce=True)
     with TestClient(app) as c:
         r = c.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-live-z"})
-        assert r.status_code == 403
+        assert r.status_code == 503 and r.json()["error"]["code"] == "keywatch_unavailable"
     client.close(timeout=0.2)

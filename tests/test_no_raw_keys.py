@@ -59,8 +59,8 @@ def test_no_raw_key_reaches_any_output() -> None:
                     return Response(status_code=int(request.headers.get("x-status", "200")))
 
                 gw.add_middleware(KeywatchMiddleware, client=client, enforce=True,
-                                  trust_forwarded_for=True, cache_ttl_s=0.0)
-                with TestClient(gw) as g:
+                                  trusted_proxies=["10.0.0.0/8"], cache_ttl_s=0.0)
+                with TestClient(gw, client=("10.0.0.1", 50000)) as g:
                     for key in FAILING_KEYS:  # failure-rate alerts
                         for _ in range(25):
                             g.post("/v1/chat/completions", headers={

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from serving.cli import proxy
 from serving.runtime import tune_gc
 
 if TYPE_CHECKING:
@@ -440,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("decisions", type=Path, help="decisions JSONL written by `replay`")
     imp.add_argument("--json", action="store_true", help="machine-readable output")
     imp.set_defaults(func=cmd_policy_impact)
+    proxy.register(sub)
     return parser
 
 
