@@ -314,7 +314,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"keywatch proxy: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1;
+    # the middleware decides whom to believe, from --trusted-proxy alone.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                proxy_headers=False)
     return 0
 
 

@@ -86,14 +86,16 @@ def closed_port_url() -> str:
 
 
 @contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL."""
+def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL.
+
+    `config` goes to `uvicorn.Config` (e.g. `proxy_headers=False`, as the proxy runs)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, **{
+        "log_level": "warning", "lifespan": "on", "access_log": False, **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

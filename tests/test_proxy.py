@@ -1,0 +1,209 @@
+"""The OpenAI-compatible proxy, end to end, with the official `openai` client.
+
+Real servers on 127.0.0.1: keywatch (its HTTP API, `/v1/check` and the admin API), a
+fake OpenAI upstream (tests/support/fake_openai.py) and the proxy under uvicorn. The
+client is the real SDK, so what is asserted is what an application would see: its
+exceptions, their messages, the chunks of a stream and when they arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+
+from features.keys import KeyHasher
+from keywatch_gateway.client import KeywatchClient
+from keywatch_gateway.proxy import create_proxy_app
+from serving.api.app import create_app
+from serving.engine.event_log import read_event_log
+from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
+from tests.ops_servers import closed_port_url, serve_in_thread
+from tests.support.fake_openai import MODEL, PROMPT_TOKENS, WORDS, FakeOpenAI
+
+HASH = KeyHasher(TEST_SECRET)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+@dataclass
+class Edge:
+    keywatch: FastAPI
+    keywatch_url: str
+    upstream: FakeOpenAI
+    upstream_url: str
+    proxy_url: str
+    gateway: KeywatchClient
+
+    def sdk(self, api_key: str, *, direct: bool = False, **options: Any) -> openai.OpenAI:
+        base = self.upstream_url if direct else self.proxy_url
+        return openai.OpenAI(api_key=api_key, base_url=f"{base}/v1", max_retries=0,
+                             **options)
+
+    def events(self, api_key: str, expect: int) -> list[dict[str, Any]]:
+        """The key's events in keywatch's log, once `expect` of them are there (a call is
+        reported when its response has ended, which may be just after the client read
+        its last byte), or what there is after a few seconds."""
+        return logged_events(self.keywatch, self.gateway, api_key, expect)
+
+    def admin(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{self.keywatch_url}{path}", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+def logged_events(keywatch: FastAPI, gateway: KeywatchClient, api_key: str, expect: int
+                  ) -> list[dict[str, Any]]:
+    key_id = HASH.key_id(api_key)
+    deadline = time.monotonic() + 5
+    while True:
+        assert gateway.flush(10)
+        keywatch.state.event_log.flush()
+        events = [e for e in read_event_log(keywatch.state.settings.data_dir / "events")
+                  if e["key_id"] == key_id]
+        if len(events) >= expect or time.monotonic() > deadline:
+            return events
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def edge() -> Iterator[Edge]:
+    keywatch = create_app(make_settings())
+    upstream = FakeOpenAI()
+    with serve_in_thread(keywatch) as kw_url, serve_in_thread(upstream.app()) as up_url:
+        gateway = KeywatchClient(kw_url, flush_interval_s=0.05)
+        proxy = create_proxy_app(f"{up_url}/v1", gateway, trusted_proxies=["127.0.0.1"])
+        with serve_in_thread(proxy, proxy_headers=False) as proxy_url:
+            yield Edge(keywatch, kw_url, upstream, up_url, proxy_url, gateway)
+
+
+def first_chunk_and_total(client: openai.OpenAI, **extra: Any
+                          ) -> tuple[float, list[Any]]:
+    """Seconds to the first chunk of a streamed completion, and all the chunks."""
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                            **extra)
+    chunks, first = [], None
+    for chunk in stream:
+        if first is None:
+            first = time.perf_counter() - t0
+        chunks.append(chunk)
+    assert first is not None
+    return first, chunks
+
+
+def test_normal_traffic_is_served_and_reported(edge: Edge) -> None:
+    key = "sk-proxy-normal-0001"
+    client = edge.sdk(key)
+    for _ in range(3):
+        answer = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert answer.choices[0].message.content == "".join(WORDS)
+        assert answer.usage is not None and answer.usage.total_tokens == PROMPT_TOKENS + 6
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert edge.upstream.seen[-1]["headers"]["authorization"] == f"Bearer {key}"
+    events = edge.events(key, 4)
+    chats = [e for e in events if e["endpoint"] == "/v1/chat/completions"]
+    assert len(chats) == 3 and len(events) == 4
+    assert {(e["status"], e["tokens"], e["prompt_tokens"], e["completion_tokens"], e["model"])
+            for e in chats} == {(200, PROMPT_TOKENS + 6, PROMPT_TOKENS, 6, MODEL)}
+    assert {e["source_ip"] for e in events} == {"127.0.0.1"}
+
+
+def test_a_banned_key_gets_permission_denied_with_a_readable_message(edge: Edge) -> None:
+    banned, other = "sk-proxy-banned-0002", "sk-proxy-other-0002"
+    edge.admin("/admin/bans", {"key": banned, "duration": "30m", "reason": "leaked"})
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        edge.sdk(banned).chat.completions.create(model=MODEL, messages=MESSAGES)
+    error = caught.value
+    assert error.status_code == 403 and error.code == "api_key_blocked"
+    assert "This API key is blocked until 20" in error.message
+    assert "retry after" in error.message and banned not in error.message
+    assert error.response.headers["x-should-retry"] == "false"
+    assert 1700 < int(error.response.headers["retry-after"]) <= 1800
+    ok = edge.sdk(other).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert ok.choices[0].message.content == "".join(WORDS)
+    assert [e["status"] for e in edge.events(banned, 1)] == [403]  # keywatch sees the try
+    assert not any(s.get("body", {}).get("messages") and
+                   s["headers"]["authorization"] == f"Bearer {banned}"
+                   for s in edge.upstream.seen)  # never reached the upstream
+
+
+def test_a_banned_address_is_refused_as_an_address_not_as_a_key(edge: Edge) -> None:
+    key = "sk-proxy-address-0003"
+    edge.admin("/admin/bans", {"ip": "203.0.113.7", "duration": "10m"})
+    banned_address = edge.sdk(key, default_headers={"x-forwarded-for": "203.0.113.7"})
+    with pytest.raises(openai.RateLimitError) as caught:
+        banned_address.chat.completions.create(model=MODEL, messages=MESSAGES)
+    error = caught.value
+    assert error.code == "rate_limit_exceeded" and error.type == "requests"
+    assert "Calls from address 203.0.113.7 are blocked until 20" in error.message
+    assert 500 < int(error.response.headers["retry-after"]) <= 600
+    elsewhere = edge.sdk(key, default_headers={"x-forwarded-for": "198.51.100.20"})
+    assert elsewhere.chat.completions.create(model=MODEL, messages=MESSAGES).choices
+    assert sorted((e["source_ip"], e["status"]) for e in edge.events(key, 2)) == [
+        ("198.51.100.20", 200), ("203.0.113.7", 429)]
+
+
+def test_streaming_passes_through_as_it_arrives_and_reports_usage(edge: Edge) -> None:
+    key = "sk-proxy-stream-0004"
+    direct_first, direct = first_chunk_and_total(edge.sdk(key, direct=True))
+    proxied_first, proxied = first_chunk_and_total(edge.sdk(key))
+    stream_time = edge.upstream.first_chunk_delay_s + len(WORDS) * \
+        edge.upstream.chunk_interval_s
+    assert direct_first < stream_time / 2  # the upstream really streams
+    assert proxied_first - direct_first < 0.1, (proxied_first, direct_first)
+    text = "".join(c.choices[0].delta.content or "" for c in proxied if c.choices)
+    assert text == "".join(WORDS)
+    # the proxy asked for usage, and kept the usage chunk from a caller who did not
+    assert edge.upstream.seen[-1]["body"]["stream_options"] == {"include_usage": True}
+    assert len(proxied) == len(direct) and all(c.choices for c in proxied)
+    (event,) = edge.events(key, 1)  # the direct call is not reported, the proxied one is
+    assert (event["tokens"], event["prompt_tokens"], event["completion_tokens"],
+            event["model"]) == (PROMPT_TOKENS + 6, PROMPT_TOKENS, 6, MODEL)
+
+
+def test_a_caller_that_asks_for_usage_gets_the_usage_chunk(edge: Edge) -> None:
+    key = "sk-proxy-stream-usage-0005"
+    _, chunks = first_chunk_and_total(edge.sdk(key),
+                                      stream_options={"include_usage": True})
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == PROMPT_TOKENS + 6
+    (event,) = edge.events(key, 1)
+    assert event["tokens"] == PROMPT_TOKENS + 6
+
+
+def test_upstream_errors_pass_through_in_their_own_shape(edge: Edge) -> None:
+    r = httpx.post(f"{edge.proxy_url}/v1/chat/completions", json={"model": MODEL},
+                   headers={"x-api-key": "not-a-bearer"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{edge.proxy_url}/elsewhere")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_x_forwarded_for_is_ignored_from_an_untrusted_peer(edge: Edge) -> None:
+    key = "sk-proxy-xff-0006"
+    edge.admin("/admin/bans", {"ip": "203.0.113.66", "duration": "10m"})
+    gateway = KeywatchClient(edge.keywatch_url, flush_interval_s=0.05)
+    proxy = create_proxy_app(f"{edge.upstream_url}/v1", gateway)  # trusts no one
+    with serve_in_thread(proxy, proxy_headers=False) as url:  # as `keywatch proxy` runs
+        spoofing = openai.OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0,
+                                 default_headers={"x-forwarded-for": "203.0.113.66"})
+        assert spoofing.chat.completions.create(model=MODEL, messages=MESSAGES).choices
+        events = logged_events(edge.keywatch, gateway, key, 1)
+    assert [e["source_ip"] for e in events] == ["127.0.0.1"]
+
+
+def test_calls_go_on_when_keywatch_is_down(edge: Edge) -> None:
+    gateway = KeywatchClient(closed_port_url(), flush_interval_s=0.05, backoff_s=0.01)
+    with serve_in_thread(create_proxy_app(f"{edge.upstream_url}/v1", gateway)) as url:
+        client = openai.OpenAI(api_key="sk-proxy-down-0007", base_url=f"{url}/v1",
+                               max_retries=0)
+        for _ in range(3):
+            assert client.chat.completions.create(model=MODEL, messages=MESSAGES).choices
+    assert gateway.stats()["check_errors"] >= 1
