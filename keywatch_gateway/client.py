@@ -108,16 +108,17 @@ class KeywatchClient:
         """Queue one event (the `POST /v1/events` shape); never blocks, never raises.
 
         Stamps `timestamp` with the current time if missing, so the event keeps the time
-        of the call rather than the time the batch happens to be sent, and `event_id`
-        with a uuid4, so a retried batch is not counted twice. Returns False if the
-        client is closed; an overflow drops the oldest buffered event instead.
+        of the call rather than the time the batch happens to be sent. Returns False if
+        the client is closed; an overflow drops the oldest buffered event instead.
         """
         if self._closing.is_set():
             with self._lock:
                 self.dropped_at_close += 1
             return False
-        if "timestamp" not in event or "event_id" not in event:
-            event = {"timestamp": time.time(), "event_id": uuid.uuid4().hex, **event}
+        if "timestamp" not in event:
+            event = {**event, "timestamp": time.time()}
+        if not event.get("event_id"):  # so a retried batch is applied once
+            event = {**event, "event_id": uuid.uuid4().hex}
         with self._lock:
             if len(self._buffer) >= self.max_buffer:
                 self._buffer.popleft()
