@@ -1,6 +1,6 @@
 """One retry policy for every outbound POST: the client's event batches and the alert sinks.
 
-Built on tenacity rather than hand-written loops: capped exponential backoff with full
+Built on tenacity rather than hand-written loops: capped exponential backoff with
 jitter (so many gateways that lost keywatch at once do not come back in step), a
 `Retry-After` from the other side respected up to the cap, and a stop event that cuts a
 backoff short at shutdown instead of sleeping through it.
@@ -41,10 +41,12 @@ class Backoff:
             raise ValueError("attempts must be >= 1")
 
     def wait(self) -> tenacity.wait.wait_base:
-        """Full jitter: uniform in [0, min(max_s, initial_s * 2**n)], at least `Retry-After`."""
-        return _WaitWithRetryAfter(
-            tenacity.wait_random_exponential(multiplier=self.initial_s, max=self.max_s),
-            self.max_s)
+        """Equal jitter: uniform in [d/2, d] for d = min(max_s, initial_s * 2**(n-1)),
+        and at least the other side's `Retry-After` (still capped at max_s)."""
+        half, half_max = self.initial_s / 2, self.max_s / 2
+        jittered = (tenacity.wait_exponential(multiplier=half, max=half_max)
+                    + tenacity.wait_random_exponential(multiplier=half, max=half_max))
+        return _WaitWithRetryAfter(jittered, self.max_s)
 
 
 class _WaitWithRetryAfter(tenacity.wait.wait_base):

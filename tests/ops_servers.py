@@ -23,6 +23,7 @@ class RecordingWebhook:
 
     def __init__(self, *, fail_first: int = 0, hold: bool = False) -> None:
         self.bodies: list[Any] = []
+        self.received: list[Any] = []  # every body, the refused attempts' too
         self.attempts = 0
         self.fail_first = fail_first
         self.held = threading.Event()
@@ -36,6 +37,7 @@ class RecordingWebhook:
                 length = int(self.headers.get("content-length", 0))
                 raw = self.rfile.read(length)
                 outer.attempts += 1
+                outer.received.append(json.loads(raw))
                 outer.held.set()
                 outer._release.wait(30)
                 if outer.attempts <= outer.fail_first:

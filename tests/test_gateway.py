@@ -112,6 +112,23 @@ def test_client_batches_reach_the_event_log(keywatch: Keywatch) -> None:
     assert client.stats()["sent"] == 25 and client.stats()["dropped_rejected"] == 0
 
 
+def test_a_retried_batch_carries_the_same_event_ids() -> None:
+    with RecordingWebhook(fail_first=2) as keywatch:
+        client = KeywatchClient(keywatch.url.rsplit("/", 1)[0], backoff_s=0.01,
+                                max_attempts=3)
+        client.report({"api_key": "sk-live-retry", "event_id": "gateway-chosen-id"})
+        client.report({"api_key": "sk-live-retry"})
+        client.report({"api_key": "sk-live-retry"})
+        assert client.flush(10)
+        client.close()
+    assert keywatch.attempts == 3 and len(keywatch.received) == 3
+    ids = [[e["event_id"] for e in body] for body in keywatch.received]
+    assert ids[0] == ids[1] == ids[2]  # the same events, recognisable as such
+    assert ids[0][0] == "gateway-chosen-id" and len(set(ids[0])) == 3
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids[0][1:])  # uuid4 hex
+    assert client.stats()["failed_posts"] == 2 and client.stats()["sent"] == 3
+
+
 def test_middleware_reports_each_keyed_request(keywatch: Keywatch) -> None:
     client = KeywatchClient(keywatch.url, flush_interval_s=0.05)
     app = gateway(client, key_header="x-api-key", trusted_proxies=["10.0.0.0/8"])
