@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from keywatch_gateway.addresses import ClientAddress
 from keywatch_gateway.client import KeywatchClient
 from keywatch_gateway.middleware import USAGE_STATE_KEY, KeywatchMiddleware
 
@@ -240,7 +241,13 @@ def create_proxy_app(
     check_cache_s: float = 1.0,
     enforce: bool = True,
 ) -> Starlette:
-    """The proxy as an ASGI app; it closes `client` when it shuts down."""
+    """The proxy as an ASGI app; it closes `client` when it shuts down.
+
+    Raises ValueError for a trusted proxy that is not an address or a network, now
+    rather than at the first request (Starlette builds middleware lazily).
+    """
+    trusted_proxies = list(trusted_proxies)
+    ClientAddress(trusted_proxies)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

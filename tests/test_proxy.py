@@ -207,3 +207,25 @@ def test_calls_go_on_when_keywatch_is_down(edge: Edge) -> None:
         for _ in range(3):
             assert client.chat.completions.create(model=MODEL, messages=MESSAGES).choices
     assert gateway.stats()["check_errors"] >= 1
+
+
+def test_a_caller_that_hangs_up_mid_stream_is_still_reported(edge: Edge) -> None:
+    key = "sk-proxy-hangup-0008"
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", f"{edge.proxy_url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=10) as r:
+        first = next(r.iter_raw())
+        assert first.startswith(b"data: ")
+    (event,) = edge.events(key, 1)
+    assert (event["status"], event["model"]) == (200, MODEL)
+    assert not event.get("tokens")  # the stream never ended: no usage to report
+    assert edge.sdk(key).chat.completions.create(model=MODEL, messages=MESSAGES).choices
+
+
+def test_the_cli_verb_refuses_a_bad_trusted_proxy_by_name(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from serving.cli.main import main
+
+    assert main(["proxy", "--upstream", "http://127.0.0.1:9/v1",
+                 "--trusted-proxy", "lb.internal"]) == 2
+    assert "'lb.internal' is not an IP address or network" in capsys.readouterr().err
