@@ -60,9 +60,19 @@ class Settings(BaseSettings):
     # reliability: Redis outage policy, restarts, ingestion security, stream workers
     redis_outage_policy: Literal["fail_open", "fail_closed", "error"] = "fail_open"
     redis_retry_interval_s: float = Field(default=1.0, gt=0)
+    enforcement_cache_refresh_s: float = Field(default=3.0, gt=0)
+    """fail_open: how often each replica re-reads the active bans, limits and allow-list
+    it keeps enforcing during a Redis outage."""
     spool_dir: Path | None = None  # default: data_dir/spool
     snapshot_enabled: bool = True
     snapshot_path: Path | None = None  # default: data_dir/state.snapshot (memory store)
+    enforcement_clock: Literal["wall", "event"] = "wall"
+    """The service's clock for bans and limits: `wall` (the server's); `event` stamps them
+    in event time, as `replay` does (a service fed a historical stream, or a test)."""
+    journal_enabled: bool = True
+    """Memory store: journal bans, limits and admin acts (fsync per act), so a crash
+    loses none of them."""
+    journal_path: Path | None = None  # default: data_dir/enforcement.journal
     ingest_token: str | None = Field(default=None, repr=False)
     stream_events: str = "kw:events"
     stream_decisions: str = "kw:decisions"

@@ -86,7 +86,8 @@ def test_bad_admin_requests_name_the_problem(client: TestClient) -> None:
 def test_pre_flight_check(client: TestClient) -> None:
     ok = client.post("/v1/check", json={"api_key": RAW, "source_ip": "81.2.69.160"}).json()
     assert ok == {"key_id": KEY_ID, "allowed": True, "reason": None, "retry_after_s": None,
-                  "dry_run": False}
+                  "dry_run": False, "refused": None, "scope": None, "until": None,
+                  "limit": None}
     client.post("/admin/bans", json={"key": RAW, "duration": 600}, headers=AUTH)
     no = client.post("/v1/check", json={"api_key": RAW}).json()
     assert no["allowed"] is False and 590 < no["retry_after_s"] <= 600

@@ -46,7 +46,9 @@ def strip(decision: dict[str, object]) -> dict[str, object]:
 
 def test_api_and_replay_give_the_same_decisions(tmp_path: Path) -> None:
     events = traffic()
-    with TestClient(create_app(make_settings())) as client:
+    # the service on event time too: the same decisions; live it judges bans and limits
+    # on its own clock (tests/test_enforcement_state.py)
+    with TestClient(create_app(make_settings(enforcement_clock="event"))) as client:
         via_api = [client.post("/v1/events", json=e).json() for e in events]
     src = tmp_path / "events.jsonl"
     src.write_text("".join(json.dumps(e) + "\n" for e in events))

@@ -191,8 +191,12 @@ def test_persisted_entities_do_not_idle_out(redis_url: str) -> None:
                                           (ZSET, "ix", "a", 5, 10)])])
     client = redis.Redis.from_url(redis_url)
     assert client.ttl("ps:{k:perm}:h") == -1 and client.ttl("ps:{k:perm}:z:ix") == -1
-    store.execute([EntityOps("k", "perm", [(PERSIST, 0)])])
+    store.execute([EntityOps("k", "perm", [(PERSIST, 0), (SET, "ban:until", "0")])])
     assert 0 < client.ttl("ps:{k:perm}:h") <= 100
+    # a ban (or a limit) ending past the idle TTL keeps the entity until it ends (wall time)
+    import time
+    store.execute([EntityOps("k", "perm", [(SET, "lim:until", repr(time.time() + 5000))])])
+    assert 4900 < client.ttl("ps:{k:perm}:h") <= 5001
 
     mem = MemoryStore(idle_ttl_s=100)
     mem.execute([EntityOps("k", "perm", [(SET, "ban:until", "1e18"), (PERSIST, 1),

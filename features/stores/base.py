@@ -66,10 +66,33 @@ BUDGET_ADD = "budget_add"  # (BUDGET_ADD, name, period, amount, limit) -> [statu
 #   of an older, closed period changes nothing (status -1). Exact when amount and limit
 #   are integers (callers count micro-dollars), as every number is a double < 2**53.
 
+# Limits (throttles as state): a GCRA meter on the entity's `lim:*` fields, in wall time.
+LIMIT = "limit"  # (LIMIT, mode, now) -> [status, retry_after_s, rate_per_min, until, burst]
+#   The limit is `lim:rate` calls a minute with a burst of `lim:burst`, active while
+#   `lim:until` > now. status -1: no active limit (nothing changes). Two theoretical
+#   arrival times are kept: `lim:tat` advanced by admissions (mode "take", the gateway's
+#   pre-flight), `lim:tat_e` by served calls reported as events (mode "count"); a call
+#   conforms when max(tat, tat_e) - (burst - 1) * interval <= now, so a gateway that both
+#   asks and reports is metered once. "take": status 1 and tat advances when the call
+#   conforms, else status 0 and retry_after_s says when the next one fits. "count": tat_e
+#   advances (capped at `lim:until`), status says whether the call conformed. "peek":
+#   status only. Enforcement fields (`ban:*`, `lim:*`) are wall time, never event time.
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
-    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD)
+    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT)
 PERSIST_FIELD = "_persist"
+
+ENFORCEMENT_PREFIXES = ("ban:", "lim:")
+"""Hash fields that are enforcement state (bans, offences, limits), not features. The
+memory store keeps them apart, never evicted and journaled; see `features.stores.memory`."""
+GLOBAL_KIND = "g"
+"""Entities of this kind (ban and limit indexes, allow-list, audit) are enforcement state
+as a whole."""
+
+
+def is_enforcement_field(name: Any) -> bool:
+    return isinstance(name, str) and name[:4] in ENFORCEMENT_PREFIXES
 
 Op = tuple[Any, ...]
 

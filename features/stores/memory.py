@@ -11,12 +11,22 @@ Memory is bounded three ways: at most `max_entities` entities (least recently us
 evicted first), every set capped by its op, and entities idle for longer than
 `idle_ttl_s` in event time dropped — lazily when touched again, and eagerly from the cold
 end of the LRU order as new entities arrive (the Redis store gets the same from key TTLs).
+
+That bound applies to *feature* state only, which may be evicted (`evictions`,
+`expirations` count it; a key that comes back starts its windows and baselines afresh).
+Enforcement state is kept apart and never evicted: an entity's `ban:*` and `lim:*` fields
+(bans, offences, limits) live in a dict of their own beside the LRU, and global entities
+(kind `g`: ban and limit indexes, allow-list, audit trail) are pinned. So a flood of
+random keys and addresses cannot push a ban out. With a journal
+(`features.stores.journal`), every call that changes enforcement state is on disk before
+it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +41,9 @@ from features.stores.base import (
     EWM_SAME,
     GET,
     GETS,
+    GLOBAL_KIND,
     INCR,
+    LIMIT,
     PERSIST,
     PERSIST_FIELD,
     RECENT_ADD,
@@ -50,7 +62,9 @@ from features.stores.base import (
     EntityOps,
     StateStore,
     StoreError,
+    is_enforcement_field,
 )
+from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 
@@ -60,6 +74,11 @@ class _EntityState:
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
     rings: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
     last_ts: float = 0.0
+    enf: dict[str, Any] | None = None
+    """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
+
+
+_FEATURE_FIELDS = ("hash", "zsets", "rings", "last_ts")
 
 
 def _fmt(value: float) -> str:
@@ -88,17 +107,46 @@ class MemoryStore(StateStore):
 
     name = "memory"
 
-    def __init__(self, *, max_entities: int = 200_000, idle_ttl_s: float = 8 * 86400) -> None:
+    def __init__(self, *, max_entities: int = 200_000, idle_ttl_s: float = 8 * 86400,
+                 journal_path: Path | None = None, journal_fsync: bool = True) -> None:
         self.max_entities = max_entities
         self.idle_ttl_s = idle_ttl_s
         self._entities: OrderedDict[tuple[str, str], _EntityState] = OrderedDict()
+        self._pinned: dict[tuple[str, str], _EntityState] = {}
+        self._enforcement: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._newest_ts = 0.0
+        self._current: tuple[str, str] = ("", "")
         self.evictions = 0
         self.expirations = 0
+        self.journal: EnforcementJournal | None = None
+        if journal_path is not None:
+            self.journal = EnforcementJournal(journal_path, fsync=journal_fsync)
+            self.replay_journal()
 
     def __len__(self) -> int:
         return len(self._entities)
+
+    def stats(self) -> dict[str, float]:
+        """Feature state dropped so far, and enforcement state held (for /metrics)."""
+        return {"feature_evictions": self.evictions, "feature_expirations": self.expirations,
+                "enforcement_entities": self.enforcement_entities()}
+
+    def enforcement_entities(self) -> int:
+        """Entities holding enforcement state (never evicted), global ones included."""
+        return len(self._enforcement) + len(self._pinned)
+
+    def replay_journal(self) -> int:
+        """Apply the journal's writes (at start, and over a restored snapshot)."""
+        if self.journal is None:
+            return 0
+        n = 0
+        with self._lock:
+            for requests in self.journal.records():
+                for req in requests:
+                    self._apply(req)
+                n += 1
+        return n
 
     def ping(self) -> bool:
         return True
@@ -108,53 +156,99 @@ class MemoryStore(StateStore):
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         with self._lock:
-            return [self._apply(req) for req in requests]
+            results = [self._apply(req) for req in requests]
+            if self.journal is not None:
+                writes = enforcement_writes(requests)
+                if writes:  # on disk before the caller hears it was done
+                    try:
+                        self.journal.append(writes, time.time())
+                    except (OSError, ValueError) as exc:
+                        raise StoreError(f"enforcement journal write failed: {exc}") from exc
+            return results
 
     def snapshot(self, path: Path) -> int:
-        """Write all state to `path` atomically (see `features.stores.snapshot`)."""
+        """Write all state to `path` atomically (see `features.stores.snapshot`); the
+        journal written so far is compacted into it."""
         with self._lock:
             payload = self.export_state()
-        return write_snapshot(payload, path)
+            if self.journal is not None:
+                self.journal.rotate()
+        n = write_snapshot(payload, path)
+        if self.journal is not None:
+            self.journal.drop_old()
+        return n
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
 
     def restore(self, path: Path) -> int:
         """Replace all state with a snapshot's; raises SnapshotError (leaving the store
         untouched) if it is corrupt or does not hold memory-store state."""
         payload = read_snapshot(path)
         try:
-            known = {f.name for f in dataclasses.fields(_EntityState)}
-            entities = [((str(kind), str(entity_id)),
-                         _EntityState(**{k: v for k, v in fields.items() if k in known}))
+            entities = [((str(kind), str(entity_id)), _state_of(fields))
                         for kind, entity_id, fields in payload["entities"]]
+            pinned = {(str(kind), str(entity_id)): _state_of(fields)
+                      for kind, entity_id, fields in payload.get("pinned", [])}
+            enforcement = {(str(kind), str(entity_id)): dict(fields)
+                           for kind, entity_id, fields in payload.get("enforcement", [])}
             newest_ts = float(payload["newest_ts"])
         except Exception as exc:
             raise SnapshotError(f"{path} does not hold memory-store state: {exc}") from None
         with self._lock:
             self._entities.clear()
-            self._entities.update(entities)
+            self._pinned.clear()
+            self._enforcement.clear()
+            for key, state in entities:
+                if key[0] == GLOBAL_KIND:  # written before global entities were pinned
+                    self._pinned[key] = state
+                    continue
+                self._entities[key] = state
+                # enforcement fields written before they were kept apart move out of the hash
+                moved = {f: state.hash.pop(f) for f in list(state.hash)
+                         if is_enforcement_field(f)}
+                if moved:
+                    enforcement.setdefault(key, {}).update(moved)
+            self._pinned.update(pinned)
+            self._enforcement.update(enforcement)
+            for key, state in self._entities.items():
+                state.enf = self._enforcement.get(key)
             self._newest_ts = newest_ts
             while len(self._entities) > self.max_entities:
                 self._entities.popitem(last=False)
-        return len(entities)
+        self.replay_journal()  # acts since that snapshot
+        return len(entities) + len(pinned)
 
     def export_state(self) -> dict[str, Any]:
         """All state as plain values, entities in LRU order (caller holds the lock)."""
-        entities = [(kind, entity_id, dataclasses.asdict(state))
-                    for (kind, entity_id), state in self._entities.items()]
-        return {"newest_ts": self._newest_ts, "entities": entities}
+        def plain(states: dict[tuple[str, str], _EntityState]) -> list[Any]:
+            return [(kind, entity_id, _plain(state)) for (kind, entity_id), state
+                    in states.items()]
+
+        return {"newest_ts": self._newest_ts, "entities": plain(self._entities),
+                "pinned": plain(self._pinned),
+                "enforcement": [(kind, entity_id, dict(fields))
+                                for (kind, entity_id), fields in self._enforcement.items()]}
 
     def _entity(self, kind: str, entity_id: str) -> _EntityState:
         key = (kind, entity_id)
+        if kind == GLOBAL_KIND:  # enforcement as a whole: pinned, never evicted
+            pinned = self._pinned.get(key)
+            if pinned is None:
+                pinned = self._pinned[key] = _EntityState()
+            return pinned
         entities = self._entities
         state = entities.get(key)
         if state is not None:
             if (state.last_ts and self._newest_ts - state.last_ts > self.idle_ttl_s
                     and state.hash.get(PERSIST_FIELD) != "1"):
-                state = _EntityState()
+                state = _EntityState(enf=self._enforcement.get(key))
                 entities[key] = state
                 self.expirations += 1
             entities.move_to_end(key)
             return state
-        state = _EntityState()
+        state = _EntityState(enf=self._enforcement.get(key))
         # drop idle entities from the cold end, so memory follows the active population
         for _ in range(_IDLE_SWEEP):
             cold_key = next(iter(entities), None)
@@ -188,17 +282,50 @@ class MemoryStore(StateStore):
             bad = next((op for op in ops if not op or op[0] not in _HANDLERS), ())
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
         state = self._entity(req.kind, req.entity_id)
+        self._current = (req.kind, req.entity_id)
         return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
     def _get(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
-        return s.hash.get(op[1])
+        fld = op[1]
+        if fld[:4] in _ENF:
+            return s.enf.get(fld) if s.enf is not None else None
+        return s.hash.get(fld)
 
     def _set(self, s: _EntityState, op: tuple[Any, ...]) -> None:
-        s.hash[op[1]] = str(op[2])
+        fld = op[1]
+        if fld[:4] in _ENF:
+            if s.enf is None:  # first enforcement write: the entity's dict, outside the LRU
+                s.enf = self._enforcement.setdefault(self._current, {})
+            s.enf[fld] = str(op[2])
+            return
+        s.hash[fld] = str(op[2])
 
     def _del(self, s: _EntityState, op: tuple[Any, ...]) -> None:
-        s.hash.pop(op[1], None)
+        fld = op[1]
+        if fld[:4] in _ENF:
+            if s.enf is not None:
+                s.enf.pop(fld, None)
+            return
+        s.hash.pop(fld, None)
+
+    def _limit(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
+        mode, now = op[1], float(op[2])
+        enf = s.enf
+        if enf is None:
+            return [-1.0, 0.0, 0.0, 0.0, 0.0]
+        until = float(enf.get("lim:until") or 0.0)
+        rate = float(enf.get("lim:rate") or 0.0)
+        if until <= now or rate <= 0:
+            return [-1.0, 0.0, 0.0, 0.0, 0.0]
+        status, retry, tat, tat_e = gcra(mode, now, rate, float(enf.get("lim:burst") or 1),
+                                         until, float(enf.get("lim:tat") or 0.0),
+                                         float(enf.get("lim:tat_e") or 0.0))
+        if mode == "take" and status == 1.0:
+            enf["lim:tat"] = _g17(tat)
+        elif mode == "count":
+            enf["lim:tat_e"] = _g17(tat_e)
+        return [status, retry, rate, until, float(enf.get("lim:burst") or 1)]
 
     def _incr(self, s: _EntityState, op: tuple[Any, ...]) -> float:
         fld = op[1]
@@ -426,6 +553,43 @@ class MemoryStore(StateStore):
         return [0.0, total, over]
 
 
+_ENF = frozenset(("ban:", "lim:"))
+
+
+def _plain(state: _EntityState) -> dict[str, Any]:
+    """An entity's feature state as plain values (its enforcement dict is saved apart)."""
+    enf, state.enf = state.enf, None
+    try:
+        return dataclasses.asdict(state)
+    finally:
+        state.enf = enf
+
+
+def _state_of(fields: dict[str, Any]) -> _EntityState:
+    return _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
+
+
+def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,
+         tat: float, tat_e: float) -> tuple[float, float, float, float]:
+    """One step of the limit meter (see LIMIT in `features.stores.base`); the Lua script
+    does the same. Returns (status, retry_after_s, tat, tat_e)."""
+    interval = 60.0 / rate_per_min
+    tolerance = interval * (max(burst, 1.0) - 1.0)
+    held = max(tat, tat_e, now)
+    conforms = held - tolerance <= now
+    if mode == "take":
+        if conforms:
+            return 1.0, 0.0, held + interval, tat_e
+        return 0.0, held - tolerance - now, tat, tat_e
+    if mode == "count":
+        own = max(tat_e, now)
+        new_e = min(own + interval, max(until, now))
+        after = max(tat, new_e, now)
+        return (1.0 if own - tolerance <= now else 0.0,
+                max(0.0, after - tolerance - now), tat, new_e)
+    return (1.0 if conforms else 0.0), (0.0 if conforms else held - tolerance - now), tat, tat_e
+
+
 def _g17(value: float) -> str:
     """17 significant digits, as the Lua script writes them (exact float round trip)."""
     return f"{value:.17g}"
@@ -462,4 +626,5 @@ _HANDLERS = {
     ZITEMS: MemoryStore._zitems,
     PERSIST: MemoryStore._persist,
     BUDGET_ADD: MemoryStore._budget_add,
+    LIMIT: MemoryStore._limit,
 }

@@ -31,6 +31,7 @@ from features.stores.base import (
     BUDGET_ADD,
     GETS,
     INCR,
+    LIMIT,
     RECENT_ADD,
     RECENT_COUNT,
     RING_ADD,
@@ -50,7 +51,7 @@ from features.stores.base import (
 
 _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
-_LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD))
+_LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD, LIMIT))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode

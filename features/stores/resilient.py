@@ -42,6 +42,11 @@ block the recovery forever; a refused command on the live path is raised, not sp
 If the disk fails too, fail_open keeps answering and counts `spool_errors` (those writes
 are lost, and logged as such); fail_closed refuses.
 
+Enforcement during an outage: with an `EnforcementCache` the store re-reads the active
+bans, limits and allow-list from Redis every few seconds while it is healthy, and seeds
+the local store with them when an outage begins, so under fail_open the bans and limits
+this replica last knew are still enforced (see `features.stores.enforcement_cache`).
+
 Bounded calls: while degraded, calls never touch the network (local dict + one fsync);
 only the first failing call pays the Redis socket timeout (`redis_timeout_s`).
 """
@@ -69,6 +74,7 @@ from features.stores.base import (
     StateStore,
     StoreError,
 )
+from features.stores.enforcement_cache import EnforcementCache
 from features.stores.lua_wrap import REPLAY_GUARD
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import LuaScript, RedisStore
@@ -172,6 +178,7 @@ class ResilientStore(StateStore):
         retry_interval_s: float = 1.0,
         replay_batch: int = 200,
         final_drain_records: int = 200,
+        cache: EnforcementCache | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown outage policy {policy!r}: use one of {POLICIES}")
@@ -199,6 +206,12 @@ class ResilientStore(StateStore):
         self.spool_errors = 0
         self.rejected = 0
         self.last_recovery_s: float | None = None
+        self.cache = cache
+        self._cache_thread: threading.Thread | None = None
+        if cache is not None:
+            self._cache_thread = threading.Thread(target=self._cache_loop, daemon=True,
+                                                  name="keywatch-enforcement-cache")
+            self._cache_thread.start()
         self._probe_now = False
         if self.spool.pending:
             # a previous run left writes behind: replay them before any new write
@@ -241,10 +254,13 @@ class ResilientStore(StateStore):
             "outages": self.outages,
             "last_error": self.last_error,
             "last_recovery_s": self.last_recovery_s,
+            "enforcement_cache": self.cache.describe() if self.cache is not None else None,
         }
 
     def close(self) -> None:
         self._closed.set()
+        if self._cache_thread is not None:
+            self._cache_thread.join(timeout=5.0)
         probe = self._probe
         if probe is not None and probe is not threading.current_thread():
             probe.join(timeout=max(5.0, 3 * self.retry_interval_s))
@@ -257,11 +273,38 @@ class ResilientStore(StateStore):
             self.last_error = reason
             if self._degraded:
                 return
+            self._seed_local()
             self._degraded = True
             self._since = time.time()
             self.outages += 1
             log.warning("state store unreachable, degraded (%s): %s", self.policy, reason)
             self._start_probe()
+
+    def _seed_local(self) -> None:
+        """Give the local store the bans, limits and allow-list last read from Redis."""
+        if self.cache is None:
+            return
+        try:
+            ops = self.cache.seed_ops()
+            if ops:
+                self._local.execute(ops)
+            log.warning("enforcing %d cached bans and limits during the outage",
+                        self.cache.describe()["entities"])
+        except Exception:  # never let seeding stop the switch to degraded
+            log.exception("could not seed the local store with cached enforcement")
+
+    def _cache_loop(self) -> None:
+        """Refresh the enforcement cache every `refresh_s` while Redis is healthy."""
+        cache = self.cache
+        assert cache is not None
+        while not self._closed.is_set():
+            if not self._degraded:
+                try:
+                    cache.refresh()
+                except Exception as exc:  # an outage the live path will notice too
+                    cache.errors += 1
+                    log.debug("enforcement cache refresh failed: %s", exc)
+            self._closed.wait(cache.refresh_s)
 
     def _start_probe(self) -> None:
         if self._probe is not None and self._probe.is_alive():

@@ -10,7 +10,8 @@ is still returned.
 
 Optional readers that belong to other parts of the system are plain attributes the app
 can set when wiring: `ban_lookup(key_id) -> dict | None` (ban state for the key page),
-`baseline_lookup(key_id) -> dict | None` (model baselines), `bans_active() -> int`
+`limit_lookup(key_id) -> dict | None` (its limit), `baseline_lookup(key_id) -> dict | None`
+(model baselines), `bans_active() -> int`
 (the `keywatch_bans_active` gauge).
 
 The security report (`generate_report`, `GET /v1/report`) and its daily/weekly schedule
@@ -74,6 +75,7 @@ class Operations:
         self.decision_stats = decision_stats if decision_stats is not None else DecisionStats()
         """Decisions per time bucket, for the dashboard chart (`GET /v1/stats/decisions`)."""
         self.ban_lookup: Callable[[str], dict[str, Any] | None] | None = None
+        self.limit_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self.baseline_lookup: Callable[[str], dict[str, Any] | None] | None = None
         self.settings: Settings | None = None
         self.report_scheduler: Any = None
@@ -185,10 +187,11 @@ class Operations:
             "alerts_recorded": self.alerts.count_for_key(key_id),
             "suppressed_rules": sorted(s["code"] for s in self.feedback.suppressions(key_id)),
             "ban": None,
+            "limit": None,
             "model_baseline": None,
         }
-        for field, reader in (("ban", self.ban_lookup), ("model_baseline",
-                                                         self.baseline_lookup)):
+        for field, reader in (("ban", self.ban_lookup), ("limit", self.limit_lookup),
+                              ("model_baseline", self.baseline_lookup)):
             if reader is None:
                 continue
             try:

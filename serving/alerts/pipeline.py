@@ -2,8 +2,11 @@
 
 Fed with every decision (`AlertPipeline.observe`), the pipeline raises an alert when the
 severity is at least `min_severity` (default medium) or the verdict is not allow. The
-alert is keyed by (key_id, rule code), the code being that of the decision's most severe
-reason: a second decision for the same pair within `dedup_window_s` of the alert being
+alert is keyed by (subject, rule code), the code being that of the decision's most severe
+reason and the subject its scope: the key, or for an address-scoped reason (a banned
+address, credential stuffing) the address, so one incident from one address is one
+alert counting the keys tried (`keys_tried`), not one alert per key. A second decision
+for the same pair within `dedup_window_s` of the alert being
 raised is counted on the open alert (`count`, `last_seen`) instead of being sent again,
 unless it is more severe, in which case the alert escalates and is sent once more. After
 the window a new alert is raised, which doubles as a reminder that the abuse goes on.
@@ -42,6 +45,9 @@ from serving.engine.jsonl_writer import RotatingJsonlWriter, read_jsonl
 log = logging.getLogger("keywatch.alerts")
 
 MAX_IPS_PER_ALERT = 10
+MAX_KEYS_COUNTED = 10_000
+"""Distinct keys counted on one address alert (beyond it, `keys_tried` stops growing)."""
+MAX_KEYS_LISTED = 10
 STATUSES = ("open", "confirmed", "false_positive")
 _VERDICT_RANK = {"allow": 0, "throttle": 1, "block": 2}
 
@@ -72,6 +78,20 @@ class Alert:
     spent_usd: float = 0.0
     burn_usd_per_h: float = 0.0
     key_spend_usd_24h: float = 0.0
+    subject: str = "key"
+    """`key`: the alert is about `key_id`; `address`: about `source_ip`, whatever keys
+    it tried (`keys_tried` distinct, the first few in `key_ids`)."""
+    key_ids: list[str] = field(default_factory=list)
+    keys_tried: int = 1
+    _keys: set[str] = field(default_factory=set, repr=False)
+
+    def add_key(self, key_id: str) -> None:
+        if key_id in self._keys or len(self._keys) >= MAX_KEYS_COUNTED:
+            return
+        self._keys.add(key_id)
+        self.keys_tried = max(self.keys_tried, len(self._keys))
+        if len(self.key_ids) < MAX_KEYS_LISTED:
+            self.key_ids.append(key_id)
 
     def add_money(self, decision: Decision) -> None:
         m = decision.money
@@ -88,6 +108,9 @@ class Alert:
         return {
             "alert_id": self.alert_id,
             "key_id": self.key_id,
+            "subject": self.subject,
+            "keys_tried": self.keys_tried,
+            "key_ids": list(self.key_ids),
             "source_ip": self.source_ip,
             "source_ips": list(self.source_ips),
             "code": self.code,
@@ -126,6 +149,8 @@ class Alert:
             spent_usd=float((rec.get("money") or {}).get("spent_usd", 0.0)),
             burn_usd_per_h=float((rec.get("money") or {}).get("burn_usd_per_h", 0.0)),
             key_spend_usd_24h=float((rec.get("money") or {}).get("key_spend_usd_24h", 0.0)),
+            subject=rec.get("subject", "key"), key_ids=list(rec.get("key_ids") or []),
+            keys_tried=int(rec.get("keys_tried", 1)),
         )
 
 
@@ -218,11 +243,14 @@ class AlertPipeline:
         title = primary.message if primary is not None else (
             f"{decision.decision} at severity {decision.severity}")
         note: tuple[str, Alert] | None = None
+        by_address = primary is not None and primary.scope == "ip" and bool(source_ip)
+        subject = f"ip:{source_ip}" if by_address else key_id
         with self._lock:
             self.clock = max(self.clock, event_ts)
-            alert = self._open.get((key_id, code))
+            alert = self._open.get((subject, code))
             if alert is not None and abs(event_ts - alert.first_seen_ts) < self.dedup_window_s:
                 alert.count += 1
+                alert.add_key(key_id)
                 alert.first_seen_ts = min(alert.first_seen_ts, event_ts)
                 alert.last_seen_ts = max(alert.last_seen_ts, event_ts)
                 alert.add_ip(source_ip)
@@ -235,6 +263,9 @@ class AlertPipeline:
                     note = ("escalated", alert)
             else:
                 alert = self._new_alert(event_ts, key_id, source_ip, code, title, decision)
+                if by_address:
+                    alert.subject = "address"
+                    self._open[(subject, code)] = alert
                 note = ("raised", alert)
             self._maybe_purge()
             snapshot = alert.to_dict() if note is not None else None
@@ -253,6 +284,7 @@ class AlertPipeline:
             last_seen_ts=ts, raised_at=time.time(), source_ip=source_ip,
             dry_run=decision.dry_run)
         alert.add_ip(source_ip)
+        alert.add_key(key_id)
         alert.add_money(decision)
         self._remember(alert)
         self._open[(key_id, code)] = alert

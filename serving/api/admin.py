@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from features.contract import event_time_iso
 from features.stores.base import ZITEMS, EntityOps
+from serving.engine.reliability import store_status
 from serving.engine.scorer import Scorer
 from serving.policy.responses import (
     AUDIT_ENTITY,
@@ -166,6 +167,16 @@ def _audit(scorer: Scorer, actor: str, action: str, **fields: Any) -> dict[str, 
     return record
 
 
+def refuse_while_degraded(scorer: Scorer) -> None:
+    """During a shared-store outage a listing would show only this replica's local view
+    (empty, or the cache it enforces): say so with a 503 rather than answer wrongly."""
+    status = store_status(scorer.store)
+    if status is not None and status.get("state") == "degraded":
+        raise AdminError(503, "the state store is unavailable: bans and limits are still "
+                              "enforced from this replica's cache, but cannot be listed "
+                              "until it is back", {"Retry-After": "5"})
+
+
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
@@ -198,7 +209,9 @@ def unban(body: Target, actor: AdminDep, scorer: ScorerDep) -> dict[str, Any]:
 @router.get("/bans")
 def list_bans(_: AdminDep, scorer: ScorerDep,
               limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> dict[str, Any]:
-    """Active bans, longest first, with who set them and why."""
+    """Active bans, longest first, with who set them and why (503 during an outage of the
+    shared store, when only this replica's cache is known)."""
+    refuse_while_degraded(scorer)
     now = time.time()
     index = scorer.store.execute([_index_read(BANS_ENTITY, now, limit)])[0][0]
     entries = [(str(m).partition(":")[0], str(m).partition(":")[2]) for m, _ in index]

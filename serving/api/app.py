@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -30,6 +30,8 @@ from serving.api.admin import router as admin_router
 from serving.api.dashboard import router as dashboard_router
 from serving.api.guards import IngestGuard
 from serving.api.ops_routes import install as install_ops
+from serving.api.routes_limits import active_bans, key_enforcement
+from serving.api.routes_limits import router as limits_router
 from serving.engine import reliability as resilience
 from serving.engine.decision import Decision
 from serving.engine.event_log import EventLog
@@ -132,17 +134,35 @@ class CheckRequest(BaseModel):
         return Event._check_ip(value)  # the event contract's own rule
 
 
+class CheckLimit(BaseModel):
+    """A limit metering the caller: while one holds, every call should be checked."""
+
+    scope: Literal["key", "ip"]
+    limit_per_min: int
+    burst: int
+    until: str
+    by: str | None = None
+
+
 class CheckResponse(BaseModel):
+    """`allowed: false` says what refuses the call (`refused`: key, address or throttle,
+    `scope` key or ip), until when (`until`, None when permanent) and when to try again
+    (`retry_after_s`); `reason` says it in a sentence."""
+
     key_id: str
     allowed: bool
     reason: str | None = None
     retry_after_s: int | None = None
     dry_run: bool = False
+    refused: Literal["key", "address", "throttle"] | None = None
+    scope: Literal["key", "ip"] | None = None
+    until: str | None = None
+    limit: CheckLimit | None = None
 
 
 def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
     settings = settings or Settings()
-    scorer = scorer or build_scorer(settings, restore_population=True)
+    scorer = scorer or build_scorer(settings, restore_population=True, live=True)
     if settings.insecure_secret:
         log.warning("development mode: key ids use a built-in, insecure secret")
     event_log = (
@@ -151,6 +171,10 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         if settings.event_log else None
     )
     ops = Operations.from_settings(settings, scorer=scorer, event_log=event_log)
+    ops.ban_lookup = lambda key_id: key_enforcement(scorer, key_id)["ban"]
+    ops.limit_lookup = lambda key_id: key_enforcement(scorer, key_id)["limit"]
+    ops.bans_active = lambda: active_bans(scorer)
+    ops.metrics.store_stats = getattr(scorer.store, "stats", None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -325,12 +349,14 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
 
     @app.post("/v1/check", tags=["scoring"], response_model=CheckResponse)
     def check(body: CheckRequest, scorer: ScorerDep) -> dict[str, Any]:
-        """Pre-flight for gateways: is the key or the address banned? One store read."""
+        """Pre-flight for gateways: is the key or the address banned, or over a limit? One
+        store round trip; an allowed call under a limit takes its place in it."""
         return scorer.check(body.api_key, body.source_ip).as_dict()
 
     # Routes match in the order they were added: the scoring routes above come first.
     install_ops(app, ops)
     app.include_router(admin_router)
+    app.include_router(limits_router)
     app.include_router(dashboard_router)
     document_event_schema(app)
     return app

@@ -354,7 +354,7 @@ def build_worker(settings: Settings, config: WorkerConfig) -> StreamWorker:
     store = OnceRedisStore(settings.store, namespace=settings.redis_namespace,
                            timeout_s=settings.redis_timeout_s,
                            once_ttl_s=config.dedupe_ttl_s)
-    scorer = build_scorer(settings, store=store)
+    scorer = build_scorer(settings, store=store, live=True)
     event_log = (EventLog(settings.data_dir / "events",
                           retention_days=settings.event_log_retention_days,
                           writer_id=f"worker-{config.consumer}")

@@ -39,7 +39,12 @@ class Action(BaseModel):
     scope: Literal["key", "ip"] | None = None
     until: str | None = None
     retry_after_s: int | None = None
+    """Seconds until the refused call may be tried again (a ban's end, or for a throttle
+    when the next call fits under the limit; None while the calls are within it)."""
     limit_per_min: int | None = None
+    """For throttle: the calls a minute the key (or address) is limited to, until `until`."""
+    burst: int | None = None
+    """For throttle: calls allowed back to back within the limit (GCRA burst)."""
 
 
 class Outcome(BaseModel):

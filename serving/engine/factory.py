@@ -21,15 +21,19 @@ from serving.settings import Settings
 
 
 def build_scorer(settings: Settings, *, restore_population: bool = False,
-                 store: StateStore | None = None) -> Scorer:
+                 store: StateStore | None = None, live: bool = False) -> Scorer:
     """The one Scorer, from settings. `restore_population` resumes the service's
-    checkpointed population model (replays start fresh, like a new deployment)."""
+    checkpointed population model (replays start fresh, like a new deployment).
+    `live` (the service, the worker): bans and limits on the settings' clock (the
+    server's by default), and the memory store journals its enforcement state; otherwise
+    event time throughout."""
     if store is None:
         store = open_store(
             settings.store,
             namespace=settings.redis_namespace,
             timeout_s=settings.redis_timeout_s,
             memory_max_entities=settings.memory_max_entities,
+            journal_path=resilience.journal_path(settings) if live else None,
         )
         store = resilience.protect_store(store, settings)
     detectors = None
@@ -41,4 +45,5 @@ def build_scorer(settings: Settings, *, restore_population: bool = False,
             reload_interval_s=settings.model_reload_interval_s)
     prices = load_price_file(settings.prices) if settings.prices is not None else None
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
-                  policy=PolicySource(settings.policy), detectors=detectors, prices=prices)
+                  policy=PolicySource(settings.policy), detectors=detectors, prices=prices,
+                  enforcement_clock=settings.enforcement_clock if live else "event")

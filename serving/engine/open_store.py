@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from features.stores.base import StateStore
 from features.stores.memory import MemoryStore
 
@@ -12,9 +14,11 @@ def open_store(
     namespace: str = "kw",
     timeout_s: float = 0.5,
     memory_max_entities: int = 200_000,
+    journal_path: Path | None = None,
 ) -> StateStore:
+    """`journal_path`: where a memory store journals its enforcement writes (None: not)."""
     if spec in ("", "memory", "memory://"):
-        return MemoryStore(max_entities=memory_max_entities)
+        return MemoryStore(max_entities=memory_max_entities, journal_path=journal_path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         from features.stores.redis_store import RedisStore
 

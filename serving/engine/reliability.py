@@ -17,10 +17,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from features.stores.base import StateStore
+from features.stores.enforcement_cache import EnforcementCache
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import RedisStore
 from features.stores.resilient import ResilientStore, StoreUnavailable
 from features.stores.snapshot import SnapshotError
+from serving.policy import responses as r
 
 if TYPE_CHECKING:
     from serving.engine.scorer import Scorer
@@ -40,7 +42,18 @@ def protect_store(store: StateStore, settings: Settings) -> StateStore:
         spool_dir=settings.spool_dir or settings.data_dir / "spool",
         retry_interval_s=settings.redis_retry_interval_s,
         local=MemoryStore(max_entities=settings.memory_max_entities),
+        cache=enforcement_cache(store, settings.enforcement_cache_refresh_s)
+        if policy == "fail_open" else None,
     )
+
+
+def enforcement_cache(store: StateStore, refresh_s: float) -> EnforcementCache:
+    """What a replica keeps of the shared enforcement state to enforce it in an outage."""
+    return EnforcementCache(
+        store, indexes=(r.BANS_ENTITY, r.LIMITS_ENTITY), plain_indexes=(r.ALLOW_ENTITY,),
+        scope_kinds=r.SCOPE_KIND, refresh_s=refresh_s,
+        fields=(r.BAN_UNTIL, r.BAN_LEVEL, r.BAN_LAST, r.BAN_BY, r.BAN_REASON, r.LIM_RATE,
+                r.LIM_BURST, r.LIM_UNTIL, r.LIM_BY, r.LIM_REASON))
 
 
 def store_status(store: StateStore) -> dict[str, Any] | None:
@@ -78,6 +91,13 @@ def snapshot_path(settings: Settings, store: StateStore) -> Path | None:
     return settings.snapshot_path or settings.data_dir / "state.snapshot"
 
 
+def journal_path(settings: Settings) -> Path | None:
+    """Where the memory store journals bans, limits and admin acts (None: disabled)."""
+    if not settings.journal_enabled:
+        return None
+    return settings.journal_path or settings.data_dir / "enforcement.journal"
+
+
 def restore_state(scorer: Scorer, settings: Settings) -> int:
     """At start: load the snapshot if there is one; a corrupt one is set aside, not used."""
     path = snapshot_path(settings, scorer.store)
@@ -113,5 +133,5 @@ def save_state(scorer: Scorer, settings: Settings) -> int:
     return n
 
 
-__all__ = ["StoreUnavailable", "protect_store", "restore_state", "save_state",
+__all__ = ["StoreUnavailable", "journal_path", "protect_store", "restore_state", "save_state",
            "snapshot_path", "store_status", "store_unavailable_handler"]

@@ -12,6 +12,12 @@ Money: the event's cost is priced in the feature extractor (the policy's `pricin
 the packaged list prices), budgets are checked and counted exactly in the same round trip
 (`serving.engine.budgets`), and every decision carries the money at stake (`serving.engine.money`).
 
+Enforcement runs on its own clock (`enforcement_clock`): the live service (`build_scorer`
+with `live=True`) stores and judges bans and limits in wall time, so a backlog of old
+events still bans now, while windows keep running on event time; a replay or an
+evaluation keeps event time throughout. A key or address under a limit is metered in the
+event's own round trip, and its decision says so (`throttle`, with the limit).
+
 Baseline learning happens only for events that were not flagged,
 and is sent to the store ahead of the next event's operations, so it costs no extra
 round trip and an attacker cannot teach the baselines that the attack is normal.
@@ -42,10 +48,16 @@ from serving.policy.responses import (
     AllowListCache,
     BanState,
     EscalationLadder,
+    LimitState,
     add_ban_reads,
+    add_limit_reads,
     ban_writes,
+    limit_writes,
+    needs_limit_write,
     plan_response,
     read_ban,
+    read_limit,
+    throttle_action,
 )
 from serving.policy.rules import RuleInput, evaluate_rules
 from serving.policy.schema import Policy, PolicySource, load_policy
@@ -59,17 +71,28 @@ SignalsFn = Callable[[FeatureVector], ModelSignals]
 
 @dataclass(slots=True)
 class CheckResult:
-    """The gateway pre-flight answer: may this key (from this address) call now?"""
+    """The gateway pre-flight answer: may this key (from this address) call now?
+
+    `refused` says what refuses the call: `key` (a key ban), `address` (an address ban)
+    or `throttle` (a limit, on the key or the address: `scope`); `until` is when that
+    ends (None: permanent). `limit` describes a limit metering the caller even when the
+    call is allowed, so a gateway knows not to reuse an allowance."""
 
     key_id: str
     allowed: bool
     reason: str | None = None
     retry_after_s: int | None = None
     dry_run: bool = False
+    refused: str | None = None
+    scope: str | None = None
+    until: str | None = None
+    limit: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"key_id": self.key_id, "allowed": self.allowed, "reason": self.reason,
-                "retry_after_s": self.retry_after_s, "dry_run": self.dry_run}
+                "retry_after_s": self.retry_after_s, "dry_run": self.dry_run,
+                "refused": self.refused, "scope": self.scope, "until": self.until,
+                "limit": self.limit}
 
 
 class Scorer:
@@ -101,7 +124,13 @@ class Scorer:
         detectors: Detectors | None = None,
         allow_list_ttl_s: float = 5.0,
         prices: PricingConfig | None = None,
+        enforcement_clock: str = "event",
     ) -> None:
+        if enforcement_clock not in ("event", "wall"):
+            raise ValueError("enforcement_clock is 'event' (replay) or 'wall' (live)")
+        self.enforcement_clock = enforcement_clock
+        """`wall`: bans and limits are set and judged on the server clock (live);
+        `event`: on event time (replay, evaluation, notebooks)."""
         self.store = store
         self.hasher = hasher
         self.extractor = extractor or FeatureExtractor()
@@ -142,6 +171,10 @@ class Scorer:
                 if not getattr(exc, "writes_kept", False):  # spooled writes: not again
                     self._requeue(pending)
                 raise
+
+    def enforcement_now(self, ts: float) -> float:
+        """'Now' for bans and limits: the server clock when live, else the event's time."""
+        return time.time() if self.enforcement_clock == "wall" else ts
 
     def model_versions(self) -> dict[str, str | None]:
         if self.detectors is not None:
@@ -188,9 +221,14 @@ class Scorer:
         self._use_prices(policy)
         key_id = self.hasher.key_id(event.api_key)
         ts = event.timestamp
+        now = self.enforcement_now(ts)
         plan = self.extractor.plan(event, key_id)
         key_ban_idx = add_ban_reads(plan.key_ops)
         ip_ban_idx = add_ban_reads(plan.ip_ops) if plan.ip_ops is not None else None
+        meter = "peek" if event.status == 429 else "count"  # a refused call was not served
+        key_lim_idx = add_limit_reads(plan.key_ops, meter, now)
+        ip_lim_idx = add_limit_reads(plan.ip_ops, meter, now) if plan.ip_ops is not None \
+            else None
         kb_idx = self.detectors.plan(plan) if self.detectors is not None else None
         budget_plan = plan_budgets(policy, plan)
         requests = plan.requests()
@@ -203,6 +241,9 @@ class Scorer:
         bans = {"key": read_ban(results[0], key_ban_idx),
                 "ip": read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None
                 else BanState()}
+        limits = {"key": read_limit(results[0], key_lim_idx),
+                  "ip": read_limit(results[1], ip_lim_idx) if ip_lim_idx is not None
+                  else LimitState()}
         entities = {"key": key_id}
         if event.source_ip:
             entities["ip"] = event.source_ip
@@ -213,19 +254,19 @@ class Scorer:
             signals = self.model_signals(fv)
         rules, ladder = self._for_policy(policy)
         findings = evaluate_rules(rules, RuleInput(
-            fv=fv, signals=signals, bans={s: b.view(ts) for s, b in bans.items()},
+            fv=fv, signals=signals, bans={s: b.view(now) for s, b in bans.items()},
             budgets=budgets))
         active = [f for f in findings if f.mode == "active"]
 
         fused = fuse(active, signals, fv, policy.fusion)
         plan_active = plan_response(fused, active, policy.responses, bans=bans,
-                                    entities=entities, ladder=ladder, ts=ts)
+                                    entities=entities, ladder=ladder, ts=now)
         if len(active) == len(findings):
             shadow, plan_shadow = fused, plan_active
         else:
             shadow = fuse(findings, signals, fv, policy.fusion)
             plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
-                                        entities=entities, ladder=ladder, ts=ts)
+                                        entities=entities, ladder=ladder, ts=now)
 
         if budgets:  # at a hard budget the budget's own response, not the ban ladder
             for p, f, findings_used in ((plan_active, fused, active),
@@ -246,8 +287,14 @@ class Scorer:
             reasons.sort(key=lambda r: -severity_rank(r.severity))
         money = money_of(fv)
         reasons = state_money(reasons, money)
-        if enforce:
+        limited = _metering_limit(limits, exempt=exempt and not dry_run) \
+            if not dry_run else None
+        if enforce or limited is not None:
             verdict, action = plan_active.verdict, plan_active.action
+            if not enforce:  # an operator's limit on an allow-listed key still holds
+                verdict, action = "allow", Action(type="log" if findings else "none")
+            if limited is not None and limited[1].over and verdict != "block":
+                verdict, action = "throttle", throttle_action(limited[0], limited[1], now)
         else:
             verdict = "allow"
             action = Action(type="alert" if plan_shadow.verdict != "allow"
@@ -262,14 +309,8 @@ class Scorer:
                             severity=shadow.severity,  # type: ignore[arg-type]
                             action=plan_shadow.action, drivers=shadow.drivers)
 
-        if enforce and plan_active.writes:
-            ops = []
-            for w in plan_active.writes:
-                ops.extend(ban_writes(w.scope, w.entity_id, until=w.until, level=w.level,
-                                      ts=ts, reason=w.reason))
-                log.warning("ban %s %s until %s (offence %d): %s", w.scope,
-                            w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
-            self.store.execute(ops)
+        if enforce and (plan_active.writes or plan_active.limits):
+            self._write_enforcement(plan_active, limits, now)
 
         flagged = severity_rank(shadow.severity) >= severity_rank("medium")
         learn: list[EntityOps] = [] if flagged else self.extractor.learn_ops(fv)
@@ -297,39 +338,62 @@ class Scorer:
         )
         return decision, fv
 
+    def _write_enforcement(self, plan: Any, limits: dict[str, LimitState],
+                           now: float) -> None:
+        """The plan's bans and limits, in one store call, stamped on the enforcement clock."""
+        ops: list[EntityOps] = []
+        for w in plan.writes:
+            ops.extend(ban_writes(w.scope, w.entity_id, until=w.until, level=w.level,
+                                  ts=now, reason=w.reason))
+            log.warning("ban %s %s until %s (offence %d): %s", w.scope,
+                        w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
+        for lw in plan.limits:
+            if not needs_limit_write(limits.get(lw.scope, LimitState()), lw, now):
+                continue
+            ops.extend(limit_writes(lw.scope, lw.entity_id, rate_per_min=lw.rate_per_min,
+                                    burst=lw.burst, until=lw.until, reason=lw.reason))
+            log.warning("limit %s %s to %g/min until %s: %s", lw.scope, lw.entity_id,
+                        lw.rate_per_min, event_time_iso(lw.until), lw.reason)
+        if ops:
+            self.store.execute(ops)
+
     # ---- pre-flight -------------------------------------------------------------------
     def check(self, api_key: str, source_ip: str | None = None,
               now: float | None = None) -> CheckResult:
-        """Is the key (or its address) banned right now? One store round trip."""
+        """May the key (from this address) call now? Bans first, then limits: an allowed
+        call takes its place under a limit (GCRA), in the same single round trip."""
         ts = time.time() if now is None else now
         key_id = self.hasher.key_id(api_key)
         policy = self.policy
         requests = [EntityOps(KEY, key_id)]
-        idx = {"key": add_ban_reads(requests[0])}
+        scopes = {"key": requests[0]}
         if source_ip:
             requests.append(EntityOps(IP, source_ip))
-            idx["ip"] = add_ban_reads(requests[1])
+            scopes["ip"] = requests[1]
+        idx = {s: (add_ban_reads(ops), add_limit_reads(ops, "take", ts))
+               for s, ops in scopes.items()}
         results = self._execute(requests)
         allow = self.allow_list.entries(policy.allow_list, self.hasher)
         exempt = allow.key_allowed(key_id) or allow.ip_allowed(source_ip)
         dry_run = self.dry_run or policy.dry_run
         enforced_scopes = {r.scope for r in policy.rules
                            if r.type == "banned" and r.mode == "active"}
+        limits: dict[str, LimitState] = {}
         for n, scope in enumerate(idx):
-            ban = read_ban(results[n], idx[scope])
+            ban = read_ban(results[n], idx[scope][0])
+            limits[scope] = read_limit(results[n], idx[scope][1])
             if scope not in enforced_scopes or not ban.active(ts):
                 continue
             if exempt and ban.by != "admin":
                 continue
-            subject = "key" if scope == "key" else "address"
-            until = "permanently" if ban.permanent else f"until {event_time_iso(ban.until)}"
-            why = f" ({ban.reason})" if ban.reason else ""
-            retry = None if ban.permanent else max(1, math.ceil(ban.until - ts))
-            if dry_run:
-                return CheckResult(key_id, True, f"dry-run: {subject} would be blocked, "
-                                                 f"banned {until}{why}", None, True)
-            return CheckResult(key_id, False, f"{subject} banned {until}{why}", retry)
-        return CheckResult(key_id, True, None, None, dry_run)
+            refusal = _ban_refusal(key_id, scope, ban, ts)
+            return _dry(refusal) if dry_run else refusal
+        limited = _metering_limit(limits, exempt=exempt)
+        if limited is None:
+            return CheckResult(key_id, True, None, None, dry_run)
+        scope, limit = limited
+        answer = _limit_answer(key_id, scope, limit)
+        return _dry(answer) if dry_run and not answer.allowed else answer
 
     def _take_pending(self) -> list[EntityOps]:
         with self._lock:
@@ -339,6 +403,47 @@ class Scorer:
     def _requeue(self, pending: list[EntityOps]) -> None:
         with self._lock:
             self._pending[:0] = pending
+
+
+def _ban_refusal(key_id: str, scope: str, ban: BanState, now: float) -> CheckResult:
+    subject = "key" if scope == "key" else "address"
+    until = "permanently" if ban.permanent else f"until {event_time_iso(ban.until)}"
+    why = f" ({ban.reason})" if ban.reason else ""
+    retry = None if ban.permanent else max(1, math.ceil(ban.until - now))
+    return CheckResult(key_id, False, f"{subject} banned {until}{why}", retry,
+                       refused=subject, scope=scope,
+                       until=None if ban.permanent else event_time_iso(ban.until))
+
+
+def _limit_answer(key_id: str, scope: str, limit: LimitState) -> CheckResult:
+    """A call under a limit: allowed within it, refused over it until the next fits."""
+    subject = "key" if scope == "key" else "address"
+    until = event_time_iso(limit.until)
+    rate = max(1, round(limit.rate_per_min))
+    detail = {"scope": scope, "limit_per_min": rate, "burst": max(1, round(limit.burst)),
+              "until": until, "by": limit.by}
+    if not limit.over:
+        return CheckResult(key_id, True, None, None, limit=detail)
+    retry = max(1, math.ceil(limit.retry_after_s))
+    return CheckResult(key_id, False, f"{subject} throttled to {rate} calls/min until "
+                                      f"{until}: over the limit, next call in {retry} s",
+                       retry, refused="throttle", scope=scope, until=until, limit=detail)
+
+
+def _dry(result: CheckResult) -> CheckResult:
+    """Dry-run: say what would be refused, refuse nothing."""
+    return CheckResult(result.key_id, True, f"dry-run: would be refused, {result.reason}",
+                       None, True, limit=result.limit)
+
+
+def _metering_limit(limits: dict[str, LimitState], *,
+                    exempt: bool) -> tuple[str, LimitState] | None:
+    """The limit that meters this call, one it is over first (the key's, then the
+    address's); on an allow-listed key or address only an operator's limit counts. A call
+    within its limits keeps its decision: only one over a limit is throttled."""
+    held = [(scope, limit) for scope, limit in limits.items()
+            if limit.active and (not exempt or limit.by == "admin")]
+    return min(held, key=lambda sl: not sl[1].over, default=None)
 
 
 def _one_per_entity(requests: list[EntityOps]) -> list[EntityOps]:

@@ -44,6 +44,7 @@ class _ComponentCollector(Collector):
             yield from self._files()
             yield from self._models()
             yield from self._bans()
+            yield from self._store()
         except Exception:  # a scrape must answer even if a component misbehaves
             log.exception("metrics collection failed")
 
@@ -116,6 +117,24 @@ class _ComponentCollector(Collector):
         g.add_metric([], float(value))
         yield g
 
+    def _store(self) -> Iterator[Metric]:
+        """The memory store says when it drops feature state (enforcement is never)."""
+        stats = self.m.store_stats() if self.m.store_stats is not None else None
+        if not stats:
+            return
+        for name, help_text in (
+                ("feature_evictions", "Entities whose feature state the memory store "
+                                      "evicted (LRU); bans and limits are never evicted"),
+                ("feature_expirations", "Entities whose feature state idled out"),
+                ("enforcement_entities", "Entities holding enforcement state (never "
+                                         "evicted)")):
+            if name in stats:
+                kind = CounterMetricFamily if name != "enforcement_entities" \
+                    else GaugeMetricFamily
+                g = kind(f"keywatch_store_{name}", help_text)
+                g.add_metric([], float(stats[name]))
+                yield g
+
 
 class KeywatchMetrics:
     """The service's metrics; `observe_decision`/`observe_latency` are the hot-path calls."""
@@ -143,6 +162,7 @@ class KeywatchMetrics:
         self.file_stats: Callable[[], dict[str, dict[str, Any]]] | None = None
         self.model_versions: Callable[[], dict[str, str | None]] | None = None
         self.bans_active: Callable[[], int | None] | None = None
+        self.store_stats: Callable[[], dict[str, float]] | None = None
         self.registry.register(_ComponentCollector(self))
 
     def observe_decision(self, decision: str, severity: str) -> None:

@@ -6,6 +6,17 @@ Ban state lives on the entity (key or source address) in the shared store, so a 
 by one replica is enforced by every replica on the entity's next event; a small index
 of active bans on a global entity lets the admin API list them without a scan.
 
+Throttles are state too: a throttle decision sets a limit on the key (or the address)
+for a while — `limit_per_min` calls a minute with a small burst, metered by GCRA in the
+store (`LIMIT` in `features.stores.base`) in the same round trip as the event's features
+and the gateway's pre-flight — so a throttle means fewer calls served, not a word in a
+decision. Limits end on their own (`duration` of the throttle tier, 15 min by default)
+and are indexed like bans, so the admin API can list them.
+
+Bans and limits are stored in wall time (the server's clock) when live, so a backlog of
+old events still writes a ban that holds now; a replay keeps event time throughout (the
+scorer's `enforcement_clock`).
+
 Durations grow with the offender's history (30 min → 2 h → 24 h → permanent by
 default) and decay: each clean period of `decay_after` since the last ban forgives one
 step, so an old incident does not make a key's next mistake a permanent ban.
@@ -29,7 +40,7 @@ from typing import Any
 
 from features.contract import event_time_iso
 from features.keys import KeyHasher, looks_like_key_id
-from features.stores.base import GET, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
+from features.stores.base import GET, LIMIT, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
 from serving.engine.decision import Action
 from serving.policy.fusion import Fusion
 from serving.policy.rules import BanView, Finding
@@ -43,8 +54,17 @@ BAN_REASON = "ban:reason"
 PERMANENT = 1e18
 """`until` of a permanent ban (a finite number every backend stores exactly)."""
 
+LIM_RATE = "lim:rate"
+LIM_BURST = "lim:burst"
+LIM_UNTIL = "lim:until"
+LIM_BY = "lim:by"
+LIM_REASON = "lim:reason"
+DEFAULT_LIMIT_S = 900.0
+"""How long a throttle's limit lasts when the tier does not say."""
+
 GLOBAL = "g"
 BANS_ENTITY = "bans"
+LIMITS_ENTITY = "limits"
 ALLOW_ENTITY = "allow"
 AUDIT_ENTITY = "audit"
 INDEX = "index"
@@ -180,6 +200,97 @@ def ban_action(scope: str, until: float, ts: float) -> Action:
     )
 
 
+# ---- limits (throttles as state) ----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """An entity's limit as the meter answered it (status -1: no active limit)."""
+
+    status: int = -1
+    retry_after_s: float = 0.0
+    rate_per_min: float = 0.0
+    until: float = 0.0
+    burst: float = 0.0
+    by: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status >= 0
+
+    @property
+    def over(self) -> bool:
+        return self.status == 0
+
+
+LimitIdx = tuple[int, int]
+
+
+def add_limit_reads(ops: EntityOps, mode: str, now: float) -> LimitIdx:
+    """Meter the entity's limit in its own call: `take` (pre-flight), `count` (a served
+    call reported), `peek`. See LIMIT in `features.stores.base`."""
+    return ops.add(LIMIT, mode, float(now)), ops.add(GET, LIM_BY)
+
+
+def read_limit(results: list[Any], idx: LimitIdx) -> LimitState:
+    raw, by = results[idx[0]], results[idx[1]]
+    if not raw or raw[0] < 0:
+        return LimitState()
+    return LimitState(status=int(raw[0]), retry_after_s=float(raw[1]),
+                      rate_per_min=float(raw[2]), until=float(raw[3]), burst=float(raw[4]),
+                      by=by or None)
+
+
+def default_burst(rate_per_min: float) -> int:
+    """Ten seconds' worth of calls, at least one: a limit meters a rate, not each gap."""
+    return max(1, round(rate_per_min / 6))
+
+
+def limit_writes(scope: str, entity_id: str, *, rate_per_min: float, burst: int,
+                 until: float, by: str = "keywatch", reason: str = "") -> list[EntityOps]:
+    """Set a limit on the entity (its meter is kept) and index it until it ends."""
+    ops = EntityOps(SCOPE_KIND[scope], entity_id)
+    ops.add(SET, LIM_RATE, repr(float(rate_per_min)))
+    ops.add(SET, LIM_BURST, str(int(burst)))
+    ops.add(SET, LIM_UNTIL, repr(float(until)))
+    ops.add(SET, LIM_BY, by)
+    ops.add(SET, LIM_REASON, reason[:500])
+    index = EntityOps(GLOBAL, LIMITS_ENTITY)
+    index.add(ZSET, INDEX, index_member(scope, entity_id), float(until), MAX_INDEXED)
+    index.add(PERSIST, 1)
+    return [ops, index]
+
+
+def unlimit_writes(scope: str, entity_id: str) -> list[EntityOps]:
+    ops = EntityOps(SCOPE_KIND[scope], entity_id)
+    ops.add(SET, LIM_UNTIL, "0")
+    index = EntityOps(GLOBAL, LIMITS_ENTITY)
+    index.add(ZREM, INDEX, index_member(scope, entity_id))
+    return [ops, index]
+
+
+def add_limit_detail_reads(ops: EntityOps) -> tuple[int, ...]:
+    return tuple(ops.add(GET, f) for f in (LIM_RATE, LIM_BURST, LIM_UNTIL, LIM_BY, LIM_REASON))
+
+
+def read_limit_detail(results: list[Any], idx: tuple[int, ...]) -> dict[str, Any] | None:
+    """A limit's settings as stored, for listings (None when never set)."""
+    rate, burst, until, by, reason = (results[i] for i in idx)
+    if not rate or not until:
+        return None
+    return {"limit_per_min": float(rate), "burst": int(float(burst or 1)),
+            "until_ts": float(until), "by": by or None, "reason": reason or None}
+
+
+def throttle_action(scope: str, limit: LimitState, now: float) -> Action:
+    """The decision's action while a limit meters the key or address: the limit, when it
+    ends, and when the next call fits if this one was over."""
+    return Action(type="throttle", scope=scope,  # type: ignore[arg-type]
+                  until=event_time_iso(limit.until),
+                  retry_after_s=max(1, math.ceil(limit.retry_after_s)) if limit.over
+                  else None,
+                  limit_per_min=max(1, round(limit.rate_per_min)),
+                  burst=max(1, round(limit.burst)))
+
+
 # ---- graduated response ----------------------------------------------------------------
 @dataclass(slots=True)
 class BanWrite:
@@ -191,10 +302,21 @@ class BanWrite:
 
 
 @dataclass(slots=True)
+class LimitWrite:
+    scope: str
+    entity_id: str
+    rate_per_min: float
+    burst: int
+    until: float
+    reason: str
+
+
+@dataclass(slots=True)
 class ResponsePlan:
     verdict: str
     action: Action
     writes: list[BanWrite] = field(default_factory=list)
+    limits: list[LimitWrite] = field(default_factory=list)
 
 
 def plan_response(
@@ -226,11 +348,7 @@ def plan_response(
     if kind in ("none", "log", "alert"):
         return ResponsePlan("allow", Action(type=kind, scope=scopes[0]))  # type: ignore[arg-type]
     if kind == "throttle":
-        t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
-        return ResponsePlan("throttle", Action(
-            type="throttle", scope=scopes[0],  # type: ignore[arg-type]
-            retry_after_s=t.retry_after_s if t else 60,
-            limit_per_min=t.limit_per_min if t else None))
+        return _throttle_plan(cfg, tier, scopes[0], entities, fusion, ts)
     # a ban on every scope a critical driver names (a stuffing address is banned as IP)
     critical = [f for f in drivers if f.reason.severity == "critical"]
     ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
@@ -245,6 +363,33 @@ def plan_response(
         writes.append(BanWrite(scope, entities[scope], until_for(ts, duration), level, reason))
     main = writes[0]
     return ResponsePlan("block", ban_action(main.scope, main.until, ts), writes)
+
+
+def _throttle_plan(cfg: ResponsesConfig, tier: Any, scope: str, entities: dict[str, str],
+                   fusion: Fusion, now: float) -> ResponsePlan:
+    """A throttle: a limit on the scope for the tier's duration (written by the scorer)."""
+    t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
+    rate = float(t.limit_per_min) if t is not None and t.limit_per_min else 60.0
+    duration = float(getattr(t, "duration", None) or DEFAULT_LIMIT_S)
+    burst = int(getattr(t, "burst", None) or default_burst(rate))
+    until = now + duration
+    action = Action(type="throttle", scope=scope,  # type: ignore[arg-type]
+                    retry_after_s=t.retry_after_s if t else 60,
+                    limit_per_min=max(1, round(rate)), burst=burst,
+                    until=event_time_iso(until))
+    write = LimitWrite(scope, entities[scope], rate, burst, until, ", ".join(fusion.drivers))
+    return ResponsePlan("throttle", action, limits=[write])
+
+
+def needs_limit_write(held: LimitState, write: LimitWrite, now: float) -> bool:
+    """Write a throttle's limit unless one as strict holds for at least half as long (an
+    operator's limit is never loosened or shortened by the automatic one)."""
+    if not held.active:
+        return True
+    if held.by == "admin":
+        return False
+    half = (write.until - now) / 2
+    return write.rate_per_min < held.rate_per_min or held.until - now < half
 
 
 # ---- allow-lists ----------------------------------------------------------------------

@@ -65,6 +65,18 @@ class TierResponse(_Strict):
     limit_per_min: int | None = Field(default=None, ge=1)
     """For throttle: the reduced rate the gateway should allow."""
     retry_after_s: int = Field(default=60, ge=1)
+    duration: float = 900.0
+    """For throttle: how long the limit holds once set (renewed while the throttle goes on)."""
+    burst: int | None = Field(default=None, ge=1)
+    """For throttle: calls allowed back to back; default ten seconds' worth of the limit."""
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds == PERMANENT_S:
+            raise ValueError("a throttle's duration must be finite")
+        return seconds
 
 
 class BanSettings(_Strict):

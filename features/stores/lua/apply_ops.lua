@@ -92,7 +92,7 @@ end
 local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
   ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
   gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1}
+  budget_add = 1, limit = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
@@ -268,6 +268,43 @@ for _, op in ipairs(ops) do
         out[#out + 1] = {'0', string.format('%.17g', total), string.format('%.17g', over)}
       end
     end
+  elseif code == 'limit' then
+    -- the GCRA limit meter, as `gcra` in features/stores/memory.py (wall time)
+    local mode, now = op[2], op[3]
+    local held = redis.call('HMGET', h, 'lim:until', 'lim:rate', 'lim:burst', 'lim:tat',
+      'lim:tat_e')
+    local lim_until, rate = tonumber(held[1] or '0'), tonumber(held[2] or '0')
+    if lim_until <= now or rate <= 0 then
+      out[#out + 1] = {'-1', '0', '0', '0', '0'}
+    else
+      local burst = tonumber(held[3] or '1')
+      local tat, tat_e = tonumber(held[4] or '0'), tonumber(held[5] or '0')
+      local interval = 60.0 / rate
+      local tol = interval * (math.max(burst, 1) - 1)
+      local hv = math.max(tat, tat_e, now)
+      local status, retry = 0, 0
+      if mode == 'take' then
+        if hv - tol <= now then
+          status = 1
+          redis.call('HSET', h, 'lim:tat', string.format('%.17g', hv + interval))
+        else
+          retry = hv - tol - now
+        end
+      elseif mode == 'count' then
+        local own = math.max(tat_e, now)
+        local new_e = math.min(own + interval, math.max(lim_until, now))
+        redis.call('HSET', h, 'lim:tat_e', string.format('%.17g', new_e))
+        if own - tol <= now then status = 1 end
+        retry = math.max(0, math.max(tat, new_e, now) - tol - now)
+      elseif hv - tol <= now then
+        status = 1
+      else
+        retry = hv - tol - now
+      end
+      out[#out + 1] = {string.format('%d', status), string.format('%.17g', retry),
+        string.format('%.17g', rate), string.format('%.17g', lim_until),
+        string.format('%.17g', burst)}
+    end
   elseif code == 'persist' then
     if tonumber(op[2]) == 1 then redis.call('HSET', h, '_persist', '1')
     else redis.call('HDEL', h, '_persist') end
@@ -277,10 +314,20 @@ for _, op in ipairs(ops) do
   end
 end
 
-if redis.call('HGET', h, '_persist') == '1' then
+-- a permanent ban keeps the entity; a ban or a limit keeps it at least until it ends
+-- (their ends are wall time), however idle; otherwise the idle TTL
+local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
+if keep[1] == '1' then
   for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
 elseif ttl > 0 then
-  for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ttl) end
+  local t = ttl
+  if keep[2] or keep[3] then
+    local now = tonumber(redis.call('TIME')[1])
+    local hold = math.max(tonumber(keep[2] or '0') or 0, tonumber(keep[3] or '0') or 0)
+    local left = math.ceil(math.min(hold - now, 315360000))
+    if left > t then t = left end
+  end
+  for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], t) end
 end
 if #out == 0 then return '[]' end
 return cjson.encode(out)
