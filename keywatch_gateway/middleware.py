@@ -94,7 +94,7 @@ class KeywatchMiddleware:
         client: KeywatchClient,
         key_header: str | None = None,
         enforce: bool = False,
-        cache_ttl_s: float = 5.0,
+        cache_ttl_s: float = 1.0,
         max_refusal_cache_s: float = 60.0,
         cache_max_keys: int = 10_000,
         exclude_paths: Iterable[str] = (),

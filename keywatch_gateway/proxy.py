@@ -238,7 +238,7 @@ def create_proxy_app(
     upstream_api_key: str | None = None,
     key_header: str | None = None,
     timeout_s: float = 600.0,
-    check_cache_s: float = 1.0,
+    check_cache_s: float = 0.25,
     enforce: bool = True,
 ) -> Starlette:
     """The proxy as an ASGI app; it closes `client` when it shuts down.
@@ -289,7 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of the caller's")
     parser.add_argument("--key-header", help="also read the caller's key from this header "
                                              "(e.g. api-key); Authorization: Bearer always")
-    parser.add_argument("--check-cache-s", type=float, default=1.0,
+    parser.add_argument("--check-cache-s", type=float, default=0.25,
                         help="reuse an allowance this long per key and address "
                              "(never while a limit meters the key)")
     parser.add_argument("--fail-closed", action="store_true",

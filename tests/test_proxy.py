@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
 from fastapi import FastAPI
 
 from features.keys import KeyHasher
@@ -30,6 +32,9 @@ from tests.support.fake_openai import MODEL, PROMPT_TOKENS, WORDS, FakeOpenAI
 HASH = KeyHasher(TEST_SECRET)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MESSAGES = [{"role": "user", "content": "Say hello"}]
+DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "serving" / "policy" / \
+    "default_policy.yaml"
+RUNAWAY_PER_MIN = 200
 
 
 @dataclass
@@ -229,3 +234,66 @@ def test_the_cli_verb_refuses_a_bad_trusted_proxy_by_name(capsys: pytest.Capture
     assert main(["proxy", "--upstream", "http://127.0.0.1:9/v1",
                  "--trusted-proxy", "lb.internal"]) == 2
     assert "'lb.internal' is not an IP address or network" in capsys.readouterr().err
+
+
+def runaway_policy(tmp_path: Path) -> Path:
+    """The shipped policy, with the minute's request limit at 200 (so a short loop is a
+    runaway) and the throttle holding 3 s once the loop stops (so the test sees it end)."""
+    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    (rule,) = [r for r in policy["rules"] if r["id"] == "rate_limit_1m"]
+    rule["params"]["limit"] = RUNAWAY_PER_MIN
+    policy["responses"]["tiers"]["high"].update(duration="3s", limit_per_min=60)
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy), encoding="utf-8")
+    return path
+
+
+def test_a_runaway_loop_is_throttled_at_the_edge_and_served_again_after(
+        tmp_path: Path) -> None:
+    """keywatch throttles the loop (a limit as state, metered in /v1/check), the proxy
+    refuses the calls over the limit with RateLimitError, and once the loop stops and
+    the limit has ended, calls are served again."""
+    key = "sk-proxy-runaway-0009"
+    keywatch = create_app(make_settings(policy=runaway_policy(tmp_path)))
+    upstream = FakeOpenAI(first_chunk_delay_s=0, chunk_interval_s=0)
+    decisions: list[str] = []
+    with serve_in_thread(keywatch) as kw_url, serve_in_thread(upstream.app()) as up_url:
+        gateway = KeywatchClient(kw_url, flush_interval_s=0.05,
+                                 on_decisions=lambda ds: decisions.extend(
+                                     d["decision"] for d in ds))
+        with serve_in_thread(create_proxy_app(f"{up_url}/v1", gateway),
+                             proxy_headers=False) as url:
+            client = openai.OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0)
+            served: list[bool] = []
+            refusals: list[openai.RateLimitError] = []
+            for _ in range(3 * RUNAWAY_PER_MIN):
+                try:
+                    client.chat.completions.create(model=MODEL, messages=MESSAGES)
+                    served.append(True)
+                except openai.RateLimitError as exc:
+                    served.append(False)
+                    refusals.append(exc)
+            assert gateway.flush(10)
+            throttled_from = decisions.index("throttle")  # the first call keywatch throttled
+            assert throttled_from >= RUNAWAY_PER_MIN
+            over = served[throttled_from:]
+            assert over.count(False) >= 0.8 * len(over), (over.count(False), len(over))
+            first = refusals[0]
+            assert first.code == "rate_limit_exceeded"
+            assert "this API key is throttled until 20" in first.message
+            assert 1 <= int(first.response.headers["retry-after"]) <= 60
+            wait_until_no_limit(kw_url)
+            for _ in range(5):  # back within a limit, or no limit at all: served
+                assert client.chat.completions.create(model=MODEL, messages=MESSAGES).choices
+    assert len(upstream.seen) == served.count(True) + 5  # refused calls never went upstream
+
+
+def wait_until_no_limit(keywatch_url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{keywatch_url}/admin/limits", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        if r.json()["count"] == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail("the limit did not end")
