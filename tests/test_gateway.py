@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
@@ -21,10 +22,11 @@ from keywatch_gateway.middleware import KeywatchMiddleware
 from serving.api.app import create_app
 from serving.engine.event_log import read_event_log
 from serving.policy.responses import add_ban_reads, ban_ops, read_ban
-from tests.conftest import TEST_SECRET, make_settings
+from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, closed_port_url, serve_in_thread
 
 HASH = KeyHasher(TEST_SECRET)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class CheckIn(BaseModel):
@@ -177,6 +179,34 @@ def test_middleware_refuses_a_banned_key_and_caches_the_verdict(keywatch: Keywat
     assert client.checks == 2  # one per key; the rest came from the cache
     refused = keywatch.events("sk-live-mw-banned")
     assert [e["status"] for e in refused] == [403, 403, 403]  # keywatch still sees them
+
+
+def test_middleware_and_client_enforce_a_throttle_with_429_and_retry_after(
+        keywatch: Keywatch) -> None:
+    key = "sk-live-mw-throttled"
+    r = httpx.post(f"{keywatch.url}/admin/throttle", headers=ADMIN,
+                   json={"key": key, "limit_per_min": 6, "burst": 2, "duration": "10m"})
+    assert r.status_code == 200, r.text
+    client = KeywatchClient(keywatch.url, flush_interval_s=0.05)
+    app = gateway(client, enforce=True, cache_ttl_s=60.0)
+    with TestClient(app) as c:
+        statuses, refusals = [], []
+        for _ in range(6):
+            r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                refusals.append(r)
+    assert statuses[:2] == [200, 200] and statuses[2] == 429  # the burst, then the limit
+    assert client.checks >= 3  # an allowance under a limit is not reused, whatever the TTL
+    error = refusals[0].json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert error["message"].startswith("Rate limit exceeded: this API key is throttled until")
+    assert 1 <= int(refusals[0].headers["retry-after"]) <= 10
+    refusal = client.enforce(key)
+    assert refusal is not None and refusal.status == 429 and refusal.what == "throttle"
+    assert refusal.headers["retry-after"] == str(refusal.retry_after_s)
+    assert client.enforce("sk-live-mw-unthrottled") is None
+    client.close()
 
 
 def test_nothing_waits_when_keywatch_is_down() -> None:
