@@ -153,11 +153,14 @@ class StreamUsage:
         return not (self.strip and usage_only)
 
 
-def _upstream_headers(request: Request, upstream_key: str | None) -> dict[str, str]:
+def _upstream_headers(request: Request, upstream_key: str | None,
+                      key_header: str | None) -> dict[str, str]:
     headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP}
     headers.pop("accept-encoding", None)  # httpx asks for what it can decode
-    if upstream_key:
-        headers.pop("api-key", None)
+    if upstream_key:  # the caller's key is for keywatch; the upstream gets ours
+        for name in ("api-key", key_header):
+            if name:
+                headers.pop(name.lower(), None)
         headers["authorization"] = f"Bearer {upstream_key}"
     return headers
 
@@ -183,14 +186,16 @@ async def _relay(response: httpx.Response, reader: StreamUsage,
             state[USAGE_STATE_KEY] = reader.usage
 
 
-def _forward_endpoint(upstream_key: str | None) -> Callable[[Request], Awaitable[Response]]:
+def _forward_endpoint(upstream_key: str | None, key_header: str | None
+                      ) -> Callable[[Request], Awaitable[Response]]:
     async def forward(request: Request) -> Response:
         http: httpx.AsyncClient = request.app.state.upstream
         path = request.path_params["path"]
         body, strip_usage = ask_for_usage(path, await request.body())
         url = "/" + path + (f"?{request.url.query}" if request.url.query else "")
         outgoing = http.build_request(request.method, url, content=body,
-                                      headers=_upstream_headers(request, upstream_key))
+                                      headers=_upstream_headers(request, upstream_key,
+                                                                key_header))
         try:
             response = await http.send(outgoing, stream=True)
         except httpx.TimeoutException:
@@ -262,7 +267,7 @@ def create_proxy_app(
 
     app = Starlette(routes=[
         Route("/healthz", _healthz, methods=["GET"]),
-        Route("/v1/{path:path}", _forward_endpoint(upstream_api_key), methods=METHODS),
+        Route("/v1/{path:path}", _forward_endpoint(upstream_api_key, key_header), methods=METHODS),
         Route("/{path:path}", _not_found, methods=METHODS),
     ], lifespan=lifespan)
     app.add_middleware(KeywatchMiddleware, client=client, enforce=enforce,

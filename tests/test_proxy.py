@@ -297,3 +297,18 @@ def wait_until_no_limit(keywatch_url: str, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.2)
     pytest.fail("the limit did not end")
+
+
+def test_the_upstream_can_get_the_proxys_own_key(edge: Edge) -> None:
+    caller = "sk-proxy-caller-0010"
+    gateway = KeywatchClient(edge.keywatch_url, flush_interval_s=0.05)
+    proxy = create_proxy_app(f"{edge.upstream_url}/v1", gateway, key_header="x-api-key",
+                             upstream_api_key="sk-upstream-own-key")
+    with serve_in_thread(proxy, proxy_headers=False) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", headers={"x-api-key": caller},
+                       json={"model": MODEL, "messages": MESSAGES})
+        assert r.status_code == 200
+        events = logged_events(edge.keywatch, gateway, caller, 1)
+    seen = edge.upstream.seen[-1]["headers"]
+    assert seen["authorization"] == "Bearer sk-upstream-own-key" and "x-api-key" not in seen
+    assert [e["status"] for e in events] == [200]  # keywatch knows the caller's key
