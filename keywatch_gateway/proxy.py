@@ -192,7 +192,9 @@ def _forward_endpoint(upstream_key: str | None, key_header: str | None
         http: httpx.AsyncClient = request.app.state.upstream
         path = request.path_params["path"]
         body, strip_usage = ask_for_usage(path, await request.body())
-        url = "/" + path + (f"?{request.url.query}" if request.url.query else "")
+        raw = request.scope.get("raw_path")  # as sent: percent-escapes kept
+        url = raw.decode("latin-1").removeprefix("/v1") if raw else "/" + path
+        url += f"?{request.url.query}" if request.url.query else ""
         outgoing = http.build_request(request.method, url, content=body,
                                       headers=_upstream_headers(request, upstream_key,
                                                                 key_header))
@@ -227,8 +229,8 @@ def _forward_endpoint(upstream_key: str | None, key_header: str | None
 
 
 async def _not_found(request: Request) -> Response:
-    return openai_error(404, f"This proxy serves /v1/…, not {request.url.path}.",
-                        "not_found", "invalid_request_error")
+    return openai_error(404, "This proxy serves the API under /v1/ only.", "not_found",
+                        "invalid_request_error")
 
 
 async def _healthz(request: Request) -> Response:

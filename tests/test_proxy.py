@@ -312,3 +312,10 @@ def test_the_upstream_can_get_the_proxys_own_key(edge: Edge) -> None:
     seen = edge.upstream.seen[-1]["headers"]
     assert seen["authorization"] == "Bearer sk-upstream-own-key" and "x-api-key" not in seen
     assert [e["status"] for e in events] == [200]  # keywatch knows the caller's key
+
+
+def test_paths_and_queries_reach_the_upstream_as_sent(edge: Edge) -> None:
+    r = httpx.get(f"{edge.proxy_url}/v1/models?limit=5&after=a%2Fb",
+                  headers={"Authorization": "Bearer sk-proxy-paths-0011"})
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+    assert edge.upstream.seen[-1]["query"] == "limit=5&after=a%2Fb"

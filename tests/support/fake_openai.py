@@ -41,7 +41,8 @@ class FakeOpenAI:
         ])
 
     async def models(self, request: Request) -> Response:
-        self.seen.append({"path": "/v1/models", "headers": dict(request.headers)})
+        self.seen.append({"path": "/v1/models", "headers": dict(request.headers),
+                          "query": request.url.query})
         return JSONResponse({"object": "list", "data": [
             {"id": MODEL, "object": "model", "created": 1721172741, "owned_by": "system"}]})
 
