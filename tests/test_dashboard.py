@@ -153,6 +153,7 @@ def test_riskiest_keys_rank_by_severity_then_volume_and_skip_false_positives() -
 
 # ---- the API the page uses ---------------------------------------------------------------
 DATA_ENDPOINTS = ("/v1/stats/decisions", "/v1/stats/keys", "/v1/alerts", "/admin/bans",
+                  "/admin/limits",
                   "/v1/keys/k_" + "0" * 32)
 
 

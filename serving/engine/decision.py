@@ -45,6 +45,8 @@ class Action(BaseModel):
     """For throttle: the calls a minute the key (or address) is limited to, until `until`."""
     burst: int | None = None
     """For throttle: calls allowed back to back within the limit (GCRA burst)."""
+    duration_s: int | None = None
+    """For throttle: how long the limit lasts once set (renewed while the throttle goes on)."""
 
 
 class Outcome(BaseModel):

@@ -29,7 +29,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +53,13 @@ from serving.policy.responses import (
     add_ban_reads,
     add_limit_reads,
     ban_writes,
+    limit_write_for,
     limit_writes,
+    limited_action,
     needs_limit_write,
     plan_response,
     read_ban,
     read_limit,
-    throttle_action,
 )
 from serving.policy.rules import RuleInput, evaluate_rules
 from serving.policy.schema import Policy, PolicySource, load_policy
@@ -129,6 +131,7 @@ class Scorer:
         if enforcement_clock not in ("event", "wall"):
             raise ValueError("enforcement_clock is 'event' (replay) or 'wall' (live)")
         self.enforcement_clock = enforcement_clock
+        self._pinned = threading.local()
         """`wall`: bans and limits are set and judged on the server clock (live);
         `event`: on event time (replay, evaluation, notebooks)."""
         self.store = store
@@ -173,8 +176,23 @@ class Scorer:
                 raise
 
     def enforcement_now(self, ts: float) -> float:
-        """'Now' for bans and limits: the server clock when live, else the event's time."""
-        return time.time() if self.enforcement_clock == "wall" else ts
+        """'Now' for bans and limits: the server clock when live (or the time pinned for
+        this thread, see `pinned_clock`), else the event's time."""
+        if self.enforcement_clock != "wall":
+            return ts
+        pinned = getattr(self._pinned, "now", None)
+        return time.time() if pinned is None else pinned
+
+    @contextmanager
+    def pinned_clock(self, now: float) -> Iterator[None]:
+        """Score on this thread as if the wall clock read `now`: a stream worker pins the
+        entry's arrival time, so an event delivered again is decided from the same numbers
+        (and its writes are recognised as the same writes)."""
+        self._pinned.now = now
+        try:
+            yield
+        finally:
+            self._pinned.now = None
 
     def model_versions(self) -> dict[str, str | None]:
         if self.detectors is not None:
@@ -268,12 +286,17 @@ class Scorer:
             plan_shadow = plan_response(shadow, findings, policy.responses, bans=bans,
                                         entities=entities, ladder=ladder, ts=now)
 
+        limit_write = limit_write_for(plan_active, entities, now, ", ".join(fused.drivers))
         if budgets:  # at a hard budget the budget's own response, not the ban ladder
             for p, f, findings_used in ((plan_active, fused, active),
                                         (plan_shadow, shadow, findings)):
                 own = budget_response(f, findings_used, policy, ts)
                 if own is not None:
                     p.verdict, p.action, p.writes = own
+                    if p is plan_active:
+                        limit_write = None  # the budget's answer sets no limit
+        if limit_write is not None:  # a throttle is a limit on its scope, for a while
+            plan_active.limits.append(limit_write)
 
         allow = self.allow_list.entries(policy.allow_list, self.hasher)
         exempt = allow.key_allowed(key_id) or allow.ip_allowed(event.source_ip)
@@ -294,7 +317,7 @@ class Scorer:
             if not enforce:  # an operator's limit on an allow-listed key still holds
                 verdict, action = "allow", Action(type="log" if findings else "none")
             if limited is not None and limited[1].over and verdict != "block":
-                verdict, action = "throttle", throttle_action(limited[0], limited[1], now)
+                verdict, action = "throttle", limited_action(limited[0], limited[1], now)
         else:
             verdict = "allow"
             action = Action(type="alert" if plan_shadow.verdict != "allow"
@@ -348,10 +371,12 @@ class Scorer:
             log.warning("ban %s %s until %s (offence %d): %s", w.scope,
                         w.entity_id, event_time_iso(min(w.until, 4e9)), w.level, w.reason)
         for lw in plan.limits:
-            if not needs_limit_write(limits.get(lw.scope, LimitState()), lw, now):
+            held = limits.get(lw.scope, LimitState())
+            if not needs_limit_write(held, lw, now):
                 continue
             ops.extend(limit_writes(lw.scope, lw.entity_id, rate_per_min=lw.rate_per_min,
-                                    burst=lw.burst, until=lw.until, reason=lw.reason))
+                                    burst=lw.burst, until=lw.until, reason=lw.reason,
+                                    fresh=not held.active))
             log.warning("limit %s %s to %g/min until %s: %s", lw.scope, lw.entity_id,
                         lw.rate_per_min, event_time_iso(lw.until), lw.reason)
         if ops:

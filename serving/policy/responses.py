@@ -245,9 +245,15 @@ def default_burst(rate_per_min: float) -> int:
 
 
 def limit_writes(scope: str, entity_id: str, *, rate_per_min: float, burst: int,
-                 until: float, by: str = "keywatch", reason: str = "") -> list[EntityOps]:
-    """Set a limit on the entity (its meter is kept) and index it until it ends."""
+                 until: float, by: str = "keywatch", reason: str = "",
+                 fresh: bool = True) -> list[EntityOps]:
+    """Set a limit on the entity and index it until it ends. `fresh`: the meter starts
+    anew (a new limit); otherwise it is kept (a limit renewed while it holds, so renewing
+    grants no new burst)."""
     ops = EntityOps(SCOPE_KIND[scope], entity_id)
+    if fresh:
+        ops.add(SET, "lim:tat", "0")
+        ops.add(SET, "lim:tat_e", "0")
     ops.add(SET, LIM_RATE, repr(float(rate_per_min)))
     ops.add(SET, LIM_BURST, str(int(burst)))
     ops.add(SET, LIM_UNTIL, repr(float(until)))
@@ -276,11 +282,13 @@ def read_limit_detail(results: list[Any], idx: tuple[int, ...]) -> dict[str, Any
     rate, burst, until, by, reason = (results[i] for i in idx)
     if not rate or not until:
         return None
-    return {"limit_per_min": float(rate), "burst": int(float(burst or 1)),
+    per_min = float(rate)
+    return {"limit_per_min": int(per_min) if per_min.is_integer() else per_min,
+            "burst": int(float(burst or 1)),
             "until_ts": float(until), "by": by or None, "reason": reason or None}
 
 
-def throttle_action(scope: str, limit: LimitState, now: float) -> Action:
+def limited_action(scope: str, limit: LimitState, now: float) -> Action:
     """The decision's action while a limit meters the key or address: the limit, when it
     ends, and when the next call fits if this one was over."""
     return Action(type="throttle", scope=scope,  # type: ignore[arg-type]
@@ -348,7 +356,12 @@ def plan_response(
     if kind in ("none", "log", "alert"):
         return ResponsePlan("allow", Action(type=kind, scope=scopes[0]))  # type: ignore[arg-type]
     if kind == "throttle":
-        return _throttle_plan(cfg, tier, scopes[0], entities, fusion, ts)
+        t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
+        return ResponsePlan("throttle", Action(
+            type="throttle", scope=scopes[0],  # type: ignore[arg-type]
+            retry_after_s=t.retry_after_s if t else 60,
+            limit_per_min=t.limit_per_min if t else None,
+            duration_s=int(t.duration) if t else None, burst=t.burst if t else None))
     # a ban on every scope a critical driver names (a stuffing address is banned as IP)
     critical = [f for f in drivers if f.reason.severity == "critical"]
     ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
@@ -365,20 +378,18 @@ def plan_response(
     return ResponsePlan("block", ban_action(main.scope, main.until, ts), writes)
 
 
-def _throttle_plan(cfg: ResponsesConfig, tier: Any, scope: str, entities: dict[str, str],
-                   fusion: Fusion, now: float) -> ResponsePlan:
-    """A throttle: a limit on the scope for the tier's duration (written by the scorer)."""
-    t = tier if tier is not None and tier.action == "throttle" else cfg.tiers.get("high")
-    rate = float(t.limit_per_min) if t is not None and t.limit_per_min else 60.0
-    duration = float(getattr(t, "duration", None) or DEFAULT_LIMIT_S)
-    burst = int(getattr(t, "burst", None) or default_burst(rate))
-    until = now + duration
-    action = Action(type="throttle", scope=scope,  # type: ignore[arg-type]
-                    retry_after_s=t.retry_after_s if t else 60,
-                    limit_per_min=max(1, round(rate)), burst=burst,
-                    until=event_time_iso(until))
-    write = LimitWrite(scope, entities[scope], rate, burst, until, ", ".join(fusion.drivers))
-    return ResponsePlan("throttle", action, limits=[write])
+def limit_write_for(plan: ResponsePlan, entities: dict[str, str], now: float,
+                    reason: str) -> LimitWrite | None:
+    """The limit a throttle decision sets: the action's `limit_per_min` on its scope for
+    its `duration_s` (15 min if unsaid), with its `burst` (ten seconds' worth if unsaid)."""
+    action = plan.action
+    if plan.verdict != "throttle" or action.type != "throttle" or action.scope not in entities:
+        return None
+    rate = float(action.limit_per_min or 60)
+    duration = float(action.duration_s or DEFAULT_LIMIT_S)
+    burst = int(action.burst or default_burst(rate))
+    return LimitWrite(str(action.scope), entities[str(action.scope)], rate, burst,
+                      now + duration, reason)
 
 
 def needs_limit_write(held: LimitState, write: LimitWrite, now: float) -> bool:

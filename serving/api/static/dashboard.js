@@ -22,6 +22,7 @@
     keyPinned: false,
     bucket: 300,
     bans: [],
+    limits: [],
     timer: null,
     loading: false,
   };
@@ -354,6 +355,45 @@
     }
   }
 
+  function renderLimits(limits) {
+    const body = clear($("limits").tBodies[0]);
+    $("limits-count").textContent = limits.length ? `${limits.length} active` : "";
+    if (!limits.length) {
+      body.append(empty("No active limits.", 3));
+      return;
+    }
+    for (const l of limits) {
+      const target = l.scope === "key" ? keyButton(l.target)
+        : el("span", { class: "mono", text: l.target });
+      body.append(el("tr", { class: "limit-row", "data-scope": l.scope, "data-target": l.target },
+        el("td", { class: "ban-target" },
+          el("span", { class: "badge sev-medium", text: l.scope }), " ", target,
+          el("span", { class: "msg ban-reason", text: l.reason || "" })),
+        el("td", { class: "time" }, `${fmtNum(l.limit_per_min)}/min until ${fmtTime(l.until, true)}`,
+          el("span", { class: "msg", text: `burst ${fmtNum(l.burst)} · by ${l.by || "?"}` })),
+        el("td", { class: "action" }, el("button", {
+          type: "button", class: "unthrottle", "data-scope": l.scope, "data-target": l.target,
+          onclick: (ev) => unthrottle(l, ev.currentTarget),
+        }, "Lift"))));
+    }
+  }
+
+  async function unthrottle(limit, button) {
+    if (!window.confirm(`Lift the limit on ${limit.scope} ${limit.target}?`)) return;
+    button.disabled = true;
+    const body = limit.scope === "key"
+      ? { key: limit.target, reason: "lifted from the dashboard" }
+      : { ip: limit.target, reason: "lifted from the dashboard" };
+    try {
+      await api("/admin/unthrottle", { method: "POST", body });
+      setStatus(`limit lifted on ${limit.scope} ${limit.target}`);
+      await refresh();
+    } catch (err) {
+      button.disabled = false;
+      handleError(err);
+    }
+  }
+
   function renderKey(report) {
     const title = $("key-title");
     const summary = clear($("key-summary"));
@@ -365,12 +405,19 @@
     }
     title.textContent = report.key_id;
     const base = report.baseline || {};
-    const ban = state.bans.find((b) => b.scope === "key" && b.target === report.key_id);
+    const ban = report.ban
+      || state.bans.find((b) => b.scope === "key" && b.target === report.key_id);
     const item = (label, value) => el("span", {}, `${label} `, el("b", { text: value }));
     if (ban) {
       summary.append(el("span", {
         class: "banned",
         text: ban.permanent ? "banned permanently" : `banned until ${fmtTime(ban.until, true)}`,
+      }));
+    }
+    if (report.limit) {
+      summary.append(el("span", {
+        class: "banned",
+        text: `limited to ${fmtNum(report.limit.limit_per_min)}/min until ${fmtTime(report.limit.until, true)}`,
       }));
     }
     if (report.seen) {
@@ -462,14 +509,17 @@
     }
     state.loading = true;
     try {
-      const [stats, risky, alerts, bans] = await Promise.all([
+      const [stats, risky, alerts, bans, limits] = await Promise.all([
         api(`/v1/stats/decisions?bucket=${state.bucket}&buckets=60`),
         api("/v1/stats/keys?limit=10"),
         api("/v1/alerts?limit=40"),
         api("/admin/bans?limit=200"),
+        api("/admin/limits?limit=200"),
       ]);
       notice("");
       state.bans = bans.bans || [];
+      state.limits = limits.limits || [];
+      renderLimits(state.limits);
       renderSummary(stats, state.bans, risky.keys || []);
       renderChart(stats);
       renderRisky(risky.keys || []);
