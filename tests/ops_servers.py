@@ -23,6 +23,7 @@ class RecordingWebhook:
 
     def __init__(self, *, fail_first: int = 0, hold: bool = False) -> None:
         self.bodies: list[Any] = []
+        self.received: list[Any] = []  # every body, the refused attempts' too
         self.attempts = 0
         self.fail_first = fail_first
         self.held = threading.Event()
@@ -36,6 +37,7 @@ class RecordingWebhook:
                 length = int(self.headers.get("content-length", 0))
                 raw = self.rfile.read(length)
                 outer.attempts += 1
+                outer.received.append(json.loads(raw))
                 outer.held.set()
                 outer._release.wait(30)
                 if outer.attempts <= outer.fail_first:
@@ -86,14 +88,16 @@ def closed_port_url() -> str:
 
 
 @contextmanager
-def serve_in_thread(app: Any) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL."""
+def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL.
+
+    `config` goes to `uvicorn.Config` (e.g. `proxy_headers=False`, as the proxy runs)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, **{
+        "log_level": "warning", "lifespan": "on", "access_log": False, **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

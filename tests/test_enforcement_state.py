@@ -346,6 +346,9 @@ def test_a_banned_address_trying_many_keys_is_one_alert(client: TestClient) -> N
     alert = alerts["alerts"][0]
     assert alert["subject"] == "address" and alert["source_ip"] == "203.0.113.66"
     assert alert["keys_tried"] == 30 and alert["count"] == 30 and len(alert["key_ids"]) == 10
+    by_key = client.get("/v1/alerts", params={"key_id": HASHER.key_id("sk-tried-20")},
+                        headers=AUTH).json()["alerts"]
+    assert [a["alert_id"] for a in by_key] == [alert["alert_id"]]  # found from any key tried
 
 
 # ---- Redis outage --------------------------------------------------------------------------

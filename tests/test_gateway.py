@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
@@ -16,15 +17,16 @@ from pydantic import BaseModel
 
 from features.keys import KeyHasher
 from features.stores.base import EntityOps
+from keywatch_gateway.client import KeywatchClient
+from keywatch_gateway.middleware import KeywatchMiddleware
 from serving.api.app import create_app
-from serving.client import KeywatchClient
 from serving.engine.event_log import read_event_log
-from serving.middleware import KeywatchMiddleware
 from serving.policy.responses import add_ban_reads, ban_ops, read_ban
-from tests.conftest import TEST_SECRET, make_settings
+from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, closed_port_url, serve_in_thread
 
 HASH = KeyHasher(TEST_SECRET)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class CheckIn(BaseModel):
@@ -112,12 +114,29 @@ def test_client_batches_reach_the_event_log(keywatch: Keywatch) -> None:
     assert client.stats()["sent"] == 25 and client.stats()["dropped_rejected"] == 0
 
 
+def test_a_retried_batch_carries_the_same_event_ids() -> None:
+    with RecordingWebhook(fail_first=2) as keywatch:
+        client = KeywatchClient(keywatch.url.rsplit("/", 1)[0], backoff_s=0.01,
+                                max_attempts=3)
+        client.report({"api_key": "sk-live-retry", "event_id": "gateway-chosen-id"})
+        client.report({"api_key": "sk-live-retry"})
+        client.report({"api_key": "sk-live-retry"})
+        assert client.flush(10)
+        client.close()
+    assert keywatch.attempts == 3 and len(keywatch.received) == 3
+    ids = [[e["event_id"] for e in body] for body in keywatch.received]
+    assert ids[0] == ids[1] == ids[2]  # the same events, recognisable as such
+    assert ids[0][0] == "gateway-chosen-id" and len(set(ids[0])) == 3
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids[0][1:])  # uuid4 hex
+    assert client.stats()["failed_posts"] == 2 and client.stats()["sent"] == 3
+
+
 def test_middleware_reports_each_keyed_request(keywatch: Keywatch) -> None:
     client = KeywatchClient(keywatch.url, flush_interval_s=0.05)
-    app = gateway(client, key_header="x-api-key", trust_forwarded_for=True)
+    app = gateway(client, key_header="x-api-key", trusted_proxies=["10.0.0.0/8"])
     headers = {"Authorization": "Bearer sk-live-mw-bearer", "user-agent": "gw-test/1.0",
                "x-forwarded-for": "81.2.69.160, 10.0.0.1"}
-    with TestClient(app) as c:
+    with TestClient(app, client=("10.0.0.2", 50000)) as c:  # a trusted balancer's address
         for _ in range(3):
             assert c.post("/v1/chat/completions", headers=headers).status_code == 200
         assert c.get("/v1/models", headers={"x-api-key": "sk-live-mw-header"}
@@ -133,7 +152,7 @@ def test_middleware_reports_each_keyed_request(keywatch: Keywatch) -> None:
     assert e["source_ip"] == "81.2.69.160" and e["latency_ms"] > 0
     (other,) = keywatch.events("sk-live-mw-header")
     assert (other["endpoint"], other["status"]) == ("/v1/models", 404)
-    assert "source_ip" not in other  # TestClient's peer is not an IP address
+    assert other["source_ip"] == "10.0.0.2"  # no X-Forwarded-For: the peer itself
     assert client.stats()["reported"] == 4
 
 
@@ -145,8 +164,12 @@ def test_middleware_refuses_a_banned_key_and_caches_the_verdict(keywatch: Keywat
         for _ in range(3):
             r = c.post("/v1/chat/completions",
                        headers={"Authorization": "Bearer sk-live-mw-banned"})
-            assert r.status_code == 429
+            assert r.status_code == 403  # a banned key: permission denied, not a rate limit
             assert 0 < int(r.headers["retry-after"]) <= 600
+            assert r.headers["x-should-retry"] == "false"
+            error = r.json()["error"]
+            assert error["code"] == "api_key_blocked" and error["type"] == "permission_denied"
+            assert error["message"].startswith("This API key is blocked until 20")
             assert "sk-live" not in r.text
         for _ in range(3):
             ok = c.post("/v1/chat/completions",
@@ -155,7 +178,35 @@ def test_middleware_refuses_a_banned_key_and_caches_the_verdict(keywatch: Keywat
     client.close()
     assert client.checks == 2  # one per key; the rest came from the cache
     refused = keywatch.events("sk-live-mw-banned")
-    assert [e["status"] for e in refused] == [429, 429, 429]  # keywatch still sees them
+    assert [e["status"] for e in refused] == [403, 403, 403]  # keywatch still sees them
+
+
+def test_middleware_and_client_enforce_a_throttle_with_429_and_retry_after(
+        keywatch: Keywatch) -> None:
+    key = "sk-live-mw-throttled"
+    r = httpx.post(f"{keywatch.url}/admin/throttle", headers=ADMIN,
+                   json={"key": key, "limit_per_min": 6, "burst": 2, "duration": "10m"})
+    assert r.status_code == 200, r.text
+    client = KeywatchClient(keywatch.url, flush_interval_s=0.05)
+    app = gateway(client, enforce=True, cache_ttl_s=60.0)
+    with TestClient(app) as c:
+        statuses, refusals = [], []
+        for _ in range(6):
+            r = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                refusals.append(r)
+    assert statuses[:2] == [200, 200] and statuses[2] == 429  # the burst, then the limit
+    assert client.checks >= 3  # an allowance under a limit is not reused, whatever the TTL
+    error = refusals[0].json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert error["message"].startswith("Rate limit exceeded: this API key is throttled until")
+    assert 1 <= int(refusals[0].headers["retry-after"]) <= 10
+    refusal = client.enforce(key)
+    assert refusal is not None and refusal.status == 429 and refusal.what == "throttle"
+    assert refusal.headers["retry-after"] == str(refusal.retry_after_s)
+    assert client.enforce("sk-live-mw-unthrottled") is None
+    client.close()
 
 
 def test_nothing_waits_when_keywatch_is_down() -> None:
@@ -197,5 +248,5 @@ def test_fail_closed_refuses_when_keywatch_cannot_answer() -> None:
     app = gateway(client, enforce=True)
     with TestClient(app) as c:
         r = c.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-live-z"})
-        assert r.status_code == 403
+        assert r.status_code == 503 and r.json()["error"]["code"] == "keywatch_unavailable"
     client.close(timeout=0.2)

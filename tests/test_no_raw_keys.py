@@ -17,9 +17,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
+from keywatch_gateway.client import KeywatchClient
+from keywatch_gateway.middleware import KeywatchMiddleware
 from serving.api.app import create_app
-from serving.client import KeywatchClient
-from serving.middleware import KeywatchMiddleware
 from serving.observability.logging_setup import JsonFormatter
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
 from tests.ops_servers import RecordingWebhook, serve_in_thread
@@ -59,8 +59,8 @@ def test_no_raw_key_reaches_any_output() -> None:
                     return Response(status_code=int(request.headers.get("x-status", "200")))
 
                 gw.add_middleware(KeywatchMiddleware, client=client, enforce=True,
-                                  trust_forwarded_for=True, cache_ttl_s=0.0)
-                with TestClient(gw) as g:
+                                  trusted_proxies=["10.0.0.0/8"], cache_ttl_s=0.0)
+                with TestClient(gw, client=("10.0.0.1", 50000)) as g:
                     for key in FAILING_KEYS:  # failure-rate alerts
                         for _ in range(25):
                             g.post("/v1/chat/completions", headers={

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from features.stores.base import EntityOps
+from features.stores.base import LIMIT, EntityOps
 from features.stores.lua_wrap import wrap_apply_ops
 from features.stores.redis_store import LuaScript, RedisStore
 
@@ -73,8 +73,12 @@ class OnceRedisStore(RedisStore):
             self._token = None
 
     def once_key(self, req: EntityOps, token: str) -> str:
+        """The cache key of a request under `token`: a digest of the token and the ops,
+        leaving out the clock a limit is metered at (`LIMIT`'s `now`, the server's time),
+        so the same event delivered twice is the same write whenever it arrives."""
+        ops = [op[:2] if op and op[0] == LIMIT else op for op in req.ops]
         digest = hashlib.sha256(
-            json.dumps([token, req.ops], default=str, separators=(",", ":")).encode()
+            json.dumps([token, ops], default=str, separators=(",", ":")).encode()
         ).hexdigest()[:32]
         return f"{self.entity_prefix(req.kind, req.entity_id)}:once:{digest}"
 

@@ -168,7 +168,8 @@ class AlertQuery:
 
     def matches(self, a: Alert) -> bool:
         return (
-            (self.key_id is None or a.key_id == self.key_id)
+            (self.key_id is None or a.key_id == self.key_id
+             or self.key_id in a._keys)  # a key tried from an address an alert covers
             and (self.source_ip is None or a.source_ip == self.source_ip
                  or self.source_ip in a.source_ips)
             and (self.code is None or a.code == self.code)

@@ -6,6 +6,7 @@ is full the alert is dropped for that sink and counted (the alert itself is stil
 ring, the alert log and the SIEM file). Delivery retries transient failures (network
 errors, timeouts, 408/425/429/5xx) with capped exponential backoff and jitter, a bounded
 number of times; other 4xx are not retried because resending the same body cannot help.
+The retry policy is the gateway client's (`keywatch_gateway.retry`, on tenacity).
 
 Webhook URLs often embed a secret (Slack's do), so a sink is logged by its name only.
 """
@@ -14,19 +15,18 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
 
+from keywatch_gateway.retry import Backoff, send_with_retries
+
 log = logging.getLogger("keywatch.alerts")
 
 Notification = dict[str, Any]
 """`{"type": "keywatch.alert", "event": "raised" | "escalated", "alert": {...}}`"""
-
-RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 SEVERITY_EMOJI = {"none": ":white_circle:", "low": ":large_blue_circle:",
                   "medium": ":large_orange_circle:", "high": ":warning:",
@@ -168,29 +168,13 @@ class WebhookSink:
 
     def _deliver(self, client: httpx.Client, notification: Notification) -> None:
         body = self.render(notification)
-        for attempt in range(1, self.max_attempts + 1):
-            retry_after: float | None = None
-            try:
-                response = client.post(self.url, json=body)
-            except httpx.HTTPError as exc:
-                self._fail(f"{type(exc).__name__}")
-            else:
-                if response.status_code < 300:
-                    self._count("sent")
-                    return
-                self._fail(f"HTTP {response.status_code}")
-                if not (response.status_code in RETRYABLE_STATUS
-                        or response.status_code >= 500):
-                    break
-                retry_after = _retry_after(response)
-            if attempt == self.max_attempts:
-                break
-            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-            delay = delay * (0.5 + random.random() / 2)
-            if retry_after is not None:
-                delay = min(self.max_backoff_s, max(delay, retry_after))
-            if self._closing.wait(delay):
-                break  # shutting down: do not sit in backoff
+        response = send_with_retries(
+            lambda: client.post(self.url, json=body),
+            Backoff(self.max_attempts, self.backoff_s, self.max_backoff_s),
+            stop=self._closing, on_error=self._fail)
+        if response is not None and response.is_success:
+            self._count("sent")
+            return
         self._count("gave_up")
         log.warning("alert sink %s gave up on alert %s: %s", self.name,
                     notification.get("alert", {}).get("alert_id"), self.last_error)
@@ -244,13 +228,3 @@ class WebhookSink:
             return {"name": self.name, "sent": self.sent, "dropped": self.dropped,
                     "failed_attempts": self.failed_attempts, "gave_up": self.gave_up,
                     "queued": self.queued, "last_error": self.last_error}
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None

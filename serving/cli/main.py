@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from serving.cli import bench, detection, models, policy, replay, report, serve, stream
+from serving.cli import bench, detection, models, policy, proxy, replay, report, serve, stream
 
-VERBS = (serve, replay, stream, bench, models, detection, report, policy)
+VERBS = (serve, replay, stream, proxy, bench, models, detection, report, policy)
 """Modules with a `register(subparsers)` function, in the order `--help` lists them."""
 
 

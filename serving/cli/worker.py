@@ -423,7 +423,9 @@ class StreamWorker:
     def _score(self, item: _Item) -> None:
         assert item.event is not None
         try:
-            with self.store.once(f"ev:{item.event_id}") as keys:
+            arrived = int(item.entry_id.split("-", 1)[0]) / 1000  # the stream's own clock
+            with self.store.once(f"ev:{item.event_id}") as keys, \
+                    self.scorer.pinned_clock(arrived):
                 decision = self.scorer.score(item.event)
                 self.scorer.flush()  # this event's baseline updates, inside its scope
             item.once_keys = keys

@@ -29,7 +29,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,7 @@ class Scorer:
         if enforcement_clock not in ("event", "wall"):
             raise ValueError("enforcement_clock is 'event' (replay) or 'wall' (live)")
         self.enforcement_clock = enforcement_clock
+        self._pinned = threading.local()
         """`wall`: bans and limits are set and judged on the server clock (live);
         `event`: on event time (replay, evaluation, notebooks)."""
         self.store = store
@@ -175,8 +177,23 @@ class Scorer:
                 raise
 
     def enforcement_now(self, ts: float) -> float:
-        """'Now' for bans and limits: the server clock when live, else the event's time."""
-        return time.time() if self.enforcement_clock == "wall" else ts
+        """'Now' for bans and limits: the server clock when live (or the time pinned for
+        this thread, see `pinned_clock`), else the event's time."""
+        if self.enforcement_clock != "wall":
+            return ts
+        pinned = getattr(self._pinned, "now", None)
+        return time.time() if pinned is None else pinned
+
+    @contextmanager
+    def pinned_clock(self, now: float) -> Iterator[None]:
+        """Score on this thread as if the wall clock read `now`: a stream worker pins the
+        entry's arrival time, so an event delivered again is decided from the same numbers
+        (and its writes are recognised as the same writes)."""
+        self._pinned.now = now
+        try:
+            yield
+        finally:
+            self._pinned.now = None
 
     def model_versions(self) -> dict[str, str | None]:
         if self.detectors is not None:

@@ -313,7 +313,9 @@ def read_limit_detail(results: list[Any], idx: tuple[int, ...]) -> dict[str, Any
     rate, burst, until, by, reason = (results[i] for i in idx)
     if not rate or not until:
         return None
-    return {"limit_per_min": float(rate), "burst": int(float(burst or 1)),
+    per_min = float(rate)
+    return {"limit_per_min": int(per_min) if per_min.is_integer() else per_min,
+            "burst": int(float(burst or 1)),
             "until_ts": float(until), "by": by or None, "reason": reason or None}
 
 

@@ -13,18 +13,21 @@ append (see `KeywatchClient.report`), so the request never waits for keywatch.
 Usage the app learns while serving (tokens, model) is picked up from
 `request.state.keywatch_usage = {"tokens": …, "prompt_tokens": …, "model": …}`.
 
-With `enforce=True` the key is checked first (`KeywatchClient.acheck`) and a refused key
-gets 429 with `Retry-After` for a temporary ban, 403 for a permanent one; verdicts are
-cached for a few seconds (keyed by a salted digest, never the raw key), so keywatch is
-asked at most once per key and address per `cache_ttl_s`, and if keywatch is down the
-fail-open answer is cached too, so no request waits on it twice.
+With `enforce=True` the key is checked first (`KeywatchClient.acheck`) and a refused call
+gets the answer of `keywatch_gateway.refusal`: 429 with `Retry-After` for a throttle or
+a temporary address ban, 403 for a banned key, in OpenAI's error shape. Verdicts are
+cached (keyed by a salted digest, never the raw key): a refusal until its
+`retry_after_s`, an allowance for `cache_ttl_s` — except while the key is under a limit,
+when every call is asked about, since a cached "yes" would let a loop through unmetered.
+If keywatch is down the fail-open answer is cached too, so no request waits on it twice.
+
+The client address is the peer's, or the one in `X-Forwarded-For` when the peer is one
+of `trusted_proxies` (see `keywatch_gateway.addresses`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import json
 import os
 import time
 from collections import OrderedDict
@@ -34,10 +37,19 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.client import KeywatchClient
+from keywatch_gateway.addresses import ClientAddress
+from keywatch_gateway.client import KeywatchClient
+from keywatch_gateway.refusal import UNAVAILABLE, refusal_for
 
 USAGE_STATE_KEY = "keywatch_usage"
 USAGE_FIELDS = ("tokens", "prompt_tokens", "completion_tokens", "model", "country", "asn")
+LIMIT_FIELDS = ("limit", "limited", "throttle")
+"""Fields of a `/v1/check` answer that say the key is under a limit right now."""
+
+
+def under_limit(verdict: dict[str, Any]) -> bool:
+    """True when the answer says a limit applies, so an allowance must not be reused."""
+    return any(verdict.get(name) for name in LIMIT_FIELDS)
 
 
 class VerdictCache:
@@ -73,7 +85,7 @@ class VerdictCache:
 
 
 class KeywatchMiddleware:
-    """Reports keyed requests to keywatch and, if asked, refuses banned keys."""
+    """Reports keyed requests to keywatch and, if asked, refuses banned or throttled calls."""
 
     def __init__(
         self,
@@ -82,11 +94,11 @@ class KeywatchMiddleware:
         client: KeywatchClient,
         key_header: str | None = None,
         enforce: bool = False,
-        cache_ttl_s: float = 5.0,
+        cache_ttl_s: float = 1.0,
         max_refusal_cache_s: float = 60.0,
         cache_max_keys: int = 10_000,
         exclude_paths: Iterable[str] = (),
-        trust_forwarded_for: bool = False,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.client = client
@@ -96,7 +108,7 @@ class KeywatchMiddleware:
         self.max_refusal_cache_s = max_refusal_cache_s
         self.cache = VerdictCache(max_entries=cache_max_keys)
         self.exclude_paths = frozenset(exclude_paths)
-        self.trust_forwarded_for = trust_forwarded_for
+        self.addresses = ClientAddress(trusted_proxies)
         self.refused = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -114,7 +126,7 @@ class KeywatchMiddleware:
         if self.enforce:
             verdict = await self._verdict(api_key, client_ip)
             if not verdict.get("allowed", True):
-                status = await self._refuse(send, verdict)
+                status = await self._refuse(send, verdict, client_ip)
                 self.refused += 1
                 self._report(scope, headers, api_key, client_ip, status, started_wall, started)
                 return
@@ -145,19 +157,8 @@ class KeywatchMiddleware:
         return None
 
     def _client_ip(self, scope: Scope, headers: Headers) -> str | None:
-        candidate: str | None = None
-        if self.trust_forwarded_for:
-            forwarded = headers.get("x-forwarded-for")
-            if forwarded:
-                candidate = forwarded.split(",")[0].strip()
-        if candidate is None and scope.get("client"):
-            candidate = scope["client"][0]
-        if not candidate:
-            return None
-        try:  # keywatch refuses a batch with a non-IP source_ip; drop it here instead
-            return str(ipaddress.ip_address(candidate))
-        except ValueError:
-            return None
+        peer = scope["client"][0] if scope.get("client") else None
+        return self.addresses.resolve(peer, headers.get("x-forwarded-for"))
 
     async def _verdict(self, api_key: str, client_ip: str | None) -> dict[str, Any]:
         now = time.monotonic()
@@ -165,28 +166,29 @@ class KeywatchMiddleware:
         if cached is not None:
             return cached
         verdict = await self.client.acheck(api_key, client_ip)
-        ttl = self.cache_ttl_s
-        if not verdict.get("allowed", True):
-            retry = verdict.get("retry_after_s")
-            ttl = min(self.max_refusal_cache_s, float(retry)) if retry else \
-                self.max_refusal_cache_s
-        self.cache.put(api_key, client_ip, verdict, max(ttl, 0.0), now)
+        ttl = self._ttl(verdict)
+        if ttl > 0:
+            self.cache.put(api_key, client_ip, verdict, ttl, now)
         return verdict
 
-    async def _refuse(self, send: Send, verdict: dict[str, Any]) -> int:
+    def _ttl(self, verdict: dict[str, Any]) -> float:
+        """How long an answer may be reused: a refusal until it ends, an allowance for
+        `cache_ttl_s`, not at all while a limit meters the key."""
+        if verdict.get("allowed", True) or verdict.get("reason") == UNAVAILABLE:
+            return 0.0 if under_limit(verdict) else self.cache_ttl_s
         retry = verdict.get("retry_after_s")
-        status = 429 if retry else 403
-        body = json.dumps({"error": "this API key is temporarily blocked" if retry
-                           else "this API key is blocked",
-                           "reason": verdict.get("reason"),
-                           "retry_after_s": retry}).encode()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]
-        if retry:
-            headers.append((b"retry-after", str(int(retry)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        return min(self.max_refusal_cache_s, float(retry)) if retry else \
+            self.max_refusal_cache_s
+
+    async def _refuse(self, send: Send, verdict: dict[str, Any],
+                      client_ip: str | None) -> int:
+        refusal = refusal_for(verdict, client_ip)
+        assert refusal is not None  # only called for refused verdicts
+        body = refusal.body_bytes()
+        await send({"type": "http.response.start", "status": refusal.status,
+                    "headers": refusal.asgi_headers(body)})
         await send({"type": "http.response.body", "body": body})
-        return status
+        return refusal.status
 
     def _report(self, scope: Scope, headers: Headers, api_key: str, client_ip: str | None,
                 status: int, started_wall: float, started: float) -> None:

@@ -8,10 +8,16 @@ long one the buffer fills and the *oldest* events are dropped and counted (recen
 traffic matters most to detection). A batch keywatch refuses as invalid (4xx) is dropped
 and counted, since sending it again cannot succeed.
 
+Every event gets an `event_id` (a uuid4) when it is queued, so a batch sent again after
+a lost answer is recognised by keywatch and not counted twice. Retries go through
+`keywatch_gateway.retry` (tenacity), the policy the alert sinks use too.
+
 `check(api_key, source_ip)` is the pre-flight question "may this key call now?"
 (`POST /v1/check` → `{key_id, allowed, reason, retry_after_s}`), with a short timeout
 and, by default, fail-open: when keywatch cannot answer, the call is allowed and the
-answer says why (`reason: "keywatch_unavailable"`).
+answer says why (`reason: "keywatch_unavailable"`). `enforce(api_key, source_ip)` asks
+the same and returns the `Refusal` to send (429 + `Retry-After` for a throttle or a
+temporary address ban, 403 for a banned key), or None when the call may go ahead.
 
 The raw key goes to keywatch (over TLS in production), which hashes it on arrival; the
 client never logs it and keeps no copy beyond the unsent buffer.
@@ -24,17 +30,20 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from keywatch_gateway.refusal import Refusal, refusal_for
+from keywatch_gateway.retry import Backoff, retryable, send_with_retries
+
 log = logging.getLogger("keywatch.client")
 
 BATCH_PATH = "/v1/events:batch"
 CHECK_PATH = "/v1/check"
-RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 
 class KeywatchClient:
@@ -108,6 +117,8 @@ class KeywatchClient:
             return False
         if "timestamp" not in event:
             event = {**event, "timestamp": time.time()}
+        if not event.get("event_id"):  # so a retried batch is applied once
+            event = {**event, "event_id": uuid.uuid4().hex}
         with self._lock:
             if len(self._buffer) >= self.max_buffer:
                 self._buffer.popleft()
@@ -175,32 +186,22 @@ class KeywatchClient:
 
     def _post(self, http: httpx.Client, batch: list[dict[str, Any]], *, closing: bool) -> bool:
         """True when the batch is settled (accepted, or refused for good)."""
-        attempts = 1 if closing else self.max_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                response = http.post(BATCH_PATH, json=batch)
-            except httpx.HTTPError as exc:
-                self._failed(type(exc).__name__)
-            else:
-                status = response.status_code
-                if status == 200:
-                    with self._lock:
-                        self.sent += len(batch)
-                    self._deliver_decisions(response)
-                    return True
-                if 400 <= status < 500 and status not in RETRYABLE_STATUS:
-                    with self._lock:
-                        self.dropped_rejected += len(batch)
-                    self._failed(f"HTTP {status}")
-                    log.warning("keywatch refused a batch of %d events (HTTP %d): %s",
-                                len(batch), status, _error_text(response))
-                    return True
-                self._failed(f"HTTP {status}")
-            if attempt < attempts:
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                if self._closing.wait(delay * (0.5 + random.random() / 2)):
-                    break  # shutting down: no more retries
-        return False
+        backoff = Backoff(1 if closing else self.max_attempts, self.backoff_s,
+                          self.max_backoff_s)
+        response = send_with_retries(lambda: http.post(BATCH_PATH, json=batch), backoff,
+                                     stop=self._closing, on_error=self._failed)
+        if response is None or retryable(response.status_code):
+            return False
+        if response.is_success:
+            with self._lock:
+                self.sent += len(batch)
+            self._deliver_decisions(response)
+            return True
+        with self._lock:  # refused as invalid: sending it again cannot succeed
+            self.dropped_rejected += len(batch)
+        log.warning("keywatch refused a batch of %d events (HTTP %d): %s",
+                    len(batch), response.status_code, _error_text(response))
+        return True
 
     def _failed(self, error: str) -> None:
         with self._lock:
@@ -281,6 +282,15 @@ class KeywatchClient:
         if http is not None:
             await http.aclose()
         await asyncio.to_thread(self.close)
+
+    def enforce(self, api_key: str, source_ip: str | None = None) -> Refusal | None:
+        """`check`, as the answer to send: a `Refusal` (429 + `Retry-After` for a throttle
+        or a temporary address ban, 403 for a banned key), or None to go ahead."""
+        return refusal_for(self.check(api_key, source_ip), source_ip)
+
+    async def aenforce(self, api_key: str, source_ip: str | None = None) -> Refusal | None:
+        """`enforce` for async code."""
+        return refusal_for(await self.acheck(api_key, source_ip), source_ip)
 
     def _check_result(self, response: httpx.Response) -> dict[str, Any]:
         if response.status_code != 200:
