@@ -35,6 +35,9 @@ from features.stores.memory import MemoryStore
 LearnRule = Callable[[int, FeatureVector], bool]
 
 _EVENT_FIELDS = tuple(Event.model_fields)
+_INT_FIELDS = frozenset(name for name, f in Event.model_fields.items()
+                        if f.annotation in (int, int | None))
+"""Integer fields: a frame column of them with a gap holds floats (pandas has no int NaN)."""
 
 
 def _clean(value: Any) -> Any:
@@ -85,6 +88,10 @@ def events_from_frame(
     records = df[columns].to_dict("records")
     for pos, record in enumerate(records):
         data = {k: v for k, v in ((k, _clean(v)) for k, v in record.items()) if v is not None}
+        for name in _INT_FIELDS & data.keys():  # the contract is strict: 0.0 is not a count
+            value = data[name]
+            if isinstance(value, float) and value.is_integer():
+                data[name] = int(value)
         if key_id_column is not None:
             key_id = str(data.pop(key_id_column, "") if key_id_column not in _EVENT_FIELDS
                          else data.get(key_id_column, ""))
