@@ -174,9 +174,11 @@ def test_default_policy_alerts_on_a_key_burning_20x_its_usual_spend() -> None:
 
     rules = load_policy().active_rules()
 
-    def codes(rate: float, spend_1h: float, warm: bool = True) -> list[str]:
+    def codes(rate: float, spend_1h: float, warm: bool = True, age_h: float = 48.0
+              ) -> list[str]:
         fv = FeatureVector(values={"spend_rate_vs_baseline_by_key_1h": rate,
-                                   "spend_usd_by_key_1h": spend_1h},
+                                   "spend_usd_by_key_1h": spend_1h,
+                                   "key_age_h_by_key": age_h},
                            context={"key_warm": warm})
         return [f.rule_id for f in evaluate_rules(rules, RuleInput(fv=fv))]
 
@@ -184,6 +186,8 @@ def test_default_policy_alerts_on_a_key_burning_20x_its_usual_spend() -> None:
     assert "spend_rate_vs_baseline" not in codes(15.0, 60.0)  # under 20x
     assert "spend_rate_vs_baseline" not in codes(25.0, 2.0)  # cheap keys are left alone
     assert "spend_rate_vs_baseline" not in codes(25.0, 60.0, warm=False)
+    # a key's first day is judged by population priors, not its own baseline (issue 17)
+    assert "spend_rate_vs_baseline" not in codes(25.0, 60.0, age_h=6.0)
     # far beyond: throttled, as one signal (the same group) with the alert
     assert codes(60.0, 12.0) == ["spend_surge", "spend_rate_vs_baseline"]
     assert "spend_surge" not in codes(40.0, 60.0)  # under 50x: an alert only

@@ -17,7 +17,7 @@ from features.stores.memory import MemoryStore
 from features.stores.snapshot import MAGIC, SnapshotError
 from serving.api.app import create_app
 from serving.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.test_stores import random_ops
 
 T0 = 1_794_999_960
@@ -82,6 +82,9 @@ def test_a_corrupt_or_foreign_snapshot_is_refused(tmp_path: Path) -> None:
     assert len(target) == 0  # untouched by every refused file
 
 
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def _runaway(c: TestClient, key: str, n: int) -> list[dict[str, object]]:
     decisions: list[dict[str, object]] = []
     for start in range(0, n, 1000):
@@ -94,8 +97,11 @@ def _runaway(c: TestClient, key: str, n: int) -> list[dict[str, object]]:
 
 def _restart_check(settings: Settings) -> None:
     with TestClient(create_app(settings)) as c:
-        banned = _runaway(c, "sk-restart-banned", 3100)
-        assert banned[-1]["decision"] == "block"
+        # volume alone throttles and never bans (issue 17): the ban is an operator's act
+        assert c.post("/v1/events", json=ev(0, "sk-restart-banned")).json()["decision"] == "allow"
+        r = c.post("/admin/bans", json={"key": "sk-restart-banned", "duration": "24h",
+                                        "reason": "leaked"}, headers=AUTH)
+        assert r.status_code == 200, r.text
         busy = _runaway(c, "sk-restart-busy", 700)  # throttled by its 1-minute count
         assert busy[-1]["decision"] == "throttle"
     with TestClient(create_app(settings)) as c:  # a new process, same state

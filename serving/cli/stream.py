@@ -7,13 +7,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from serving.cli.common import settings_from_args
 from serving.runtime import tune_gc
-
-if TYPE_CHECKING:
-    pass
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -24,7 +20,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    config = WorkerConfig.fromsettings_from_args(
+    config = WorkerConfig.from_settings(
         settings, stream=args.stream, decisions_stream=args.decisions_stream,
         group=args.group, consumer=args.consumer, block_ms=args.block_ms, count=args.count,
         claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries)
