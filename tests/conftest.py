@@ -15,6 +15,8 @@ from tests.support.redis_server import LocalRedisServer
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+LIVE_HISTORY_S = 5 * 365 * 86400.0
+"""How far behind the clock the test services accept events: the tests post fixed days."""
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +41,9 @@ def redis_url(redis_server: LocalRedisServer) -> Iterator[str]:
 
 def make_settings(**overrides: object) -> Settings:
     base: dict[str, object] = {"secret": TEST_SECRET, "admin_token": ADMIN_TOKEN,
-                               "data_dir": Path(tempfile.mkdtemp(prefix="keywatch-test-"))}
+                               "data_dir": Path(tempfile.mkdtemp(prefix="keywatch-test-")),
+                               # tests post fixed past days through the live API
+                               "event_max_behind_s": LIVE_HISTORY_S}
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ import pytest
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
     DEL,
     EWM,
     EWM_GAP,
@@ -21,6 +22,7 @@ from features.stores.base import (
     PERSIST,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -239,5 +241,24 @@ def test_ring_max_keeps_the_largest_value_of_its_stamp(redis_url: str) -> None:
             (RING_MAX, "m", 3, 19, 1.0), (RING_MAX, "m", 3, 11, 50.0),
             (RING_VALUES, "m", 8, 2, 19, 11)])])
         assert res == [[5.0, 5.0, 9.5, [9.5], 1.0, None, [1.0, 0.0]]], store.name
+        if isinstance(store, RedisStore):
+            store.close()
+
+
+def test_a_claimed_token_applies_nothing_until_it_expires(redis_url: str) -> None:
+    """CLAIM first: a live claim skips the request's other ops and hands back what was
+    remembered; an expired claim is forgotten and the token applies again; both stores."""
+    def req(token: str, now: float) -> EntityOps:
+        return EntityOps("k", "a", [(CLAIM, "_claims", token, now + 10, now), (INCR, "n", 1)])
+
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="claims")):
+        assert store.execute([req("e1", 100)]) == [[None, 1.0]], store.name
+        assert store.execute([req("e1", 101)]) == [["", None]]  # applied, not remembered
+        store.execute([EntityOps("k", "a", [(REMEMBER, "_claims", "e1", "first"),
+                                            (REMEMBER, "_claims", "never", "x")])])
+        assert store.execute([req("e1", 105)]) == [["first", None]]
+        assert store.execute([req("never", 105)]) == [[None, 2.0]]
+        assert store.execute([req("e1", 111)]) == [[None, 3.0]]  # the window has passed
+        assert store.execute([EntityOps("k", "a", [(GET, "_c:e1")])]) == [[None]]
         if isinstance(store, RedisStore):
             store.close()

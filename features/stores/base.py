@@ -78,9 +78,19 @@ LIMIT = "limit"  # (LIMIT, mode, now) -> [status, retry_after_s, rate_per_min, u
 #   advances (capped at `lim:until`), status says whether the call conformed. "peek":
 #   status only. Enforcement fields (`ban:*`, `lim:*`) are wall time, never event time.
 
+# Idempotency: an event's id claimed on every entity it touches, in the same atomic call
+# as its ops, so a re-sent event changes nothing (see `serving.engine.ingest`):
+CLAIM = "claim"  # (CLAIM, zname, token, expires_at, now) -> str | None; FIRST op only
+#   forgets claims expired at `now`; when `token` is still claimed, returns its remembered
+#   value ("" before REMEMBER) and the request's other ops are NOT applied (results
+#   None); otherwise claims it until `expires_at` and returns None.
+REMEMBER = "remember"  # (REMEMBER, zname, token, value) -> None; the claimed token's value
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
-    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT)
+    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT, CLAIM, REMEMBER)
+CLAIM_FIELD_PREFIX = "_c:"
+"""Hash field `_c:<token>` holds a claimed token's remembered value."""
 PERSIST_FIELD = "_persist"
 
 ENFORCEMENT_PREFIXES = ("ban:", "lim:")

@@ -35,6 +35,8 @@ from typing import Any
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
+    CLAIM_FIELD_PREFIX,
     DEL,
     EWM,
     EWM_GAP,
@@ -48,6 +50,7 @@ from features.stores.base import (
     PERSIST_FIELD,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -158,7 +161,7 @@ class MemoryStore(StateStore):
         with self._lock:
             results = [self._apply(req) for req in requests]
             if self.journal is not None:
-                writes = enforcement_writes(requests)
+                writes = enforcement_writes(_applied(requests, results))
                 if writes:  # on disk before the caller hears it was done
                     try:
                         self.journal.append(writes, time.time())
@@ -283,6 +286,10 @@ class MemoryStore(StateStore):
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
         state = self._entity(req.kind, req.entity_id)
         self._current = (req.kind, req.entity_id)
+        if ops and ops[0][0] == CLAIM:
+            held = _claim(state, ops[0])
+            if held is not None:  # a repeat: nothing of this request is applied
+                return [held, *([None] * (len(ops) - 1))]
         return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
@@ -531,6 +538,14 @@ class MemoryStore(StateStore):
         else:
             s.hash.pop(PERSIST_FIELD, None)
 
+    def _claimed(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        return None  # applied by `_claim` before the other ops
+
+    def _remember(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        _, zname, token, value = op
+        if token in s.zsets.get(zname, {}):
+            s.hash[CLAIM_FIELD_PREFIX + token] = str(value)
+
     def _budget_add(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
         _, name, period, amount, limit = op
         h = s.hash
@@ -590,6 +605,32 @@ def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,
     return (1.0 if conforms else 0.0), (0.0 if conforms else held - tolerance - now), tat, tat_e
 
 
+def _applied(requests: Sequence[EntityOps], results: list[list[Any]]) -> list[EntityOps]:
+    """The requests a call applied: a repeated claim (see CLAIM) applied nothing of its own,
+    so it has nothing to journal."""
+    return [req for req, res in zip(requests, results, strict=True)
+            if not (req.ops and req.ops[0][0] == CLAIM and res[0] is not None)]
+
+
+def _claim(s: _EntityState, op: tuple[Any, ...]) -> str | None:
+    """CLAIM: forget expired claims, then the held value of a live claim (a repeat), or
+    None after claiming the token (as the Lua script does; it forgets 64 per call)."""
+    _, zname, token, expires_at, now = op
+    z = s.zsets.setdefault(zname, {})
+    expired = []
+    for m, t in z.items():  # insertion order is expiry order (one window per store user)
+        if t > float(now) or len(expired) >= 64:
+            break
+        expired.append(m)
+    for old in expired:
+        del z[old]
+        s.hash.pop(CLAIM_FIELD_PREFIX + old, None)
+    if token in z:
+        return str(s.hash.get(CLAIM_FIELD_PREFIX + token, ""))
+    z[token] = float(expires_at)
+    return None
+
+
 def _g17(value: float) -> str:
     """17 significant digits, as the Lua script writes them (exact float round trip)."""
     return f"{value:.17g}"
@@ -627,4 +668,6 @@ _HANDLERS = {
     PERSIST: MemoryStore._persist,
     BUDGET_ADD: MemoryStore._budget_add,
     LIMIT: MemoryStore._limit,
+    CLAIM: MemoryStore._claimed,
+    REMEMBER: MemoryStore._remember,
 }

@@ -29,11 +29,13 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
     GETS,
     INCR,
     LIMIT,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -49,7 +51,8 @@ from features.stores.base import (
     StoreError,
 )
 
-_ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
+_ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS, CLAIM,
+                       REMEMBER))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD, LIMIT))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
@@ -242,6 +245,8 @@ class RedisStore(StateStore):
                                if isinstance(value, list) else [])
             elif value is False or value is None:
                 results.append(None)
+            elif code == CLAIM:
+                results.append(value)
             elif code in _FLOAT_OPS:
                 results.append(float(value))
             elif code in _ZSET_OPS:

@@ -43,6 +43,7 @@ from models.detectors import Detectors
 from models.signals import ModelSignals
 from serving.engine.budgets import budget_response, plan_budgets
 from serving.engine.decision import Action, Decision, Outcome, Reason, severity_rank
+from serving.engine.ingest import ClockBound, Dedupe, EventInFlight
 from serving.engine.money import money_of, state_money
 from serving.policy.fusion import SEVERITY_SCORE, fuse
 from serving.policy.responses import (
@@ -128,6 +129,8 @@ class Scorer:
         allow_list_ttl_s: float = 5.0,
         prices: PricingConfig | None = None,
         enforcement_clock: str = "event",
+        clock_bound: ClockBound | None = None,
+        dedupe: Dedupe | None = None,
     ) -> None:
         if enforcement_clock not in ("event", "wall"):
             raise ValueError("enforcement_clock is 'event' (replay) or 'wall' (live)")
@@ -152,6 +155,10 @@ class Scorer:
         self.prices = prices
         self._pricing_for: object = None
         self._policy_derived: tuple[Policy, tuple[Any, ...], EscalationLadder] | None = None
+        self.clock_bound = clock_bound
+        """Live scoring only: the event time accepted around the server clock."""
+        self.dedupe = dedupe
+        """Live scoring only: event ids claimed in the store, repeats answered once."""
 
     # ---- public -----------------------------------------------------------------------
     @property
@@ -159,11 +166,29 @@ class Scorer:
         return self.policy_source.current()
 
     def score(self, event: Event) -> Decision:
-        decision, _ = self.score_with_features(event)
-        return decision
+        return self.score_many([event])[0]
 
     def score_many(self, events: Iterable[Event]) -> list[Decision]:
-        return [self.score(e) for e in events]
+        """Decisions in order. Under a clock bound every event is checked before any is
+        applied; a repeated `event_id` gets the first decision back (see `ingest`)."""
+        events = list(events)
+        if self.clock_bound is not None:
+            events = self.clock_bound.admit(events)
+        out = []
+        for event in events:
+            repeat = self._repeat(event.event_id) if event.event_id else None
+            out.append(repeat if repeat is not None else self.score_with_features(event)[0])
+        return out
+
+    def _repeat(self, event_id: str) -> Decision | None:
+        """The decision already answered for `event_id` in this process, if any."""
+        if self.dedupe is None:
+            return None
+        held = self.dedupe.local(event_id)
+        if held is None:
+            return None
+        self.dedupe.repeats += 1
+        return Decision.model_validate_json(held)
 
     def flush(self) -> None:
         """Send queued baseline updates now (end of a replay, shutdown, idle timer)."""
@@ -251,7 +276,18 @@ class Scorer:
         kb_idx = self.detectors.plan(plan) if self.detectors is not None else None
         budget_plan = plan_budgets(policy, plan)
         requests = plan.requests()
+        event_id = event.event_id if self.dedupe is not None else None
+        if event_id:
+            self.dedupe.claim([*requests, *budget_plan.entities], event_id)  # type: ignore[union-attr]
         all_results = self._execute([*requests, *budget_plan.entities])
+        if event_id:
+            held = self.dedupe.held(all_results)  # type: ignore[union-attr]
+            if held is not None:  # a repeat: nothing was applied
+                self.dedupe.repeats += 1  # type: ignore[union-attr]
+                if not held:
+                    raise EventInFlight(event_id)
+                return Decision.model_validate_json(held), FeatureVector(
+                    {}, {"key_id": key_id, "repeat_of": event_id})
         results = all_results[:len(requests)]
         fv = self.extractor.build(plan, results)
         budgets = budget_plan.read(results[0], all_results[len(requests):], ts) \
@@ -341,10 +377,6 @@ class Scorer:
         learn: list[EntityOps] = self._learning(fv, shadow, flagged)
         if detector_state is not None and self.detectors is not None:
             learn.extend(self.detectors.after(detector_state, flagged=flagged))
-        if learn:
-            learn = _one_per_entity(learn)
-            with self._lock:
-                self._pending.extend(learn)
 
         decision = Decision(
             key_id=key_id,
@@ -361,6 +393,13 @@ class Scorer:
             enforced=enforce,
             money=money,
         )
+        if event_id:  # remembered with the key's claim, in the next round trip
+            learn.append(self.dedupe.remember(  # type: ignore[union-attr]
+                KEY, key_id, event_id, decision.model_dump_json()))
+        if learn:
+            learn = _one_per_entity(learn)
+            with self._lock:
+                self._pending.extend(learn)
         return decision, fv
 
     def _learning(self, fv: FeatureVector, fused: Any, flagged: bool) -> list[EntityOps]:

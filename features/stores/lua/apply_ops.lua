@@ -92,16 +92,43 @@ end
 local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
   ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
   gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1, limit = 1}
+  budget_add = 1, limit = 1, claim = 1, remember = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
   end
 end
 
+-- an idempotency claim (first op only): a token still claimed applies nothing
+local first = ops[1]
+if first and first[1] == 'claim' then
+  local zk, token = zkeys[first[2]], first[3]
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', string.format('%.17g', first[5]),
+    'LIMIT', 0, 64)
+  if #old > 0 then
+    local fields = {}
+    for j = 1, #old do fields[j] = '_c:' .. old[j] end
+    redis.call('HDEL', h, unpack(fields))
+    redis.call('ZREM', zk, unpack(old))
+  end
+  if redis.call('ZSCORE', zk, token) then
+    local res = {redis.call('HGET', h, '_c:' .. token) or ''}
+    for j = 2, #ops do res[j] = false end
+    return cjson.encode(res)
+  end
+  redis.call('ZADD', zk, string.format('%.17g', first[4]), token)
+end
+
 for _, op in ipairs(ops) do
   local code = op[1]
-  if code == 'get' then
+  if code == 'claim' then
+    out[#out + 1] = false
+  elseif code == 'remember' then
+    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then
+      redis.call('HSET', h, '_c:' .. op[3], op[4])
+    end
+    out[#out + 1] = false
+  elseif code == 'get' then
     out[#out + 1] = redis.call('HGET', h, op[2])
   elseif code == 'set' then
     redis.call('HSET', h, op[2], num(op[3]))
