@@ -1,8 +1,9 @@
 """The detectors in the scoring path: online population model, per-key baselines and the
 offline Isolation Forest, turned into calibrated `ModelSignals` for fusion.
 
-- The population model (River HalfSpaceTrees, protected) lives in this process and is
-  checkpointed to disk; it learns only from events the whole pipeline left unflagged.
+- The population model (River HalfSpaceTrees, protected) is one model for all replicas:
+  each learns the same ordered log of the events the whole pipeline left unflagged
+  (`models.population_log`), read in the event's round trip; it is checkpointed to disk.
 - Each key's adaptive baseline (rate and size, with a Page-Hinkley change detector) lives in
   the state store as one field of the key's hash, so every replica shares it: it is read in
   the event's single round trip and written back with the next one. Replicas updating the
@@ -28,6 +29,7 @@ from features.stores.base import GET, SET, EntityOps
 from models.feature_space import to_model_space
 from models.offline import OfflineDetector
 from models.online import KeyBaseline, PendingEvent, PopulationDetector
+from models.population_log import PopulationLog
 from models.registry import ModelRegistry
 from models.signals import ModelSignals
 from models.streaming import SeasonalStream, StreamParams, state_size
@@ -161,6 +163,7 @@ class Detectors:
         self._refused: str | None = None  # the promoted version that failed: not retried
         self._next_check = 0.0
         self._lock = threading.Lock()
+        self.population_log = PopulationLog(population) if population is not None else None
         self.reload(force=True)
 
     # ---- offline model ------------------------------------------------------------------
@@ -223,6 +226,19 @@ class Detectors:
         """Queue the read of the key's streaming detectors in the event's round trip."""
         return plan.key_ops.add(GET, STREAMS_FIELD)
 
+    def plan_population(self, plan: Plan) -> int | None:
+        """Queue the read of the population's learning log in the event's round trip."""
+        if self.population_log is None or plan.population_ops is None:
+            return None
+        with self._lock:
+            return self.population_log.plan(plan.population_ops)
+
+    def catch_up(self, result: list[Any] | None) -> None:
+        """Learn what every replica offered since this one last read the log."""
+        if self.population_log is not None and result is not None:
+            with self._lock:
+                self.population_log.catch_up(result)
+
     def signals(self, fv: FeatureVector, raw_streams: str | None) -> tuple[ModelSignals,
                                                                             DetectorState]:
         self.reload()
@@ -269,18 +285,21 @@ class Detectors:
         """
         for name, stream in state.streams.streams.items():
             stream.learn(state.ts, state.series[name], flagged=flagged)
-        if not flagged and state.pending is not None and self.population is not None:
-            with self._lock:
-                self.population.learn_pending(state.pending)
         ops = EntityOps("k", state.key_id)
         ops.add(SET, STREAMS_FIELD, state.streams.encode())
-        return [ops]
+        out = [ops]
+        if (not flagged and state.pending is not None and state.pending.clean
+                and self.population_log is not None):
+            out.append(self.population_log.append(state.pending.clean))
+        return out
 
     # ---- checkpoints --------------------------------------------------------------------
     def save_population(self, path: Path) -> str | None:
         if self.population is None:
             return None
         with self._lock:
+            if self.population_log is not None:
+                self.population_log.checkpoint()
             return self.population.save(path)
 
 

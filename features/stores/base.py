@@ -86,9 +86,16 @@ CLAIM = "claim"  # (CLAIM, zname, token, expires_at, now) -> str | None; FIRST o
 #   None); otherwise claims it until `expires_at` and returns None.
 REMEMBER = "remember"  # (REMEMBER, zname, token, value) -> None; the claimed token's value
 
+# A shared, ordered log (the population model's learning log, `models.population_log`):
+LOG_APPEND = "log_append"  # (LOG_APPEND, name, entry: str, cap, new_id) -> int seq
+#   appends `entry` with the next sequence number (1, 2, ...), keeps the newest `cap`;
+#   the log's id is set to `new_id` by its first append (so a reader can tell two logs apart)
+LOG_READ = "log_read"  # (LOG_READ, name, after, limit) -> [id | None, head, [[seq, entry]...]]
+#   up to `limit` entries with seq > after, oldest first; head = the last seq appended
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
-    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT, CLAIM, REMEMBER)
+    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT, CLAIM, REMEMBER, LOG_APPEND, LOG_READ)
 CLAIM_FIELD_PREFIX = "_c:"
 """Hash field `_c:<token>` holds a claimed token's remembered value."""
 PERSIST_FIELD = "_persist"

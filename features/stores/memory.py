@@ -46,6 +46,8 @@ from features.stores.base import (
     GLOBAL_KIND,
     INCR,
     LIMIT,
+    LOG_APPEND,
+    LOG_READ,
     PERSIST,
     PERSIST_FIELD,
     RECENT_ADD,
@@ -77,11 +79,14 @@ class _EntityState:
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
     rings: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
     last_ts: float = 0.0
+    logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """LOG_* logs: {"id", "first" (seq of entries[0]), "entries"}, plain values so that
+    snapshots (builtins only) keep them."""
     enf: dict[str, Any] | None = None
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
 
-_FEATURE_FIELDS = ("hash", "zsets", "rings", "last_ts")
+_FEATURE_FIELDS = ("hash", "zsets", "rings", "last_ts", "logs")
 
 
 def _fmt(value: float) -> str:
@@ -546,6 +551,28 @@ class MemoryStore(StateStore):
         if token in s.zsets.get(zname, {}):
             s.hash[CLAIM_FIELD_PREFIX + token] = str(value)
 
+    def _log_append(self, s: _EntityState, op: tuple[Any, ...]) -> int:
+        _, name, entry, cap, new_id = op
+        log = s.logs.setdefault(name, {"id": new_id, "first": 1, "entries": []})
+        entries = log["entries"]
+        entries.append(str(entry))
+        if len(entries) > cap + cap // 4 + 1:  # trimmed in steps: amortised O(1)
+            drop = len(entries) - cap
+            del entries[:drop]
+            log["first"] += drop
+        return int(log["first"] + len(entries) - 1)
+
+    def _log_read(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
+        _, name, after, limit = op
+        log = s.logs.get(name)
+        if log is None:
+            return [None, 0, []]
+        first, entries = log["first"], log["entries"]
+        head = first + len(entries) - 1
+        start = max(int(after) + 1, first)
+        stop = min(head, start + int(limit) - 1)
+        return [log["id"], head, [[q, entries[q - first]] for q in range(start, stop + 1)]]
+
     def _budget_add(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
         _, name, period, amount, limit = op
         h = s.hash
@@ -670,4 +697,6 @@ _HANDLERS = {
     LIMIT: MemoryStore._limit,
     CLAIM: MemoryStore._claimed,
     REMEMBER: MemoryStore._remember,
+    LOG_APPEND: MemoryStore._log_append,
+    LOG_READ: MemoryStore._log_read,
 }

@@ -33,6 +33,8 @@ from features.stores.base import (
     GETS,
     INCR,
     LIMIT,
+    LOG_APPEND,
+    LOG_READ,
     RECENT_ADD,
     RECENT_COUNT,
     REMEMBER,
@@ -52,7 +54,7 @@ from features.stores.base import (
 )
 
 _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS, CLAIM,
-                       REMEMBER))
+                       REMEMBER, LOG_APPEND, LOG_READ))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD, LIMIT))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
@@ -247,6 +249,13 @@ class RedisStore(StateStore):
                 results.append(None)
             elif code == CLAIM:
                 results.append(value)
+            elif code == LOG_APPEND:
+                results.append(int(value))
+            elif code == LOG_READ:
+                log_id, head, entries = value
+                results.append([log_id or None, int(head),
+                                [[int(q), e] for q, e in entries]
+                                if isinstance(entries, list) else []])
             elif code in _FLOAT_OPS:
                 results.append(float(value))
             elif code in _ZSET_OPS:

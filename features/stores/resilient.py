@@ -71,6 +71,7 @@ import redis
 
 from features.stores.base import (
     GET,
+    LOG_READ,
     RECENT_COUNT,
     RING_GET,
     RING_SUM,
@@ -89,7 +90,7 @@ log = logging.getLogger("keywatch.store")
 OutagePolicy = Literal["fail_open", "fail_closed"]
 POLICIES: tuple[str, ...] = ("fail_open", "fail_closed")
 
-PURE_READ_OPS: frozenset[str] = frozenset({GET, RING_GET, RING_SUM, RECENT_COUNT})
+PURE_READ_OPS: frozenset[str] = frozenset({GET, RING_GET, RING_SUM, RECENT_COUNT, LOG_READ})
 """Operations that never change state; everything else is a write and is spooled."""
 
 _GUARD = LuaScript(REPLAY_GUARD)

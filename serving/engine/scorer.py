@@ -274,6 +274,7 @@ class Scorer:
         ip_lim_idx = add_limit_reads(plan.ip_ops, meter, now) if plan.ip_ops is not None \
             else None
         kb_idx = self.detectors.plan(plan) if self.detectors is not None else None
+        pop_idx = self.detectors.plan_population(plan) if self.detectors is not None else None
         budget_plan = plan_budgets(policy, plan)
         requests = plan.requests()
         event_id = event.event_id if self.dedupe is not None else None
@@ -303,6 +304,8 @@ class Scorer:
         if event.source_ip:
             entities["ip"] = event.source_ip
         detector_state = None
+        if self.detectors is not None and pop_idx is not None:
+            self.detectors.catch_up(results[len(requests) - 1][pop_idx])
         if self.detectors is not None and kb_idx is not None:
             signals, detector_state = self.detectors.signals(fv, results[0][kb_idx])
         else:

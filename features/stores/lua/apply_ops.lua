@@ -92,7 +92,7 @@ end
 local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
   ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
   gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1, limit = 1, claim = 1, remember = 1}
+  budget_add = 1, limit = 1, claim = 1, remember = 1, log_append = 1, log_read = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
@@ -128,6 +128,25 @@ for _, op in ipairs(ops) do
       redis.call('HSET', h, '_c:' .. op[3], op[4])
     end
     out[#out + 1] = false
+  elseif code == 'log_append' then
+    local name, zk = op[2], zkeys[op[2]]
+    redis.call('HSETNX', h, name .. ':id', op[5])
+    local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
+    redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
+    cap_z(zk, op[4])
+    out[#out + 1] = string.format('%d', seq)
+  elseif code == 'log_read' then
+    local name = op[2]
+    local held = redis.call('HMGET', h, name .. ':id', name .. ':seq')
+    local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
+      '+inf', 'LIMIT', 0, op[4])
+    local entries = {}
+    for j = 1, #raw do
+      local bar = string.find(raw[j], '|', 1, true)
+      entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
+    end
+    if #entries == 0 then entries = false end
+    out[#out + 1] = {held[1] or false, held[2] or '0', entries}
   elseif code == 'get' then
     out[#out + 1] = redis.call('HGET', h, op[2])
   elseif code == 'set' then
