@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from serving.api.app import create_app
 from serving.settings import Settings
-from tests.support.redis_server import LocalRedisServer
+from tests.support.redis_server import LocalRedisCluster, LocalRedisServer
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -37,6 +37,23 @@ def redis_url(redis_server: LocalRedisServer) -> Iterator[str]:
     client.flushdb()
     yield redis_server.url
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A three-master Redis Cluster from the same redis-server binary."""
+    cluster = LocalRedisCluster(masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    """The cluster's store spec (`redis+cluster://…`), emptied."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 def make_settings(**overrides: object) -> Settings:

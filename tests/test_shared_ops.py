@@ -31,9 +31,10 @@ def replicas(store_url: str) -> Iterator[tuple[TestClient, TestClient, Recording
             yield a, b, hook
 
 
-@pytest.fixture
-def store_url(redis_url: str) -> str:
-    return redis_url
+@pytest.fixture(params=["redis", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """A single Redis, and a three-master Redis Cluster."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
 
 
 def _feed(a: TestClient, b: TestClient) -> None:

@@ -187,14 +187,7 @@ class RedisStore(StateStore):
         """
         packed = [pack_evalsha(script.sha, keys, argv) for keys, argv in calls]
         try:
-            replies = self._round_trip(packed)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:
-                self.client.script_load(script.text)
-                self.round_trips += 1
-                for i, reply in zip(missing, self._round_trip([packed[i] for i in missing]),
-                                    strict=True):
-                    replies[i] = reply
+            replies = self._run_on(self.client, script, packed)
             for reply in replies:
                 if isinstance(reply, ResponseError):
                     raise reply
@@ -207,10 +200,23 @@ class RedisStore(StateStore):
             raise error from exc
         return replies
 
-    def _round_trip(self, packed: list[bytes]) -> list[Any]:
+    def _run_on(self, client: redis.Redis, script: LuaScript, packed: list[bytes]) -> list[Any]:
+        """One round trip to one server, loading the script if it says NOSCRIPT; the
+        replies, errors included (the caller decides what an error means)."""
+        replies = self._round_trip(packed, client)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            client.script_load(script.text)
+            self.round_trips += 1
+            for i, reply in zip(missing, self._round_trip([packed[i] for i in missing], client),
+                                strict=True):
+                replies[i] = reply
+        return replies
+
+    def _round_trip(self, packed: list[bytes], client: redis.Redis | None = None) -> list[Any]:
         """Write the packed commands at once, then read every reply (errors included, so
         the connection stays in step); retried like redis-py retries a pipeline."""
-        pool = self.client.connection_pool
+        pool = (client or self.client).connection_pool
         conn = pool.get_connection()
         command = b"".join(packed)
         count = len(packed)
