@@ -36,7 +36,7 @@ from serving.engine import reliability as resilience
 from serving.engine.decision import Decision
 from serving.engine.event_log import EventLog
 from serving.engine.factory import build_scorer, live_guards
-from serving.engine.ingest import EventInFlight, EventTimeRefused
+from serving.engine.ingest import EventInFlight, EventTimeRefused, ingest_status
 from serving.engine.scorer import Scorer
 from serving.observability.redaction import redact_text
 from serving.runtime import tune_gc
@@ -275,6 +275,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             "policy": {"version": scorer.policy_source.version,
                        "last_error": scorer.policy_source.last_error},
             "event_log": event_log.status() if event_log is not None else None,
+            "ingest": ingest_status(scorer),
         }
         return JSONResponse(status_code=200 if ready else 503, content=body)
 

@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from features.contract import Event, event_time_iso
 from features.stores.base import CLAIM, REMEMBER, EntityOps
@@ -138,3 +138,17 @@ class Dedupe:
             while len(self._local) > self.local_max:
                 self._local.popitem(last=False)
         return EntityOps(key_kind, key_id, [(REMEMBER, CLAIMS_ZSET, event_id, decision_json)])
+
+
+def ingest_status(scorer: Any) -> dict[str, Any]:
+    """For `/readyz`: the clock bound's counts, event-id repeats, and how far this
+    replica's population model is behind the shared learning log."""
+    bound, dedupe = scorer.clock_bound, scorer.dedupe
+    pop_log = getattr(scorer.detectors, "population_log", None)
+    return {
+        "clock": bound.status() if bound is not None else None,
+        "dedupe": ({"window_s": dedupe.window_s, "repeats": dedupe.repeats}
+                   if dedupe is not None else None),
+        "population_log": ({"behind": pop_log.behind, "gaps": pop_log.gaps}
+                           if pop_log is not None else None),
+    }
