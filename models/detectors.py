@@ -290,7 +290,8 @@ class Detectors:
         out = [ops]
         if (not flagged and state.pending is not None and state.pending.clean
                 and self.population_log is not None):
-            out.append(self.population_log.append(state.pending.clean))
+            with self._lock:
+                out.append(self.population_log.append(state.pending))
         return out
 
     # ---- checkpoints --------------------------------------------------------------------

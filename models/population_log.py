@@ -40,7 +40,7 @@ import orjson
 
 from features.extractor import POPULATION, POPULATION_ID
 from features.stores.base import LOG_APPEND, LOG_READ, EntityOps
-from models.online import PopulationDetector
+from models.online import PendingEvent, PopulationDetector
 
 log = logging.getLogger("keywatch.population")
 
@@ -63,6 +63,10 @@ class PopulationLog:
         self.learned_from_log = 0
         self.behind = 0
         """Entries appended to the log that this replica has not learned yet."""
+        self._own: dict[str, tuple[int, PendingEvent]] = {}
+        """Entries this replica appended, with the position it scored them at: read back
+        with nothing learned in between, the scoring's HST walk is reused (one process:
+        always), else the entry is scored again on the model as it now is."""
 
     def plan(self, population_ops: EntityOps) -> int:
         """Queue the read of the entries after this replica's position; its result index."""
@@ -93,7 +97,11 @@ class PopulationLog:
                 self.gaps += 1
                 log.warning("population log: entries %d..%d were trimmed before this replica "
                             "read them", pos + 1, seq - 1)
-            self.population.learn_one(orjson.loads(entry))
+            own = self._own.pop(entry, None)
+            if own is not None and own[0] == pos:
+                self.population.learn_pending(own[1])
+            else:
+                self.population.learn_one(orjson.loads(entry))
             pos = seq
             learned += 1
         self.positions[log_id] = pos
@@ -101,10 +109,15 @@ class PopulationLog:
         self.behind = head - pos
         return learned
 
-    def append(self, clean: dict[str, float]) -> EntityOps:
-        """The write offering one event's model vector to every replica's model."""
+    def append(self, pending: PendingEvent) -> EntityOps:
+        """The write offering one scored event's model vector to every replica's model."""
+        entry = orjson.dumps(pending.clean).decode()
+        if len(self._own) > 10_000:  # entries never read back (an outage): forget them
+            self._own.clear()
+        if self.current is not None:
+            self._own[entry] = (self.positions.get(self.current, 0), pending)
         return EntityOps(POPULATION, POPULATION_ID, [
-            (LOG_APPEND, LOG_NAME, orjson.dumps(clean).decode(), self.cap, self.writer_id)])
+            (LOG_APPEND, LOG_NAME, entry, self.cap, self.writer_id)])
 
     def checkpoint(self) -> None:
         """Keep the positions with the model, so a restart resumes where it was."""
