@@ -30,12 +30,12 @@ from serving.engine.scorer import Scorer
 SECRET = "replicas-benchmark-secret-0123"
 
 
-def make_scorer(url: str, namespace: str) -> Scorer:
+def make_scorer(url: str, namespace: str, *, immediate_learning: bool = False) -> Scorer:
     """A scorer as `keywatch serve` builds one: default policy, fresh online models."""
     detectors = build_detectors(model_dir=None, checkpoint=None,
                                 feature_names=model_features(FEATURE_NAMES))
     return Scorer(store=RedisStore(url, namespace=namespace), hasher=KeyHasher(SECRET),
-                  detectors=detectors)
+                  detectors=detectors, immediate_learning=immediate_learning)
 
 
 def decide(scorers: Sequence[Scorer], events: Sequence[Event]) -> list[str]:
@@ -63,11 +63,13 @@ def settle(scorer: Scorer) -> None:
             return
 
 
-def compare(url: str, events: Sequence[Event], *, replicas: int = 2,
-            tag: str = "cmp") -> dict[str, Any]:
+def compare(url: str, events: Sequence[Event], *, replicas: int = 2, tag: str = "cmp",
+            immediate_learning: bool = False) -> dict[str, Any]:
     """Decisions of one scorer against `replicas` scorers fed alternately."""
-    one = decide([make_scorer(url, f"{tag}-one")], events)
-    many = decide([make_scorer(url, f"{tag}-many") for _ in range(replicas)], events)
+    one = decide([make_scorer(url, f"{tag}-one", immediate_learning=immediate_learning)],
+                 events)
+    many = decide([make_scorer(url, f"{tag}-many", immediate_learning=immediate_learning)
+                   for _ in range(replicas)], events)
     differ = sum(a != b for a, b in zip(one, many, strict=True))
     return {"events": len(events), "replicas": replicas, "differ": differ,
             "differ_share": differ / max(1, len(events)),
@@ -90,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--redis", required=True)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--limit", type=int, default=6000)
+    parser.add_argument("--immediate-learning", action="store_true")
     args = parser.parse_args(argv)
-    result = compare(args.redis, load_events(args.events, args.limit), replicas=args.replicas)
+    result = compare(args.redis, load_events(args.events, args.limit), replicas=args.replicas,
+                     immediate_learning=args.immediate_learning)
     print(json.dumps(result, indent=2))
 
 

@@ -48,7 +48,8 @@ def build_scorer(settings: Settings, *, restore_population: bool = False,
     prices = load_price_file(settings.prices) if settings.prices is not None else None
     return Scorer(store=store, hasher=KeyHasher(settings.secret or ""), dry_run=settings.dry_run,
                   policy=PolicySource(settings.policy), detectors=detectors, prices=prices,
-                  enforcement_clock=settings.enforcement_clock if live else "event")
+                  enforcement_clock=settings.enforcement_clock if live else "event",
+                  immediate_learning=settings.learn_writes == "immediate")
 
 
 def live_guards(scorer: Scorer, settings: Settings) -> Scorer:
