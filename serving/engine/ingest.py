@@ -11,9 +11,10 @@ behind to the bound); both are counted. Replay has no bound: it keeps
 event time throughout.
 
 Once. An event may carry an `event_id` (the client always sets one). The id is claimed on
-every entity the event touches, as the first operation of the same atomic call that
-applies the event (`features.stores.base.CLAIM`), for `window_s` of wall time. A re-sent
-id therefore changes nothing on any entity, and is answered with the first decision,
+the entities the event touches (not the population's, see `Scorer._round_trip`), as the
+first operation of the same atomic call that applies the event
+(`features.stores.base.CLAIM`), for `window_s` of wall time. A re-sent id therefore
+changes nothing on them, and is answered with the first decision,
 which is remembered with the key's claim (`REMEMBER`, sent with the scorer's next round
 trip and kept in a small local cache until then). A repeat that finds the claim but no
 decision yet (the first is still in flight on another replica, or its answer was lost

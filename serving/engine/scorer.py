@@ -250,6 +250,27 @@ class Scorer:
             self.allow_list.update(results[-1][0])
         return results[len(pending):len(pending) + len(requests)]
 
+    def _round_trip(self, sent: list[EntityOps], event_id: str | None, *,
+                    shared: EntityOps | None) -> tuple[list[list[Any]], Decision | None]:
+        """The event's round trip, its id claimed on each entity but the population's;
+        with the first decision when the id was seen before (then nothing was applied).
+
+        The population entity is left out: every event touches it, so its claims would be
+        one hot set of every id in the window; a re-sent event's one extra count in the
+        population's hourly total is the price."""
+        if not event_id or self.dedupe is None:
+            return self._execute(sent), None
+        claimed = [n for n, req in enumerate(sent) if req is not shared]
+        self.dedupe.claim([sent[n] for n in claimed], event_id)
+        all_results = self._execute(sent)
+        held = self.dedupe.held([all_results[n] for n in claimed])
+        if held is None:
+            return all_results, None
+        self.dedupe.repeats += 1
+        if not held:
+            raise EventInFlight(event_id)
+        return all_results, Decision.model_validate_json(held)
+
     def _use_prices(self, policy: Policy) -> None:
         """Price with the settings' and the policy's tables (rebuilt when they change)."""
         if policy.pricing is self._pricing_for:
@@ -284,17 +305,10 @@ class Scorer:
         budget_plan = plan_budgets(policy, plan)
         requests = plan.requests()
         event_id = event.event_id if self.dedupe is not None else None
-        if event_id:
-            self.dedupe.claim([*requests, *budget_plan.entities], event_id)  # type: ignore[union-attr]
-        all_results = self._execute([*requests, *budget_plan.entities])
-        if event_id:
-            held = self.dedupe.held(all_results)  # type: ignore[union-attr]
-            if held is not None:  # a repeat: nothing was applied
-                self.dedupe.repeats += 1  # type: ignore[union-attr]
-                if not held:
-                    raise EventInFlight(event_id)
-                return Decision.model_validate_json(held), FeatureVector(
-                    {}, {"key_id": key_id, "repeat_of": event_id})
+        sent = [*requests, *budget_plan.entities]
+        all_results, repeat = self._round_trip(sent, event_id, shared=plan.population_ops)
+        if repeat is not None:
+            return repeat, FeatureVector({}, {"key_id": key_id, "repeat_of": event_id})
         results = all_results[:len(requests)]
         fv = self.extractor.build(plan, results)
         budgets = budget_plan.read(results[0], all_results[len(requests):], ts) \
