@@ -26,8 +26,9 @@ def failing_calls(key: int, t0: float) -> list[dict]:
 @pytest.fixture
 def replicas(store_url: str) -> Iterator[tuple[TestClient, TestClient, RecordingWebhook]]:
     with RecordingWebhook() as hook:
-        settings = make_settings(store=store_url, event_log=False, alert_webhook_url=hook.url)
-        with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        settings = [make_settings(store=store_url, event_log=False, alert_webhook_url=hook.url)
+                    for _ in range(2)]  # each replica its own data directory
+        with TestClient(create_app(settings[0])) as a, TestClient(create_app(settings[1])) as b:
             yield a, b, hook
 
 
@@ -84,3 +85,17 @@ def test_decision_stats_count_every_replica(replicas) -> None:  # type: ignore[n
               for c in (a, b)]
     assert series[0]["totals"] == series[1]["totals"]
     assert series[0]["totals"]["events"] == 180
+
+
+def test_a_replica_started_later_and_restarted_answers_the_same(replicas) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = replicas
+    _feed(a, b)
+    alert_id = _alerts(a)[0][0]
+    assert a.post(f"/v1/alerts/{alert_id}/feedback", headers=AUTH,
+                  json={"verdict": "confirmed", "note": "seen"}).status_code == 201
+    settings = make_settings(store=a.app.state.settings.store, event_log=False)  # type: ignore[attr-defined]
+    for _ in range(2):  # a new replica, then the same one restarted
+        with TestClient(create_app(settings)) as c:
+            assert _alerts(c) == _alerts(a)
+    lines = (settings.data_dir / "feedback.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # the log was read twice, the verdict kept once

@@ -62,6 +62,7 @@ class FeedbackStore:
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._suppressed: dict[tuple[str, str], dict[str, Any]] = {}
+        self._seen: set[str] = set()
         self.publish: Callable[[dict[str, Any]], None] | None = None
         """Shared mode: append a record to the shared log (which then applies it here)."""
         if self.path is not None:
@@ -128,6 +129,9 @@ class FeedbackStore:
     def apply_shared(self, rec: dict[str, Any]) -> None:
         """A record from the shared log: kept in this replica's file, then applied."""
         rec = {k: v for k, v in rec.items() if k != "r"}
+        mark = json.dumps(rec, sort_keys=True)
+        if mark in self._seen:  # already in this replica's file (a restart reads the log)
+            return
         try:
             self._write_and_apply(rec)
         except OSError as exc:  # the store holds it; this replica's copy is a convenience
@@ -149,6 +153,7 @@ class FeedbackStore:
             self._apply_locked(rec)
 
     def _apply_locked(self, rec: dict[str, Any]) -> None:
+        self._seen.add(json.dumps(rec, sort_keys=True))
         kind = rec.get("type")
         if kind == "feedback":
             self._records.append(rec)
