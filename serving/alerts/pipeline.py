@@ -26,15 +26,14 @@ a reason whose pair is suppressed does not raise an alert.
 
 With a shared store (`shared=SharedOps`, see `serving.alerts.shared`) the ring is a replica
 of the store's ordered operations log, shared by every keywatch replica: raising is
-claimed in the store (so each alert is sent once, by one replica), window buckets are
-`floor(event time / dedup_window_s)`, and counts, escalations and statuses are log
-records applied by every replica before it answers.
+claimed in the store for the dedup window from its first event (so each alert is sent
+once, by one replica), and counts, escalations and statuses are log records applied by
+every replica before it answers.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -293,26 +292,25 @@ class AlertPipeline:
     # ---- shared mode ------------------------------------------------------------------
     def _observe_shared(self, ts: float, key_id: str, source_ip: str | None, code: str,
                         title: str, decision: Decision, *, by_address: bool) -> Alert | None:
-        """Claim or count: the one replica that claims the (subject, rule, bucket) raises.
-        The subject is the key, or the address for an address-scoped reason (claimed on
-        the address's entity, so every key it tries counts on one alert)."""
+        """Claim or count: the one replica that claims the (subject, rule) raises. The
+        subject is the key, or the address for an address-scoped reason (claimed on the
+        address's entity, so every key it tries counts on one alert). The claim lasts the
+        dedup window from the first event in event time, as one process' alert does."""
         shared = self.shared
         assert shared is not None
-        bucket = math.floor(ts / self.dedup_window_s)
         subject = f"ip:{source_ip}" if by_address else key_id
         entity = ("ip", str(source_ip)) if by_address else ("k", key_id)
         with self._lock:
             self.clock = max(self.clock, ts)
             alert = self._open.get((subject, code))
-            if alert is not None and math.floor(
-                    alert.first_seen_ts / self.dedup_window_s) != bucket:
+            if alert is not None and abs(ts - alert.first_seen_ts) >= self.dedup_window_s:
                 alert = None
-        expires = (bucket + 2) * self.dedup_window_s
+        expires = (alert.first_seen_ts if alert is not None else ts) + self.dedup_window_s
         if alert is None:
             fresh = self._build_alert(ts, key_id, source_ip, code, title, decision)
             if by_address:
                 fresh.subject = "address"
-            alert_id, won = shared.claim(entity, f"al|{code}|{bucket}", fresh.alert_id,
+            alert_id, won = shared.claim(entity, f"al|{code}", fresh.alert_id,
                                          now=ts, expires_at=expires)
             if won:
                 snapshot = fresh.to_dict()

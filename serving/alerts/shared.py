@@ -7,11 +7,12 @@ the webhook) one alert per replica.
 
 How, with the state store the scorer already uses (memory or Redis, cluster included):
 
-- Raising is claimed. An alert for (key, rule) in window bucket `floor(t / window)` is
-  claimed on the key's entity (`CLAIM` + `REMEMBER` of the candidate alert id, one atomic
-  call): the replica that wins raises it and sends it to the sinks, exactly once; the
-  others learn its id from the claim and count on it. An escalation to a severity is
-  claimed the same way, so it too is sent once.
+- Raising is claimed. An alert for (key, rule) is claimed on the key's entity (or the
+  address's, for an address alert) for the dedup window from its first event, in event
+  time (`CLAIM` + `REMEMBER` of the candidate alert id, one atomic call): the replica
+  that wins raises it and sends it to the sinks, exactly once; the others learn its id
+  from the claim and count on it. An escalation to a severity is claimed the same way,
+  so it too is sent once.
 - Everything else is a record in one ordered log (`LOG_APPEND` on the `("g", "ops")`
   entity): raised, seen (counts, addresses, money, merged per request), escalated, status,
   feedback and unsuppress. Every replica applies the log in order to its own alert ring
