@@ -93,9 +93,19 @@ LOG_APPEND = "log_append"  # (LOG_APPEND, name, entry: str, cap, new_id) -> int 
 LOG_READ = "log_read"  # (LOG_READ, name, after, limit) -> [id | None, head, [[seq, entry]...]]
 #   up to `limit` entries with seq > after, oldest first; head = the last seq appended
 
+# Mergeable decayed sums (a key's streaming detectors, `models.streaming`):
+DECAY_ADD = "decay_add"  # (DECAY_ADD, field, ts, half_lives, deltas) -> None
+#   the field holds "T|v1,v2,..." (%.17g): sums held at reference time T. With
+#   T' = max(T, ts), each v_i becomes v_i * 0.5 ** ((T' - T) / hl_i)
+#   + d_i * 0.5 ** ((T' - ts) / hl_i) (hl_i = 0: no decay; hl_i < 0: v_i is replaced by
+#   d_i, a value that is not a sum), and T becomes T'. Additions commute, so replicas
+#   sending their deltas in any order hold one state. A held vector of another length is
+#   replaced by the delta.
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
-    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT, CLAIM, REMEMBER, LOG_APPEND, LOG_READ)
+    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT, CLAIM, REMEMBER, LOG_APPEND, LOG_READ,
+    DECAY_ADD)
 CLAIM_FIELD_PREFIX = "_c:"
 """Hash field `_c:<token>` holds a claimed token's remembered value."""
 PERSIST_FIELD = "_persist"

@@ -37,6 +37,7 @@ from features.stores.base import (
     BUDGET_ADD,
     CLAIM,
     CLAIM_FIELD_PREFIX,
+    DECAY_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -562,6 +563,10 @@ class MemoryStore(StateStore):
             log["first"] += drop
         return int(log["first"] + len(entries) - 1)
 
+    def _decay_add(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        _, fld, ts, half_lives, deltas = op
+        s.hash[fld] = decay_add(s.hash.get(fld), float(ts), half_lives, deltas)
+
     def _log_read(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         _, name, after, limit = op
         log = s.logs.get(name)
@@ -632,6 +637,32 @@ def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,
     return (1.0 if conforms else 0.0), (0.0 if conforms else held - tolerance - now), tat, tat_e
 
 
+def decay_add(held: str | None, ts: float, half_lives: Sequence[float],
+              deltas: Sequence[float]) -> str:
+    """DECAY_ADD on a held "T|v1,..." value (see `features.stores.base`); the Lua script
+    computes the same, in the same order, so both stores hold the same digits."""
+    t0, values = 0.0, None
+    if held and "|" in held:
+        stamp, _, rest = held.partition("|")
+        values = [float(x) for x in rest.split(",")] if rest else []
+        t0 = float(stamp)
+        if len(values) != len(deltas):
+            t0, values = 0.0, None
+    t1 = max(t0, ts)
+    out = []
+    for j, d in enumerate(deltas):
+        a, b, hl = (values[j] if values is not None else 0.0), float(d), float(half_lives[j])
+        if hl < 0:  # not a sum: the last write wins
+            a = 0.0
+        elif hl > 0:
+            if values is not None and t1 > t0:
+                a = a * 0.5 ** ((t1 - t0) / hl)
+            if t1 > ts:
+                b = b * 0.5 ** ((t1 - ts) / hl)
+        out.append(_g17(a + b))
+    return _g17(t1) + "|" + ",".join(out)
+
+
 def _applied(requests: Sequence[EntityOps], results: list[list[Any]]) -> list[EntityOps]:
     """The requests a call applied: a repeated claim (see CLAIM) applied nothing of its own,
     so it has nothing to journal."""
@@ -699,4 +730,5 @@ _HANDLERS = {
     REMEMBER: MemoryStore._remember,
     LOG_APPEND: MemoryStore._log_append,
     LOG_READ: MemoryStore._log_read,
+    DECAY_ADD: MemoryStore._decay_add,
 }

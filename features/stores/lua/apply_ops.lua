@@ -92,7 +92,8 @@ end
 local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
   ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
   gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1, limit = 1, claim = 1, remember = 1, log_append = 1, log_read = 1}
+  budget_add = 1, limit = 1, claim = 1, remember = 1, log_append = 1, log_read = 1,
+  decay_add = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
@@ -135,6 +136,33 @@ for _, op in ipairs(ops) do
     redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
     cap_z(zk, op[4])
     out[#out + 1] = string.format('%d', seq)
+  elseif code == 'decay_add' then
+    -- mergeable decayed sums "T|v1,...": decay both to max(T, ts), add
+    local ts, hl, d = tonumber(op[3]), op[4], op[5]
+    local held = redis.call('HGET', h, op[2])
+    local t0, v = 0, nil
+    if held then
+      local bar = string.find(held, '|', 1, true)
+      if bar then
+        t0 = tonumber(string.sub(held, 1, bar - 1))
+        v = {}
+        for x in string.gmatch(string.sub(held, bar + 1), '[^,]+') do v[#v + 1] = tonumber(x) end
+        if #v ~= #d then t0, v = 0, nil end
+      end
+    end
+    local t1 = math.max(t0, ts)
+    local parts = {}
+    for j = 1, #d do
+      local a, b, hj = 0, d[j], hl[j]
+      if v and hj >= 0 then a = v[j] end
+      if hj > 0 then
+        if v and t1 > t0 then a = a * 0.5 ^ ((t1 - t0) / hj) end
+        if t1 > ts then b = b * 0.5 ^ ((t1 - ts) / hj) end
+      end
+      parts[j] = string.format('%.17g', a + b)
+    end
+    redis.call('HSET', h, op[2], string.format('%.17g', t1) .. '|' .. table.concat(parts, ','))
+    out[#out + 1] = false
   elseif code == 'log_read' then
     local name = op[2]
     local held = redis.call('HMGET', h, name .. ':id', name .. ':seq')
