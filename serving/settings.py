@@ -85,9 +85,10 @@ class Settings(BaseSettings):
     """...or further behind it (older history is for `keywatch replay`)."""
     event_skew_action: Literal["refuse", "clamp"] = "refuse"
     learn_writes: Literal["auto", "deferred", "immediate"] = "auto"
-    """When an event's learning reaches the store: with the next event's round trip, or at
-    once in a round trip of its own (many replicas: no replica reads one event behind).
-    `auto`: immediate on a shared store (Redis), deferred on the memory store."""
+    """When learning reaches the store: with the next request's round trip, or in a round
+    trip of its own before each request is answered (many replicas: none reads behind
+    what another answered). `auto`: immediate for a service on a shared store (Redis),
+    deferred on the memory store and in replays."""
     dedupe_window_s: float = Field(default=900.0, gt=0)
     """How long an `event_id` is remembered: a repeat within it changes nothing."""
     # reliability: Redis outage policy, restarts, ingestion security, stream workers
