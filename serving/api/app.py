@@ -185,7 +185,8 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         try:
             scorer.flush()
             if scorer.detectors is not None:
-                scorer.detectors.save_population(settings.population_checkpoint)
+                scorer.detectors.save_population(settings.population_checkpoint,
+                                                  signing_key=settings.model_signing_key)
         finally:
             if event_log is not None:
                 event_log.flush()
