@@ -35,7 +35,8 @@ from serving.api.routes_limits import router as limits_router
 from serving.engine import reliability as resilience
 from serving.engine.decision import Decision
 from serving.engine.event_log import EventLog
-from serving.engine.factory import build_scorer
+from serving.engine.factory import build_scorer, live_guards
+from serving.engine.ingest import EventInFlight, EventTimeRefused, ingest_status
 from serving.engine.scorer import Scorer
 from serving.observability.redaction import redact_text
 from serving.runtime import tune_gc
@@ -152,6 +153,7 @@ class CheckResponse(BaseModel):
 def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
     settings = settings or Settings()
     scorer = scorer or build_scorer(settings, restore_population=True, live=True)
+    live_guards(scorer, settings)
     if settings.insecure_secret:
         log.warning("development mode: key ids use a built-in, insecure secret")
     event_log = (
@@ -228,6 +230,18 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         return JSONResponse(status_code=exc.status,
                             content={"error": exc.message, "detail": exc.detail})
 
+    @app.exception_handler(EventTimeRefused)
+    async def _skewed(_: Request, exc: EventTimeRefused) -> JSONResponse:
+        field = "timestamp" if exc.index is None else f"{exc.index}.timestamp"
+        return JSONResponse(status_code=422, content={"error": f"invalid event: {exc}",
+                                                      "detail": [{"field": field,
+                                                                  "message": str(exc)}]})
+
+    @app.exception_handler(EventInFlight)
+    async def _in_flight(_: Request, exc: EventInFlight) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"error": str(exc),
+                                                      "event_id": exc.event_id})
+
     @app.exception_handler(AdminError)
     async def _admin(_: Request, exc: AdminError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"error": exc.message},
@@ -262,6 +276,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             "policy": {"version": scorer.policy_source.version,
                        "last_error": scorer.policy_source.last_error},
             "event_log": event_log.status() if event_log is not None else None,
+            "ingest": ingest_status(scorer),
         }
         return JSONResponse(status_code=200 if ready else 503, content=body)
 
