@@ -366,10 +366,16 @@ class FeatureExtractor:
 
     def locate(self, event: Event) -> GeoInfo:
         """The event's geolocation: its own fields first, then the address lookup."""
-        if event.country is None and event.asn is None and event.lat is None:
-            return self.geo.lookup(event.source_ip)
-        return self.geo.locate(event.source_ip, country=event.country, asn=event.asn,
-                               lat=event.lat, lon=event.lon)
+        return self.locate_fields(event.source_ip, event.country, event.asn, event.lat,
+                                  event.lon)
+
+    def locate_fields(self, source_ip: str | None, country: str | None, asn: str | None,
+                      lat: float | None, lon: float | None) -> GeoInfo:
+        """`locate` from the event's fields (the batch twin locates each distinct
+        combination once)."""
+        if country is None and asn is None and lat is None:
+            return self.geo.lookup(source_ip)
+        return self.geo.locate(source_ip, country=country, asn=asn, lat=lat, lon=lon)
 
     # ---- phase 1 ----------------------------------------------------------------------
     def plan(self, event: Event, key_id: str) -> Plan:

@@ -1,0 +1,410 @@
+"""The vectorised twin: a DataFrame of events in, every event's features out, fast.
+
+The streaming path computes one event at a time against the store
+(`features.extractor`). Training needs the same numbers for millions of events, and one
+Python pass through the store runs at a few thousand events a second. The twin computes
+them column-wise instead, from the same declarations (`features.catalogue`):
+
+* windowed counters (requests, tokens, errors, refused credentials, spend, by key and
+  by address, over 1 min to 30 days) are tiled windows: each event's bucket, a
+  group-by on the entity, cumulative sums, and binary searches for the window's whole
+  buckets and its edge bucket (weighted as the stream weighs it);
+* per-event values (sizes, cost, time of day) are column arithmetic;
+* what is a recurrence rather than a sum (EWM baselines, gaps, capped sets, the last
+  location, learned rings) runs in one compiled pass (`features.twin_kernels`).
+
+Strings (keys, addresses, models, networks) are coded once per distinct value, and the
+location of each distinct (address, gateway fields) and the price of each model are
+looked up once, so the Python work grows with what is distinct, not with the events.
+
+Semantics, held to the stream within 1e-9 by `tests/test_features_equivalence.py`:
+
+* the twin starts from empty state (a fresh store) and keeps every entity: no idle
+  expiry and no eviction (the memory store expires entities idle for 8 days of event
+  time and evicts beyond its bound; over a training window that matters only for a key
+  or address silent for more than 8 days);
+* events must be in time order (as `training.events_io.load_events` returns them): the
+  windows are exact bucket sums then; a frame out of order is refused;
+* learning: `learned` says which events were judged normal and so teach the learned
+  baselines (the stream does not learn from events it flags). Retraining passes True
+  for all: its data is the service's accepted traffic, taken as normal, as
+  `features.batch` always did; a replay that has the decisions passes them as a column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features import twin_kernels as tk
+from features.catalogue import FEATURE_NAMES, RingRead, ring_reads
+from features.extractor import (
+    ASN_CAP,
+    COUNTRY_CAP,
+    COUNTRY_IPS_CAP,
+    DISTINCT_CAP,
+    ENDPOINT_CAP,
+    MODEL_CAP,
+    POP_RING_SIZE,
+    RECUR_RING_SIZE,
+    USER_AGENT_CAP,
+    FeatureExtractor,
+    _ua_member,
+    network_prefix,
+    ua_family,
+)
+from features.keys import KeyHasher
+from features.pricing import PER_MILLION, PriceTable
+from features.twin_prep import EventColumns, event_columns
+from features.windows import HOUR_RING_SIZE
+
+CHUNK = 50_000
+"""Events per compiled call: the progress bar moves once per chunk."""
+_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+def twin_features(
+    df: pd.DataFrame,
+    *,
+    hasher: KeyHasher | None = None,
+    key_id_column: str | None = None,
+    extractor: FeatureExtractor | None = None,
+    learned: bool | Sequence[bool] | np.ndarray = True,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Feature vectors for a DataFrame of events in time order, as the stream computes
+    them from empty state.
+
+    `hasher` or `key_id_column` say how to get key ids (as in `features.batch`);
+    `extractor` gives the geolocator, price table and EWM weights; `learned` is True
+    (every event judged normal), False, or one flag per row. Returns a frame indexed
+    like `df` with the columns `FEATURE_NAMES`.
+    """
+    from tqdm.auto import tqdm
+
+    ex = extractor or FeatureExtractor()
+    cols = event_columns(df, hasher=hasher, key_id_column=key_id_column)
+    n = len(cols)
+    if n and np.any(np.diff(cols.ts) < 0):
+        raise ValueError("events must be in time order (sort by timestamp first)")
+    mask = np.broadcast_to(np.asarray(learned, dtype=bool), (n,)).copy()
+    out = np.zeros((n, len(FEATURE_NAMES)))
+    with tqdm(total=n, disable=not progress, desc="features", unit="ev",
+              unit_scale=True) as bar:
+        ev = _derived(cols, ex)
+        _event_values(out, cols, ev)
+        _windowed_values(out, cols, ev)
+        inputs = _kernel_inputs(cols, ev, out)
+        state = _State.empty(inputs)
+        for start in range(0, n, CHUNK):
+            stop = min(start + CHUNK, n)
+            tk.run(inputs.ei, inputs.ef, mask, start, stop, *state.arrays(),
+                   (ex.ewm_alpha, ex.how_alpha), out)
+            bar.update(stop - start)
+    return pd.DataFrame(out, columns=list(FEATURE_NAMES), index=df.index)
+
+
+@dataclass(slots=True)
+class Derived:
+    """What each event's fields mean to the features: its place, price and entities."""
+
+    country: np.ndarray
+    asn: np.ndarray
+    hosting: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    usd: np.ndarray
+    unknown: np.ndarray
+    priced: np.ndarray
+    key: np.ndarray
+    ip: np.ndarray
+
+
+def _derived(cols: EventColumns, ex: FeatureExtractor) -> Derived:
+    country, asn, hosting, lat, lon = _locate(cols, ex)
+    usd, unknown, priced = _prices(cols, ex.pricing)
+    return Derived(country=country, asn=asn, hosting=hosting, lat=lat, lon=lon, usd=usd,
+                   unknown=unknown, priced=priced, key=_codes(cols.key_id),
+                   ip=_codes(cols.source_ip))
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    """Integer codes in the order of the values (the order stores break ties by);
+    None is -1."""
+    return pd.factorize(pd.Series(values, dtype=object), sort=True)[0].astype(np.int64)
+
+
+def _locate(cols: EventColumns, ex: FeatureExtractor) -> tuple[np.ndarray, ...]:
+    """The stream's `locate` once per distinct (address, gateway fields)."""
+    frame = pd.DataFrame({"ip": cols.source_ip, "cc": cols.country, "asn": cols.asn,
+                          "lat": cols.lat, "lon": cols.lon})
+    groups = frame.groupby(list(frame.columns), dropna=False, sort=False).ngroup().to_numpy()
+    firsts = np.unique(groups, return_index=True)[1]
+    found = []
+    for row in frame.iloc[firsts].itertuples(index=False):
+        lat = None if np.isnan(row.lat) else float(row.lat)
+        lon = None if np.isnan(row.lon) else float(row.lon)
+        geo = ex.locate_fields(row.ip, _none(row.cc), _none(row.asn), lat, lon)
+        found.append((geo.country, geo.asn, geo.hosting,
+                      np.nan if geo.lat is None else geo.lat,
+                      np.nan if geo.lon is None else geo.lon))
+    parts = list(zip(*found, strict=True)) if found else [(), (), (), (), ()]
+    country, asn = (np.array(p, dtype=object)[groups] for p in parts[:2])
+    hosting = np.array(parts[2], dtype=bool)[groups]
+    lat, lon = (np.array(p, dtype=np.float64)[groups] for p in parts[3:])
+    return country, asn, hosting, lat, lon
+
+
+def _none(value: object) -> object:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def _prices(cols: EventColumns, pricing: PriceTable) -> tuple[np.ndarray, ...]:
+    """`PriceTable.cost` as column arithmetic: one table lookup per distinct model."""
+    codes, models = pd.factorize(pd.Series(cols.model, dtype=object), use_na_sentinel=True)
+    looked = [pricing.lookup(m) for m in models] + [pricing.lookup(None)]
+    pp = np.array([p.prompt for p, _ in looked])[codes]
+    pc = np.array([p.completion for p, _ in looked])[codes]
+    entry = np.array([e for _, e in looked], dtype=object)[codes]
+    tokens, prompt, completion = cols.tokens, cols.prompt, cols.completion
+    has_p, has_c = ~np.isnan(prompt), ~np.isnan(completion)
+    free = (tokens == 0) & ~(np.nan_to_num(prompt) > 0) & ~(np.nan_to_num(completion) > 0)
+    p = np.where(has_p, prompt, np.maximum(tokens - np.nan_to_num(completion), 0))
+    c = np.where(has_c, completion, np.maximum(tokens - p, 0))
+    share = pricing.blend_prompt_share
+    usd = np.where(has_p | has_c, p * pp + c * pc,
+                   tokens * (share * pp + (1.0 - share) * pc)) / PER_MILLION
+    usd[free] = 0.0
+    unknown = np.array([e is None for e in entry], dtype=bool) & ~free
+    priced = np.where(free | unknown, "other", entry).astype(object)
+    return usd, unknown, priced
+
+
+def _event_values(out: np.ndarray, cols: EventColumns, ev: Derived) -> None:
+    """Features of the event alone."""
+    ts = cols.ts
+    out[:, _COL["tokens_log_by_event"]] = np.log1p(cols.tokens)
+    out[:, _COL["latency_log_ms_by_event"]] = np.log1p(cols.latency)
+    split = ~np.isnan(cols.prompt) & ~np.isnan(cols.completion)
+    out[:, _COL["prompt_completion_ratio_by_event"]] = np.where(
+        split, np.log1p(np.nan_to_num(cols.prompt)) - np.log1p(np.nan_to_num(cols.completion)),
+        0.0)
+    out[:, _COL["hosting_asn_by_event"]] = ev.hosting
+    out[:, _COL["cost_usd_by_event"]] = ev.usd
+    out[:, _COL["unknown_price_by_event"]] = ev.unknown
+    hour = (ts % 86400) / 3600
+    day = (ts // 86400 + 3) % 7
+    out[:, _COL["hour_of_day_sin"]] = np.sin(2 * np.pi * hour / 24)
+    out[:, _COL["hour_of_day_cos"]] = np.cos(2 * np.pi * hour / 24)
+    out[:, _COL["day_of_week_sin"]] = np.sin(2 * np.pi * day / 7)
+    out[:, _COL["day_of_week_cos"]] = np.cos(2 * np.pi * day / 7)
+
+
+def _windowed_values(out: np.ndarray, cols: EventColumns, ev: Derived) -> None:
+    """Every declared windowed counter, by tiled windows over the entity's buckets."""
+    amounts = {
+        "requests": np.ones(len(cols)),
+        "tokens": cols.tokens,
+        "errors": ((cols.status >= 400) & (cols.status < 500)).astype(np.float64),
+        "auth_fails": np.isin(cols.status, (401, 403)).astype(np.float64),
+        "spend": ev.usd,
+    }
+    for entity, codes in (("key", ev.key), ("ip", ev.ip)):
+        rows = np.flatnonzero(codes >= 0)
+        rows = rows[np.argsort(codes[rows], kind="stable")]  # by entity, then in time order
+        for ring in ring_reads(entity):
+            _ring_windows(out, ring, codes[rows], cols.ts[rows], amounts[ring.field][rows],
+                          rows)
+    for name, num, den in (
+            ("failure_ratio_by_key_5m", "errors_count_by_key_5m", "requests_count_by_key_5m"),
+            ("auth_fail_ratio_by_key_5m", "auth_fail_count_by_key_5m",
+             "requests_count_by_key_5m"),
+            ("auth_fail_ratio_by_ip_5m", "auth_fail_count_by_ip_5m", "requests_count_by_ip_5m")):
+        d = out[:, _COL[den]]
+        out[:, _COL[name]] = np.where(d > 0, out[:, _COL[num]] / np.where(d > 0, d, 1.0), 0.0)
+
+
+def _ring_windows(out: np.ndarray, ring: RingRead, group: np.ndarray, ts: np.ndarray,
+                  amount: np.ndarray, rows: np.ndarray) -> None:
+    """One ring's windows for events sorted by entity and time: the whole buckets
+    (stamp-n+1..stamp, this event included, later ones of its bucket not) plus the edge
+    bucket (stamp-n) weighted by the share of it still inside the window."""
+    if not len(rows):
+        return
+    b = ring.bucket_s
+    stamp = (ts // b).astype(np.int64)
+    span = int(stamp.max() - stamp.min()) + max(n for _, n in ring.windows) + 2
+    place = group * span + (stamp - stamp.min())  # sorted: entity, then bucket
+    # running sums restart with each entity, so a sum's rounding is the entity's own
+    cum = pd.Series(amount).groupby(group).cumsum().to_numpy()
+    before = cum - amount  # the entity's sum up to the row before
+    frac = 1.0 - (ts % b) / b
+    for name, n in ring.windows:
+        lo = np.searchsorted(place, place - (n - 1), side="left")
+        edge_lo = np.searchsorted(place, place - n, side="left")
+        whole = cum - before[lo]
+        edge = before[lo] - before[edge_lo]
+        out[rows, _COL[name]] = whole + edge * frac
+
+
+@dataclass(slots=True)
+class KernelInputs:
+    """The events as the compiled pass reads them, and the sizes of its state."""
+
+    ei: np.ndarray
+    ef: np.ndarray
+    keys: int
+    set_capacity: np.ndarray
+    flags: int
+    priced_models: int
+
+
+def _kernel_inputs(cols: EventColumns, ev: Derived, out: np.ndarray) -> KernelInputs:
+    n = len(cols)
+    ei = np.full((n, tk.N_INT), -1, dtype=np.int64)
+    ef = np.zeros((n, tk.N_FLOAT))
+    k, ip = ev.key, ev.ip
+    keys = int(k.max()) + 1 if n else 0
+    ips = int(ip.max()) + 1 if n else 0
+    ei[:, tk.I_KEY], ei[:, tk.I_IP] = k, ip
+    ei[:, tk.I_EP] = _codes(cols.endpoint)
+    ei[:, tk.I_UA] = _codes(_per_distinct(cols.user_agent, _ua_member))
+    ei[:, tk.I_MODEL] = _codes(cols.model)
+    ei[:, tk.I_COUNTRY] = _codes(ev.country)
+    ei[:, tk.I_ASN] = _codes(ev.asn)
+    ei[:, tk.I_PSZ] = _codes(ev.priced)
+    prefix = _per_distinct(cols.source_ip, network_prefix)
+    has_prefix = np.array([p is not None for p in prefix], dtype=bool)
+    ei[:, tk.I_HAS_PREFIX] = has_prefix
+    ei[:, tk.I_AUTH_FAIL] = np.isin(cols.status, (401, 403))
+    ei[:, tk.I_HOSTING] = ev.hosting
+    ei[:, tk.I_LOCATED] = ~np.isnan(ev.lat)
+    capacity = _set_layout(ei, cols, ev, keys, ips)
+    flags = _flag_layout(ei, cols, ev, prefix, has_prefix)
+    ef[:, tk.F_TS] = cols.ts
+    ef[:, tk.F_TOKENS] = cols.tokens
+    ef[:, tk.F_PROMPT] = np.where(np.isnan(cols.prompt), cols.tokens, cols.prompt)
+    ef[:, tk.F_TOKENS_LOG] = out[:, _COL["tokens_log_by_event"]]
+    ef[:, tk.F_LATENCY_LOG] = out[:, _COL["latency_log_ms_by_event"]]
+    ef[:, tk.F_COST] = ev.usd
+    ef[:, tk.F_LAT], ef[:, tk.F_LON] = ev.lat, ev.lon
+    ef[:, tk.F_R1H] = out[:, _COL["requests_count_by_key_1h"]]
+    ef[:, tk.F_R5M] = out[:, _COL["requests_count_by_key_5m"]]
+    ef[:, tk.F_SPEND1H] = out[:, _COL["spend_usd_by_key_1h"]]
+    return KernelInputs(ei, ef, keys, capacity, flags, int(ei[:, tk.I_PSZ].max()) + 1
+                        if n else 0)
+
+
+def _per_distinct(values: np.ndarray, fn: object) -> np.ndarray:
+    """`fn` of each value, computed once per distinct value (None stays None)."""
+    codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+    return np.array([*(fn(u) for u in uniques), None], dtype=object)[codes]  # type: ignore[operator]
+
+
+def _pairs(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Codes of the (a, b) pairs (b may be -1), -1 where `where` is False."""
+    combined = a * (int(b.max(initial=0)) + 2) + (b + 1)
+    out = np.full(len(a), -1, dtype=np.int64)
+    out[where] = pd.factorize(combined[where])[0]
+    return out
+
+
+def _set_layout(ei: np.ndarray, cols: EventColumns, ev: Derived, keys: int,
+                ips: int) -> np.ndarray:
+    """Number the capped sets (each family's sets one after the other), write each
+    event's set of each family, and return each set's capacity: the distinct members
+    it is ever given, at most its cap plus the one that a new member pushes out."""
+    k, ip = ev.key, ev.ip
+    has_ip = ip >= 0
+    country_ips = _pairs(k, _codes(np.where(ev.country == None, "-", ev.country)),  # noqa: E711
+                         has_ip)
+    auth_fail = ei[:, tk.I_AUTH_FAIL] > 0
+    families = (  # (column, set of each event, sets, member, events that add, cap)
+        (tk.I_S_IPS, k, keys, ip, has_ip, DISTINCT_CAP),
+        (tk.I_S_CIPS, country_ips, int(country_ips.max(initial=-1)) + 1, ip, has_ip,
+         COUNTRY_IPS_CAP),
+        (tk.I_S_EP, k, keys, ei[:, tk.I_EP], np.ones(len(k), bool), ENDPOINT_CAP),
+        (tk.I_S_UA, k, keys, ei[:, tk.I_UA], np.ones(len(k), bool), USER_AGENT_CAP),
+        (tk.I_S_MDL, k, keys, ei[:, tk.I_MODEL], ei[:, tk.I_MODEL] >= 0, MODEL_CAP),
+        (tk.I_S_CC, k, keys, ei[:, tk.I_COUNTRY], ei[:, tk.I_COUNTRY] >= 0, COUNTRY_CAP),
+        (tk.I_S_ASN, k, keys, ei[:, tk.I_ASN], ei[:, tk.I_ASN] >= 0, ASN_CAP),
+        (tk.I_S_IPKEYS, ip, ips, k, has_ip, DISTINCT_CAP),
+        (tk.I_S_IPFKEYS, ip, ips, k, has_ip & auth_fail, DISTINCT_CAP),
+    )
+    capacities = []
+    base = 0
+    for col, sets, count, member, adds, cap in families:
+        ei[:, col] = np.where(sets >= 0, sets + base, -1)
+        pairs = pd.DataFrame({"s": sets[adds], "m": member[adds]}).drop_duplicates()
+        capacity = np.bincount(pairs["s"].to_numpy(), minlength=count)[:count]
+        capacities.append(np.minimum(capacity, cap + 1))
+        base += count
+    return np.concatenate(capacities) if capacities else np.zeros(0, np.int64)
+
+
+def _flag_layout(ei: np.ndarray, cols: EventColumns, ev: Derived, prefix: np.ndarray,
+                 has_prefix: np.ndarray) -> int:
+    """Number the key's yes/no fields learned from normal traffic (known networks,
+    prefixes, client libraries, hosting networks, countries); returns how many."""
+    k = ev.key
+    everyone = np.ones(len(k), dtype=bool)
+    asn, country = ei[:, tk.I_ASN], ei[:, tk.I_COUNTRY]
+    families = (
+        (tk.I_F_NET, _pairs(k, asn, everyone)),
+        (tk.I_F_PFX, _pairs(k, _codes(prefix), has_prefix)),
+        (tk.I_F_UAF, _pairs(k, _codes(_per_distinct(cols.user_agent, ua_family)), everyone)),
+        (tk.I_F_ASNO, _pairs(k, asn, ev.hosting & (asn >= 0))),
+        (tk.I_F_TCC, _pairs(k, country, country >= 0)),
+    )
+    base = 0
+    for col, codes in families:
+        ei[:, col] = np.where(codes >= 0, codes + base, -1)
+        base += int(codes.max(initial=-1)) + 1
+    return base
+
+
+@dataclass(slots=True)
+class _State:
+    """The compiled pass's state, empty: a fresh store."""
+
+    kew: np.ndarray
+    how: np.ndarray
+    kc: np.ndarray
+    ks: np.ndarray
+    rr_s: np.ndarray
+    rr_v: np.ndarray
+    nr_s: np.ndarray
+    nr_v: np.ndarray
+    flags: np.ndarray
+    off: np.ndarray
+    size: np.ndarray
+    mem: np.ndarray
+    tim: np.ndarray
+    pop_s: np.ndarray
+    pop_v: np.ndarray
+    psz: np.ndarray
+
+    @classmethod
+    def empty(cls, inputs: KernelInputs) -> _State:
+        keys = inputs.keys
+        cap = inputs.set_capacity
+        total = int(cap.sum())
+        return cls(
+            kew=np.zeros((keys, 7, 3)), how=np.zeros((keys, 168, 3)),
+            kc=np.zeros((keys, tk.C_HOUR0 + 24)), ks=np.full((keys, 11), np.nan),
+            rr_s=np.full((keys, 3, RECUR_RING_SIZE), -1, np.int64),
+            rr_v=np.zeros((keys, 3, RECUR_RING_SIZE)),
+            nr_s=np.full((keys, 2, HOUR_RING_SIZE), -1, np.int64),
+            nr_v=np.zeros((keys, 2, HOUR_RING_SIZE)),
+            flags=np.zeros(inputs.flags, dtype=np.bool_),
+            off=np.concatenate(([0], np.cumsum(cap)[:-1])).astype(np.int64)
+            if len(cap) else np.zeros(0, np.int64),
+            size=np.zeros(len(cap), np.int64), mem=np.zeros(total, np.int64),
+            tim=np.zeros(total), pop_s=np.full(POP_RING_SIZE, -1, np.int64),
+            pop_v=np.zeros(POP_RING_SIZE), psz=np.zeros((max(inputs.priced_models, 1), 3)))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]
