@@ -35,12 +35,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from features import twin_kernels as tk
-from features.catalogue import FEATURE_NAMES, RingRead, ring_reads
+from features.catalogue import CATALOGUE, FEATURE_NAMES, RingRead, ring_reads
 from features.extractor import (
     ASN_CAP,
     COUNTRY_CAP,
@@ -58,12 +59,24 @@ from features.extractor import (
 )
 from features.keys import KeyHasher
 from features.pricing import PER_MILLION, PriceTable
-from features.twin_prep import EventColumns, event_columns
+from features.twin_prep import Coded, EventColumns, event_columns
 from features.windows import HOUR_RING_SIZE
 
-CHUNK = 50_000
+CHUNK = 8192
 """Events per compiled call: the progress bar moves once per chunk."""
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_NUMPY_COLUMNS = np.zeros(len(FEATURE_NAMES), dtype=bool)
+"""Columns computed column-wise (windowed counters, their ratios, the event's own
+values); the compiled pass computes the others."""
+_RATIOS = (
+    ("failure_ratio_by_key_5m", "errors_count_by_key_5m", "requests_count_by_key_5m"),
+    ("auth_fail_ratio_by_key_5m", "auth_fail_count_by_key_5m", "requests_count_by_key_5m"),
+    ("auth_fail_ratio_by_ip_5m", "auth_fail_count_by_ip_5m", "requests_count_by_ip_5m"),
+)
+"""Ratios of two windowed counters (0 when the denominator is)."""
+for _f in CATALOGUE:
+    _NUMPY_COLUMNS[_COL[_f.name]] = (_f.windowed or _f.entity == "event"
+                                     or _f.name in {r[0] for r in _RATIOS})
 
 
 def twin_features(
@@ -91,7 +104,7 @@ def twin_features(
     if n and np.any(np.diff(cols.ts) < 0):
         raise ValueError("events must be in time order (sort by timestamp first)")
     mask = np.broadcast_to(np.asarray(learned, dtype=bool), (n,)).copy()
-    out = np.zeros((n, len(FEATURE_NAMES)))
+    out = np.zeros((n, len(FEATURE_NAMES)), order="F")  # column-wise: one feature a column
     with tqdm(total=n, disable=not progress, desc="features", unit="ev",
               unit_scale=True) as bar:
         ev = _derived(cols, ex)
@@ -99,20 +112,25 @@ def twin_features(
         _windowed_values(out, cols, ev)
         inputs = _kernel_inputs(cols, ev, out)
         state = _State.empty(inputs)
+        kernel_cols = np.flatnonzero(~_NUMPY_COLUMNS)
+        rows = np.zeros((min(CHUNK, n), len(FEATURE_NAMES)))  # one event a row
         for start in range(0, n, CHUNK):
             stop = min(start + CHUNK, n)
+            rows[:] = 0.0
             tk.run(inputs.ei, inputs.ef, mask, start, stop, *state.arrays(),
-                   (ex.ewm_alpha, ex.how_alpha), out)
+                   (ex.ewm_alpha, ex.how_alpha), rows)
+            for j in kernel_cols:
+                out[start:stop, j] = rows[: stop - start, j]
             bar.update(stop - start)
-    return pd.DataFrame(out, columns=list(FEATURE_NAMES), index=df.index)
+    return pd.DataFrame(out, columns=list(FEATURE_NAMES), index=df.index, copy=False)
 
 
 @dataclass(slots=True)
 class Derived:
     """What each event's fields mean to the features: its place, price and entities."""
 
-    country: np.ndarray
-    asn: np.ndarray
+    country: Coded
+    asn: Coded
     hosting: np.ndarray
     lat: np.ndarray
     lon: np.ndarray
@@ -127,48 +145,40 @@ def _derived(cols: EventColumns, ex: FeatureExtractor) -> Derived:
     country, asn, hosting, lat, lon = _locate(cols, ex)
     usd, unknown, priced = _prices(cols, ex.pricing)
     return Derived(country=country, asn=asn, hosting=hosting, lat=lat, lon=lon, usd=usd,
-                   unknown=unknown, priced=priced, key=_codes(cols.key_id),
-                   ip=_codes(cols.source_ip))
+                   unknown=unknown, priced=priced, key=cols.key_id.codes,
+                   ip=cols.source_ip.codes)
 
 
-def _codes(values: np.ndarray) -> np.ndarray:
-    """Integer codes in the order of the values (the order stores break ties by);
-    None is -1."""
-    return pd.factorize(pd.Series(values, dtype=object), sort=True)[0].astype(np.int64)
-
-
-def _locate(cols: EventColumns, ex: FeatureExtractor) -> tuple[np.ndarray, ...]:
+def _locate(cols: EventColumns, ex: FeatureExtractor) -> tuple[Any, ...]:
     """The stream's `locate` once per distinct (address, gateway fields)."""
-    frame = pd.DataFrame({"ip": cols.source_ip, "cc": cols.country, "asn": cols.asn,
-                          "lat": cols.lat, "lon": cols.lon})
+    frame = pd.DataFrame({"ip": cols.source_ip.codes, "cc": cols.country.codes,
+                          "asn": cols.asn.codes, "lat": cols.lat, "lon": cols.lon})
     groups = frame.groupby(list(frame.columns), dropna=False, sort=False).ngroup().to_numpy()
     firsts = np.unique(groups, return_index=True)[1]
+    ips, ccs, asns = (np.array([*c.values, None], dtype=object)
+                      for c in (cols.source_ip, cols.country, cols.asn))
     found = []
-    for row in frame.iloc[firsts].itertuples(index=False):
-        lat = None if np.isnan(row.lat) else float(row.lat)
-        lon = None if np.isnan(row.lon) else float(row.lon)
-        geo = ex.locate_fields(row.ip, _none(row.cc), _none(row.asn), lat, lon)
+    for ip, cc, asn, lat, lon in frame.iloc[firsts].itertuples(index=False):
+        geo = ex.locate_fields(ips[ip], ccs[cc], asns[asn], None if np.isnan(lat) else lat,
+                               None if np.isnan(lon) else lon)
         found.append((geo.country, geo.asn, geo.hosting,
                       np.nan if geo.lat is None else geo.lat,
                       np.nan if geo.lon is None else geo.lon))
     parts = list(zip(*found, strict=True)) if found else [(), (), (), (), ()]
-    country, asn = (np.array(p, dtype=object)[groups] for p in parts[:2])
+    country, asn = (Coded.of(groups, p) for p in parts[:2])
     hosting = np.array(parts[2], dtype=bool)[groups]
     lat, lon = (np.array(p, dtype=np.float64)[groups] for p in parts[3:])
     return country, asn, hosting, lat, lon
 
 
-def _none(value: object) -> object:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
-
-
 def _prices(cols: EventColumns, pricing: PriceTable) -> tuple[np.ndarray, ...]:
-    """`PriceTable.cost` as column arithmetic: one table lookup per distinct model."""
-    codes, models = pd.factorize(pd.Series(cols.model, dtype=object), use_na_sentinel=True)
-    looked = [pricing.lookup(m) for m in models] + [pricing.lookup(None)]
+    """`PriceTable.cost` as column arithmetic: one table lookup per distinct model;
+    returns the cost, whether the price is unknown, and the code of the priced model
+    (its table entry, or "other") that the population's size prior is kept under."""
+    codes = cols.model.codes
+    looked = [pricing.lookup(m) for m in cols.model.values] + [pricing.lookup(None)]
     pp = np.array([p.prompt for p, _ in looked])[codes]
     pc = np.array([p.completion for p, _ in looked])[codes]
-    entry = np.array([e for _, e in looked], dtype=object)[codes]
     tokens, prompt, completion = cols.tokens, cols.prompt, cols.completion
     has_p, has_c = ~np.isnan(prompt), ~np.isnan(completion)
     free = (tokens == 0) & ~(np.nan_to_num(prompt) > 0) & ~(np.nan_to_num(completion) > 0)
@@ -178,8 +188,11 @@ def _prices(cols: EventColumns, pricing: PriceTable) -> tuple[np.ndarray, ...]:
     usd = np.where(has_p | has_c, p * pp + c * pc,
                    tokens * (share * pp + (1.0 - share) * pc)) / PER_MILLION
     usd[free] = 0.0
-    unknown = np.array([e is None for e in entry], dtype=bool) & ~free
-    priced = np.where(free | unknown, "other", entry).astype(object)
+    entries = [e or "other" for _, e in looked]
+    names = sorted(set(entries) | {"other"})
+    entry_code = np.array([names.index(e) for e in entries], dtype=np.int64)[codes]
+    unknown = np.array([e is None for _, e in looked], dtype=bool)[codes] & ~free
+    priced = np.where(free | unknown, names.index("other"), entry_code)
     return usd, unknown, priced
 
 
@@ -215,39 +228,46 @@ def _windowed_values(out: np.ndarray, cols: EventColumns, ev: Derived) -> None:
     for entity, codes in (("key", ev.key), ("ip", ev.ip)):
         rows = np.flatnonzero(codes >= 0)
         rows = rows[np.argsort(codes[rows], kind="stable")]  # by entity, then in time order
-        for ring in ring_reads(entity):
-            _ring_windows(out, ring, codes[rows], cols.ts[rows], amounts[ring.field][rows],
-                          rows)
-    for name, num, den in (
-            ("failure_ratio_by_key_5m", "errors_count_by_key_5m", "requests_count_by_key_5m"),
-            ("auth_fail_ratio_by_key_5m", "auth_fail_count_by_key_5m",
-             "requests_count_by_key_5m"),
-            ("auth_fail_ratio_by_ip_5m", "auth_fail_count_by_ip_5m", "requests_count_by_ip_5m")):
+        if len(rows):
+            _entity_windows(out, ring_reads(entity), codes[rows], cols.ts[rows],
+                            {f: a[rows] for f, a in amounts.items()}, rows)
+    for name, num, den in _RATIOS:
         d = out[:, _COL[den]]
         out[:, _COL[name]] = np.where(d > 0, out[:, _COL[num]] / np.where(d > 0, d, 1.0), 0.0)
 
 
-def _ring_windows(out: np.ndarray, ring: RingRead, group: np.ndarray, ts: np.ndarray,
-                  amount: np.ndarray, rows: np.ndarray) -> None:
-    """One ring's windows for events sorted by entity and time: the whole buckets
-    (stamp-n+1..stamp, this event included, later ones of its bucket not) plus the edge
-    bucket (stamp-n) weighted by the share of it still inside the window."""
-    if not len(rows):
-        return
-    b = ring.bucket_s
-    stamp = (ts // b).astype(np.int64)
-    span = int(stamp.max() - stamp.min()) + max(n for _, n in ring.windows) + 2
-    place = group * span + (stamp - stamp.min())  # sorted: entity, then bucket
-    # running sums restart with each entity, so a sum's rounding is the entity's own
-    cum = pd.Series(amount).groupby(group).cumsum().to_numpy()
-    before = cum - amount  # the entity's sum up to the row before
-    frac = 1.0 - (ts % b) / b
-    for name, n in ring.windows:
-        lo = np.searchsorted(place, place - (n - 1), side="left")
-        edge_lo = np.searchsorted(place, place - n, side="left")
-        whole = cum - before[lo]
-        edge = before[lo] - before[edge_lo]
-        out[rows, _COL[name]] = whole + edge * frac
+def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndarray,
+                    ts: np.ndarray, amounts: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """One entity kind's windows, for events sorted by entity and time: the whole
+    buckets (stamp-n+1..stamp, this event included, later ones of its bucket not) plus
+    the edge bucket (stamp-n) weighted by the share of it still inside the window."""
+    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    bounds: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for ring in rings:
+        if ring.field not in sums:  # running sums restart with each entity
+            amount = amounts[ring.field]
+            cum = pd.Series(amount).groupby(group).cumsum().to_numpy()
+            sums[ring.field] = cum, cum - amount
+        cum, before = sums[ring.field]
+        b = ring.bucket_s
+        frac = 1.0 - (ts % b) / b
+        for name, n in ring.windows:
+            if (b, n) not in bounds:
+                bounds[(b, n)] = _window_bounds(group, ts, b, n)
+            lo, edge_lo = bounds[(b, n)]
+            out[rows, _COL[name]] = (cum - before[lo]) + (before[lo] - before[edge_lo]) * frac
+
+
+def _window_bounds(group: np.ndarray, ts: np.ndarray, bucket_s: int,
+                   n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the first row of its entity in bucket stamp-n+1 or later, and in
+    stamp-n or later (rows sorted by entity, then time)."""
+    stamp = (ts // bucket_s).astype(np.int64)
+    low = int(stamp.min())
+    span = int(stamp.max()) - low + n + 2
+    place = group * span + (stamp - low)  # ascending: entity, then bucket
+    return (np.searchsorted(place, place - (n - 1), side="left"),
+            np.searchsorted(place, place - n, side="left"))
 
 
 @dataclass(slots=True)
@@ -270,14 +290,14 @@ def _kernel_inputs(cols: EventColumns, ev: Derived, out: np.ndarray) -> KernelIn
     keys = int(k.max()) + 1 if n else 0
     ips = int(ip.max()) + 1 if n else 0
     ei[:, tk.I_KEY], ei[:, tk.I_IP] = k, ip
-    ei[:, tk.I_EP] = _codes(cols.endpoint)
-    ei[:, tk.I_UA] = _codes(_per_distinct(cols.user_agent, _ua_member))
-    ei[:, tk.I_MODEL] = _codes(cols.model)
-    ei[:, tk.I_COUNTRY] = _codes(ev.country)
-    ei[:, tk.I_ASN] = _codes(ev.asn)
-    ei[:, tk.I_PSZ] = _codes(ev.priced)
-    prefix = _per_distinct(cols.source_ip, network_prefix)
-    has_prefix = np.array([p is not None for p in prefix], dtype=bool)
+    ei[:, tk.I_EP] = cols.endpoint.codes
+    ei[:, tk.I_UA] = cols.user_agent.map(_ua_member).codes
+    ei[:, tk.I_MODEL] = cols.model.codes
+    ei[:, tk.I_COUNTRY] = ev.country.codes
+    ei[:, tk.I_ASN] = ev.asn.codes
+    ei[:, tk.I_PSZ] = ev.priced
+    prefix = cols.source_ip.map(network_prefix).codes
+    has_prefix = prefix >= 0
     ei[:, tk.I_HAS_PREFIX] = has_prefix
     ei[:, tk.I_AUTH_FAIL] = np.isin(cols.status, (401, 403))
     ei[:, tk.I_HOSTING] = ev.hosting
@@ -298,12 +318,6 @@ def _kernel_inputs(cols: EventColumns, ev: Derived, out: np.ndarray) -> KernelIn
                         if n else 0)
 
 
-def _per_distinct(values: np.ndarray, fn: object) -> np.ndarray:
-    """`fn` of each value, computed once per distinct value (None stays None)."""
-    codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
-    return np.array([*(fn(u) for u in uniques), None], dtype=object)[codes]  # type: ignore[operator]
-
-
 def _pairs(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray:
     """Codes of the (a, b) pairs (b may be -1), -1 where `where` is False."""
     combined = a * (int(b.max(initial=0)) + 2) + (b + 1)
@@ -319,8 +333,7 @@ def _set_layout(ei: np.ndarray, cols: EventColumns, ev: Derived, keys: int,
     it is ever given, at most its cap plus the one that a new member pushes out."""
     k, ip = ev.key, ev.ip
     has_ip = ip >= 0
-    country_ips = _pairs(k, _codes(np.where(ev.country == None, "-", ev.country)),  # noqa: E711
-                         has_ip)
+    country_ips = _pairs(k, ev.country.codes, has_ip)  # no country: a set of its own
     auth_fail = ei[:, tk.I_AUTH_FAIL] > 0
     families = (  # (column, set of each event, sets, member, events that add, cap)
         (tk.I_S_IPS, k, keys, ip, has_ip, DISTINCT_CAP),
@@ -338,8 +351,9 @@ def _set_layout(ei: np.ndarray, cols: EventColumns, ev: Derived, keys: int,
     base = 0
     for col, sets, count, member, adds, cap in families:
         ei[:, col] = np.where(sets >= 0, sets + base, -1)
-        pairs = pd.DataFrame({"s": sets[adds], "m": member[adds]}).drop_duplicates()
-        capacity = np.bincount(pairs["s"].to_numpy(), minlength=count)[:count]
+        width = int(member.max(initial=0)) + 2
+        pairs = np.unique(sets[adds] * width + (member[adds] + 1))
+        capacity = np.bincount(pairs // width, minlength=count)[:count]
         capacities.append(np.minimum(capacity, cap + 1))
         base += count
     return np.concatenate(capacities) if capacities else np.zeros(0, np.int64)
@@ -354,8 +368,8 @@ def _flag_layout(ei: np.ndarray, cols: EventColumns, ev: Derived, prefix: np.nda
     asn, country = ei[:, tk.I_ASN], ei[:, tk.I_COUNTRY]
     families = (
         (tk.I_F_NET, _pairs(k, asn, everyone)),
-        (tk.I_F_PFX, _pairs(k, _codes(prefix), has_prefix)),
-        (tk.I_F_UAF, _pairs(k, _codes(_per_distinct(cols.user_agent, ua_family)), everyone)),
+        (tk.I_F_PFX, _pairs(k, prefix, has_prefix)),
+        (tk.I_F_UAF, _pairs(k, cols.user_agent.map(ua_family).codes, everyone)),
         (tk.I_F_ASNO, _pairs(k, asn, ev.hosting & (asn >= 0))),
         (tk.I_F_TCC, _pairs(k, country, country >= 0)),
     )

@@ -137,11 +137,16 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 def recurring(stamps: np.ndarray, values: np.ndarray, stamp_h: int) -> float:
     """What recurred at this hour: the smaller of the two previous days' (each the
     largest of the hour and its neighbours), or a week ago's."""
-    best = np.zeros(3)  # buckets are never negative: 0 is the max of nothing
-    for j, lag in enumerate((24, 48, 168)):
-        for d in (-1, 0, 1):
-            best[j] = max(best[j], ring_get(stamps, values, stamp_h - lag + d))
-    return max(min(best[0], best[1]), best[2])
+    return max(min(_hour_max(stamps, values, stamp_h - 24),
+                   _hour_max(stamps, values, stamp_h - 48)),
+               _hour_max(stamps, values, stamp_h - 168))
+
+
+@njit(cache=True)
+def _hour_max(stamps: np.ndarray, values: np.ndarray, stamp: int) -> float:
+    """The largest of the hour and its neighbours (buckets are never negative)."""
+    return max(ring_get(stamps, values, stamp - 1), ring_get(stamps, values, stamp),
+               ring_get(stamps, values, stamp + 1))
 
 
 @njit(cache=True)
@@ -244,40 +249,40 @@ POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 
 @njit(cache=True)
 def key_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.ndarray,
-             mem: np.ndarray, tim: np.ndarray, first: bool, out: np.ndarray) -> None:
+             mem: np.ndarray, tim: np.ndarray, first: bool, o: np.ndarray) -> None:
     """The key's capped sets: addresses in the hour (all and in this country), and the
     novelty of endpoint, user agent, model, country and network."""
     ts = ef[i, F_TS]
     if ei[i, I_IP] >= 0:
-        out[i, O_DIST_IPS] = set_add(off, size, mem, tim, ei[i, I_S_IPS], ei[i, I_IP], ts,
+        o[O_DIST_IPS] = set_add(off, size, mem, tim, ei[i, I_S_IPS], ei[i, I_IP], ts,
                                      3600.0, DISTINCT_CAP)[1]
-        out[i, O_COUNTRY_IPS] = set_add(off, size, mem, tim, ei[i, I_S_CIPS], ei[i, I_IP],
+        o[O_COUNTRY_IPS] = set_add(off, size, mem, tim, ei[i, I_S_CIPS], ei[i, I_IP],
                                         ts, 3600.0, COUNTRY_IPS_CAP)[1]
     new_ep = set_add(off, size, mem, tim, ei[i, I_S_EP], ei[i, I_EP], ts, 0.0, ENDPOINT_CAP)[0]
     new_ua = set_add(off, size, mem, tim, ei[i, I_S_UA], ei[i, I_UA], ts, 0.0,
                      USER_AGENT_CAP)[0]
-    out[i, O_NEW_EP] = 0.0 if first or not new_ep else 1.0
-    out[i, O_NEW_UA] = 0.0 if first or not new_ua else 1.0
+    o[O_NEW_EP] = 0.0 if first or not new_ep else 1.0
+    o[O_NEW_UA] = 0.0 if first or not new_ua else 1.0
     if ei[i, I_MODEL] >= 0:
         new_model = set_add(off, size, mem, tim, ei[i, I_S_MDL], ei[i, I_MODEL], ts, 0.0,
                             MODEL_CAP)[0]
-        out[i, O_NEW_MODEL] = 0.0 if first or not new_model else 1.0
-    out[i, O_MODELS_24H] = set_count(off, size, tim, ei[i, I_S_MDL], ts, 86400.0)
+        o[O_NEW_MODEL] = 0.0 if first or not new_model else 1.0
+    o[O_MODELS_24H] = set_count(off, size, tim, ei[i, I_S_MDL], ts, 86400.0)
     for s_col, m_col, cap, o_new, o_1h in ((I_S_CC, I_COUNTRY, COUNTRY_CAP, O_NEW_CC, O_CC_1H),
                                            (I_S_ASN, I_ASN, ASN_CAP, O_NEW_ASN, O_ASN_1H)):
         s = ei[i, s_col]
         if ei[i, m_col] >= 0:
             before = set_count(off, size, tim, s, ts, ALL_TIME_S)
             new = set_add(off, size, mem, tim, s, ei[i, m_col], ts, 0.0, cap)[0]
-            out[i, o_new] = 1.0 if before > 0 and new else 0.0
+            o[o_new] = 1.0 if before > 0 and new else 0.0
             if m_col == I_COUNTRY:
-                out[i, O_CC_SEEN] = before
-        out[i, o_1h] = set_count(off, size, tim, s, ts, 3600.0)
+                o[O_CC_SEEN] = before
+        o[o_1h] = set_count(off, size, tim, s, ts, 3600.0)
 
 
 @njit(cache=True)
 def key_regularity(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, ks: np.ndarray,
-                   out: np.ndarray) -> None:
+                   o: np.ndarray) -> None:
     """Inter-arrival gaps and repeated sizes and prompts (EWM_GAP, EWM_SAME)."""
     k = ei[i, I_KEY]
     ts = ef[i, F_TS]
@@ -299,10 +304,10 @@ def key_regularity(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, ks: 
     cv = 1.0
     if g[2] >= MIN_GAPS:
         cv = math.sqrt(max(g[1], 0.0)) / mean if mean > 0 else 0.0
-    out[i, O_CV] = cv
-    out[i, O_GAP_MEAN] = mean
-    out[i, O_SAME] = kew[k, E_SAME, 0] if kew[k, E_SAME, 2] > 0 else 0.0
-    out[i, O_PSAME] = kew[k, E_PSAME, 0] if kew[k, E_PSAME, 2] > 0 else 0.0
+    o[O_CV] = cv
+    o[O_GAP_MEAN] = mean
+    o[O_SAME] = kew[k, E_SAME, 0] if kew[k, E_SAME, 2] > 0 else 0.0
+    o[O_PSAME] = kew[k, E_PSAME, 0] if kew[k, E_PSAME, 2] > 0 else 0.0
 
 
 @njit(cache=True)
@@ -320,7 +325,7 @@ def lag_sum(stamps: np.ndarray, values: np.ndarray, stamp_h: int,
 
 @njit(cache=True)
 def population(i: int, ei: np.ndarray, ef: np.ndarray, pop_s: np.ndarray, pop_v: np.ndarray,
-               psz: np.ndarray, out: np.ndarray) -> float:
+               psz: np.ndarray, o: np.ndarray) -> float:
     """Count the event in the population's hour ring; returns the population's last hour
     against the same hour in earlier weeks (or days); the request's size against the
     population's for its model."""
@@ -333,12 +338,12 @@ def population(i: int, ei: np.ndarray, ef: np.ndarray, pop_s: np.ndarray, pop_v:
     if n == 0:
         total, n = lag_sum(pop_s, pop_v, stamp_h, POP_DAY_LAGS)
     ratio = pop_1h / max(total / n, 1.0) if n else 1.0
-    out[i, O_POP_RATE] = ratio
+    o[O_POP_RATE] = ratio
     e = psz[ei[i, I_PSZ]]
     z = 0.0
     if e[2] >= POP_SIZE_MIN_N:
         z = (ef[i, F_TOKENS_LOG] - e[0]) / max(math.sqrt(max(e[1], 0.0)), 0.25)
-    out[i, O_POP_Z] = z
+    o[O_POP_Z] = z
     return ratio
 
 
@@ -346,50 +351,50 @@ def population(i: int, ei: np.ndarray, ef: np.ndarray, pop_s: np.ndarray, pop_v:
 def key_baselines(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, how: np.ndarray,
                   kc: np.ndarray, ks: np.ndarray, rr_s: np.ndarray, rr_v: np.ndarray,
                   nr_s: np.ndarray, nr_v: np.ndarray, pop_ratio: float,
-                  out: np.ndarray) -> None:
+                  o: np.ndarray) -> None:
     """Size, latency and rate against the key's learned baselines and recurrences."""
     k = ei[i, I_KEY]
     ts = ef[i, F_TS]
     stamp_h = int(ts // 3600)
     tok, rate = kew[k, E_TOK], kew[k, E_RATE]
-    out[i, O_TOKZ] = zscore(ef[i, F_TOKENS_LOG], tok)
-    out[i, O_LATZ] = zscore(ef[i, F_LATENCY_LOG], kew[k, E_LAT])
-    out[i, O_HISTORY] = tok[2]
+    o[O_TOKZ] = zscore(ef[i, F_TOKENS_LOG], tok)
+    o[O_LATZ] = zscore(ef[i, F_LATENCY_LOG], kew[k, E_LAT])
+    o[O_HISTORY] = tok[2]
     recur_req = recurring(rr_s[k, R_REQ], rr_v[k, R_REQ], stamp_h)
     recur_spend = recurring(rr_s[k, R_SPEND], rr_v[k, R_SPEND], stamp_h)
     recur_size = recurring(rr_s[k, R_SIZE], rr_v[k, R_SIZE], stamp_h)
-    out[i, O_RECUR_REQ] = recur_req
-    out[i, O_RECUR_SPEND] = recur_spend
-    out[i, O_RECUR_SIZE] = recur_size
+    o[O_RECUR_REQ] = recur_req
+    o[O_RECUR_SPEND] = recur_spend
+    o[O_RECUR_SIZE] = recur_size
     peak = max(past_day_max(nr_s[k, N_SIZE_OK], nr_v[k, N_SIZE_OK], stamp_h), recur_size)
-    out[i, O_TOK_PEAK] = peak
-    out[i, O_TOK_VS_PEAK] = (ef[i, F_TOKENS] / max(peak, SIZE_PEAK_FLOOR_TOKENS)
+    o[O_TOK_PEAK] = peak
+    o[O_TOK_VS_PEAK] = (ef[i, F_TOKENS] / max(peak, SIZE_PEAK_FLOOR_TOKENS)
                              if peak > 0 else 1.0)
     h = how[k, int((ts // 3600 + 72) % 168)]
     expected = max(h[0] if h[2] >= 3 else rate[0], recur_req)
     ratio = ef[i, F_R1H] / max(expected, 1.0) if rate[2] > 0 else 1.0
-    out[i, O_RATE_HOW] = ratio
-    out[i, O_RATE_5M] = ef[i, F_R5M] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0
-    out[i, O_KEY_VS_POP] = ratio / max(pop_ratio, 1.0)
+    o[O_RATE_HOW] = ratio
+    o[O_RATE_5M] = ef[i, F_R5M] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0
+    o[O_KEY_VS_POP] = ratio / max(pop_ratio, 1.0)
     spend_peak = max(past_day_max(nr_s[k, N_SPEND_OK], nr_v[k, N_SPEND_OK], stamp_h),
                      recur_spend)
-    out[i, O_SPEND_RATE] = (ef[i, F_SPEND1H] / max(spend_peak, SPEND_BASELINE_FLOOR_USD)
+    o[O_SPEND_RATE] = (ef[i, F_SPEND1H] / max(spend_peak, SPEND_BASELINE_FLOOR_USD)
                             if spend_peak > 0 else 1.0)
     first = ks[k, S_FIRST]
-    out[i, O_KEY_AGE] = 0.0 if math.isnan(first) else max(0.0, ts - first) / 3600.0
+    o[O_KEY_AGE] = 0.0 if math.isnan(first) else max(0.0, ts - first) / 3600.0
 
 
 @njit(cache=True)
 def key_geo(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, ks: np.ndarray,
-            flags: np.ndarray, out: np.ndarray) -> float:
+            flags: np.ndarray, o: np.ndarray) -> float:
     """Travel since the key's previous located event and since its last one judged
     normal; returns the latter's time (NaN: none), which learning needs."""
     k = ei[i, I_KEY]
     ts = ef[i, F_TS]
     host = kew[k, E_HOST]
-    out[i, O_HOST_SHARE] = host[0] if host[2] > 0 else 0.0
+    o[O_HOST_SHARE] = host[0] if host[2] > 0 else 0.0
     f = ei[i, I_F_ASNO]
-    out[i, O_UNTRUSTED_HOST] = 1.0 if f >= 0 and host[2] > 0 and not flags[f] else 0.0
+    o[O_UNTRUSTED_HOST] = 1.0 if f >= 0 and host[2] > 0 and not flags[f] else 0.0
     trusted_ts = np.nan
     if not ei[i, I_LOCATED]:
         return trusted_ts
@@ -397,19 +402,19 @@ def key_geo(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, ks: np.ndar
     if not math.isnan(ks[k, S_GEO_TS]):
         elapsed = abs(ts - ks[k, S_GEO_TS])
         d = haversine_km(ks[k, S_GEO_LAT], ks[k, S_GEO_LON], lat, lon)
-        out[i, O_GEO_DIST] = d
-        out[i, O_GEO_ELAPSED] = elapsed
-        out[i, O_GEO_SPEED] = d / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+        o[O_GEO_DIST] = d
+        o[O_GEO_ELAPSED] = elapsed
+        o[O_GEO_SPEED] = d / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
     ks[k, S_GEO_LAT], ks[k, S_GEO_LON], ks[k, S_GEO_TS] = lat, lon, ts
     trusted_ts = ks[k, S_TGEO_TS]
     if not math.isnan(trusted_ts):
         elapsed = abs(ts - trusted_ts)
         d = haversine_km(ks[k, S_TGEO_LAT], ks[k, S_TGEO_LON], lat, lon)
-        out[i, O_T_DIST] = d
-        out[i, O_T_ELAPSED] = elapsed
-        out[i, O_T_SPEED] = d / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+        o[O_T_DIST] = d
+        o[O_T_ELAPSED] = elapsed
+        o[O_T_SPEED] = d / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
         f = ei[i, I_F_TCC]
-        out[i, O_UNTRUSTED_CC] = 1.0 if ei[i, I_COUNTRY] >= 0 and not (
+        o[O_UNTRUSTED_CC] = 1.0 if ei[i, I_COUNTRY] >= 0 and not (
             f >= 0 and flags[f]) else 0.0
     return trusted_ts
 
@@ -422,7 +427,7 @@ def _untrusted(ok: bool, n: float, cap: int, known: bool) -> float:
 
 @njit(cache=True)
 def key_identity(i: int, ei: np.ndarray, ef: np.ndarray, kc: np.ndarray, ks: np.ndarray,
-                 flags: np.ndarray, out: np.ndarray) -> tuple[bool, bool, bool]:
+                 flags: np.ndarray, o: np.ndarray) -> tuple[bool, bool, bool]:
     """The event's network, prefix and client library against the key's normal traffic,
     and that traffic's share in this hour of day; returns which of them learning adds."""
     k = ei[i, I_KEY]
@@ -432,18 +437,18 @@ def key_identity(i: int, ei: np.ndarray, ef: np.ndarray, kc: np.ndarray, ks: np.
     ua_ok = flags[ei[i, I_F_UAF]]
     net_n, pfx_n, ua_n = kc[k, C_NET_N], kc[k, C_PFX_N], kc[k, C_UA_N]
     has_asn = ei[i, I_ASN] >= 0
-    out[i, O_UNTRUSTED_NET] = _untrusted(net_ok, net_n, NETWORK_CAP, has_asn)
-    out[i, O_UNTRUSTED_PFX] = _untrusted(pfx_ok, pfx_n, PREFIX_CAP, ei[i, I_HAS_PREFIX] > 0)
-    out[i, O_UNTRUSTED_UA] = _untrusted(ua_ok, ua_n, UA_FAMILY_CAP, True)
-    out[i, O_TRUSTED_NETS] = net_n
+    o[O_UNTRUSTED_NET] = _untrusted(net_ok, net_n, NETWORK_CAP, has_asn)
+    o[O_UNTRUSTED_PFX] = _untrusted(pfx_ok, pfx_n, PREFIX_CAP, ei[i, I_HAS_PREFIX] > 0)
+    o[O_UNTRUSTED_UA] = _untrusted(ua_ok, ua_n, UA_FAMILY_CAP, True)
+    o[O_TRUSTED_NETS] = net_n
     hod = int(ts // 3600) % 24
     total = kc[k, C_HOURS_N]
     near = (kc[k, C_HOUR0 + (hod - 1) % 24] + kc[k, C_HOUR0 + hod]
             + kc[k, C_HOUR0 + (hod + 1) % 24])
-    out[i, O_HOUR_SHARE] = near / total if total > 0 else 1.0
+    o[O_HOUR_SHARE] = near / total if total > 0 else 1.0
     last = ks[k, S_LAST_NORMAL]
-    out[i, O_LAST_NORMAL] = NEVER_S if math.isnan(last) else max(0.0, ts - last)
-    out[i, O_KNOWN] = 1.0 if ((net_ok or pfx_ok or not has_asn)
+    o[O_LAST_NORMAL] = NEVER_S if math.isnan(last) else max(0.0, ts - last)
+    o[O_KNOWN] = 1.0 if ((net_ok or pfx_ok or not has_asn)
                               and (ua_ok or ua_n == 0)) else 0.0
     return (not net_ok and net_n < NETWORK_CAP, not pfx_ok and pfx_n < PREFIX_CAP,
             not ua_ok and ua_n < UA_FAMILY_CAP)
@@ -451,18 +456,18 @@ def key_identity(i: int, ei: np.ndarray, ef: np.ndarray, kc: np.ndarray, ks: np.
 
 @njit(cache=True)
 def ip_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.ndarray,
-            mem: np.ndarray, tim: np.ndarray, out: np.ndarray) -> None:
+            mem: np.ndarray, tim: np.ndarray, o: np.ndarray) -> None:
     """Distinct keys, and keys refused credentials, from the address in the hour."""
     if ei[i, I_IP] < 0:
         return
     ts, k = ef[i, F_TS], ei[i, I_KEY]
-    out[i, O_DIST_KEYS] = set_add(off, size, mem, tim, ei[i, I_S_IPKEYS], k, ts, 3600.0,
+    o[O_DIST_KEYS] = set_add(off, size, mem, tim, ei[i, I_S_IPKEYS], k, ts, 3600.0,
                                   DISTINCT_CAP)[1]
     s = ei[i, I_S_IPFKEYS]
     if ei[i, I_AUTH_FAIL]:
-        out[i, O_DIST_FKEYS] = set_add(off, size, mem, tim, s, k, ts, 3600.0, DISTINCT_CAP)[1]
+        o[O_DIST_FKEYS] = set_add(off, size, mem, tim, s, k, ts, 3600.0, DISTINCT_CAP)[1]
     else:
-        out[i, O_DIST_FKEYS] = set_count(off, size, tim, s, ts, 3600.0)
+        o[O_DIST_FKEYS] = set_count(off, size, tim, s, ts, 3600.0)
 
 
 @njit(cache=True)
@@ -470,7 +475,7 @@ def learn(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, how: np.ndarr
           kc: np.ndarray, ks: np.ndarray, rr_s: np.ndarray, rr_v: np.ndarray,
           nr_s: np.ndarray, nr_v: np.ndarray, flags: np.ndarray, psz: np.ndarray,
           new: tuple[bool, bool, bool], trusted_ts: float, alphas: tuple[float, float],
-          out: np.ndarray) -> None:
+          o: np.ndarray) -> None:
     """The baseline updates of an event judged normal (`FeatureExtractor.learn_ops`)."""
     k = ei[i, I_KEY]
     ts = ef[i, F_TS]
@@ -486,7 +491,7 @@ def learn(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, how: np.ndarr
         ring_max(rr_s[k, R_SIZE], rr_v[k, R_SIZE], stamp_h, tokens)
         ring_max(nr_s[k, N_SIZE_OK], nr_v[k, N_SIZE_OK], stamp_h, tokens)
         ewm_update(psz[ei[i, I_PSZ]], ef[i, F_TOKENS_LOG], ewm_alpha / 4)
-    if not out[i, O_KEY_AGE]:
+    if not o[O_KEY_AGE]:
         ks[k, S_FIRST] = ts
     # identity
     ks[k, S_LAST_NORMAL] = ts
@@ -513,7 +518,7 @@ def learn(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, how: np.ndarr
     if ei[i, I_LOCATED] and (math.isnan(trusted_ts) or ts >= trusted_ts):
         ks[k, S_TGEO_LAT], ks[k, S_TGEO_LON] = ef[i, F_LAT], ef[i, F_LON]
         ks[k, S_TGEO_TS] = ts
-    if ei[i, I_F_TCC] >= 0 and (math.isnan(trusted_ts) or out[i, O_UNTRUSTED_CC]):
+    if ei[i, I_F_TCC] >= 0 and (math.isnan(trusted_ts) or o[O_UNTRUSTED_CC]):
         flags[ei[i, I_F_TCC]] = True
 
 
@@ -524,17 +529,19 @@ def run(ei: np.ndarray, ef: np.ndarray, learned: np.ndarray, start: int, stop: i
         off: np.ndarray, size: np.ndarray, mem: np.ndarray, tim: np.ndarray,
         pop_s: np.ndarray, pop_v: np.ndarray, psz: np.ndarray, alphas: tuple[float, float],
         out: np.ndarray) -> None:
-    """Events start..stop-1, in order: each one's observations and features, then (when
-    it was judged normal) its learning, before the next event."""
+    """Events start..stop-1, in order: each one's observations and features (into row
+    i - start of `out`, columns in `FEATURE_NAMES` order), then (when it was judged
+    normal) its learning, before the next event."""
     for i in range(start, stop):
+        o = out[i - start]
         first = math.isnan(ks[ei[i, I_KEY], S_GAP_LAST])
-        key_sets(i, ei, ef, off, size, mem, tim, first, out)
-        key_regularity(i, ei, ef, kew, ks, out)
-        ip_sets(i, ei, ef, off, size, mem, tim, out)
-        pop_ratio = population(i, ei, ef, pop_s, pop_v, psz, out)
-        key_baselines(i, ei, ef, kew, how, kc, ks, rr_s, rr_v, nr_s, nr_v, pop_ratio, out)
-        trusted_ts = key_geo(i, ei, ef, kew, ks, flags, out)
-        new = key_identity(i, ei, ef, kc, ks, flags, out)
+        key_sets(i, ei, ef, off, size, mem, tim, first, o)
+        key_regularity(i, ei, ef, kew, ks, o)
+        ip_sets(i, ei, ef, off, size, mem, tim, o)
+        pop_ratio = population(i, ei, ef, pop_s, pop_v, psz, o)
+        key_baselines(i, ei, ef, kew, how, kc, ks, rr_s, rr_v, nr_s, nr_v, pop_ratio, o)
+        trusted_ts = key_geo(i, ei, ef, kew, ks, flags, o)
+        new = key_identity(i, ei, ef, kc, ks, flags, o)
         if learned[i]:
             learn(i, ei, ef, kew, how, kc, ks, rr_s, rr_v, nr_s, nr_v, flags, psz, new,
-                  trusted_ts, alphas, out)
+                  trusted_ts, alphas, o)

@@ -10,6 +10,7 @@ refuses a bad frame with a `ValueError` naming the first bad row and field.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +22,52 @@ from features.keys import KeyHasher
 
 
 @dataclass(slots=True)
-class EventColumns:
-    """One array per event field, in row order (None/NaN where the event has none)."""
+class Coded:
+    """A text column as integer codes into its sorted distinct values (-1: none).
 
-    key_id: np.ndarray
+    Codes follow the values' order, the order the stores break ties by, and every
+    per-value computation (normalising, hashing, geolocating) runs once per value."""
+
+    codes: np.ndarray
+    values: list[str]
+
+    @classmethod
+    def of(cls, codes: np.ndarray, raw: Sequence[Any], fn: Callable[[Any], Any] | None = None
+           ) -> Coded:
+        """From codes into `raw` values, each mapped by `fn` (which may merge values or
+        return None)."""
+        mapped = [fn(v) for v in raw] if fn is not None else list(raw)
+        values = sorted({v for v in mapped if v is not None})
+        index = {v: j for j, v in enumerate(values)}
+        remap = np.array([-1 if v is None else index[v] for v in mapped] + [-1], np.int64)
+        return cls(remap[codes], values)
+
+    def map(self, fn: Callable[[str], Any]) -> Coded:
+        """`fn` of each value (None stays None)."""
+        return Coded.of(self.codes, self.values, fn)
+
+    def text(self) -> np.ndarray:
+        """The values as an object array (None where there is none)."""
+        return np.array([*self.values, None], dtype=object)[self.codes]
+
+
+@dataclass(slots=True)
+class EventColumns:
+    """One array per event field, in row order (NaN or code -1 where it has none)."""
+
+    key_id: Coded
     ts: np.ndarray
     status: np.ndarray
     tokens: np.ndarray
     prompt: np.ndarray
     completion: np.ndarray
     latency: np.ndarray
-    source_ip: np.ndarray
-    user_agent: np.ndarray
-    endpoint: np.ndarray
-    model: np.ndarray
-    country: np.ndarray
-    asn: np.ndarray
+    source_ip: Coded
+    user_agent: Coded
+    endpoint: Coded
+    model: Coded
+    country: Coded
+    asn: Coded
     lat: np.ndarray
     lon: np.ndarray
 
@@ -63,32 +94,34 @@ def event_columns(df: pd.DataFrame, *, hasher: KeyHasher | None = None,
     if bad.any():
         raise ValueError(f"row {int(np.argmax(bad))}: lat and lon must be given together")
     country = _strings(df, "country", None, 2)
-    short = np.array([c is not None and len(c) != 2 for c in country], dtype=bool)
+    short = np.isin(country.codes, [j for j, c in enumerate(country.values) if len(c) != 2])
     if short.any():
         raise ValueError(f"row {int(np.argmax(short))}: country must be two letters")
-    country = _mapped(country, str.upper)
-    asn = _strings(df, "asn", None, 256, ints_as_text=True)
     return EventColumns(
         key_id=key_id, ts=ts, status=status.astype(np.int64), tokens=tokens, prompt=prompt,
         completion=completion, latency=latency, source_ip=_addresses(df),
         user_agent=_strings(df, "user_agent", "", 2048),
         endpoint=_strings(df, "endpoint", "/", 256), model=_strings(df, "model", None, 256),
-        country=country, asn=asn, lat=lat, lon=lon)
+        country=country.map(str.upper), asn=_strings(df, "asn", None, 256, ints_as_text=True),
+        lat=lat, lon=lon)
 
 
-def _key_ids(df: pd.DataFrame, hasher: KeyHasher | None, column: str | None) -> np.ndarray:
+def _key_ids(df: pd.DataFrame, hasher: KeyHasher | None, column: str | None) -> Coded:
     if column is not None:
         if column not in df.columns:
             raise ValueError(f"key_id_column {column!r} is not a column of the frame")
-        return df[column].astype(str).to_numpy(dtype=object)
+        codes, raw = pd.factorize(df[column], use_na_sentinel=True)
+        if (codes < 0).any():
+            raise ValueError(f"row {int(np.argmax(codes < 0))}: {column} is missing")
+        return Coded.of(codes, raw, str)
     if hasher is None:
         raise ValueError("give hasher= (to hash the api_key column) or key_id_column=")
     if "api_key" not in df.columns:
         raise ValueError("the frame has no api_key column (or pass key_id_column=)")
-    keys = df["api_key"]
-    if keys.isna().any():
-        raise ValueError(f"row {int(np.argmax(keys.isna().to_numpy()))}: api_key is missing")
-    return _mapped(keys.astype(str).str.strip().to_numpy(dtype=object), hasher.key_id)
+    keys = _strings(df, "api_key", None, 512)
+    if (keys.codes < 0).any():
+        raise ValueError(f"row {int(np.argmax(keys.codes < 0))}: api_key is missing")
+    return keys.map(hasher.key_id)
 
 
 def _timestamps(df: pd.DataFrame) -> np.ndarray:
@@ -152,17 +185,21 @@ def _floats(df: pd.DataFrame, name: str, default: float | None, lo: float,
 
 
 def _strings(df: pd.DataFrame, name: str, default: str | None, max_len: int, *,
-             ints_as_text: bool = False) -> np.ndarray:
-    """Stripped strings (None where missing and there is no default)."""
+             ints_as_text: bool = False) -> Coded:
+    """Stripped text (the default where missing); anything else in the column is
+    refused, naming the row."""
     if name not in df.columns:
-        return np.full(len(df), default, dtype=object)
-    codes, uniques = pd.factorize(df[name].astype(object), use_na_sentinel=True)
-    mapped = [_one_string(u, ints_as_text) for u in uniques]
+        return Coded.of(np.zeros(len(df), np.int64), [default])
+    codes, raw = pd.factorize(df[name], use_na_sentinel=True)
+    mapped = [_one_string(u, ints_as_text) for u in raw]
     bad = [m is _BAD or len(m) > max_len for m in mapped]
     if any(bad):
         pos = int(np.argmax(np.isin(codes, np.flatnonzero(bad))))
         raise ValueError(f"row {pos}: {name} must be text of at most {max_len} characters")
-    return np.array([*mapped, default], dtype=object)[codes]
+    if default is not None:
+        codes = np.where(codes < 0, len(mapped), codes)
+        mapped.append(default)
+    return Coded.of(codes, mapped)
 
 
 _BAD = object()
@@ -174,22 +211,16 @@ def _one_string(value: Any, ints_as_text: bool) -> Any:
     return value.strip() if isinstance(value, str) else _BAD
 
 
-def _addresses(df: pd.DataFrame) -> np.ndarray:
-    """Normalised addresses (None where there is none); a bad one is refused."""
+def _addresses(df: pd.DataFrame) -> Coded:
+    """Normalised addresses (none where empty); a bad one is refused, naming the row."""
     raw = _strings(df, "source_ip", None, 64)
-    codes, uniques = pd.factorize(pd.Series(raw, dtype=object), use_na_sentinel=True)
-    mapped: list[str | None] = []
-    for j, value in enumerate(uniques):
+
+    def normal(value: str) -> str | None:
         try:
-            mapped.append(str(ipaddress.ip_address(value)) if value else None)
+            return str(ipaddress.ip_address(value)) if value else None
         except ValueError:
-            pos = int(np.argmax(codes == j))
+            pos = int(np.argmax(raw.codes == raw.values.index(value)))
             raise ValueError(f"row {pos}: source_ip {value!r} is not an IPv4 or IPv6 "
                              "address") from None
-    return np.array([*mapped, None], dtype=object)[codes]
 
-
-def _mapped(values: np.ndarray, fn: Any) -> np.ndarray:
-    """`fn` over an object array, once per distinct value (None stays None)."""
-    codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
-    return np.array([*(fn(u) for u in uniques), None], dtype=object)[codes]
+    return raw.map(normal)
