@@ -42,5 +42,5 @@ def test_a_torn_last_line_is_skipped_and_a_bad_line_is_named(tmp_path: Path) -> 
     torn = _write(tmp_path / "torn.jsonl", ROWS, tail='{"api_key": "sk-0", "timest')
     assert len(load_events(torn, hasher=KeyHasher(SECRET))) == len(ROWS)
     bad = _write(tmp_path / "bad.jsonl", ROWS[:2], tail="not json\n" + json.dumps(ROWS[2]))
-    with pytest.raises(ValueError, match="bad.jsonl:3"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3"):
         load_events(bad, hasher=KeyHasher(SECRET))
