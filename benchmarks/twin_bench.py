@@ -1,0 +1,105 @@
+"""Retrain feature building: the vectorised twin against the event-by-event replay.
+
+Both compute the same features (held equal by `tests/test_features_equivalence.py`) on
+the same simulated traffic (`training.simulator`: tenants, incidents, travel) in the
+same process, so their ratio is comparable from one noisy machine to another:
+
+* the twin (`features.twin.twin_features`) over the whole slice, after a small warm-up
+  call that loads the compiled kernels (they compile once per install and are cached);
+* the baseline, `features.batch.batch_features`, which replays the events one by one
+  through the streaming extractor on a memory store (what retraining used before),
+  over a shorter prefix of the same events.
+
+Each rate is the median of three runs. `python -m benchmarks.twin_bench --size full
+--merge benchmarks/results.json` measures this figure alone and puts it into a results
+file written by `keywatch bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmarks.suite import Figure
+
+SIZES = {  # (simulated keys, days, twin events, baseline events)
+    "tiny": (8, 1, 5_000, 1_000),
+    "smoke": (20, 2, 50_000, 3_000),
+    "full": (200, 7, 1_000_000, 20_000),
+}
+SECRET = "keywatch-benchmark-secret-0123456789"
+TARGET = ">= 100,000 and >= 50x"
+
+
+def simulated_events(keys: int, days: int, n: int, seed: int = 0) -> pd.DataFrame:
+    """The first `n` events of a simulation, as retraining loads them."""
+    from features.keys import KeyHasher
+    from training.events_io import load_events
+    from training.simulator import simulate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = simulate(Path(tmp), keys=keys, days=days, seed=seed)
+        df = load_events(summary.events_path, hasher=KeyHasher(SECRET))
+    return df.iloc[:n].reset_index(drop=True)
+
+
+def _median_rate(run: Any, n: int, repeats: int = 3) -> float:
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def bench_retrain_features(size: str = "smoke") -> tuple[float, float, int]:
+    """(twin events/s, event-by-event events/s, events) on simulated traffic."""
+    from features.batch import batch_features
+    from features.twin import twin_features
+
+    keys, days, n_twin, n_base = SIZES[size]
+    df = simulated_events(keys, days, n_twin)
+    base = df.iloc[:n_base]
+    twin_features(df.iloc[:1000], key_id_column="key_id")  # load the compiled kernels
+    twin = _median_rate(lambda: twin_features(df, key_id_column="key_id"), len(df))
+    replay = _median_rate(lambda: batch_features(base, key_id_column="key_id"), len(base),
+                          repeats=1 if size == "full" else 3)
+    return twin, replay, len(df)
+
+
+def figure(size: str = "smoke") -> Figure:
+    """The figure as `keywatch bench` reports it."""
+    twin, replay, n = bench_retrain_features(size)
+    return Figure("retrain_features_events_per_s", twin, "events/s",
+                  f"event-by-event replay (features.batch); {n:,} events", replay, TARGET)
+
+
+def merge(results: Path, fig: dict[str, Any]) -> None:
+    """Replace (or add) the figure in a results file written by `keywatch bench`."""
+    report = json.loads(results.read_text())
+    figures = [f for f in report["figures"] if f["name"] != fig["name"]]
+    report["figures"] = [*figures, fig]
+    results.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="smoke")
+    parser.add_argument("--merge", type=Path, help="results.json to put the figure into")
+    args = parser.parse_args(argv)
+    fig = figure(args.size).as_dict()
+    print(json.dumps(fig, indent=2))
+    if args.merge is not None:
+        merge(args.merge, fig)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
