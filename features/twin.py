@@ -107,9 +107,12 @@ def twin_features(
     out = np.zeros((n, len(FEATURE_NAMES)), order="F")  # column-wise: one feature a column
     with tqdm(total=n, disable=not progress, desc="features", unit="ev",
               unit_scale=True) as bar:
+        bar.set_postfix_str("locating and pricing")
         ev = _derived(cols, ex)
         _event_values(out, cols, ev)
+        bar.set_postfix_str("windows")
         _windowed_values(out, cols, ev)
+        bar.set_postfix_str("baselines, sets, places")
         inputs = _kernel_inputs(cols, ev, out)
         state = _State.empty(inputs)
         kernel_cols = np.flatnonzero(~_NUMPY_COLUMNS)
