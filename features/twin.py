@@ -62,7 +62,7 @@ from features.pricing import PER_MILLION, PriceTable
 from features.twin_prep import Coded, EventColumns, event_columns
 from features.windows import HOUR_RING_SIZE
 
-CHUNK = 8192
+CHUNK = 4096
 """Events per compiled call: the progress bar moves once per chunk."""
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _NUMPY_COLUMNS = np.zeros(len(FEATURE_NAMES), dtype=bool)
@@ -122,8 +122,7 @@ def twin_features(
             rows[:] = 0.0
             tk.run(inputs.ei, inputs.ef, mask, start, stop, *state.arrays(),
                    (ex.ewm_alpha, ex.how_alpha), rows)
-            for j in kernel_cols:
-                out[start:stop, j] = rows[: stop - start, j]
+            tk.scatter_rows(rows, out, start, stop, kernel_cols)
             bar.update(stop - start)
     return pd.DataFrame(out, columns=list(FEATURE_NAMES), index=df.index, copy=False)
 

@@ -545,3 +545,13 @@ def run(ei: np.ndarray, ef: np.ndarray, learned: np.ndarray, start: int, stop: i
         if learned[i]:
             learn(i, ei, ef, kew, how, kc, ks, rr_s, rr_v, nr_s, nr_v, flags, psz, new,
                   trusted_ts, alphas, o)
+
+
+@njit(cache=True)
+def scatter_rows(rows: np.ndarray, out: np.ndarray, start: int, stop: int,
+                 cols: np.ndarray) -> None:
+    """Copy the compiled pass's columns of events start..stop-1 from its row buffer
+    (one event a row) into the column-wise output."""
+    for c in cols:
+        for i in range(stop - start):
+            out[start + i, c] = rows[i, c]
