@@ -399,6 +399,7 @@ class _State:
     size: np.ndarray
     mem: np.ndarray
     tim: np.ndarray
+    oldest: np.ndarray
     pop_s: np.ndarray
     pop_v: np.ndarray
     psz: np.ndarray
@@ -419,7 +420,8 @@ class _State:
             off=np.concatenate(([0], np.cumsum(cap)[:-1])).astype(np.int64)
             if len(cap) else np.zeros(0, np.int64),
             size=np.zeros(len(cap), np.int64), mem=np.zeros(total, np.int64),
-            tim=np.zeros(total), pop_s=np.full(POP_RING_SIZE, -1, np.int64),
+            tim=np.zeros(total), oldest=np.full(len(cap), np.inf),
+            pop_s=np.full(POP_RING_SIZE, -1, np.int64),
             pop_v=np.zeros(POP_RING_SIZE), psz=np.zeros((max(inputs.priced_models, 1), 3)))
 
     def arrays(self) -> tuple[np.ndarray, ...]:

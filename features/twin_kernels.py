@@ -75,9 +75,12 @@ def ring_get(stamps: np.ndarray, values: np.ndarray, stamp: int) -> float:
 
 
 @njit(cache=True)
-def set_add(off: np.ndarray, size: np.ndarray, mem: np.ndarray, tim: np.ndarray, s: int,
-            member: int, ts: float, window: float, cap: int) -> tuple[bool, int]:
-    """SEEN_ADD (window 0) or RECENT_ADD on set `s`: (member was new, size after)."""
+def set_add(off: np.ndarray, size: np.ndarray, mem: np.ndarray, tim: np.ndarray,
+            oldest: np.ndarray, s: int, member: int, ts: float, window: float,
+            cap: int) -> tuple[bool, int]:
+    """SEEN_ADD (window 0) or RECENT_ADD on set `s`: (member was new, size after).
+    `oldest[s]` is at most the set's oldest time, so the stale sweep runs only when
+    some member may have left the window."""
     lo = off[s]
     n = size[s]
     j = -1
@@ -90,17 +93,21 @@ def set_add(off: np.ndarray, size: np.ndarray, mem: np.ndarray, tim: np.ndarray,
         mem[lo + n] = member
         tim[lo + n] = ts
         n += 1
+        oldest[s] = min(oldest[s], ts)
     elif tim[j] < ts:
         tim[j] = ts
-    if window > 0.0:
+    if window > 0.0 and oldest[s] <= ts - window:
         cutoff = ts - window
         w = lo
+        low = np.inf
         for q in range(lo, lo + n):
             if tim[q] > cutoff:
                 mem[w] = mem[q]
                 tim[w] = tim[q]
+                low = min(low, tim[q])
                 w += 1
         n = w - lo
+        oldest[s] = low
     if n > cap:  # one over: forget the oldest (ties: the smallest member, as Redis)
         o = lo
         for q in range(lo + 1, lo + n):
@@ -249,22 +256,24 @@ POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 
 @njit(cache=True)
 def key_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.ndarray,
-             mem: np.ndarray, tim: np.ndarray, first: bool, o: np.ndarray) -> None:
+             mem: np.ndarray, tim: np.ndarray, oldest: np.ndarray, first: bool,
+             o: np.ndarray) -> None:
     """The key's capped sets: addresses in the hour (all and in this country), and the
     novelty of endpoint, user agent, model, country and network."""
     ts = ef[i, F_TS]
     if ei[i, I_IP] >= 0:
-        o[O_DIST_IPS] = set_add(off, size, mem, tim, ei[i, I_S_IPS], ei[i, I_IP], ts,
+        o[O_DIST_IPS] = set_add(off, size, mem, tim, oldest, ei[i, I_S_IPS], ei[i, I_IP], ts,
                                      3600.0, DISTINCT_CAP)[1]
-        o[O_COUNTRY_IPS] = set_add(off, size, mem, tim, ei[i, I_S_CIPS], ei[i, I_IP],
+        o[O_COUNTRY_IPS] = set_add(off, size, mem, tim, oldest, ei[i, I_S_CIPS], ei[i, I_IP],
                                         ts, 3600.0, COUNTRY_IPS_CAP)[1]
-    new_ep = set_add(off, size, mem, tim, ei[i, I_S_EP], ei[i, I_EP], ts, 0.0, ENDPOINT_CAP)[0]
-    new_ua = set_add(off, size, mem, tim, ei[i, I_S_UA], ei[i, I_UA], ts, 0.0,
+    new_ep = set_add(off, size, mem, tim, oldest, ei[i, I_S_EP], ei[i, I_EP], ts, 0.0,
+                     ENDPOINT_CAP)[0]
+    new_ua = set_add(off, size, mem, tim, oldest, ei[i, I_S_UA], ei[i, I_UA], ts, 0.0,
                      USER_AGENT_CAP)[0]
     o[O_NEW_EP] = 0.0 if first or not new_ep else 1.0
     o[O_NEW_UA] = 0.0 if first or not new_ua else 1.0
     if ei[i, I_MODEL] >= 0:
-        new_model = set_add(off, size, mem, tim, ei[i, I_S_MDL], ei[i, I_MODEL], ts, 0.0,
+        new_model = set_add(off, size, mem, tim, oldest, ei[i, I_S_MDL], ei[i, I_MODEL], ts, 0.0,
                             MODEL_CAP)[0]
         o[O_NEW_MODEL] = 0.0 if first or not new_model else 1.0
     o[O_MODELS_24H] = set_count(off, size, tim, ei[i, I_S_MDL], ts, 86400.0)
@@ -273,7 +282,7 @@ def key_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.n
         s = ei[i, s_col]
         if ei[i, m_col] >= 0:
             before = set_count(off, size, tim, s, ts, ALL_TIME_S)
-            new = set_add(off, size, mem, tim, s, ei[i, m_col], ts, 0.0, cap)[0]
+            new = set_add(off, size, mem, tim, oldest, s, ei[i, m_col], ts, 0.0, cap)[0]
             o[o_new] = 1.0 if before > 0 and new else 0.0
             if m_col == I_COUNTRY:
                 o[O_CC_SEEN] = before
@@ -456,16 +465,16 @@ def key_identity(i: int, ei: np.ndarray, ef: np.ndarray, kc: np.ndarray, ks: np.
 
 @njit(cache=True)
 def ip_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.ndarray,
-            mem: np.ndarray, tim: np.ndarray, o: np.ndarray) -> None:
+            mem: np.ndarray, tim: np.ndarray, oldest: np.ndarray, o: np.ndarray) -> None:
     """Distinct keys, and keys refused credentials, from the address in the hour."""
     if ei[i, I_IP] < 0:
         return
     ts, k = ef[i, F_TS], ei[i, I_KEY]
-    o[O_DIST_KEYS] = set_add(off, size, mem, tim, ei[i, I_S_IPKEYS], k, ts, 3600.0,
+    o[O_DIST_KEYS] = set_add(off, size, mem, tim, oldest, ei[i, I_S_IPKEYS], k, ts, 3600.0,
                                   DISTINCT_CAP)[1]
     s = ei[i, I_S_IPFKEYS]
     if ei[i, I_AUTH_FAIL]:
-        o[O_DIST_FKEYS] = set_add(off, size, mem, tim, s, k, ts, 3600.0, DISTINCT_CAP)[1]
+        o[O_DIST_FKEYS] = set_add(off, size, mem, tim, oldest, s, k, ts, 3600.0, DISTINCT_CAP)[1]
     else:
         o[O_DIST_FKEYS] = set_count(off, size, tim, s, ts, 3600.0)
 
@@ -527,17 +536,17 @@ def run(ei: np.ndarray, ef: np.ndarray, learned: np.ndarray, start: int, stop: i
         kew: np.ndarray, how: np.ndarray, kc: np.ndarray, ks: np.ndarray, rr_s: np.ndarray,
         rr_v: np.ndarray, nr_s: np.ndarray, nr_v: np.ndarray, flags: np.ndarray,
         off: np.ndarray, size: np.ndarray, mem: np.ndarray, tim: np.ndarray,
-        pop_s: np.ndarray, pop_v: np.ndarray, psz: np.ndarray, alphas: tuple[float, float],
-        out: np.ndarray) -> None:
+        oldest: np.ndarray, pop_s: np.ndarray, pop_v: np.ndarray, psz: np.ndarray,
+        alphas: tuple[float, float], out: np.ndarray) -> None:
     """Events start..stop-1, in order: each one's observations and features (into row
     i - start of `out`, columns in `FEATURE_NAMES` order), then (when it was judged
     normal) its learning, before the next event."""
     for i in range(start, stop):
         o = out[i - start]
         first = math.isnan(ks[ei[i, I_KEY], S_GAP_LAST])
-        key_sets(i, ei, ef, off, size, mem, tim, first, o)
+        key_sets(i, ei, ef, off, size, mem, tim, oldest, first, o)
         key_regularity(i, ei, ef, kew, ks, o)
-        ip_sets(i, ei, ef, off, size, mem, tim, o)
+        ip_sets(i, ei, ef, off, size, mem, tim, oldest, o)
         pop_ratio = population(i, ei, ef, pop_s, pop_v, psz, o)
         key_baselines(i, ei, ef, kew, how, kc, ks, rr_s, rr_v, nr_s, nr_v, pop_ratio, o)
         trusted_ts = key_geo(i, ei, ef, kew, ks, flags, o)
