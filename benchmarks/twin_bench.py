@@ -10,7 +10,9 @@ same process, so their ratio is comparable from one noisy machine to another:
   through the streaming extractor on a memory store (what retraining used before),
   over a shorter prefix of the same events.
 
-The two alternate in three rounds and each rate is the median of its rounds.
+Rates are events per second of the process's CPU time: both engines run on one core, and
+on a shared machine wall time mostly measures the neighbours. The two alternate in three
+rounds and each rate is the median of its rounds.
 `python -m benchmarks.twin_bench --size full --merge benchmarks/results.json` measures
 this figure alone and puts it into a results file written by `keywatch bench`.
 """
@@ -51,9 +53,10 @@ def simulated_events(keys: int, days: int, n: int, seed: int = 0) -> pd.DataFram
 
 
 def _timed(run: Any) -> float:
-    t0 = time.perf_counter()
+    """CPU seconds of this process for `run` (both engines run on one core)."""
+    t0 = time.process_time()
     run()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def bench_retrain_features(size: str = "smoke") -> tuple[float, float, int, int]:

@@ -240,11 +240,10 @@ def _windowed_values(out: np.ndarray, cols: EventColumns, ev: Derived) -> None:
 
 def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndarray,
                     ts: np.ndarray, amounts: dict[str, np.ndarray], rows: np.ndarray) -> None:
-    """One entity kind's windows, for events sorted by entity and time: the whole
-    buckets (stamp-n+1..stamp, this event included, later ones of its bucket not) plus
-    the edge bucket (stamp-n) weighted by the share of it still inside the window."""
+    """One entity kind's windows, for events sorted by entity and time: running sums
+    per entity and field, then each window's whole and edge buckets
+    (`twin_kernels.tiled_window`)."""
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    bounds: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for ring in rings:
         if ring.field not in sums:  # running sums restart with each entity
             amount = amounts[ring.field]
@@ -252,24 +251,10 @@ def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndar
             sums[ring.field] = cum, cum - amount
         cum, before = sums[ring.field]
         b = ring.bucket_s
+        stamp = (ts // b).astype(np.int64)
         frac = 1.0 - (ts % b) / b
         for name, n in ring.windows:
-            if (b, n) not in bounds:
-                bounds[(b, n)] = _window_bounds(group, ts, b, n)
-            lo, edge_lo = bounds[(b, n)]
-            out[rows, _COL[name]] = (cum - before[lo]) + (before[lo] - before[edge_lo]) * frac
-
-
-def _window_bounds(group: np.ndarray, ts: np.ndarray, bucket_s: int,
-                   n: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, the first row of its entity in bucket stamp-n+1 or later, and in
-    stamp-n or later (rows sorted by entity, then time)."""
-    stamp = (ts // bucket_s).astype(np.int64)
-    low = int(stamp.min())
-    span = int(stamp.max()) - low + n + 2
-    place = group * span + (stamp - low)  # ascending: entity, then bucket
-    return (np.searchsorted(place, place - (n - 1), side="left"),
-            np.searchsorted(place, place - n, side="left"))
+            tk.tiled_window(group, stamp, cum, before, frac, n, rows, out, _COL[name])
 
 
 @dataclass(slots=True)
@@ -331,32 +316,32 @@ def _pairs(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> np.ndarray:
 def _set_layout(ei: np.ndarray, cols: EventColumns, ev: Derived, keys: int,
                 ips: int) -> np.ndarray:
     """Number the capped sets (each family's sets one after the other), write each
-    event's set of each family, and return each set's capacity: the distinct members
-    it is ever given, at most its cap plus the one that a new member pushes out."""
+    event's set of each family, and return each set's capacity: the events that add to
+    it (a bound on its distinct members), at most its cap plus the one that a new member
+    pushes out."""
     k, ip = ev.key, ev.ip
     has_ip = ip >= 0
     country_ips = _pairs(k, ev.country.codes, has_ip)  # no country: a set of its own
     auth_fail = ei[:, tk.I_AUTH_FAIL] > 0
-    families = (  # (column, set of each event, sets, member, events that add, cap)
-        (tk.I_S_IPS, k, keys, ip, has_ip, DISTINCT_CAP),
-        (tk.I_S_CIPS, country_ips, int(country_ips.max(initial=-1)) + 1, ip, has_ip,
+    every = np.ones(len(k), bool)
+    families = (  # (column, set of each event, sets, events that add a member, cap)
+        (tk.I_S_IPS, k, keys, has_ip, DISTINCT_CAP),
+        (tk.I_S_CIPS, country_ips, int(country_ips.max(initial=-1)) + 1, has_ip,
          COUNTRY_IPS_CAP),
-        (tk.I_S_EP, k, keys, ei[:, tk.I_EP], np.ones(len(k), bool), ENDPOINT_CAP),
-        (tk.I_S_UA, k, keys, ei[:, tk.I_UA], np.ones(len(k), bool), USER_AGENT_CAP),
-        (tk.I_S_MDL, k, keys, ei[:, tk.I_MODEL], ei[:, tk.I_MODEL] >= 0, MODEL_CAP),
-        (tk.I_S_CC, k, keys, ei[:, tk.I_COUNTRY], ei[:, tk.I_COUNTRY] >= 0, COUNTRY_CAP),
-        (tk.I_S_ASN, k, keys, ei[:, tk.I_ASN], ei[:, tk.I_ASN] >= 0, ASN_CAP),
-        (tk.I_S_IPKEYS, ip, ips, k, has_ip, DISTINCT_CAP),
-        (tk.I_S_IPFKEYS, ip, ips, k, has_ip & auth_fail, DISTINCT_CAP),
+        (tk.I_S_EP, k, keys, every, ENDPOINT_CAP),
+        (tk.I_S_UA, k, keys, every, USER_AGENT_CAP),
+        (tk.I_S_MDL, k, keys, ei[:, tk.I_MODEL] >= 0, MODEL_CAP),
+        (tk.I_S_CC, k, keys, ei[:, tk.I_COUNTRY] >= 0, COUNTRY_CAP),
+        (tk.I_S_ASN, k, keys, ei[:, tk.I_ASN] >= 0, ASN_CAP),
+        (tk.I_S_IPKEYS, ip, ips, has_ip, DISTINCT_CAP),
+        (tk.I_S_IPFKEYS, ip, ips, has_ip & auth_fail, DISTINCT_CAP),
     )
     capacities = []
     base = 0
-    for col, sets, count, member, adds, cap in families:
+    for col, sets, count, adds, cap in families:
         ei[:, col] = np.where(sets >= 0, sets + base, -1)
-        width = int(member.max(initial=0)) + 2
-        pairs = np.unique(sets[adds] * width + (member[adds] + 1))
-        capacity = np.bincount(pairs // width, minlength=count)[:count]
-        capacities.append(np.minimum(capacity, cap + 1))
+        adding = np.bincount(sets[adds], minlength=count)[:count]  # >= distinct members
+        capacities.append(np.minimum(adding, cap + 1))
         base += count
     return np.concatenate(capacities) if capacities else np.zeros(0, np.int64)
 

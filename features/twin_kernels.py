@@ -564,3 +564,23 @@ def scatter_rows(rows: np.ndarray, out: np.ndarray, start: int, stop: int,
     for c in cols:
         for i in range(stop - start):
             out[start + i, c] = rows[i, c]
+
+
+@njit(cache=True)
+def tiled_window(group: np.ndarray, stamp: np.ndarray, cum: np.ndarray, before: np.ndarray,
+                 frac: np.ndarray, n: int, rows: np.ndarray, out: np.ndarray,
+                 col: int) -> None:
+    """One window over events sorted by entity, then time, from the entity's running
+    sums: the whole buckets stamp-n+1..stamp (this event included, later ones of its
+    bucket not) plus the edge bucket stamp-n weighted by `frac`. Two pointers walk the
+    rows (the first of the entity in bucket stamp-n+1 or later, and stamp-n or later),
+    as a binary search would find them."""
+    lo = 0
+    edge_lo = 0
+    for r in range(len(group)):
+        g, s = group[r], stamp[r]
+        while group[lo] != g or stamp[lo] < s - n + 1:
+            lo += 1
+        while group[edge_lo] != g or stamp[edge_lo] < s - n:
+            edge_lo += 1
+        out[rows[r], col] = (cum[r] - before[lo]) + (before[lo] - before[edge_lo]) * frac[r]
