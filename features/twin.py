@@ -7,8 +7,9 @@ them column-wise instead, from the same declarations (`features.catalogue`):
 
 * windowed counters (requests, tokens, errors, refused credentials, spend, by key and
   by address, over 1 min to 30 days) are tiled windows: each event's bucket, a
-  group-by on the entity, cumulative sums, and binary searches for the window's whole
-  buckets and its edge bucket (weighted as the stream weighs it);
+  group-by on the entity, running sums, and for each window the bounds of its whole
+  buckets and its edge bucket (weighted as the stream weighs it), walked by two
+  pointers in compiled code;
 * per-event values (sizes, cost, time of day) are column arithmetic;
 * what is a recurrence rather than a sum (EWM baselines, gaps, capped sets, the last
   location, learned rings) runs in one compiled pass (`features.twin_kernels`).

@@ -573,8 +573,7 @@ def tiled_window(group: np.ndarray, stamp: np.ndarray, cum: np.ndarray, before: 
     """One window over events sorted by entity, then time, from the entity's running
     sums: the whole buckets stamp-n+1..stamp (this event included, later ones of its
     bucket not) plus the edge bucket stamp-n weighted by `frac`. Two pointers walk the
-    rows (the first of the entity in bucket stamp-n+1 or later, and stamp-n or later),
-    as a binary search would find them."""
+    rows (the first of the entity in bucket stamp-n+1 or later, and stamp-n or later)."""
     lo = 0
     edge_lo = 0
     for r in range(len(group)):
