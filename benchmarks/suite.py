@@ -12,7 +12,9 @@ Figures:
   row), once a model is trained;
 - HTTP `POST /v1/events` p50/p99 at concurrency 1, 16 and 64 on one worker, and the batch
   endpoint's events/s (baseline: a FastAPI endpoint that only parses the event);
-- resident memory after many events over many keys and addresses (baseline: before).
+- resident memory after many events over many keys and addresses (baseline: before);
+- retrain feature building with the vectorised twin on simulated traffic (baseline: the
+  event-by-event replay through the streaming extractor), see `benchmarks.twin_bench`.
 """
 
 from __future__ import annotations
@@ -398,6 +400,9 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
     compact, sklearn_rate = bench_iforest(len(forest.feature_names_), sizes["iforest"])
     figures.append(Figure("iforest_single_event_per_s", compact, "events/s",
                           "scikit-learn score_samples, one row", sklearn_rate, ">= 20,000"))
+    from benchmarks.twin_bench import figure as retrain_features_figure
+
+    figures.append(retrain_features_figure(size))
 
     server = None
     if redis_url is None:

@@ -331,25 +331,26 @@ class Detectors:
         return out
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save_population(self, path: Path) -> str | None:
+    def save_population(self, path: Path, *, signing_key: str | None = None) -> str | None:
         if self.population is None:
             return None
         with self._lock:
             if self.population_log is not None:
                 self.population_log.checkpoint()
-            return self.population.save(path)
+            return self.population.save(path, signing_key=signing_key)
 
 
 def load_population(path: Path | None, feature_names: list[str], *,
-                    seed: int = 0) -> PopulationDetector:
+                    seed: int = 0, signing_key: str | None = None) -> PopulationDetector:
     """Restore the checkpointed population model, or start a fresh one.
 
-    A checkpoint that fails its checksum is refused (logged) and a fresh model starts:
-    an unverified pickle is never loaded.
+    A checkpoint that fails its checksum, or its signature when a model signing key is
+    configured, is refused (logged) and a fresh model starts: an unverified pickle is never
+    loaded.
     """
     if path is not None and Path(path).exists():
         try:
-            return PopulationDetector.load(path)
+            return PopulationDetector.load(path, signing_key=signing_key)
         except Exception as exc:
             log.error("population checkpoint %s refused, starting fresh: %s", path, exc)
     # 15 trees: the same ROC AUC as 25 on our measurements, at 1.6x the speed. Learning
@@ -368,5 +369,6 @@ def build_detectors(*, model_dir: Path | None, checkpoint: Path | None,
     registry = ModelRegistry(model_dir, signing_key=signing_key) \
         if model_dir is not None else None
     return Detectors(feature_names=feature_names,
-                     population=load_population(checkpoint, feature_names, seed=seed),
+                     population=load_population(checkpoint, feature_names, seed=seed,
+                                                signing_key=signing_key),
                      registry=registry, reload_interval_s=reload_interval_s)
