@@ -151,7 +151,9 @@ def test_an_event_stamped_a_day_ahead_cannot_erase_later_blocks(store: str) -> N
     baseline, _, _ = _flood_alone(store, "a", None)
     blocks, statuses, bound = _flood_alone(store, "b", 1000)
     assert baseline > 200
-    assert blocks == baseline
+    # the same flood blocks the same (bans run on the wall clock: a loaded machine may
+    # shift a ban's end by an event or two, never by the hundreds a moved window would)
+    assert abs(blocks - baseline) <= max(2, baseline // 50), (blocks, baseline)
     assert statuses.count(422) == 1 and bound["refused"] == 1
 
 
@@ -170,7 +172,8 @@ def test_clamping_keeps_the_windows_on_the_server_clock(store: str) -> None:
     baseline, _, _ = _flood_alone(store, "c", None, event_skew_action="clamp")
     blocks, statuses, bound = _flood_alone(store, "d", 1000, event_skew_action="clamp")
     assert set(statuses) == {200} and bound["clamped"] == 1
-    assert baseline - 1 <= blocks <= baseline + 1  # the clamped event itself may add one
+    # the clamped event itself may add one; the wall clock may shift a ban's end by one
+    assert abs(blocks - baseline) <= max(2, baseline // 50), (blocks, baseline)
 
 
 def test_a_refused_batch_applies_none_of_its_events(store: str) -> None:

@@ -106,17 +106,7 @@ class Operations:
     ) -> Operations:
         """Everything from `Settings`; files go under `settings.data_dir`."""
         data_dir = settings.data_dir
-        writers: dict[str, RotatingJsonlWriter] = {}
-        alert_log = siem = None
-        if settings.alert_log:
-            alert_log = writers["alerts"] = RotatingJsonlWriter(
-                data_dir.joinpath(*ALERT_LOG_PATH), max_bytes=settings.siem_max_bytes,
-                keep_files=settings.siem_keep_files)
-        if settings.siem_log:
-            siem_writer = writers["siem"] = RotatingJsonlWriter(
-                data_dir.joinpath(*SIEM_LOG_PATH), max_bytes=settings.siem_max_bytes,
-                keep_files=settings.siem_keep_files)
-            siem = SiemExporter(siem_writer)
+        writers, alert_log, siem = _alert_files(settings)
         if sinks is None:
             sinks = sinks_from_settings(settings)
         activity = KeyActivityIndex(per_key=settings.key_activity_per_key,
@@ -326,3 +316,20 @@ def sinks_from_settings(settings: Settings) -> list[WebhookSink]:
         sinks.append(WebhookSink(settings.alert_slack_webhook_url, name="slack",
                                  body_format="slack", **common))
     return sinks
+
+
+def _alert_files(settings: Settings) -> tuple[dict[str, RotatingJsonlWriter],
+                                               RotatingJsonlWriter | None, SiemExporter | None]:
+    """The alert log and the SIEM findings file, where the settings ask for them."""
+    writers: dict[str, RotatingJsonlWriter] = {}
+    alert_log = siem = None
+    if settings.alert_log:
+        alert_log = writers["alerts"] = RotatingJsonlWriter(
+            settings.data_dir.joinpath(*ALERT_LOG_PATH), max_bytes=settings.siem_max_bytes,
+            keep_files=settings.siem_keep_files)
+    if settings.siem_log:
+        siem_writer = writers["siem"] = RotatingJsonlWriter(
+            settings.data_dir.joinpath(*SIEM_LOG_PATH), max_bytes=settings.siem_max_bytes,
+            keep_files=settings.siem_keep_files)
+        siem = SiemExporter(siem_writer)
+    return writers, alert_log, siem
