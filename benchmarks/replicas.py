@@ -2,7 +2,7 @@
 scorers sharing one Redis (round robin), and count the decisions that differ.
 
     python -m benchmarks.replicas EVENTS.jsonl --redis redis://127.0.0.1:6379/0 \
-        [--replicas 2] [--limit 6000]
+        [--replicas 2] [--limit 6000] [--immediate-learning] [--cost]
 
 Each side runs in a namespace of its own on the same Redis, with fresh models, as a new
 deployment would. Printed: events, differing decisions (count and share), and the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,25 @@ def compare(url: str, events: Sequence[Event], *, replicas: int = 2, tag: str = 
             "one": dict(Counter(one)), "many": dict(Counter(many))}
 
 
+def learning_cost(url: str, events: Sequence[Event], *, batch: int = 100,
+                  rounds: int = 2) -> dict[str, Any]:
+    """What sending learning at once costs one scorer: events scored in batches (as the
+    API receives them) with deferred and with immediate learning, alternated `rounds`
+    times in this run (the best of each kept, so warm-up and noise favour neither)."""
+    best = {False: float("inf"), True: float("inf")}
+    for r in range(rounds):
+        for immediate in (False, True):
+            scorer = make_scorer(url, f"cost-{r}-{immediate}", immediate_learning=immediate)
+            start = time.perf_counter()
+            for at in range(0, len(events), batch):
+                scorer.score_many(events[at:at + batch])
+            scorer.flush()
+            best[immediate] = min(best[immediate], time.perf_counter() - start)
+    return {"events": len(events), "batch": batch, "deferred_s": round(best[False], 2),
+            "immediate_s": round(best[True], 2),
+            "immediate_vs_deferred": round(best[True] / best[False], 2)}
+
+
 def load_events(path: Path, limit: int | None = None) -> list[Event]:
     events = []
     with path.open() as fh:
@@ -93,7 +113,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--limit", type=int, default=6000)
     parser.add_argument("--immediate-learning", action="store_true")
+    parser.add_argument("--cost", action="store_true",
+                        help="time one scorer's batches with deferred vs immediate learning")
     args = parser.parse_args(argv)
+    if args.cost:
+        print(json.dumps(learning_cost(args.redis, load_events(args.events, args.limit)),
+                         indent=2))
+        return
     result = compare(args.redis, load_events(args.events, args.limit), replicas=args.replicas,
                      immediate_learning=args.immediate_learning)
     print(json.dumps(result, indent=2))

@@ -84,9 +84,11 @@ class Settings(BaseSettings):
     event_max_behind_s: float = Field(default=3600.0, ge=0)
     """...or further behind it (older history is for `keywatch replay`)."""
     event_skew_action: Literal["refuse", "clamp"] = "refuse"
-    learn_writes: Literal["deferred", "immediate"] = "deferred"
-    """When an event's learning reaches the store: with the next event's round trip, or at
-    once in a round trip of its own (many replicas: no replica reads one event behind)."""
+    learn_writes: Literal["auto", "deferred", "immediate"] = "auto"
+    """When learning reaches the store: with the next request's round trip, or in a round
+    trip of its own before each request is answered (many replicas: none reads behind
+    what another answered). `auto`: immediate for a service on a shared store (Redis),
+    deferred on the memory store and in replays."""
     dedupe_window_s: float = Field(default=900.0, gt=0)
     """How long an `event_id` is remembered: a repeat within it changes nothing."""
     # reliability: Redis outage policy, restarts, ingestion security, stream workers

@@ -315,15 +315,19 @@ def test_the_journal_is_compacted_into_a_snapshot(tmp_path: Path) -> None:
 
 
 # ---- one clock ----------------------------------------------------------------------------
-def test_a_backlog_older_than_a_ban_still_bans_now(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_backlog_older_than_a_ban_still_bans_now(tmp_path: Path, backend: str,
+                                                    redis_url: str) -> None:
     """Live, bans are stored in wall time: 45 events from 50 minutes ago trip a 30-minute
     ban that holds now. On event time (replay) the same ban has already ended."""
     then = time.time() - 50 * 60
     backlog = [ev("sk-backlog", then + i * 0.5) for i in range(45)]
     outcomes = {}
     for clock in ("wall", "event"):
+        store = {"store": redis_url, "redis_namespace": f"backlog-{clock}"} \
+            if backend == "redis" else {}
         settings = make_settings(policy=policy_file(tmp_path), models=False,
-                                 enforcement_clock=clock)
+                                 enforcement_clock=clock, **store)
         with TestClient(create_app(settings)) as c:
             out = c.post("/v1/events:batch", json=backlog).json()
             assert out[-1]["decision"] == "block", out[-1]

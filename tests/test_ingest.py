@@ -82,12 +82,24 @@ def test_a_retried_batch_is_applied_once(store: str) -> None:
 
 
 def test_a_repeat_on_another_replica_is_answered_from_the_store(redis_url: str) -> None:
-    settings = live_settings(redis_url)
+    """On Redis a service sends an event's learning at once, the decision remembered
+    with the key's claim among it: another replica answers a repeat with that decision."""
+    with TestClient(create_app(live_settings(redis_url))) as a, \
+            TestClient(create_app(live_settings(redis_url))) as b:
+        body = ev(0, "sk-two-replicas", t0=NOW)
+        first = a.post("/v1/events", json=body)
+        again = b.post("/v1/events", json=body)
+        assert again.status_code == 200 and again.json() == first.json()
+        assert redis_request_total(redis.Redis.from_url(redis_url), "sk-two-replicas") == 1
+
+
+def test_a_repeat_before_the_decision_is_remembered_is_not_applied(redis_url: str) -> None:
+    settings = live_settings(redis_url, learn_writes="deferred")
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
         body = ev(0, "sk-two-replicas", t0=NOW)
         first = a.post("/v1/events", json=body)
-        # replica A remembers the decision with its next round trip: until then B knows the
-        # event was applied, not what was answered, and says so rather than apply it again
+        # deferred, replica A remembers the decision with its next round trip: until then B
+        # knows the event was applied, not what was answered, and says so
         early = b.post("/v1/events", json=body)
         assert early.status_code == 409 and "not applied again" in early.json()["error"]
         a.app.state.scorer.flush()  # type: ignore[attr-defined]

@@ -87,7 +87,7 @@ def _weights(state: list[float]) -> list[float]:
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_interleaved_scorers_hold_the_single_scorers_state_and_decisions(
         backend: str, redis_url: str, events: list[Event]) -> None:
-    """Learning sent at once (KEYWATCH_LEARN_WRITES=immediate): two and four scorers fed
+    """Learning sent at once (as a service on Redis does): two and four scorers fed
     in turn hold exactly the state of one, and decide exactly as it does."""
     one, one_state = _run(_stores(backend, redis_url, 1, "imm"), events, immediate=True)
     assert {s for _, s, _ in one} >= {"none", "low", "medium"}  # the detectors in play
@@ -99,7 +99,7 @@ def test_interleaved_scorers_hold_the_single_scorers_state_and_decisions(
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_deferred_learning_loses_no_update(backend: str, redis_url: str) -> None:
-    """Learning sent with the scorer's next round trip (the default): a scorer reads the
+    """Learning sent with the scorer's next round trip (`deferred`): a scorer reads the
     key one event behind each other scorer, so sums that depend on what it read (the
     residuals' scale, their histogram) differ a little; but every event's learning is
     added: on a key whose events are all learned, the streams' weights are the single

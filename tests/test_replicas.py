@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.replicas import decide, load_events, make_scorer
+from benchmarks.replicas import SECRET, decide, load_events, make_scorer
+from features.extractor import FEATURE_NAMES
+from features.keys import KeyHasher
+from features.stores.memory import MemoryStore
+from models.detectors import build_detectors
+from models.feature_space import model_features
+from serving.engine.scorer import Scorer
 from training.simulator import simulate
 
 
@@ -19,10 +25,22 @@ def sim_events(tmp_path_factory: pytest.TempPathFactory) -> list:
     return load_events(summary.events_path, limit=4000)
 
 
-def test_two_replicas_fed_alternately_decide_as_one_process(redis_url: str,
+def _memory_scorer(store: MemoryStore) -> Scorer:
+    """A scorer on a memory store another scorer of the process shares (as `make_scorer`
+    on Redis): default policy, fresh online models."""
+    return Scorer(store=store, hasher=KeyHasher(SECRET), detectors=build_detectors(
+        model_dir=None, checkpoint=None, feature_names=model_features(FEATURE_NAMES)))
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_two_replicas_fed_alternately_decide_as_one_process(backend: str, redis_url: str,
                                                             sim_events: list) -> None:
-    one = make_scorer(redis_url, "one")
-    pair = [make_scorer(redis_url, "pair"), make_scorer(redis_url, "pair")]
+    if backend == "redis":
+        one = make_scorer(redis_url, "one")
+        pair = [make_scorer(redis_url, "pair"), make_scorer(redis_url, "pair")]
+    else:
+        shared = MemoryStore()
+        one, pair = _memory_scorer(MemoryStore()), [_memory_scorer(shared) for _ in range(2)]
     alone = decide([one], sim_events)
     together = decide(pair, sim_events)
     differ = sum(a != b for a, b in zip(alone, together, strict=True))
