@@ -114,6 +114,15 @@ GAP_CAP_S = 3600.0
 """Gaps are capped at an hour, so a night's pause does not mask a loop for long."""
 MIN_GAPS = 5
 """Gaps needed before the inter-arrival variation is trusted (1.0 until then)."""
+LOOP_BUCKETS = 8
+"""Prompt-size buckets of the key's sub-streams: a client stuck in a loop resends one
+prompt, so its requests form a sub-stream of one bucket that the owner's other traffic
+(spread over every bucket) hardly interleaves."""
+LOOP_ALPHA = 0.2
+"""Weight of one event in a sub-stream's regularity: about the last five gaps."""
+LOOP_GAP_CAP_S = 60.0
+"""Sub-stream gaps are capped at a minute, so a loop starting after a quiet spell shows
+its timer within a few dozen requests."""
 SAME_ALPHA = 0.1
 """Weight of one event in the same-size ratio: about the last 10 events."""
 WARM_EVENTS = 30
@@ -283,6 +292,8 @@ REGULARITY_FEATURES = (
     "interarrival_mean_s_by_key",
     "same_size_ratio_by_key",
     "same_prompt_ratio_by_key",
+    "loop_interarrival_cv_by_key",
+    "loop_same_prompt_ratio_by_key",
 )
 RECURRENCE_FEATURES = (
     "recurring_requests_1h_by_key",
@@ -299,6 +310,7 @@ IDENTITY_FEATURES = (
     "untrusted_prefix_by_event",
     "untrusted_ua_family_by_event",
     "trusted_networks_by_key",
+    "trusted_prefixes_by_key",
     "hour_share_by_key",
     "last_normal_age_s_by_key",
     "known_identity_by_event",
@@ -529,6 +541,7 @@ class FeatureExtractor:
         prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
         kops.append((EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA))
         kops.append(_REGULARITY_GETS)
+        kidx["loop"] = _loop_ops(kops, ts, prompt)
 
         # novelty for this key
         kidx["ep"] = len(kops)
@@ -766,6 +779,7 @@ class FeatureExtractor:
         v["interarrival_mean_s_by_key"] = gap_mean
         v["same_size_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
         v["same_prompt_ratio_by_key"] = float(psame_m) if psame_n is not None else 0.0
+        _loop_values(v, key_res[kidx["loop"]])
 
         # novelty (never on the key's first event: a new key is not novel everywhere)
         e = kidx["ep"]
@@ -862,6 +876,7 @@ class FeatureExtractor:
                                                    prefix is not None)
         v["untrusted_ua_family_by_event"] = untrusted(ua_ok, ua_n_f, UA_FAMILY_CAP, True)
         v["trusted_networks_by_key"] = net_n_f
+        v["trusted_prefixes_by_key"] = pfx_n_f
         total = float(h_n) if h_n else 0.0
         near = sum(float(x) for x in (h0, h1, h2) if x)
         v["hour_share_by_key"] = near / total if total > 0 else 1.0
@@ -1046,6 +1061,29 @@ def _novelty_values(res: list[Any], idx: tuple[int, bool, bool]) -> tuple[float,
         start += 2
     distinct = float(res[start]) if windowed else 0.0
     return new, distinct
+
+
+def _loop_ops(kops: list[tuple[Any, ...]], ts: float, prompt: float) -> int:
+    """Regularity of the event's prompt-size sub-stream (one of `LOOP_BUCKETS`): gaps and
+    whether the prompt repeats the sub-stream's previous one. Returns the index of the
+    read of its statistics."""
+    bucket = f"lp{int(prompt) % LOOP_BUCKETS}"
+    kops.append((EWM_GAP, f"{bucket}:g", f"{bucket}:g:last", ts, LOOP_ALPHA, LOOP_GAP_CAP_S))
+    kops.append((EWM_SAME, f"{bucket}:s", f"{bucket}:s:last", prompt, LOOP_ALPHA))
+    kops.append((GETS, 5, f"{bucket}:g:m", f"{bucket}:g:v", f"{bucket}:g:n", f"{bucket}:s:m",
+                 f"{bucket}:s:n"))
+    return len(kops) - 1
+
+
+def _loop_values(v: dict[str, float], res: Sequence[Any]) -> None:
+    """A runaway loop inside a busy key: the sub-stream's inter-arrival variation (1.0
+    until it has `MIN_GAPS` gaps) and how often its prompt repeats."""
+    gap_m, gap_v, gap_n, same_m, same_n = res
+    cv = 1.0
+    if gap_n is not None and float(gap_n) >= MIN_GAPS and float(gap_m) > 0:
+        cv = math.sqrt(max(float(gap_v), 0.0)) / float(gap_m)
+    v["loop_interarrival_cv_by_key"] = cv
+    v["loop_same_prompt_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
 
 
 def _lag_mean(res: list[Any], start: int, count: int) -> float | None:

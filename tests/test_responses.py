@@ -8,8 +8,17 @@ from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.base import GET, EntityOps
 from features.stores.memory import MemoryStore
+from serving.engine.decision import Reason
 from serving.engine.scorer import Scorer
-from serving.policy.responses import PERMANENT, BanState, EscalationLadder
+from serving.policy.fusion import Fusion
+from serving.policy.responses import (
+    PERMANENT,
+    BanState,
+    EscalationLadder,
+    KeyContext,
+    plan_response,
+)
+from serving.policy.rules import Finding
 from serving.policy.schema import parse_policy
 from tests.conftest import TEST_SECRET
 
@@ -161,3 +170,32 @@ def test_credential_stuffing_bans_the_address_not_the_keys() -> None:
     # the same key from another address is fine
     assert s.score(Event(api_key="sk-guess-5", timestamp=T0 + 9,
                          source_ip="198.51.100.4")).decision == "allow"
+
+
+def _identity_finding(code: str, feature: str) -> Finding:
+    reason = Reason(code=code, severity="critical", message=code)
+    return Finding(reason=reason, rule_id=code, group="g", scope="key", kind="rule",
+                   features=(feature,), evidence="identity")
+
+
+@pytest.mark.parametrize(("finding", "owner_active", "network_new", "scope"), [
+    # the owner is active: the intruder's address, whatever the evidence
+    (_identity_finding("odd_hour", "untrusted_hosting_asn_by_event"), True, False, "ip"),
+    # the owner is away, the intruder is one address on a network the key never used:
+    # its address is enough, and the owner's next morning is not banned
+    (_identity_finding("odd_hour", "untrusted_hosting_asn_by_event"), False, True, "ip"),
+    # the owner is away, a crowd uses the key (resale): one address's ban stops nothing
+    (_identity_finding("sharing", "distinct_countries_by_key_1h"), False, True, "key"),
+    # the owner is away, the intruder is on the key's own networks: the key
+    (_identity_finding("odd_hour", "untrusted_hosting_asn_by_event"), False, False, "key"),
+])
+def test_a_ban_lands_on_the_narrowest_scope_that_stops_the_intruder(
+        finding: Finding, owner_active: bool, network_new: bool, scope: str) -> None:
+    cfg = parse_policy("rules: []\n").responses
+    fusion = Fusion(severity="critical", score=0.97, can_block=True,
+                    drivers=[finding.reason.code], evidence=["identity"])
+    plan = plan_response(fusion, [finding], cfg, bans={}, ladder=EscalationLadder(),
+                         entities={"key": "k_1", "ip": "203.0.113.9"}, ts=T0,
+                         key=KeyContext(owner_active=owner_active, network_new=network_new))
+    assert plan.verdict == "block"
+    assert [w.scope for w in plan.writes] == [scope]

@@ -58,6 +58,7 @@ from serving.policy.responses import (
     limit_writes,
     limited_action,
     needs_limit_write,
+    network_is_new,
     plan_response,
     read_ban,
     read_limit,
@@ -458,7 +459,7 @@ def key_context(fv: FeatureVector) -> KeyContext:
     return KeyContext(
         normal_per_min=expected_1h / 60.0 if expected_1h and warm else None,
         owner_active=age is not None and age < OWNER_ACTIVE_S,
-        network=fv.context.get("network"))
+        network=fv.context.get("network"), network_new=network_is_new(fv.values))
 
 
 def _ban_refusal(key_id: str, scope: str, ban: BanState, now: float) -> CheckResult:

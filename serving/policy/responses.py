@@ -352,6 +352,25 @@ class KeyContext:
     is recent): a ban then lands on the intruder's address, not the key."""
     network: str | None = None
     """The event's network prefix (/24 or /48), reported with an address ban."""
+    network_new: bool = False
+    """The event's network (ASN, prefix, or hosting ASN) was never used by the key's
+    normal traffic: the intruder's own address, which a ban can stop without the key."""
+
+
+NEW_NETWORK_FEATURES = ("untrusted_prefix_by_event", "untrusted_network_by_event",
+                        "untrusted_hosting_asn_by_event")
+
+
+def network_is_new(values: dict[str, float]) -> bool:
+    """Whether the event's network is new to the key's normal traffic (`network_new`)."""
+    return any(values.get(name) for name in NEW_NETWORK_FEATURES)
+
+
+def _about_one_address(f: Finding) -> bool:
+    """A finding about this event's own identity (a network, place or client), not a
+    count over the key's recent traffic (`distinct_*`: a crowd of addresses, which one
+    address's ban does not stop)."""
+    return not (f.features and f.features[0].startswith("distinct_"))
 
 
 @dataclass(slots=True)
@@ -442,9 +461,14 @@ def _ban_plan(fusion: Fusion, drivers: list[Finding], scopes: list[str], kind: s
     critical = [f for f in blocking if f.reason.severity == "critical"] or blocking
     ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
                   and s in entities] or scopes
-    identity_only = all(f.evidence == "identity" for f in critical if f.scope == "key")
-    if "key" in ban_scopes and identity_only and key.owner_active and "ip" in entities:
-        ban_scopes = ["ip"]  # the owner carries on; the intruder's address is banned
+    on_key = [f for f in critical if f.scope == "key"]
+    identity_only = all(f.evidence == "identity" for f in on_key)
+    # the owner carries on, or the intruder is one address on a network the key never
+    # used: the intruder's address is banned, and the owner's own traffic goes on
+    one_intruder = key.network_new and all(_about_one_address(f) for f in on_key)
+    if "key" in ban_scopes and identity_only and (key.owner_active or one_intruder) \
+            and "ip" in entities:
+        ban_scopes = ["ip"]
     incident = "+".join(sorted({f.evidence for f in blocking})) or "volume"
     writes = []
     reason = ", ".join(fusion.drivers)
