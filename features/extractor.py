@@ -888,6 +888,7 @@ class FeatureExtractor:
                          "ua_family": ua_family(plan.event.user_agent),
                          "net_new": not net_ok and net_n_f < NETWORK_CAP,
                          "pfx_new": not pfx_ok and pfx_n_f < PREFIX_CAP,
+                         "prefix_since": float(pfx_ok) if pfx_ok else None,
                          "ua_new": not ua_ok and ua_n_f < UA_FAMILY_CAP}
 
     # ---- learning -----------------------------------------------------------------------
@@ -901,8 +902,8 @@ class FeatureExtractor:
                                     (ident.get("pfx_new"), PREFIX_OK, ident.get("prefix")),
                                     (ident.get("ua_new"), UA_FAMILY_OK,
                                      ident.get("ua_family"))):
-            if new and member:
-                ops.append((SET, prefix + member, "1"))
+            if new and member:  # when it was learned: the owner's networks predate a leak
+                ops.append((SET, prefix + member, repr(float(ctx["timestamp"]))))
                 ops.append((INCR, prefix + "n", 1.0))
         hod = int(ctx["timestamp"] // 3600) % 24
         ops.append((INCR, HOUR_COUNT + str(hod), 1.0))

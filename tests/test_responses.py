@@ -16,6 +16,7 @@ from serving.policy.responses import (
     BanState,
     EscalationLadder,
     KeyContext,
+    ban_writes,
     plan_response,
 )
 from serving.policy.rules import Finding
@@ -199,3 +200,31 @@ def test_a_ban_lands_on_the_narrowest_scope_that_stops_the_intruder(
                          key=KeyContext(owner_active=owner_active, network_new=network_new))
     assert plan.verdict == "block"
     assert [w.scope for w in plan.writes] == [scope]
+
+
+def test_a_key_ban_spares_the_owners_established_networks() -> None:
+    """An automatic key ban lets through the prefixes the key's normal traffic used
+    `spare_established_after` before the incident began (the owner carries on), and
+    nothing else; an operator's ban stops every call."""
+    s = Scorer(store=MemoryStore(), hasher=KeyHasher(TEST_SECRET), policy=parse_policy(
+        POLICY.replace("decay_after: 2d,", "decay_after: 2d, spare_established_after: 6h,")))
+    home, recent, stranger = "81.2.69.160", "81.2.70.5", "198.51.100.7"
+    for i in range(30):  # the owner's normal traffic from home, learned
+        s.score(Event(api_key="sk-a", timestamp=T0 + i * 600, source_ip=home))
+    s.score(Event(api_key="sk-a", timestamp=T0 + 8 * HOUR, source_ip=recent))
+    s.flush()
+    key_id, banned_at = s.hasher.key_id("sk-a"), T0 + 12 * HOUR
+    s.store.execute(ban_writes("key", key_id, until=banned_at + 2 * HOUR, level=1,
+                               ts=banned_at, reason="leak", incident="identity"))
+    at = banned_at + 600
+
+    def call(ip: str, ts: float) -> tuple[str, bool]:
+        decision = s.score(Event(api_key="sk-a", timestamp=ts, source_ip=ip))
+        return decision.decision, s.check("sk-a", ip, now=ts).allowed
+
+    assert call(home, at) == ("allow", True)
+    assert call(stranger, at + 1) == ("block", False)
+    assert call(recent, at + 2) == ("block", False)  # learned 4 h before: not established
+    s.store.execute(ban_writes("key", key_id, until=banned_at + 2 * HOUR, level=None,
+                               ts=at + 3, by="admin", reason="operator"))
+    assert call(home, at + 4) == ("block", False)

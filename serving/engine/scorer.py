@@ -54,14 +54,17 @@ from serving.policy.responses import (
     add_ban_reads,
     add_limit_reads,
     ban_writes,
+    learned_at,
     limit_write_for,
     limit_writes,
     limited_action,
     needs_limit_write,
     network_is_new,
     plan_response,
+    prefix_since_read,
     read_ban,
     read_limit,
+    spare_established,
 )
 from serving.policy.rules import RuleInput, evaluate_rules
 from serving.policy.schema import Policy, PolicySource, load_policy
@@ -258,7 +261,8 @@ class Scorer:
         budgets = budget_plan.read(results[0], all_results[len(requests):], ts) \
             if budget_plan.slots else {}
 
-        bans = {"key": read_ban(results[0], key_ban_idx),
+        bans = {"key": spare_established(read_ban(results[0], key_ban_idx),
+                                         plan.identity.get("prefix_since"), policy.responses.bans),
                 "ip": read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None
                 else BanState()}
         limits = {"key": read_limit(results[0], key_lim_idx),
@@ -413,6 +417,7 @@ class Scorer:
             scopes["ip"] = requests[1]
         idx = {s: (add_ban_reads(ops), add_limit_reads(ops, "take", ts))
                for s, ops in scopes.items()}
+        since_idx = prefix_since_read(requests[0], source_ip)
         results = self._execute(requests)
         allow = self.allow_list.entries(policy.allow_list, self.hasher)
         exempt = allow.key_allowed(key_id) or allow.ip_allowed(source_ip)
@@ -422,6 +427,9 @@ class Scorer:
         limits: dict[str, LimitState] = {}
         for n, scope in enumerate(idx):
             ban = read_ban(results[n], idx[scope][0])
+            if scope == "key":  # the owner's established networks pass an automatic ban
+                ban = spare_established(ban, learned_at(results[0], since_idx),
+                                        policy.responses.bans)
             limits[scope] = read_limit(results[n], idx[scope][1])
             if scope not in enforced_scopes or not ban.active(ts):
                 continue
