@@ -114,7 +114,7 @@ GAP_CAP_S = 3600.0
 """Gaps are capped at an hour, so a night's pause does not mask a loop for long."""
 MIN_GAPS = 5
 """Gaps needed before the inter-arrival variation is trusted (1.0 until then)."""
-LOOP_BUCKETS = 8
+LOOP_BUCKETS = 16
 """Prompt-size buckets of the key's sub-streams: a client stuck in a loop resends one
 prompt, so its requests form a sub-stream of one bucket that the owner's other traffic
 (spread over every bucket) hardly interleaves."""

@@ -342,7 +342,8 @@ class Scorer:
         if enforce and (plan_active.writes or plan_active.limits):
             self._write_enforcement(plan_active, limits, now)
 
-        flagged = severity_rank(shadow.severity) >= severity_rank("medium")
+        # a call refused by a limit was not served: it teaches no baseline either
+        flagged = severity_rank(shadow.severity) >= severity_rank("medium") or verdict != "allow"
         learn: list[EntityOps] = self._learning(fv, shadow, flagged)
         if detector_state is not None and self.detectors is not None:
             learn.extend(self.detectors.after(detector_state, flagged=flagged))
