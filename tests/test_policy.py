@@ -186,8 +186,11 @@ def test_credential_stuffing_and_key_sharing_fire() -> None:
     assert "credential_stuffing" in fired(fv(distinct_keys_by_ip_1h=30,
                                              auth_fail_count_by_ip_5m=30,
                                              auth_fail_ratio_by_ip_5m=0.97))
-    assert {"concurrent_locations", "key_sharing"} <= fired(fv(
-        distinct_countries_by_key_1h=20, distinct_ips_by_key_1h=60, distinct_asns_by_key_1h=30))
+    crowd = {"distinct_countries_by_key_1h": 20, "distinct_ips_by_key_1h": 60,
+             "distinct_asns_by_key_1h": 30, "known_identity_by_event": 0.0}
+    assert {"concurrent_locations", "key_sharing"} <= fired(fv(**crowd))
+    # the owner's own call (its network and client library) is not the crowd's
+    assert "key_sharing" not in fired(fv(**{**crowd, "known_identity_by_event": 1.0}))
 
 
 def test_burst_against_baseline_spares_a_shared_surge() -> None:
@@ -305,4 +308,15 @@ def test_new_hosting_network_only_on_keys_that_never_used_one() -> None:
     assert "new_network_odd_hour" not in fired(fv(**vps))
     # a key that runs from clouds anyway, or one too new to know
     assert "new_hosting_network" not in fired(fv(**{**vps, "hosting_share_by_key": 0.4}))
-    assert "new_hosting_network" not in fired(fv(**{**vps, "history_events_by_key": 50.0}))
+    assert "new_hosting_network" not in fired(fv(**{**vps, "history_events_by_key": 20.0}))
+
+
+def test_a_drain_of_huge_requests_is_throttled_a_long_document_only_alerted() -> None:
+    size = {"tokens_log_by_event": 10.4, "tokens_peak_by_key_24h": 4000.0,
+            "key_age_h_by_key": 48.0}
+    document = fired(fv(**size, tokens_vs_peak_by_key_24h=5.0))
+    assert "request_size" in document and "request_size_surge" not in document
+    assert "request_size_surge" in fired(fv(**size, tokens_vs_peak_by_key_24h=9.0))
+    # a key less than a day old is judged by the population's sizes instead
+    assert "request_size_surge" not in fired(fv(**{**size, "key_age_h_by_key": 5.0},
+                                                tokens_vs_peak_by_key_24h=9.0))

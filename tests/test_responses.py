@@ -17,6 +17,7 @@ from serving.policy.responses import (
     EscalationLadder,
     KeyContext,
     ban_writes,
+    network_is_new,
     plan_response,
 )
 from serving.policy.rules import Finding
@@ -228,3 +229,11 @@ def test_a_key_ban_spares_the_owners_established_networks() -> None:
     s.store.execute(ban_writes("key", key_id, until=banned_at + 2 * HOUR, level=None,
                                ts=at + 3, by="admin", reason="operator"))
     assert call(home, at + 4) == ("block", False)
+
+
+def test_a_lone_intruder_is_on_a_new_network_while_the_key_is_not_a_crowd() -> None:
+    vps = {"untrusted_hosting_asn_by_event": 1.0, "distinct_countries_by_key_1h": 1.0}
+    assert network_is_new(vps)
+    assert network_is_new({**vps, "distinct_countries_by_key_1h": 2.0})  # owner + intruder
+    assert not network_is_new({**vps, "distinct_countries_by_key_1h": 9.0})  # resold
+    assert not network_is_new({"untrusted_hosting_asn_by_event": 0.0})  # the key's own

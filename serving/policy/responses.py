@@ -387,17 +387,22 @@ class KeyContext:
     network: str | None = None
     """The event's network prefix (/24 or /48), reported with an address ban."""
     network_new: bool = False
-    """The event's network (ASN, prefix, or hosting ASN) was never used by the key's
-    normal traffic: the intruder's own address, which a ban can stop without the key."""
+    """The event comes from a network (ASN, prefix, or hosting ASN) the key's normal
+    traffic never used, and the key is not in use from a crowd of countries: a lone
+    intruder's own address, which a ban can stop without banning the key."""
 
 
 NEW_NETWORK_FEATURES = ("untrusted_prefix_by_event", "untrusted_network_by_event",
                         "untrusted_hosting_asn_by_event")
+LONE_INTRUDER_COUNTRIES = 2
+"""The owner's place and the intruder's: more countries within the hour is a crowd
+(a resold key), which one address's ban does not stop."""
 
 
 def network_is_new(values: dict[str, float]) -> bool:
-    """Whether the event's network is new to the key's normal traffic (`network_new`)."""
-    return any(values.get(name) for name in NEW_NETWORK_FEATURES)
+    """Whether the event is a lone intruder's, on a network new to the key (`network_new`)."""
+    crowd = values.get("distinct_countries_by_key_1h", 0.0) > LONE_INTRUDER_COUNTRIES
+    return not crowd and any(values.get(name) for name in NEW_NETWORK_FEATURES)
 
 
 def _about_one_address(f: Finding) -> bool:
