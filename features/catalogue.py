@@ -122,6 +122,7 @@ CATALOGUE: tuple[Feature, ...] = (
     _f("untrusted_prefix_by_event", "key", "novelty", "prefix", fed_by="normal"),
     _f("untrusted_ua_family_by_event", "key", "novelty", "ua_family", fed_by="normal"),
     _f("trusted_networks_by_key", "key", "distinct", "asn", fed_by="normal"),
+    _f("trusted_prefixes_by_key", "key", "distinct", "prefix", fed_by="normal"),
     _f("hour_share_by_key", "key", "profile", "hour_of_day", fed_by="normal"),
     _f("last_normal_age_s_by_key", "key", "last", "timestamp", fed_by="normal"),
     _f("known_identity_by_event", "key", "novelty", "identity", fed_by="normal"),
@@ -137,6 +138,9 @@ CATALOGUE: tuple[Feature, ...] = (
     _f("interarrival_mean_s_by_key", "key", "ewm", "gap"),
     _f("same_size_ratio_by_key", "key", "ewm", "tokens:same"),
     _f("same_prompt_ratio_by_key", "key", "ewm", "prompt_tokens:same"),
+    # a loop inside a busy key: the regularity of its prompt-size sub-stream
+    _f("loop_interarrival_cv_by_key", "key", "ewm", "gap:prompt_bucket"),
+    _f("loop_same_prompt_ratio_by_key", "key", "ewm", "prompt_tokens:same:prompt_bucket"),
     # novelty
     _f("new_endpoint_by_key", "key", "novelty", "endpoint"),
     _f("new_user_agent_by_key", "key", "novelty", "user_agent"),

@@ -119,6 +119,15 @@ GAP_CAP_S = 3600.0
 """Gaps are capped at an hour, so a night's pause does not mask a loop for long."""
 MIN_GAPS = 5
 """Gaps needed before the inter-arrival variation is trusted (1.0 until then)."""
+LOOP_BUCKETS = 16
+"""Prompt-size buckets of the key's sub-streams: a client stuck in a loop resends one
+prompt, so its requests form a sub-stream of one bucket that the owner's other traffic
+(spread over every bucket) hardly interleaves."""
+LOOP_ALPHA = 0.2
+"""Weight of one event in a sub-stream's regularity: about the last five gaps."""
+LOOP_GAP_CAP_S = 60.0
+"""Sub-stream gaps are capped at a minute, so a loop starting after a quiet spell shows
+its timer within a few dozen requests."""
 SAME_ALPHA = 0.1
 """Weight of one event in the same-size ratio: about the last 10 events."""
 WARM_EVENTS = 30
@@ -457,6 +466,7 @@ class FeatureExtractor:
         prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
         k.write(EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA)
         k.read("regularity", *_REGULARITY_GETS)
+        _loop_ops(k, ts, prompt)
         # novelty for this key
         k.read("new_endpoint", SEEN_ADD, "ep", event.endpoint, ts, ENDPOINT_CAP)
         k.read("new_user_agent", SEEN_ADD, "ua", _ua_member(event.user_agent), ts,
@@ -560,6 +570,7 @@ class FeatureExtractor:
                                                              pop["size"] if pop else None)
         first_event = key["gap_last"] is None
         _regularity_values(v, key["regularity"])
+        _loop_values(v, key["loop"])
         _novelty_flags(v, key, first_event)
         if event.prompt_tokens is not None and event.completion_tokens is not None:
             v["prompt_completion_ratio_by_event"] = (
@@ -676,6 +687,7 @@ class FeatureExtractor:
                                                    prefix is not None)
         v["untrusted_ua_family_by_event"] = untrusted(ua_ok, ua_n_f, UA_FAMILY_CAP, True)
         v["trusted_networks_by_key"] = net_n_f
+        v["trusted_prefixes_by_key"] = pfx_n_f
         total = float(h_n) if h_n else 0.0
         near = sum(float(x) for x in (h0, h1, h2) if x)
         v["hour_share_by_key"] = near / total if total > 0 else 1.0
@@ -687,6 +699,7 @@ class FeatureExtractor:
                          "ua_family": ua_family(plan.event.user_agent),
                          "net_new": not net_ok and net_n_f < NETWORK_CAP,
                          "pfx_new": not pfx_ok and pfx_n_f < PREFIX_CAP,
+                         "prefix_since": float(pfx_ok) if pfx_ok else None,
                          "ua_new": not ua_ok and ua_n_f < UA_FAMILY_CAP}
 
     # ---- learning -----------------------------------------------------------------------
@@ -700,8 +713,8 @@ class FeatureExtractor:
                                     (ident.get("pfx_new"), PREFIX_OK, ident.get("prefix")),
                                     (ident.get("ua_new"), UA_FAMILY_OK,
                                      ident.get("ua_family"))):
-            if new and member:
-                ops.append((SET, prefix + member, "1"))
+            if new and member:  # when it was learned: the owner's networks predate a leak
+                ops.append((SET, prefix + member, repr(float(ctx["timestamp"]))))
                 ops.append((INCR, prefix + "n", 1.0))
         hod = int(ctx["timestamp"] // 3600) % 24
         ops.append((INCR, HOUR_COUNT + str(hod), 1.0))
@@ -907,6 +920,27 @@ def _time_values(v: dict[str, float], ts: float) -> None:
     v["hour_of_day_cos"] = math.cos(2 * math.pi * hour / 24)
     v["day_of_week_sin"] = math.sin(2 * math.pi * day / 7)
     v["day_of_week_cos"] = math.cos(2 * math.pi * day / 7)
+
+
+def _loop_ops(k: Reads, ts: float, prompt: float) -> None:
+    """Regularity of the event's prompt-size sub-stream (one of `LOOP_BUCKETS`): gaps and
+    whether the prompt repeats the sub-stream's previous one, read back as `loop`."""
+    bucket = f"lp{int(prompt) % LOOP_BUCKETS}"
+    k.write(EWM_GAP, f"{bucket}:g", f"{bucket}:g:last", ts, LOOP_ALPHA, LOOP_GAP_CAP_S)
+    k.write(EWM_SAME, f"{bucket}:s", f"{bucket}:s:last", prompt, LOOP_ALPHA)
+    k.read("loop", GETS, 5, f"{bucket}:g:m", f"{bucket}:g:v", f"{bucket}:g:n",
+           f"{bucket}:s:m", f"{bucket}:s:n")
+
+
+def _loop_values(v: dict[str, float], res: Sequence[Any]) -> None:
+    """A runaway loop inside a busy key: the sub-stream's inter-arrival variation (1.0
+    until it has `MIN_GAPS` gaps) and how often its prompt repeats."""
+    gap_m, gap_v, gap_n, same_m, same_n = res
+    cv = 1.0
+    if gap_n is not None and float(gap_n) >= MIN_GAPS and float(gap_m) > 0:
+        cv = math.sqrt(max(float(gap_v), 0.0)) / float(gap_m)
+    v["loop_interarrival_cv_by_key"] = cv
+    v["loop_same_prompt_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
 
 
 def _lag_mean(res: list[Any], start: int, count: int) -> float | None:

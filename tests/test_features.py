@@ -367,3 +367,27 @@ def test_idle_entities_expire_from_the_memory_store() -> None:
         stream.process(event, "k_i")
     assert len(store) < 400 + 10  # about an hour of addresses, plus the key and population
     assert store.expirations > 1500
+
+
+def test_a_loop_shows_in_its_prompts_sub_stream_while_the_owner_keeps_working() -> None:
+    """The owner's own calls (varied prompts, irregular) interleave a loop resending one
+    prompt every 3 s: the key's overall gaps and consecutive prompts look ordinary, the
+    loop's prompt-size sub-stream is a timer repeating itself."""
+    rng = random.Random(7)
+    events, ts = [], T0
+    for i in range(400):
+        ts += 3.0 + rng.uniform(-0.02, 0.02)
+        events.append({"timestamp": ts, "source_ip": "81.2.69.160", "tokens": 2300,
+                       "prompt_tokens": 2000, "completion_tokens": 300, "loop": True})
+        if i % 3 == 0:  # the owner, from the same address
+            events.append({"timestamp": ts + rng.uniform(0.1, 2.8), "source_ip": "81.2.69.160",
+                           "tokens": (p := rng.randint(100, 4000)) + 200,
+                           "prompt_tokens": p, "completion_tokens": 200, "loop": False})
+    events.sort(key=lambda e: e["timestamp"])
+    fvs = run([{k: v for k, v in e.items() if k != "loop"} for e in events])
+    late = [fv.values for fv, e in zip(fvs, events, strict=True) if e["loop"]][-100:]
+    assert sum(v["loop_interarrival_cv_by_key"] < 0.3 for v in late) >= 80
+    assert sum(v["loop_same_prompt_ratio_by_key"] >= 0.9 for v in late) >= 85
+    assert all(v["interarrival_cv_by_key"] > 0.3 for v in late)  # the key's whole stream
+    owner = [fv.values for fv, e in zip(fvs, events, strict=True) if not e["loop"]][-50:]
+    assert sum(v["loop_same_prompt_ratio_by_key"] >= 0.9 for v in owner) <= 5

@@ -135,7 +135,8 @@ def test_a_rule_whose_feature_is_missing_stays_silent() -> None:
 def test_impossible_travel_needs_speed_distance_and_a_new_country() -> None:
     ctx = {"prev_country_name": "Singapore", "country_name": "Germany"}
     trip = {"geo_distance_km_by_key": 10_200.0, "geo_elapsed_s_by_key": 360.0,
-            "geo_speed_kmh_by_key": 102_000.0, "new_country_by_key": 1.0}
+            "geo_speed_kmh_by_key": 102_000.0, "new_country_by_key": 1.0,
+            "known_identity_by_event": 0.0, "trusted_prefixes_by_key": 3.0}
     f = evaluate_rules(DEFAULT.active_rules(), RuleInput(fv=fv(ctx, **trip)))
     travel = next(x for x in f if x.reason.code == "impossible_travel")
     assert travel.reason.message == "Singapore → Germany (10,200 km) in 6 min (102,000 km/h)"
@@ -149,6 +150,24 @@ def test_impossible_travel_needs_speed_distance_and_a_new_country() -> None:
     # a zero-second hop reports an infinite speed: still a finding, not a crash
     assert "impossible_travel" in fired(fv(ctx, **{**trip, "geo_elapsed_s_by_key": 0.0,
                                                    "geo_speed_kmh_by_key": math.inf}))
+
+
+def test_impossible_travel_is_weak_from_a_known_identity_or_within_a_crowd() -> None:
+    """A service moving region keeps its network and client library; on a consumer
+    app's key two far-apart events are two users: only a client library the key never
+    used makes the trip evidence there."""
+    ctx = {"prev_country_name": "Singapore", "country_name": "Germany"}
+    trip = {"geo_distance_km_by_key": 10_200.0, "geo_elapsed_s_by_key": 360.0,
+            "geo_speed_kmh_by_key": 102_000.0, "new_country_by_key": 1.0,
+            "known_identity_by_event": 0.0, "trusted_prefixes_by_key": 3.0,
+            "untrusted_ua_family_by_event": 0.0}
+    travel = {"impossible_travel", "impossible_travel_new_client"}
+    assert fired(fv(ctx, **trip)) & travel == {"impossible_travel"}
+    assert not fired(fv(ctx, **{**trip, "known_identity_by_event": 1.0})) & travel
+    crowd = {**trip, "trusted_prefixes_by_key": 256.0}
+    assert not fired(fv(ctx, **crowd)) & travel
+    assert fired(fv(ctx, **{**crowd, "untrusted_ua_family_by_event": 1.0})) & travel == {
+        "impossible_travel_new_client"}
 
 
 def test_ordinary_server_fleets_and_proxies_are_not_flagged() -> None:
@@ -167,8 +186,11 @@ def test_credential_stuffing_and_key_sharing_fire() -> None:
     assert "credential_stuffing" in fired(fv(distinct_keys_by_ip_1h=30,
                                              auth_fail_count_by_ip_5m=30,
                                              auth_fail_ratio_by_ip_5m=0.97))
-    assert {"concurrent_locations", "key_sharing"} <= fired(fv(
-        distinct_countries_by_key_1h=20, distinct_ips_by_key_1h=60, distinct_asns_by_key_1h=30))
+    crowd = {"distinct_countries_by_key_1h": 20, "distinct_ips_by_key_1h": 60,
+             "distinct_asns_by_key_1h": 30, "known_identity_by_event": 0.0}
+    assert {"concurrent_locations", "key_sharing"} <= fired(fv(**crowd))
+    # the owner's own call (its network and client library) is not the crowd's
+    assert "key_sharing" not in fired(fv(**{**crowd, "known_identity_by_event": 1.0}))
 
 
 def test_burst_against_baseline_spares_a_shared_surge() -> None:
@@ -197,17 +219,19 @@ def test_request_size_fires_far_beyond_the_days_largest_request() -> None:
 
 
 def test_runaway_loop_and_unseen_model() -> None:
-    # a synchronous loop: a few hundred requests in 5 minutes, the same prompt, answers of
-    # varying size, far above the key's own rate
-    loop = {"interarrival_cv_by_key": 0.02, "requests_count_by_key_5m": 270.0,
-            "same_size_ratio_by_key": 0.1, "same_prompt_ratio_by_key": 0.98,
-            "rate_vs_baseline_by_key_5m": 40.0}
+    # a synchronous loop: the same prompt on a timer, far above the key's own rate; judged
+    # on the prompt's sub-stream, so the owner's other traffic (the key's overall gaps
+    # irregular, its consecutive prompts mixed) does not hide it
+    loop = {"loop_interarrival_cv_by_key": 0.02, "requests_count_by_key_5m": 270.0,
+            "interarrival_cv_by_key": 0.8, "same_prompt_ratio_by_key": 0.4,
+            "loop_same_prompt_ratio_by_key": 0.98, "rate_vs_baseline_by_key_5m": 40.0}
     assert "runaway_loop" in fired(fv(**loop))
-    assert "runaway_loop" not in fired(fv(**{**loop, "interarrival_cv_by_key": 0.8}))
-    # a busy client that always runs at this pace is its own normal
+    assert "runaway_loop" not in fired(fv(**{**loop, "loop_interarrival_cv_by_key": 0.8}))
+    assert "runaway_loop" not in fired(fv(**{**loop, "loop_same_prompt_ratio_by_key": 0.5}))
+    # a busy client that always runs at this pace (a health check) is its own normal
     assert "runaway_loop" not in fired(fv(**{**loop, "rate_vs_baseline_by_key_5m": 1.5}))
-    # a health check every 5 s is metronomic and repetitive, but slow
-    assert "runaway_loop" not in fired(fv(**{**loop, "requests_count_by_key_5m": 60.0}))
+    # slower than one request every 10 seconds is not a runaway
+    assert "runaway_loop" not in fired(fv(**{**loop, "requests_count_by_key_5m": 25.0}))
     assert "unseen_model" in fired(fv(new_model_by_key=1.0, history_events_by_key=5000))
     assert "unseen_model" not in fired(fv({"key_warm": False}, new_model_by_key=1.0,
                                           history_events_by_key=5))
@@ -274,12 +298,25 @@ def test_a_running_scorer_picks_up_a_policy_change(tmp_path: Path) -> None:
     assert s.score(Event(api_key="sk-a", timestamp=t0 + 16)).decision == "throttle"
 
 
-def test_new_hosting_network_alerts_only_on_keys_that_never_used_one() -> None:
+def test_new_hosting_network_only_on_keys_that_never_used_one() -> None:
     vps = {"untrusted_hosting_asn_by_event": 1.0, "hosting_share_by_key": 0.0,
-           "history_events_by_key": 5000.0}
+           "history_events_by_key": 5000.0, "hour_share_by_key": 0.2}
     f = evaluate_rules(DEFAULT.active_rules(), RuleInput(fv=fv(**vps)))
     hits = [x for x in f if x.rule_id == "new_hosting_network"]
-    assert hits and hits[0].reason.severity == "medium"  # an alert: never throttles alone
+    # the address is throttled (a ban needs more), the owner's other traffic untouched
+    assert hits and hits[0].reason.severity == "high" and hits[0].scope == "ip"
+    assert "new_network_odd_hour" not in fired(fv(**vps))
     # a key that runs from clouds anyway, or one too new to know
     assert "new_hosting_network" not in fired(fv(**{**vps, "hosting_share_by_key": 0.4}))
-    assert "new_hosting_network" not in fired(fv(**{**vps, "history_events_by_key": 50.0}))
+    assert "new_hosting_network" not in fired(fv(**{**vps, "history_events_by_key": 20.0}))
+
+
+def test_a_drain_of_huge_requests_is_throttled_a_long_document_only_alerted() -> None:
+    size = {"tokens_log_by_event": 10.4, "tokens_peak_by_key_24h": 4000.0,
+            "key_age_h_by_key": 48.0}
+    document = fired(fv(**size, tokens_vs_peak_by_key_24h=5.0))
+    assert "request_size" in document and "request_size_surge" not in document
+    assert "request_size_surge" in fired(fv(**size, tokens_vs_peak_by_key_24h=9.0))
+    # a key less than a day old is judged by the population's sizes instead
+    assert "request_size_surge" not in fired(fv(**{**size, "key_age_h_by_key": 5.0},
+                                                tokens_vs_peak_by_key_24h=9.0))

@@ -8,8 +8,19 @@ from features.contract import Event
 from features.keys import KeyHasher
 from features.stores.base import GET, EntityOps
 from features.stores.memory import MemoryStore
+from serving.engine.decision import Reason
 from serving.engine.scorer import Scorer
-from serving.policy.responses import PERMANENT, BanState, EscalationLadder
+from serving.policy.fusion import Fusion
+from serving.policy.responses import (
+    PERMANENT,
+    BanState,
+    EscalationLadder,
+    KeyContext,
+    ban_writes,
+    network_is_new,
+    plan_response,
+)
+from serving.policy.rules import Finding
 from serving.policy.schema import parse_policy
 from tests.conftest import TEST_SECRET
 
@@ -161,3 +172,68 @@ def test_credential_stuffing_bans_the_address_not_the_keys() -> None:
     # the same key from another address is fine
     assert s.score(Event(api_key="sk-guess-5", timestamp=T0 + 9,
                          source_ip="198.51.100.4")).decision == "allow"
+
+
+def _identity_finding(code: str, feature: str) -> Finding:
+    reason = Reason(code=code, severity="critical", message=code)
+    return Finding(reason=reason, rule_id=code, group="g", scope="key", kind="rule",
+                   features=(feature,), evidence="identity")
+
+
+@pytest.mark.parametrize(("finding", "owner_active", "network_new", "scope"), [
+    # the owner is active: the intruder's address, whatever the evidence
+    (_identity_finding("odd_hour", "untrusted_hosting_asn_by_event"), True, False, "ip"),
+    # the owner is away, the intruder is one address on a network the key never used:
+    # its address is enough, and the owner's next morning is not banned
+    (_identity_finding("odd_hour", "untrusted_hosting_asn_by_event"), False, True, "ip"),
+    # the owner is away, a crowd uses the key (resale): one address's ban stops nothing
+    (_identity_finding("sharing", "distinct_countries_by_key_1h"), False, True, "key"),
+    # the owner is away, the intruder is on the key's own networks: the key
+    (_identity_finding("odd_hour", "untrusted_hosting_asn_by_event"), False, False, "key"),
+])
+def test_a_ban_lands_on_the_narrowest_scope_that_stops_the_intruder(
+        finding: Finding, owner_active: bool, network_new: bool, scope: str) -> None:
+    cfg = parse_policy("rules: []\n").responses
+    fusion = Fusion(severity="critical", score=0.97, can_block=True,
+                    drivers=[finding.reason.code], evidence=["identity"])
+    plan = plan_response(fusion, [finding], cfg, bans={}, ladder=EscalationLadder(),
+                         entities={"key": "k_1", "ip": "203.0.113.9"}, ts=T0,
+                         key=KeyContext(owner_active=owner_active, network_new=network_new))
+    assert plan.verdict == "block"
+    assert [w.scope for w in plan.writes] == [scope]
+
+
+def test_a_key_ban_spares_the_owners_established_networks() -> None:
+    """An automatic key ban lets through the prefixes the key's normal traffic used
+    `spare_established_after` before the incident began (the owner carries on), and
+    nothing else; an operator's ban stops every call."""
+    s = Scorer(store=MemoryStore(), hasher=KeyHasher(TEST_SECRET), policy=parse_policy(
+        POLICY.replace("decay_after: 2d,", "decay_after: 2d, spare_established_after: 6h,")))
+    home, recent, stranger = "81.2.69.160", "81.2.70.5", "198.51.100.7"
+    for i in range(30):  # the owner's normal traffic from home, learned
+        s.score(Event(api_key="sk-a", timestamp=T0 + i * 600, source_ip=home))
+    s.score(Event(api_key="sk-a", timestamp=T0 + 8 * HOUR, source_ip=recent))
+    s.flush()
+    key_id, banned_at = s.hasher.key_id("sk-a"), T0 + 12 * HOUR
+    s.store.execute(ban_writes("key", key_id, until=banned_at + 2 * HOUR, level=1,
+                               ts=banned_at, reason="leak", incident="identity"))
+    at = banned_at + 600
+
+    def call(ip: str, ts: float) -> tuple[str, bool]:
+        decision = s.score(Event(api_key="sk-a", timestamp=ts, source_ip=ip))
+        return decision.decision, s.check("sk-a", ip, now=ts).allowed
+
+    assert call(home, at) == ("allow", True)
+    assert call(stranger, at + 1) == ("block", False)
+    assert call(recent, at + 2) == ("block", False)  # learned 4 h before: not established
+    s.store.execute(ban_writes("key", key_id, until=banned_at + 2 * HOUR, level=None,
+                               ts=at + 3, by="admin", reason="operator"))
+    assert call(home, at + 4) == ("block", False)
+
+
+def test_a_lone_intruder_is_on_a_new_network_while_the_key_is_not_a_crowd() -> None:
+    vps = {"untrusted_hosting_asn_by_event": 1.0, "distinct_countries_by_key_1h": 1.0}
+    assert network_is_new(vps)
+    assert network_is_new({**vps, "distinct_countries_by_key_1h": 2.0})  # owner + intruder
+    assert not network_is_new({**vps, "distinct_countries_by_key_1h": 9.0})  # resold
+    assert not network_is_new({"untrusted_hosting_asn_by_event": 0.0})  # the key's own

@@ -64,10 +64,14 @@ from serving.policy.responses import (
     add_ban_reads,
     add_limit_reads,
     ban_writes,
+    learned_at,
     limit_writes,
     needs_limit_write,
+    network_is_new,
+    prefix_since_read,
     read_ban,
     read_limit,
+    spare_established,
 )
 from serving.policy.schema import Policy, PolicySource, load_policy
 
@@ -358,7 +362,10 @@ class Scorer:
         fv = self.extractor.build(plan, results)
         obs = Observed(
             key_id=key_id, ts=event.timestamp, now=now, fv=fv,
-            bans={"key": read_ban(results[0], key_ban_idx),
+            # the owner's established networks pass an automatic key ban
+            bans={"key": spare_established(read_ban(results[0], key_ban_idx),
+                                           plan.identity.get("prefix_since"),
+                                           policy.responses.bans),
                   "ip": read_ban(results[1], ip_ban_idx) if ip_ban_idx is not None
                   else BanState()},
             limits={"key": read_limit(results[0], key_lim_idx),
@@ -387,7 +394,9 @@ class Scorer:
         """What the event teaches (nothing of what was flagged), and its id's first
         decision, sent ahead of the next round trip (or before the request is answered,
         see `immediate_learning`)."""
-        flagged = severity_rank(j.shadow.severity) >= severity_rank("medium")
+        # a call refused by a limit was not served: it teaches no baseline either
+        flagged = (severity_rank(j.shadow.severity) >= severity_rank("medium")
+                   or decision.decision != "allow")
         learn: list[EntityOps] = self._learning(obs.fv, j.shadow, flagged)
         if obs.detector_state is not None and self.detectors is not None:
             learn.extend(self.detectors.after(obs.detector_state, flagged=flagged))
@@ -456,6 +465,7 @@ class Scorer:
             scopes["ip"] = requests[1]
         idx = {s: (add_ban_reads(ops), add_limit_reads(ops, "take", ts))
                for s, ops in scopes.items()}
+        since_idx = prefix_since_read(requests[0], source_ip)
         results = self._execute(requests)
         allow = self.allow_list.entries(policy.allow_list, self.hasher)
         exempt = allow.key_allowed(key_id) or allow.ip_allowed(source_ip)
@@ -465,6 +475,9 @@ class Scorer:
         limits: dict[str, LimitState] = {}
         for n, scope in enumerate(idx):
             ban = read_ban(results[n], idx[scope][0])
+            if scope == "key":  # the owner's established networks pass an automatic ban
+                ban = spare_established(ban, learned_at(results[0], since_idx),
+                                        policy.responses.bans)
             limits[scope] = read_limit(results[n], idx[scope][1])
             if scope not in enforced_scopes or not ban.active(ts):
                 continue
@@ -502,7 +515,7 @@ def key_context(fv: FeatureVector) -> KeyContext:
     return KeyContext(
         normal_per_min=expected_1h / 60.0 if expected_1h and warm else None,
         owner_active=age is not None and age < OWNER_ACTIVE_S,
-        network=fv.context.get("network"))
+        network=fv.context.get("network"), network_new=network_is_new(fv.values))
 
 
 def _ban_refusal(key_id: str, scope: str, ban: BanState, now: float) -> CheckResult:

@@ -35,10 +35,11 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from features.contract import event_time_iso
+from features.extractor import PREFIX_OK, network_prefix
 from features.keys import KeyHasher, looks_like_key_id
 from features.stores.base import GET, LIMIT, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
 from serving.engine.decision import Action
@@ -62,6 +63,9 @@ BAN_KIND = "ban:kind"
 the last automatic ban, e.g. `identity` or `attack`): a ban for another kind of incident
 starts the ladder afresh, so a key's credential-stuffing history never lengthens a ban
 for a leak, nor the other way round."""
+BAN_SINCE = "ban:since"
+"""When the current run of the ladder began (its first offence): what the owner's
+established networks are learned before (`spare_established`)."""
 PERMANENT = 1e18
 """`until` of a permanent ban (a finite number every backend stores exactly)."""
 
@@ -93,6 +97,7 @@ class BanState:
     by: str | None = None
     reason: str | None = None
     kind: str | None = None
+    since: float = 0.0
 
     def active(self, ts: float) -> bool:
         return self.until > ts
@@ -112,12 +117,13 @@ BanIdx = tuple[int, ...]
 
 def add_ban_reads(ops: EntityOps) -> BanIdx:
     return tuple(ops.add(GET, f) for f in (BAN_UNTIL, BAN_LEVEL, BAN_LAST, BAN_BY,
-                                           BAN_REASON, BAN_KIND))
+                                           BAN_REASON, BAN_KIND, BAN_SINCE))
 
 
 def read_ban(results: list[Any], idx: BanIdx) -> BanState:
     until, level, last, by, reason, *rest = (results[i] for i in idx)
     kind = rest[0] if rest else None
+    since = rest[1] if len(rest) > 1 else None
     return BanState(
         until=float(until) if until else 0.0,
         level=int(float(level)) if level else 0,
@@ -125,7 +131,33 @@ def read_ban(results: list[Any], idx: BanIdx) -> BanState:
         by=by or None,
         reason=reason or None,
         kind=kind or None,
+        since=float(since) if since else 0.0,
     )
+
+
+def prefix_since_read(ops: EntityOps, source_ip: str | None) -> int | None:
+    """Read (on the key's entity) when the address's prefix was learned from the key's
+    normal traffic, for `spare_established` in the pre-flight check."""
+    prefix = network_prefix(source_ip)
+    return ops.add(GET, PREFIX_OK + prefix) if prefix else None
+
+
+def learned_at(results: list[Any], idx: int | None) -> float | None:
+    """The time `prefix_since_read` read (older stores kept `1`: learned long ago)."""
+    value = results[idx] if idx is not None else None
+    return float(value) if value else None
+
+
+def spare_established(ban: BanState, known_since: float | None,
+                      settings: BanSettings) -> BanState:
+    """The key's ban as it applies to a call from a prefix learned `known_since`: lifted
+    for the owner's established networks (learned `spare_established_after` before the
+    ban's incident began), never for an operator's ban."""
+    after = settings.spare_established_after
+    if (after is None or known_since is None or ban.by == "admin" or not ban.since
+            or known_since > ban.since - after):
+        return ban
+    return replace(ban, until=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +211,8 @@ def ban_ops(kind: str, entity_id: str, *, until: float, level: int | None, ts: f
     if level is not None:
         ops.add(SET, BAN_LEVEL, str(level))
         ops.add(SET, BAN_LAST, repr(float(ts)))
+        if level == 1:  # a new run of the ladder: its incident begins
+            ops.add(SET, BAN_SINCE, repr(float(ts)))
         if incident:
             ops.add(SET, BAN_KIND, incident)
     ops.add(SET, BAN_BY, by)
@@ -352,6 +386,30 @@ class KeyContext:
     is recent): a ban then lands on the intruder's address, not the key."""
     network: str | None = None
     """The event's network prefix (/24 or /48), reported with an address ban."""
+    network_new: bool = False
+    """The event comes from a network (ASN, prefix, or hosting ASN) the key's normal
+    traffic never used, and the key is not in use from a crowd of countries: a lone
+    intruder's own address, which a ban can stop without banning the key."""
+
+
+NEW_NETWORK_FEATURES = ("untrusted_prefix_by_event", "untrusted_network_by_event",
+                        "untrusted_hosting_asn_by_event")
+LONE_INTRUDER_COUNTRIES = 2
+"""The owner's place and the intruder's: more countries within the hour is a crowd
+(a resold key), which one address's ban does not stop."""
+
+
+def network_is_new(values: dict[str, float]) -> bool:
+    """Whether the event is a lone intruder's, on a network new to the key (`network_new`)."""
+    crowd = values.get("distinct_countries_by_key_1h", 0.0) > LONE_INTRUDER_COUNTRIES
+    return not crowd and any(values.get(name) for name in NEW_NETWORK_FEATURES)
+
+
+def _about_one_address(f: Finding) -> bool:
+    """A finding about this event's own identity (a network, place or client), not a
+    count over the key's recent traffic (`distinct_*`: a crowd of addresses, which one
+    address's ban does not stop)."""
+    return not (f.features and f.features[0].startswith("distinct_"))
 
 
 @dataclass(slots=True)
@@ -442,9 +500,14 @@ def _ban_plan(fusion: Fusion, drivers: list[Finding], scopes: list[str], kind: s
     critical = [f for f in blocking if f.reason.severity == "critical"] or blocking
     ban_scopes = [s for s in ("key", "ip") if any(f.scope == s for f in critical)
                   and s in entities] or scopes
-    identity_only = all(f.evidence == "identity" for f in critical if f.scope == "key")
-    if "key" in ban_scopes and identity_only and key.owner_active and "ip" in entities:
-        ban_scopes = ["ip"]  # the owner carries on; the intruder's address is banned
+    on_key = [f for f in critical if f.scope == "key"]
+    identity_only = all(f.evidence == "identity" for f in on_key)
+    # the owner carries on, or the intruder is one address on a network the key never
+    # used: the intruder's address is banned, and the owner's own traffic goes on
+    one_intruder = key.network_new and all(_about_one_address(f) for f in on_key)
+    if "key" in ban_scopes and identity_only and (key.owner_active or one_intruder) \
+            and "ip" in entities:
+        ban_scopes = ["ip"]
     incident = "+".join(sorted({f.evidence for f in blocking})) or "volume"
     writes = []
     reason = ", ".join(fusion.drivers)

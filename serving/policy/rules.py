@@ -82,7 +82,9 @@ KNOWN_FEATURES: frozenset[str] = frozenset(
        "hour_share_by_key", "last_normal_age_s_by_key", "known_identity_by_event",
        "distinct_ips_in_country_by_key_1h",
        "recurring_requests_1h_by_key", "recurring_spend_usd_1h_by_key",
-       "recurring_tokens_peak_by_key", "key_age_h_by_key", "tokens_vs_population_z_by_event"]
+       "recurring_tokens_peak_by_key", "key_age_h_by_key", "tokens_vs_population_z_by_event",
+       "loop_interarrival_cv_by_key", "loop_same_prompt_ratio_by_key",
+       "trusted_prefixes_by_key"]
 )
 """Every feature a policy may name: the extractor's, including those still being added.
 A typo in a policy file is caught by `policy check` instead of silently never firing."""
@@ -449,6 +451,11 @@ class TravelSpeedParams(Params):
     alternating between known places is not flagged on every event."""
     key_warm: bool | None = None
     """True: only keys with a learned pattern (a leaked key is one somebody used)."""
+    min: dict[str, float] = Field(default_factory=dict)
+    """Other features that must be at least these values."""
+    max: dict[str, float] = Field(default_factory=dict)
+    """Other features that must be at most these values (e.g. no known identity: a
+    service moving region keeps its network and client library)."""
 
 
 class TravelSpeedRule(RuleBase):
@@ -464,12 +471,15 @@ class TravelSpeedRule(RuleBase):
         "geo_speed_kmh_by_key", "geo_distance_km_by_key", "geo_elapsed_s_by_key")
 
     def features(self) -> tuple[str, ...]:
-        return (*self.FEATURES, "new_country_by_key") if self.params.require_new_country \
+        p = self.params
+        own = (*self.FEATURES, "new_country_by_key") if p.require_new_country \
             else self.FEATURES
+        return (*own, *p.min, *p.max)
 
     def template_fields(self) -> dict[str, Any]:
         return {"value": 1.0, "km": 1.0, "minutes": 1.0, "speed_kmh": 1.0, "origin": "x",
-                "destination": "x", "max_speed_kmh": 1.0, "min_distance_km": 1.0}
+                "destination": "x", "max_speed_kmh": 1.0, "min_distance_km": 1.0,
+                **{f: 1.5 for f in (*self.params.min, *self.params.max)}}
 
     def check(self, inp: RuleInput) -> dict[str, Any] | None:
         fv, p = inp.fv, self.params
@@ -482,7 +492,8 @@ class TravelSpeedRule(RuleBase):
             speed = km / max(elapsed, 1.0) * 3600.0
         if speed <= p.max_speed_kmh:
             return None
-        if p.key_warm is not None and bool(fv.context.get("key_warm")) != p.key_warm:
+        cond = _conditions(fv, p.min, p.max, p.key_warm)
+        if cond is None:
             return None
         if p.require_new_country:
             new = _num(fv, "new_country_by_key")
@@ -493,7 +504,8 @@ class TravelSpeedRule(RuleBase):
         destination = ctx.get("country_name") or ctx.get("country") or "unknown"
         return {"value": speed, "km": km, "minutes": elapsed / 60.0, "speed_kmh": speed,
                 "origin": origin, "destination": destination,
-                "max_speed_kmh": p.max_speed_kmh, "min_distance_km": p.min_distance_km}
+                "max_speed_kmh": p.max_speed_kmh, "min_distance_km": p.min_distance_km,
+                **cond}
 
 
 class ModelScoreParams(Params):

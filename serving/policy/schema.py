@@ -113,6 +113,11 @@ class BanSettings(_Strict):
     the ladder (and a tier's `perm_ban`) becomes the longest finite ban."""
     decay_after: float = 7 * 86400
     """Each clean period this long since the last ban forgives one step of the ladder."""
+    spare_established_after: float | None = None
+    """A key's automatic ban still lets through calls from the address prefixes (/24,
+    /48) its normal traffic used at least this long before the ban's incident began:
+    the owner's own networks, learned before any intruder's. None: a key ban stops
+    every call. An operator's ban always stops every call."""
 
     @field_validator("ladder", mode="before")
     @classmethod
@@ -127,6 +132,16 @@ class BanSettings(_Strict):
         seconds = parse_duration(value)
         if seconds == PERMANENT_S:
             raise ValueError("decay_after must be finite")
+        return seconds
+
+    @field_validator("spare_established_after", mode="before")
+    @classmethod
+    def _spare(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        seconds = parse_duration(value)
+        if seconds == PERMANENT_S:
+            raise ValueError("spare_established_after must be finite")
         return seconds
 
 
