@@ -152,16 +152,26 @@ def recurring(stamps: np.ndarray, values: np.ndarray, stamp_h: int) -> float:
 @njit(cache=True)
 def _hour_max(stamps: np.ndarray, values: np.ndarray, stamp: int) -> float:
     """The largest of the hour and its neighbours (buckets are never negative)."""
-    return max(ring_get(stamps, values, stamp - 1), ring_get(stamps, values, stamp),
-               ring_get(stamps, values, stamp + 1))
+    size = stamps.shape[0]
+    slot = (stamp - 1) % size
+    m = 0.0
+    for h in range(stamp - 1, stamp + 2):
+        if stamps[slot] == h:
+            m = max(m, values[slot])
+        slot = slot + 1 if slot + 1 < size else 0
+    return m
 
 
 @njit(cache=True)
 def past_day_max(stamps: np.ndarray, values: np.ndarray, stamp_h: int) -> float:
     """Largest bucket of the 23 hours that ended at least an hour ago (0 if none)."""
+    size = stamps.shape[0]
+    slot = (stamp_h - 2) % size
     m = 0.0
     for h in range(stamp_h - 2, stamp_h - 25, -1):
-        m = max(m, ring_get(stamps, values, h))
+        if stamps[slot] == h:
+            m = max(m, values[slot])
+        slot = slot - 1 if slot > 0 else size - 1
     return m
 
 
