@@ -245,6 +245,7 @@ def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndar
     per entity and field, then each window's whole and edge buckets
     (`twin_kernels.tiled_window`)."""
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    buckets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for ring in rings:
         if ring.field not in sums:  # running sums restart with each entity
             amount = amounts[ring.field]
@@ -252,8 +253,9 @@ def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndar
             sums[ring.field] = cum, cum - amount
         cum, before = sums[ring.field]
         b = ring.bucket_s
-        stamp = (ts // b).astype(np.int64)
-        frac = 1.0 - (ts % b) / b
+        if b not in buckets:  # each event's bucket, and the share of it still ahead
+            buckets[b] = (ts // b).astype(np.int64), 1.0 - (ts % b) / b
+        stamp, frac = buckets[b]
         for name, n in ring.windows:
             tk.tiled_window(group, stamp, cum, before, frac, n, rows, out, _COL[name])
 
@@ -272,8 +274,9 @@ class KernelInputs:
 
 def _kernel_inputs(cols: EventColumns, ev: Derived, out: np.ndarray) -> KernelInputs:
     n = len(cols)
-    ei = np.full((n, tk.N_INT), -1, dtype=np.int64)
-    ef = np.zeros((n, tk.N_FLOAT))
+    # one column after the other (filled column-wise), read row by row by the kernels
+    ei = np.full((tk.N_INT, n), -1, dtype=np.int64).T
+    ef = np.zeros((tk.N_FLOAT, n)).T
     k, ip = ev.key, ev.ip
     keys = int(k.max()) + 1 if n else 0
     ips = int(ip.max()) + 1 if n else 0
