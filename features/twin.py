@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from features import twin_kernels as tk
-from features.catalogue import CATALOGUE, FEATURE_NAMES, RingRead, ring_reads
+from features.catalogue import FEATURE_NAMES, RingRead, ring_reads
 from features.extractor import (
     ASN_CAP,
     COUNTRY_CAP,
@@ -63,21 +63,15 @@ from features.pricing import PER_MILLION, PriceTable
 from features.twin_prep import Coded, EventColumns, event_columns
 from features.windows import HOUR_RING_SIZE
 
-CHUNK = 4096
+CHUNK = 65_536
 """Events per compiled call: the progress bar moves once per chunk."""
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
-_NUMPY_COLUMNS = np.zeros(len(FEATURE_NAMES), dtype=bool)
-"""Columns computed column-wise (windowed counters, their ratios, the event's own
-values); the compiled pass computes the others."""
 _RATIOS = (
     ("failure_ratio_by_key_5m", "errors_count_by_key_5m", "requests_count_by_key_5m"),
     ("auth_fail_ratio_by_key_5m", "auth_fail_count_by_key_5m", "requests_count_by_key_5m"),
     ("auth_fail_ratio_by_ip_5m", "auth_fail_count_by_ip_5m", "requests_count_by_ip_5m"),
 )
 """Ratios of two windowed counters (0 when the denominator is)."""
-for _f in CATALOGUE:
-    _NUMPY_COLUMNS[_COL[_f.name]] = (_f.windowed or _f.entity == "event"
-                                     or _f.name in {r[0] for r in _RATIOS})
 
 
 def twin_features(
@@ -116,14 +110,10 @@ def twin_features(
         bar.set_postfix_str("baselines, sets, places")
         inputs = _kernel_inputs(cols, ev, out)
         state = _State.empty(inputs)
-        kernel_cols = np.flatnonzero(~_NUMPY_COLUMNS)
-        rows = np.zeros((min(CHUNK, n), len(FEATURE_NAMES)))  # one event a row
         for start in range(0, n, CHUNK):
             stop = min(start + CHUNK, n)
-            rows[:] = 0.0
             tk.run(inputs.ei, inputs.ef, mask, start, stop, *state.arrays(),
-                   (ex.ewm_alpha, ex.how_alpha), rows)
-            tk.scatter_rows(rows, out, start, stop, kernel_cols)
+                   (ex.ewm_alpha, ex.how_alpha), out[start:stop])
             bar.update(stop - start)
     return pd.DataFrame(out, columns=list(FEATURE_NAMES), index=df.index, copy=False)
 

@@ -567,16 +567,6 @@ def run(ei: np.ndarray, ef: np.ndarray, learned: np.ndarray, start: int, stop: i
 
 
 @njit(cache=True)
-def scatter_rows(rows: np.ndarray, out: np.ndarray, start: int, stop: int,
-                 cols: np.ndarray) -> None:
-    """Copy the compiled pass's columns of events start..stop-1 from its row buffer
-    (one event a row) into the column-wise output."""
-    for c in cols:
-        for i in range(stop - start):
-            out[start + i, c] = rows[i, c]
-
-
-@njit(cache=True)
 def tiled_window(group: np.ndarray, stamp: np.ndarray, cum: np.ndarray, before: np.ndarray,
                  frac: np.ndarray, n: int, rows: np.ndarray, out: np.ndarray,
                  col: int) -> None:
