@@ -265,7 +265,7 @@ class KernelInputs:
 def _kernel_inputs(cols: EventColumns, ev: Derived, out: np.ndarray) -> KernelInputs:
     n = len(cols)
     # one column after the other (filled column-wise), read row by row by the kernels
-    ei = np.full((tk.N_INT, n), -1, dtype=np.int64).T
+    ei = np.empty((tk.N_INT, n), dtype=np.int64).T  # every column is written below
     ef = np.zeros((tk.N_FLOAT, n)).T
     k, ip = ev.key, ev.ip
     keys = int(k.max()) + 1 if n else 0
