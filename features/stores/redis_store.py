@@ -29,11 +29,15 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
     GETS,
     INCR,
     LIMIT,
+    LOG_APPEND,
+    LOG_READ,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -49,7 +53,8 @@ from features.stores.base import (
     StoreError,
 )
 
-_ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
+_ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS, CLAIM,
+                       REMEMBER, LOG_APPEND, LOG_READ))
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
 _LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD, LIMIT))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
@@ -182,14 +187,7 @@ class RedisStore(StateStore):
         """
         packed = [pack_evalsha(script.sha, keys, argv) for keys, argv in calls]
         try:
-            replies = self._round_trip(packed)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:
-                self.client.script_load(script.text)
-                self.round_trips += 1
-                for i, reply in zip(missing, self._round_trip([packed[i] for i in missing]),
-                                    strict=True):
-                    replies[i] = reply
+            replies = self._run_on(self.client, script, packed)
             for reply in replies:
                 if isinstance(reply, ResponseError):
                     raise reply
@@ -202,10 +200,23 @@ class RedisStore(StateStore):
             raise error from exc
         return replies
 
-    def _round_trip(self, packed: list[bytes]) -> list[Any]:
+    def _run_on(self, client: redis.Redis, script: LuaScript, packed: list[bytes]) -> list[Any]:
+        """One round trip to one server, loading the script if it says NOSCRIPT; the
+        replies, errors included (the caller decides what an error means)."""
+        replies = self._round_trip(packed, client)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            client.script_load(script.text)
+            self.round_trips += 1
+            for i, reply in zip(missing, self._round_trip([packed[i] for i in missing], client),
+                                strict=True):
+                replies[i] = reply
+        return replies
+
+    def _round_trip(self, packed: list[bytes], client: redis.Redis | None = None) -> list[Any]:
         """Write the packed commands at once, then read every reply (errors included, so
         the connection stays in step); retried like redis-py retries a pipeline."""
-        pool = self.client.connection_pool
+        pool = (client or self.client).connection_pool
         conn = pool.get_connection()
         command = b"".join(packed)
         count = len(packed)
@@ -242,6 +253,15 @@ class RedisStore(StateStore):
                                if isinstance(value, list) else [])
             elif value is False or value is None:
                 results.append(None)
+            elif code == CLAIM:
+                results.append(value)
+            elif code == LOG_APPEND:
+                results.append(int(value))
+            elif code == LOG_READ:
+                log_id, head, entries = value
+                results.append([log_id or None, int(head),
+                                [[int(q), e] for q, e in entries]
+                                if isinstance(entries, list) else []])
             elif code in _FLOAT_OPS:
                 results.append(float(value))
             elif code in _ZSET_OPS:

@@ -92,16 +92,90 @@ end
 local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
   ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
   gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1, limit = 1}
+  budget_add = 1, limit = 1, claim = 1, remember = 1, log_append = 1, log_read = 1,
+  decay_add = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
   end
 end
 
+-- an idempotency claim (first op only): a token still claimed applies nothing
+local first = ops[1]
+if first and first[1] == 'claim' then
+  local zk, token = zkeys[first[2]], first[3]
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', string.format('%.17g', first[5]),
+    'LIMIT', 0, 64)
+  if #old > 0 then
+    local fields = {}
+    for j = 1, #old do fields[j] = '_c:' .. old[j] end
+    redis.call('HDEL', h, unpack(fields))
+    redis.call('ZREM', zk, unpack(old))
+  end
+  if redis.call('ZSCORE', zk, token) then
+    local res = {redis.call('HGET', h, '_c:' .. token) or ''}
+    for j = 2, #ops do res[j] = false end
+    return cjson.encode(res)
+  end
+  redis.call('ZADD', zk, string.format('%.17g', first[4]), token)
+end
+
 for _, op in ipairs(ops) do
   local code = op[1]
-  if code == 'get' then
+  if code == 'claim' then
+    out[#out + 1] = false
+  elseif code == 'remember' then
+    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then
+      redis.call('HSET', h, '_c:' .. op[3], op[4])
+    end
+    out[#out + 1] = false
+  elseif code == 'log_append' then
+    local name, zk = op[2], zkeys[op[2]]
+    redis.call('HSETNX', h, name .. ':id', op[5])
+    local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
+    redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
+    cap_z(zk, op[4])
+    out[#out + 1] = string.format('%d', seq)
+  elseif code == 'decay_add' then
+    -- mergeable decayed sums "T|v1,...": decay both to max(T, ts), add
+    local ts, hl, d = tonumber(op[3]), op[4], op[5]
+    local held = redis.call('HGET', h, op[2])
+    local t0, v = 0, nil
+    if held then
+      local bar = string.find(held, '|', 1, true)
+      if bar then
+        t0 = tonumber(string.sub(held, 1, bar - 1))
+        v = {}
+        for x in string.gmatch(string.sub(held, bar + 1), '[^,]+') do v[#v + 1] = tonumber(x) end
+        if #v ~= #d then t0, v = 0, nil end
+      end
+    end
+    local t1 = math.max(t0, ts)
+    local parts = {}
+    for j = 1, #d do
+      local a, b, hj = 0, d[j], hl[j]
+      if v and hj >= 0 then a = v[j] end
+      if hj > 0 then
+        if v and t1 > t0 then a = a * 0.5 ^ ((t1 - t0) / hj) end
+        if t1 > ts then b = b * 0.5 ^ ((t1 - ts) / hj) end
+      end
+      parts[j] = string.format('%.17g', a + b)
+    end
+    redis.call('HSET', h, op[2], string.format('%.17g', t1) .. '|' .. table.concat(parts, ','))
+    out[#out + 1] = false
+  elseif code == 'log_read' then
+    local name = op[2]
+    local held = redis.call('HMGET', h, name .. ':id', name .. ':seq')
+    local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
+      '+inf', 'LIMIT', 0, op[4])
+    local entries = {}
+    for j = 1, #raw do
+      local bar = string.find(raw[j], '|', 1, true)
+      entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
+    end
+    if #entries == 0 then entries = false end
+    out[#out + 1] = {held[1] or false, held[2] or '0', entries}
+  elseif code == 'get' then
     out[#out + 1] = redis.call('HGET', h, op[2])
   elseif code == 'set' then
     redis.call('HSET', h, op[2], num(op[3]))
