@@ -256,7 +256,6 @@ DISTINCT_CAP, COUNTRY_IPS_CAP = 512, 64
 ENDPOINT_CAP, USER_AGENT_CAP, MODEL_CAP, COUNTRY_CAP, ASN_CAP = 256, 64, 64, 64, 128
 NETWORK_CAP, PREFIX_CAP, UA_FAMILY_CAP = 64, 256, 32
 GAP_ALPHA, GAP_CAP_S, MIN_GAPS, SAME_ALPHA = 0.1, 3600.0, 5.0, 0.1
-ALL_TIME_S = 1e12
 MIN_TRAVEL_ELAPSED_S = 60.0
 SIZE_PEAK_FLOOR_TOKENS, SPEND_BASELINE_FLOOR_USD = 256.0, 0.10
 POP_SIZE_MIN_N, NEVER_S = 100.0, 1e9
@@ -291,7 +290,7 @@ def key_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.n
                                            (I_S_ASN, I_ASN, ASN_CAP, O_NEW_ASN, O_ASN_1H)):
         s = ei[i, s_col]
         if ei[i, m_col] >= 0:
-            before = set_count(off, size, tim, s, ts, ALL_TIME_S)
+            before = size[s]  # RECENT_COUNT over all time: every member
             new = set_add(off, size, mem, tim, oldest, s, ei[i, m_col], ts, 0.0, cap)[0]
             o[o_new] = 1.0 if before > 0 and new else 0.0
             if m_col == I_COUNTRY:
