@@ -98,7 +98,10 @@ def twin_features(
     n = len(cols)
     if n and np.any(np.diff(cols.ts) < 0):
         raise ValueError("events must be in time order (sort by timestamp first)")
-    mask = np.broadcast_to(np.asarray(learned, dtype=bool), (n,)).copy()
+    flags = np.asarray(learned, dtype=bool)
+    if flags.ndim and len(flags) != n:
+        raise ValueError(f"learned has {len(flags)} flags for {n} events")
+    mask = np.broadcast_to(flags, (n,)).copy()
     out = np.zeros((n, len(FEATURE_NAMES)), order="F")  # column-wise: one feature a column
     with tqdm(total=n, disable=not progress, desc="features", unit="ev",
               unit_scale=True) as bar:
