@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from features import twin_kernels as tk
-from features.catalogue import CATALOGUE, FEATURE_NAMES, RingRead, ring_reads
+from features.catalogue import FEATURE_NAMES, RingRead, ring_reads
 from features.extractor import (
     ASN_CAP,
     COUNTRY_CAP,
@@ -63,21 +63,15 @@ from features.pricing import PER_MILLION, PriceTable
 from features.twin_prep import Coded, EventColumns, event_columns
 from features.windows import HOUR_RING_SIZE
 
-CHUNK = 4096
+CHUNK = 65_536
 """Events per compiled call: the progress bar moves once per chunk."""
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
-_NUMPY_COLUMNS = np.zeros(len(FEATURE_NAMES), dtype=bool)
-"""Columns computed column-wise (windowed counters, their ratios, the event's own
-values); the compiled pass computes the others."""
 _RATIOS = (
     ("failure_ratio_by_key_5m", "errors_count_by_key_5m", "requests_count_by_key_5m"),
     ("auth_fail_ratio_by_key_5m", "auth_fail_count_by_key_5m", "requests_count_by_key_5m"),
     ("auth_fail_ratio_by_ip_5m", "auth_fail_count_by_ip_5m", "requests_count_by_ip_5m"),
 )
 """Ratios of two windowed counters (0 when the denominator is)."""
-for _f in CATALOGUE:
-    _NUMPY_COLUMNS[_COL[_f.name]] = (_f.windowed or _f.entity == "event"
-                                     or _f.name in {r[0] for r in _RATIOS})
 
 
 def twin_features(
@@ -104,7 +98,10 @@ def twin_features(
     n = len(cols)
     if n and np.any(np.diff(cols.ts) < 0):
         raise ValueError("events must be in time order (sort by timestamp first)")
-    mask = np.broadcast_to(np.asarray(learned, dtype=bool), (n,)).copy()
+    flags = np.asarray(learned, dtype=bool)
+    if flags.ndim and len(flags) != n:
+        raise ValueError(f"learned has {len(flags)} flags for {n} events")
+    mask = np.broadcast_to(flags, (n,)).copy()
     out = np.zeros((n, len(FEATURE_NAMES)), order="F")  # column-wise: one feature a column
     with tqdm(total=n, disable=not progress, desc="features", unit="ev",
               unit_scale=True) as bar:
@@ -116,14 +113,10 @@ def twin_features(
         bar.set_postfix_str("baselines, sets, places")
         inputs = _kernel_inputs(cols, ev, out)
         state = _State.empty(inputs)
-        kernel_cols = np.flatnonzero(~_NUMPY_COLUMNS)
-        rows = np.zeros((min(CHUNK, n), len(FEATURE_NAMES)))  # one event a row
         for start in range(0, n, CHUNK):
             stop = min(start + CHUNK, n)
-            rows[:] = 0.0
             tk.run(inputs.ei, inputs.ef, mask, start, stop, *state.arrays(),
-                   (ex.ewm_alpha, ex.how_alpha), rows)
-            tk.scatter_rows(rows, out, start, stop, kernel_cols)
+                   (ex.ewm_alpha, ex.how_alpha), out[start:stop])
             bar.update(stop - start)
     return pd.DataFrame(out, columns=list(FEATURE_NAMES), index=df.index, copy=False)
 
@@ -245,6 +238,7 @@ def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndar
     per entity and field, then each window's whole and edge buckets
     (`twin_kernels.tiled_window`)."""
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    buckets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for ring in rings:
         if ring.field not in sums:  # running sums restart with each entity
             amount = amounts[ring.field]
@@ -252,8 +246,9 @@ def _entity_windows(out: np.ndarray, rings: tuple[RingRead, ...], group: np.ndar
             sums[ring.field] = cum, cum - amount
         cum, before = sums[ring.field]
         b = ring.bucket_s
-        stamp = (ts // b).astype(np.int64)
-        frac = 1.0 - (ts % b) / b
+        if b not in buckets:  # each event's bucket, and the share of it still ahead
+            buckets[b] = (ts // b).astype(np.int64), 1.0 - (ts % b) / b
+        stamp, frac = buckets[b]
         for name, n in ring.windows:
             tk.tiled_window(group, stamp, cum, before, frac, n, rows, out, _COL[name])
 
@@ -272,8 +267,9 @@ class KernelInputs:
 
 def _kernel_inputs(cols: EventColumns, ev: Derived, out: np.ndarray) -> KernelInputs:
     n = len(cols)
-    ei = np.full((n, tk.N_INT), -1, dtype=np.int64)
-    ef = np.zeros((n, tk.N_FLOAT))
+    # one column after the other (filled column-wise), read row by row by the kernels
+    ei = np.empty((tk.N_INT, n), dtype=np.int64).T  # every column is written below
+    ef = np.zeros((tk.N_FLOAT, n)).T
     k, ip = ev.key, ev.ip
     keys = int(k.max()) + 1 if n else 0
     ips = int(ip.max()) + 1 if n else 0

@@ -152,16 +152,26 @@ def recurring(stamps: np.ndarray, values: np.ndarray, stamp_h: int) -> float:
 @njit(cache=True)
 def _hour_max(stamps: np.ndarray, values: np.ndarray, stamp: int) -> float:
     """The largest of the hour and its neighbours (buckets are never negative)."""
-    return max(ring_get(stamps, values, stamp - 1), ring_get(stamps, values, stamp),
-               ring_get(stamps, values, stamp + 1))
+    size = stamps.shape[0]
+    slot = (stamp - 1) % size
+    m = 0.0
+    for h in range(stamp - 1, stamp + 2):
+        if stamps[slot] == h:
+            m = max(m, values[slot])
+        slot = slot + 1 if slot + 1 < size else 0
+    return m
 
 
 @njit(cache=True)
 def past_day_max(stamps: np.ndarray, values: np.ndarray, stamp_h: int) -> float:
     """Largest bucket of the 23 hours that ended at least an hour ago (0 if none)."""
+    size = stamps.shape[0]
+    slot = (stamp_h - 2) % size
     m = 0.0
     for h in range(stamp_h - 2, stamp_h - 25, -1):
-        m = max(m, ring_get(stamps, values, h))
+        if stamps[slot] == h:
+            m = max(m, values[slot])
+        slot = slot - 1 if slot > 0 else size - 1
     return m
 
 
@@ -246,7 +256,6 @@ DISTINCT_CAP, COUNTRY_IPS_CAP = 512, 64
 ENDPOINT_CAP, USER_AGENT_CAP, MODEL_CAP, COUNTRY_CAP, ASN_CAP = 256, 64, 64, 64, 128
 NETWORK_CAP, PREFIX_CAP, UA_FAMILY_CAP = 64, 256, 32
 GAP_ALPHA, GAP_CAP_S, MIN_GAPS, SAME_ALPHA = 0.1, 3600.0, 5.0, 0.1
-ALL_TIME_S = 1e12
 MIN_TRAVEL_ELAPSED_S = 60.0
 SIZE_PEAK_FLOOR_TOKENS, SPEND_BASELINE_FLOOR_USD = 256.0, 0.10
 POP_SIZE_MIN_N, NEVER_S = 100.0, 1e9
@@ -281,7 +290,7 @@ def key_sets(i: int, ei: np.ndarray, ef: np.ndarray, off: np.ndarray, size: np.n
                                            (I_S_ASN, I_ASN, ASN_CAP, O_NEW_ASN, O_ASN_1H)):
         s = ei[i, s_col]
         if ei[i, m_col] >= 0:
-            before = set_count(off, size, tim, s, ts, ALL_TIME_S)
+            before = size[s]  # RECENT_COUNT over all time: every member
             new = set_add(off, size, mem, tim, oldest, s, ei[i, m_col], ts, 0.0, cap)[0]
             o[o_new] = 1.0 if before > 0 and new else 0.0
             if m_col == I_COUNTRY:
@@ -554,16 +563,6 @@ def run(ei: np.ndarray, ef: np.ndarray, learned: np.ndarray, start: int, stop: i
         if learned[i]:
             learn(i, ei, ef, kew, how, kc, ks, rr_s, rr_v, nr_s, nr_v, flags, psz, new,
                   trusted_ts, alphas, o)
-
-
-@njit(cache=True)
-def scatter_rows(rows: np.ndarray, out: np.ndarray, start: int, stop: int,
-                 cols: np.ndarray) -> None:
-    """Copy the compiled pass's columns of events start..stop-1 from its row buffer
-    (one event a row) into the column-wise output."""
-    for c in cols:
-        for i in range(stop - start):
-            out[start + i, c] = rows[i, c]
 
 
 @njit(cache=True)

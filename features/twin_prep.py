@@ -10,6 +10,7 @@ refuses a bad frame with a `ValueError` naming the first bad row and field.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.contract import MAX_EVENT_TIME, MIN_EVENT_TIME, parse_timestamp
+from features.contract import (
+    MAX_EVENT_TIME,
+    MAX_FUTURE_SKEW_S,
+    MIN_EVENT_TIME,
+    parse_timestamp,
+)
 from features.keys import KeyHasher
 
 
@@ -127,16 +133,40 @@ def _key_ids(df: pd.DataFrame, hasher: KeyHasher | None, column: str | None) -> 
 def _timestamps(df: pd.DataFrame) -> np.ndarray:
     if "timestamp" not in df.columns:
         raise ValueError("the frame has no timestamp column")
-    col = df["timestamp"]
-    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        ts = col.to_numpy(dtype=np.float64)
-    else:
-        ts = np.array([_one_timestamp(pos, t) for pos, t in enumerate(col)], dtype=np.float64)
+    ts = epoch_seconds(df["timestamp"])
     bad = ~((ts >= MIN_EVENT_TIME) & (ts < MAX_EVENT_TIME))
     if bad.any():
         raise ValueError(f"row {int(np.argmax(bad))}: timestamp {ts[np.argmax(bad)]!r} is "
                          "outside 2000-01-01 to 2100-01-01 UTC")
+    future = ts > time.time() + MAX_FUTURE_SKEW_S
+    if future.any():
+        raise ValueError(f"row {int(np.argmax(future))}: timestamp is more than a day in "
+                         "the future")
     return ts
+
+
+def epoch_seconds(column: pd.Series) -> np.ndarray:
+    """Event times as epoch seconds, exactly as `parse_timestamp` reads each one: RFC 3339
+    strings are parsed column-wise (to the microsecond, then divided, as Python's
+    datetime does) when a sample agrees with `parse_timestamp`, else one by one."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        return column.to_numpy(dtype=np.float64)
+    out = None
+    try:
+        if not pd.api.types.is_string_dtype(column):
+            raise TypeError("not all text")
+        parsed = pd.to_datetime(column, utc=True, format="ISO8601")
+        out = parsed.dt.as_unit("us").astype("int64").to_numpy() / 1e6
+    except (ValueError, TypeError, OverflowError):
+        pass
+    if out is not None:
+        sample = np.random.default_rng(0).choice(len(column), min(len(column), 2000),
+                                                 replace=False)
+        if all(_one_timestamp(int(i), column.iloc[i]) == out[i] for i in sample):
+            return out
+    one_by_one = [_one_timestamp(pos, t) if not isinstance(t, float) else t
+                  for pos, t in enumerate(column)]
+    return np.array(one_by_one, dtype=np.float64)
 
 
 def _one_timestamp(pos: int, value: Any) -> float:
@@ -208,6 +238,8 @@ _BAD = object()
 def _one_string(value: Any, ints_as_text: bool) -> Any:
     if ints_as_text and isinstance(value, int | np.integer) and not isinstance(value, bool):
         return str(value)
+    if ints_as_text and isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a number column with gaps: pandas holds it as floats
     return value.strip() if isinstance(value, str) else _BAD
 
 

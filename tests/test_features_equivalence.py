@@ -205,3 +205,13 @@ def test_twin_refuses_events_out_of_order_and_names_a_bad_row() -> None:
     bad.loc[2, "source_ip"] = "not-an-address"
     with pytest.raises(ValueError, match="row 2: source_ip"):
         twin_features(bad, hasher=hasher)
+    bad = frame.copy()
+    bad["timestamp"] = bad["timestamp"].astype(object)
+    bad.loc[1, "timestamp"] = "yesterday"
+    with pytest.raises(ValueError, match="row 1: timestamp"):
+        twin_features(bad, hasher=hasher)
+    bad = frame.copy()
+    bad.loc[2, "timestamp"] = 4e9  # 2096: more than a day ahead of any clock now
+    with pytest.raises(ValueError, match="row 2: timestamp is more than a day in the future"):
+        twin_features(bad, hasher=hasher)
+    assert twin_features(frame.iloc[:0], hasher=hasher).shape == (0, len(FEATURE_NAMES))

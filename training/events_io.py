@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.contract import parse_timestamp
 from features.keys import KeyHasher
+from features.twin_prep import epoch_seconds
 
 
 def load_events(path: Path, *, hasher: KeyHasher | None = None,
@@ -84,27 +84,3 @@ def _read_jsonl_lines(f: Path) -> pd.DataFrame:
                     break  # a torn last line after a crash
                 raise ValueError(f"{f}:{n}: not valid JSON") from None
     return pd.DataFrame(rows)
-
-
-def epoch_seconds(column: pd.Series) -> np.ndarray:
-    """Event times as epoch seconds, exactly as `parse_timestamp` reads each one: RFC 3339
-    strings are parsed column-wise (to the microsecond, then divided, as Python's
-    datetime does) when a sample agrees with `parse_timestamp`, else one by one."""
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        return column.to_numpy(dtype=np.float64)
-    out = None
-    try:
-        if not pd.api.types.is_string_dtype(column):
-            raise TypeError("not all text")
-        parsed = pd.to_datetime(column, utc=True, format="ISO8601")
-        out = parsed.dt.as_unit("us").astype("int64").to_numpy() / 1e6
-    except (ValueError, TypeError, OverflowError):
-        pass
-    if out is not None:
-        sample = np.random.default_rng(0).choice(len(column), min(len(column), 2000),
-                                                 replace=False)
-        if all(parse_timestamp(column.iloc[i], now=float("inf")) == out[i] for i in sample):
-            return out
-    one_by_one = [parse_timestamp(t, now=float("inf")) if not isinstance(t, float) else t
-                  for t in column]
-    return np.array(one_by_one, dtype=np.float64)
