@@ -392,8 +392,8 @@ class _State:
         cap = inputs.set_capacity
         total = int(cap.sum())
         return cls(
-            kew=np.zeros((keys, 7, 3)), how=np.zeros((keys, 168, 3)),
-            kc=np.zeros((keys, tk.C_HOUR0 + 24)), ks=np.full((keys, 11), np.nan),
+            kew=np.zeros((keys, tk.N_EWM, 3)), how=np.zeros((keys, 168, 3)),
+            kc=np.zeros((keys, tk.C_HOUR0 + 24)), ks=np.full((keys, tk.N_SCALAR), np.nan),
             rr_s=np.full((keys, 3, RECUR_RING_SIZE), -1, np.int64),
             rr_v=np.zeros((keys, 3, RECUR_RING_SIZE)),
             nr_s=np.full((keys, 2, HOUR_RING_SIZE), -1, np.int64),

@@ -194,8 +194,15 @@ N_INT = 26
 N_FLOAT = 11
 # the key's EWMs (kew) and scalars (ks, NaN = never written) and counts (kc)
 E_TOK, E_LAT, E_RATE, E_HOST, E_GAP, E_SAME, E_PSAME = range(7)
+LOOP_BUCKETS = 16
+E_LOOP_GAP = 7  # then LOOP_BUCKETS gap EWMs, then LOOP_BUCKETS same-prompt EWMs
+E_LOOP_SAME = E_LOOP_GAP + LOOP_BUCKETS
+N_EWM = E_LOOP_SAME + LOOP_BUCKETS
 (S_GAP_LAST, S_SAME_LAST, S_PSAME_LAST, S_LAST_NORMAL, S_FIRST, S_GEO_LAT, S_GEO_LON,
  S_GEO_TS, S_TGEO_LAT, S_TGEO_LON, S_TGEO_TS) = range(11)
+S_LOOP_GAP_LAST = 11  # then LOOP_BUCKETS gap clocks, then LOOP_BUCKETS last prompts
+S_LOOP_SAME_LAST = S_LOOP_GAP_LAST + LOOP_BUCKETS
+N_SCALAR = S_LOOP_SAME_LAST + LOOP_BUCKETS
 C_NET_N, C_PFX_N, C_UA_N, C_HOURS_N = range(4)
 C_HOUR0 = 4
 # the key's learned hour rings: recurrence (RECUR_RING_SIZE) and normal peaks (26)
@@ -234,6 +241,9 @@ O_UNTRUSTED_NET = _COL["untrusted_network_by_event"]
 O_UNTRUSTED_PFX = _COL["untrusted_prefix_by_event"]
 O_UNTRUSTED_UA = _COL["untrusted_ua_family_by_event"]
 O_TRUSTED_NETS = _COL["trusted_networks_by_key"]
+O_TRUSTED_PFX = _COL["trusted_prefixes_by_key"]
+O_LOOP_CV = _COL["loop_interarrival_cv_by_key"]
+O_LOOP_SAME = _COL["loop_same_prompt_ratio_by_key"]
 O_HOUR_SHARE = _COL["hour_share_by_key"]
 O_LAST_NORMAL = _COL["last_normal_age_s_by_key"]
 O_KNOWN = _COL["known_identity_by_event"]
@@ -256,6 +266,7 @@ DISTINCT_CAP, COUNTRY_IPS_CAP = 512, 64
 ENDPOINT_CAP, USER_AGENT_CAP, MODEL_CAP, COUNTRY_CAP, ASN_CAP = 256, 64, 64, 64, 128
 NETWORK_CAP, PREFIX_CAP, UA_FAMILY_CAP = 64, 256, 32
 GAP_ALPHA, GAP_CAP_S, MIN_GAPS, SAME_ALPHA = 0.1, 3600.0, 5.0, 0.1
+LOOP_ALPHA, LOOP_GAP_CAP_S = 0.2, 60.0
 MIN_TRAVEL_ELAPSED_S = 60.0
 SIZE_PEAK_FLOOR_TOKENS, SPEND_BASELINE_FLOOR_USD = 256.0, 0.10
 POP_SIZE_MIN_N, NEVER_S = 100.0, 1e9
@@ -326,6 +337,34 @@ def key_regularity(i: int, ei: np.ndarray, ef: np.ndarray, kew: np.ndarray, ks: 
     o[O_GAP_MEAN] = mean
     o[O_SAME] = kew[k, E_SAME, 0] if kew[k, E_SAME, 2] > 0 else 0.0
     o[O_PSAME] = kew[k, E_PSAME, 0] if kew[k, E_PSAME, 2] > 0 else 0.0
+    key_loop(k, ts, ef[i, F_PROMPT], kew, ks, o)
+
+
+@njit(cache=True)
+def key_loop(k: int, ts: float, prompt: float, kew: np.ndarray, ks: np.ndarray,
+             o: np.ndarray) -> None:
+    """The regularity of the event's prompt-size sub-stream (EWM_GAP and EWM_SAME on the
+    bucket `int(prompt) % LOOP_BUCKETS`), as the extractor's `_loop_ops` keeps it."""
+    b = int(prompt) % LOOP_BUCKETS
+    held = ks[k, S_LOOP_GAP_LAST + b]
+    if math.isnan(held):
+        ks[k, S_LOOP_GAP_LAST + b] = ts
+    elif ts - held >= 0:
+        gap = ts - held
+        ewm_update(kew[k, E_LOOP_GAP + b], gap if gap < LOOP_GAP_CAP_S else LOOP_GAP_CAP_S,
+                   LOOP_ALPHA)
+        ks[k, S_LOOP_GAP_LAST + b] = ts
+    held = ks[k, S_LOOP_SAME_LAST + b]
+    if not math.isnan(held):
+        ewm_update(kew[k, E_LOOP_SAME + b], 1.0 if held == prompt else 0.0, LOOP_ALPHA)
+    ks[k, S_LOOP_SAME_LAST + b] = prompt
+    g = kew[k, E_LOOP_GAP + b]
+    cv = 1.0
+    if g[2] >= MIN_GAPS and g[0] > 0:
+        cv = math.sqrt(max(g[1], 0.0)) / g[0]
+    o[O_LOOP_CV] = cv
+    same = kew[k, E_LOOP_SAME + b]
+    o[O_LOOP_SAME] = same[0] if same[2] > 0 else 0.0
 
 
 @njit(cache=True)
@@ -459,6 +498,7 @@ def key_identity(i: int, ei: np.ndarray, ef: np.ndarray, kc: np.ndarray, ks: np.
     o[O_UNTRUSTED_PFX] = _untrusted(pfx_ok, pfx_n, PREFIX_CAP, ei[i, I_HAS_PREFIX] > 0)
     o[O_UNTRUSTED_UA] = _untrusted(ua_ok, ua_n, UA_FAMILY_CAP, True)
     o[O_TRUSTED_NETS] = net_n
+    o[O_TRUSTED_PFX] = pfx_n
     hod = int(ts // 3600) % 24
     total = kc[k, C_HOURS_N]
     near = (kc[k, C_HOUR0 + (hod - 1) % 24] + kc[k, C_HOUR0 + hod]
