@@ -457,16 +457,7 @@ class FeatureExtractor:
             k.read("country_ips", RECENT_ADD, "ips:" + (geo.country or "-"), event.source_ip,
                    ts, 3600, COUNTRY_IPS_CAP)
         k.read("baselines", *_BASELINE_GETS[hour_of_week(ts)])
-        # regularity: observations, updated by every event; the gap clock also tells
-        # whether this is the key's first event
-        k.read("gap_last", EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S)
-        k.write(EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA)
-        # a client stuck in a loop resends the same prompt; the completion (and so the
-        # total) varies from one answer to the next
-        prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
-        k.write(EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA)
-        k.read("regularity", *_REGULARITY_GETS)
-        _loop_ops(k, ts, prompt)
+        _regularity_ops(k, event)
         # novelty for this key
         k.read("new_endpoint", SEEN_ADD, "ep", event.endpoint, ts, ENDPOINT_CAP)
         k.read("new_user_agent", SEEN_ADD, "ua", _ua_member(event.user_agent), ts,
@@ -479,14 +470,7 @@ class FeatureExtractor:
         _novelty(k, "asn", geo.asn, ts, ASN_CAP, 3600)
         if geo.hosting and geo.asn:
             k.read("hosting_asn_ok", GET, TRUSTED_HOSTING_ASN + geo.asn)
-        # identity: is this network, prefix, client library known from normal traffic;
-        # how much of the key's normal traffic falls in this hour of day (±1 h)
-        hod = int(ts // 3600) % 24
-        k.read("identity", GETS, 10, NETWORK_OK + (geo.asn or "-"),
-               PREFIX_OK + (network_prefix(event.source_ip) or "-"),
-               UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
-               PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
-               HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24), HOUR_COUNT + "n")
+        _identity_ops(k, event, geo.asn)
         k.read("last_normal", GET, LAST_NORMAL)
         lag_stamps = [stamp_h - lag + d for lag in (*RECUR_LAGS[0], RECUR_LAGS[1])
                       for d in (-1, 0, 1)]
@@ -512,21 +496,7 @@ class FeatureExtractor:
         pop = _named(results[-1], plan.population_reads) if plan.population_ops else None
         v: dict[str, float] = {}
 
-        _window_values(v, _KEY_RINGS, key, ts)
-        if ip is not None:
-            _window_values(v, _IP_RINGS, ip, ts)
-        else:
-            for name in _IP_WINDOW_NAMES:
-                v[name] = 0.0
-        v["failure_ratio_by_key_5m"] = _ratio(v["errors_count_by_key_5m"],
-                                              v["requests_count_by_key_5m"])
-        v["auth_fail_ratio_by_key_5m"] = _ratio(v["auth_fail_count_by_key_5m"],
-                                                v["requests_count_by_key_5m"])
-        v["auth_fail_ratio_by_ip_5m"] = _ratio(v["auth_fail_count_by_ip_5m"],
-                                               v["requests_count_by_ip_5m"])
-        v["distinct_ips_by_key_1h"] = float(key.get("distinct_ips") or 0)
-        v["distinct_keys_by_ip_1h"] = float(ip["distinct_keys"]) if ip else 0.0
-        v["distinct_failed_keys_by_ip_1h"] = float(ip["failed_keys"]) if ip else 0.0
+        _counter_values(v, key, ip, ts)
 
         base = dict(zip(BASELINE_FIELDS, key["baselines"], strict=True))
         tok, lat = _ewm(base, "tok"), _ewm(base, "lat")
@@ -920,6 +890,51 @@ def _time_values(v: dict[str, float], ts: float) -> None:
     v["hour_of_day_cos"] = math.cos(2 * math.pi * hour / 24)
     v["day_of_week_sin"] = math.sin(2 * math.pi * day / 7)
     v["day_of_week_cos"] = math.cos(2 * math.pi * day / 7)
+
+
+def _counter_values(v: dict[str, float], key: dict[str, Any], ip: dict[str, Any] | None,
+                    ts: float) -> None:
+    """The windowed counters of the key and the address, their ratios, and the distinct
+    addresses and keys each saw within the hour."""
+    _window_values(v, _KEY_RINGS, key, ts)
+    if ip is not None:
+        _window_values(v, _IP_RINGS, ip, ts)
+    else:
+        for name in _IP_WINDOW_NAMES:
+            v[name] = 0.0
+    v["failure_ratio_by_key_5m"] = _ratio(v["errors_count_by_key_5m"],
+                                          v["requests_count_by_key_5m"])
+    v["auth_fail_ratio_by_key_5m"] = _ratio(v["auth_fail_count_by_key_5m"],
+                                            v["requests_count_by_key_5m"])
+    v["auth_fail_ratio_by_ip_5m"] = _ratio(v["auth_fail_count_by_ip_5m"],
+                                           v["requests_count_by_ip_5m"])
+    v["distinct_ips_by_key_1h"] = float(key.get("distinct_ips") or 0)
+    v["distinct_keys_by_ip_1h"] = float(ip["distinct_keys"]) if ip else 0.0
+    v["distinct_failed_keys_by_ip_1h"] = float(ip["failed_keys"]) if ip else 0.0
+
+
+def _regularity_ops(k: Reads, event: Event) -> None:
+    """Regularity: observations, updated by every event; the gap clock also tells whether
+    this is the key's first event. A client stuck in a loop resends the same prompt (the
+    completion, and so the total, varies from one answer to the next)."""
+    ts = event.timestamp
+    k.read("gap_last", EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S)
+    k.write(EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA)
+    prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
+    k.write(EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA)
+    k.read("regularity", *_REGULARITY_GETS)
+    _loop_ops(k, ts, prompt)
+
+
+def _identity_ops(k: Reads, event: Event, asn: str | None) -> None:
+    """Identity: is this network, prefix, client library known from normal traffic; how
+    much of the key's normal traffic falls in this hour of day (±1 h)."""
+    hod = int(event.timestamp // 3600) % 24
+    k.read("identity", GETS, 10, NETWORK_OK + (asn or "-"),
+           PREFIX_OK + (network_prefix(event.source_ip) or "-"),
+           UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
+           PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
+           HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24), HOUR_COUNT + "n")
 
 
 def _loop_ops(k: Reads, ts: float, prompt: float) -> None:

@@ -15,12 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("features", "models", "training", "serving", "keywatch_gateway")
 MAX_LINES = 60
 KNOWN_LONG: dict[str, int] = {
-    "features/extractor.py:FeatureExtractor.build": 107,
+    "features/extractor.py:FeatureExtractor.build": 94,
     "serving/policy/fusion.py:fuse": 82,
     "training/evaluate.py:write_plots": 77,
     "training/retrain.py:retrain": 73,
     "training/incidents.py:credential_stuffing": 70,
-    "features/extractor.py:FeatureExtractor._plan_key": 67,
     "training/incidents.py:llm_jacking": 63,
 }
 
