@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from features.catalogue import CATALOGUE, FEATURE_NAMES
 from features.extractor import FeatureVector
 from features.keys import looks_like_key_id
 from models.signals import ModelSignals
@@ -42,52 +43,30 @@ Mode = Literal["active", "monitor", "off"]
 RuleSeverity = Literal["low", "medium", "high", "critical"]
 Code = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{1,63}$")]
 
-# ---- the feature names rules may refer to -------------------------------------------------
-_WINDOWED_KEY = {"requests": ("1m", "5m", "1h", "24h"), "tokens": ("1m", "5m", "1h", "24h"),
-                 "errors": ("1m", "5m", "1h", "24h"), "auth_fails": ("5m",)}
-_WINDOWED_IP = {"requests": ("1m", "5m", "1h"), "tokens": ("1m", "5m", "1h"),
-                "errors": ("5m",), "auth_fails": ("5m", "1h")}
-WINDOWED = {"key": _WINDOWED_KEY, "ip": _WINDOWED_IP}
+# ---- the feature names rules may refer to: the catalogue's -----------------------------------
 _AGG = {"requests": "requests_count", "tokens": "tokens_sum", "errors": "errors_count",
         "auth_fails": "auth_fail_count"}
+
+
+def _windowed(entity: str) -> dict[str, tuple[str, ...]]:
+    """The windows of each counter a rate rule may name, for one entity, as declared."""
+    table: dict[str, tuple[str, ...]] = {}
+    for f in CATALOGUE:
+        if f.windowed and f.entity == entity and f.field in _AGG and f.window is not None:
+            table[f.field] = (*table.get(f.field, ()), f.window.label)
+    return table
+
+
+WINDOWED = {"key": _windowed("key"), "ip": _windowed("ip")}
 
 
 def windowed_feature(metric: str, scope: str, window: str) -> str:
     return f"{_AGG[metric]}_by_{scope}_{window}"
 
 
-KNOWN_FEATURES: frozenset[str] = frozenset(
-    [windowed_feature(m, s, w) for s, table in WINDOWED.items() for m, ws in table.items()
-     for w in ws]
-    + ["failure_ratio_by_key_5m", "auth_fail_ratio_by_key_5m", "auth_fail_ratio_by_ip_5m",
-       "distinct_ips_by_key_1h", "distinct_keys_by_ip_1h", "tokens_log_by_event",
-       "latency_log_ms_by_event", "tokens_zscore_by_key", "tokens_peak_by_key_24h",
-       "tokens_vs_peak_by_key_24h", "latency_zscore_by_key",
-       "history_events_by_key", "rate_vs_hour_of_week_by_key_1h", "hour_of_day_sin",
-       "hour_of_day_cos", "day_of_week_sin", "day_of_week_cos", "geo_distance_km_by_key",
-       "geo_elapsed_s_by_key", "geo_speed_kmh_by_key", "new_country_by_key", "new_asn_by_key",
-       "hosting_asn_by_event", "distinct_countries_by_key_1h", "distinct_asns_by_key_1h",
-       "interarrival_cv_by_key", "interarrival_mean_s_by_key", "same_size_ratio_by_key",
-       "new_endpoint_by_key", "new_user_agent_by_key", "new_model_by_key",
-       "distinct_models_by_key_24h", "prompt_completion_ratio_by_event",
-       "distinct_failed_keys_by_ip_1h", "population_rate_vs_hour_of_week_1h",
-       "key_rate_vs_population_1h", "cost_usd_by_event", "unknown_price_by_event",
-       "spend_usd_by_key_5m", "spend_usd_by_key_1h", "spend_usd_by_key_24h",
-       "spend_usd_by_key_30d", "spend_rate_vs_baseline_by_key_1h", "countries_seen_by_key",
-       "trusted_geo_distance_km_by_key", "trusted_geo_elapsed_s_by_key",
-       "trusted_geo_speed_kmh_by_key", "untrusted_country_by_key", "same_prompt_ratio_by_key",
-       "rate_vs_baseline_by_key_5m", "hosting_share_by_key",
-       "untrusted_hosting_asn_by_event", "untrusted_network_by_event",
-       "untrusted_prefix_by_event", "untrusted_ua_family_by_event", "trusted_networks_by_key",
-       "hour_share_by_key", "last_normal_age_s_by_key", "known_identity_by_event",
-       "distinct_ips_in_country_by_key_1h",
-       "recurring_requests_1h_by_key", "recurring_spend_usd_1h_by_key",
-       "recurring_tokens_peak_by_key", "key_age_h_by_key", "tokens_vs_population_z_by_event",
-       "loop_interarrival_cv_by_key", "loop_same_prompt_ratio_by_key",
-       "trusted_prefixes_by_key"]
-)
-"""Every feature a policy may name: the extractor's, including those still being added.
-A typo in a policy file is caught by `policy check` instead of silently never firing."""
+KNOWN_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES)
+"""Every feature a policy may name: the catalogue's (`features.catalogue`). A typo in a
+policy file is caught by `policy check` instead of silently never firing."""
 
 CONTEXT_FIELDS = ("key_id", "source_ip", "country", "country_name", "prev_country",
                   "prev_country_name", "trusted_country", "trusted_country_name", "asn")
