@@ -183,8 +183,10 @@ def test_an_unreachable_webhook_gives_up_after_bounded_attempts() -> None:
 # ---- through the API ----------------------------------------------------------------------
 def failing_events(api_key: str, n: int = 30, t0: float = T0, ip: str = "81.2.69.160"
                    ) -> list[dict[str, object]]:
+    """A client whose requests fail (400), of varied sizes: failing, not a runaway loop
+    resending one prompt on a timer (which `runaway_loop` would throttle)."""
     return [{"api_key": api_key, "timestamp": t0 + i, "status": 400, "source_ip": ip,
-             "endpoint": "/v1/chat/completions", "tokens": 10} for i in range(n)]
+             "endpoint": "/v1/chat/completions", "tokens": 10 + i} for i in range(n)]
 
 
 def test_admin_endpoints_need_the_admin_token() -> None:
