@@ -254,11 +254,12 @@ _IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
 _BASELINE_GETS = tuple(
     (GETS, 14, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how:{h}:m", f"how:{h}:v", f"how:{h}:n", "host:m", "host:n")
+     "rate:n", f"how#{h}:m", f"how#{h}:v", f"how#{h}:n", "host:m", "host:n")
     for h in range(168))
 _REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
                     "psame:n")
-_HOW_NAMES = tuple(f"how:{h}" for h in range(168))
+_HOW_NAMES = tuple(f"how#{h}" for h in range(168))
+"""The hour-of-week profile: one packed profile `how`, slot h (`features.stores.packed`)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
 
 GEO_FEATURES = (

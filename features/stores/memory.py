@@ -24,9 +24,9 @@ it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +65,19 @@ from features.stores.base import (
     is_enforcement_field,
 )
 from features.stores.journal import EnforcementJournal, enforcement_writes
+from features.stores.packed import (
+    PROFILE_MARK,
+    bucket,
+    ewm_next,
+    new_ring,
+    profile_get,
+    profile_part,
+    profile_put,
+    profile_slot,
+    ring_add,
+    ring_max,
+    ring_windows,
+)
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 
@@ -72,13 +85,16 @@ from features.stores.snapshot import SnapshotError, read_snapshot, write_snapsho
 class _EntityState:
     hash: dict[str, Any] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
-    rings: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
+    rings: dict[str, array] = field(default_factory=dict)
+    """Packed rings: (stamp, value) per slot (`features.stores.packed`)."""
+    profiles: dict[str, array] = field(default_factory=dict)
+    """Packed profiles (`name#slot` EWMs): (n, m, v) per slot."""
     last_ts: float = 0.0
     enf: dict[str, Any] | None = None
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
 
-_FEATURE_FIELDS = ("hash", "zsets", "rings", "last_ts")
+_FEATURE_FIELDS = ("hash", "zsets", "rings", "profiles", "last_ts")
 
 
 def _fmt(value: float) -> str:
@@ -286,10 +302,12 @@ class MemoryStore(StateStore):
         return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
-    def _get(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
+    def _get(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         fld = op[1]
         if fld[:4] in _ENF:
             return s.enf.get(fld) if s.enf is not None else None
+        if PROFILE_MARK in fld:
+            return _profile_read(s, fld)
         return s.hash.get(fld)
 
     def _set(self, s: _EntityState, op: tuple[Any, ...]) -> None:
@@ -334,89 +352,58 @@ class MemoryStore(StateStore):
         return value
 
     def _ring_add(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        _, name, slot, stamp, amount = op
-        ring = s.rings.get(name)
+        ring = s.rings.get(op[1])
         if ring is None:
-            ring = s.rings[name] = {}
-        cell = ring.get(slot)
-        if cell is None:
-            value = float(amount)
-            ring[slot] = [stamp, value]
-            return value
-        held = cell[0]
-        if held > stamp:
-            return None
-        if held != stamp:
-            cell[0] = stamp
-            cell[1] = 0.0
-        cell[1] += float(amount)
-        return cell[1]
+            ring = s.rings[op[1]] = new_ring()
+        return ring_add(ring, op[2], op[3], float(op[4]))
 
     def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        _, name, slot, stamp, value = op
-        value = float(value)
-        cell = s.rings.setdefault(name, {}).setdefault(slot, [stamp, value])
-        if cell[0] > stamp:
-            return None
-        if cell[0] != stamp or value > cell[1]:  # a newer hour starts afresh
-            cell[0], cell[1] = stamp, value
-        return cell[1]
+        ring = s.rings.get(op[1])
+        if ring is None:
+            ring = s.rings[op[1]] = new_ring()
+        return ring_max(ring, op[2], op[3], float(op[4]))
 
     def _ring_get(self, s: _EntityState, op: tuple[Any, ...]) -> float:
         ring = s.rings.get(op[1])
         if ring is None:
             return 0.0
-        cell = ring.get(op[2])
-        return cell[1] if cell is not None and cell[0] == op[3] else 0.0
+        i = 2 * op[2]
+        return ring[i + 1] if i < len(ring) and ring[i] == op[3] else 0.0
 
     def _ring_sum(self, s: _EntityState, op: tuple[Any, ...]) -> float:
         _, name, size, lo, hi = op
         ring = s.rings.get(name)
         if not ring:
             return 0.0
-        lo = max(lo, hi - size + 1)
         total = 0.0
-        # each slot holds one stamp, and the stamps of the range have distinct slots
-        for slot, (stamp, value) in ring.items():
-            if lo <= stamp <= hi and stamp % size == slot:
-                total += value
+        for stamp in range(max(lo, hi - size + 1), hi + 1):
+            total += bucket(ring, size, stamp)
         return total
 
     def _ring_windows(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
-        name, size, stamp, k = op[1], op[2], op[3], op[4]
-        ring = s.rings.get(name)
-        if not ring:
-            return [0.0] * (2 * k)
-        ns = op[5:5 + k]
-        top = max(ns)
-        by_offset = [0.0] * (top + 1)  # bucket values, newest (offset 0) first
-        for slot, cell in ring.items():
-            offset = stamp - cell[0]
-            if 0 <= offset <= top and cell[0] % size == slot:
-                by_offset[offset] = cell[1]
-        out: list[float] = []
-        for n in ns:
-            # summed newest first, as the Lua script does
-            out.append(sum(by_offset[:n if n < size else size], 0.0))
-            out.append(by_offset[n])
-        return out
+        return ring_windows(s.rings.get(op[1]), op[2], op[3], op[5:5 + op[4]])
 
     def _ring_values(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
-        ring = s.rings.get(op[1]) or {}
-        size, k = op[2], op[3]
-        out: list[float] = []
-        for stamp in op[4:4 + k]:
-            cell = ring.get(stamp % size)
-            out.append(cell[1] if cell is not None and cell[0] == stamp else 0.0)
-        return out
+        ring, size = s.rings.get(op[1]), op[2]
+        return [bucket(ring, size, stamp) for stamp in op[4:4 + op[3]]]
 
-    def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[str | None]:
+    def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         get = s.hash.get
-        return [get(f) for f in op[2:2 + op[1]]]
+        return [_profile_read(s, f) if PROFILE_MARK in f else get(f)
+                for f in op[2:2 + op[1]]]
 
     def _ewm_update(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
         # Kept as floats (the Lua script writes them with 17 significant digits, which
         # round-trips exactly): GET returns the float, callers parse with float().
+        if PROFILE_MARK in name:
+            where = profile_slot(name)
+            if where is not None:
+                profile = s.profiles.get(where[0])
+                if profile is None:
+                    profile = s.profiles[where[0]] = array("d")
+                profile_put(profile, where[1], *ewm_next(*profile_get(profile, where[1]),
+                                                         x, alpha))
+                return
         h = s.hash
         nf = f"{name}:n"
         n = h.get(nf)
@@ -426,12 +413,7 @@ class MemoryStore(StateStore):
             h[nf] = 1.0
             return
         mf, vf = f"{name}:m", f"{name}:v"
-        m = float(h[mf])
-        diff = x - m
-        incr = alpha * diff
-        h[mf] = m + incr
-        h[vf] = (1 - alpha) * (float(h[vf]) + diff * incr)
-        h[nf] = float(n) + 1.0
+        h[nf], h[mf], h[vf] = ewm_next(float(n), float(h[mf]), float(h[vf]), x, alpha)
 
     def _ewm(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         self._ewm_update(s, op[1], float(op[2]), float(op[3]))
@@ -556,17 +538,37 @@ class MemoryStore(StateStore):
 _ENF = frozenset(("ban:", "lim:"))
 
 
+def _profile_read(s: _EntityState, fld: str) -> Any:
+    where = profile_slot(fld)
+    if where is None:
+        return s.hash.get(fld)
+    return profile_part(s.profiles.get(where[0]), where[1], where[2])
+
+
 def _plain(state: _EntityState) -> dict[str, Any]:
     """An entity's feature state as plain values (its enforcement dict is saved apart)."""
-    enf, state.enf = state.enf, None
-    try:
-        return dataclasses.asdict(state)
-    finally:
-        state.enf = enf
+    return {"hash": dict(state.hash), "zsets": {z: dict(m) for z, m in state.zsets.items()},
+            "rings": {r: list(a) for r, a in state.rings.items()},
+            "profiles": {p: list(a) for p, a in state.profiles.items()},
+            "last_ts": state.last_ts}
 
 
 def _state_of(fields: dict[str, Any]) -> _EntityState:
-    return _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
+    state = _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
+    state.rings = {name: _ring_of(cells) for name, cells in state.rings.items()}
+    state.profiles = {name: array("d", values) for name, values in state.profiles.items()}
+    return state
+
+
+def _ring_of(cells: Any) -> array:
+    """A packed ring from a snapshot: a flat list, or (older snapshots) {slot: [stamp,
+    value]}."""
+    if not isinstance(cells, dict):
+        return array("d", cells)
+    ring = new_ring()
+    for slot, (stamp, value) in sorted(cells.items()):
+        ring_add(ring, int(slot), stamp, float(value))
+    return ring
 
 
 def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,

@@ -4,15 +4,14 @@
 -- Returns JSON: one result per op. Results are strings (or false for nil, or arrays of
 -- them) so that no precision is lost: numbers are formatted with %.17g, never with
 -- tostring (which keeps 14 digits) nor cjson's number encoding.
--- JSON in and out (rather than one ARGV per argument and a RESP array back) keeps the
--- client's encoding and parsing to one C call each: ~100 ops per event stay cheap.
--- Server time goes to per-field work (an event touches hundreds of hash fields, mostly
--- ring buckets: building each name, HMGET, tonumber, %.17g), not to the ~90 redis.calls:
--- a version that loaded every field with one HMGET into a Lua table and wrote back with
--- one HSET made half the calls and was no faster, its bookkeeping costing what the
--- calls saved. So ring reads fetch a bucket's value only when its stamp is live. Packing
--- each ring's buckets into a few JSON fields measured ~10% faster than one field per
--- bucket, but is a layout change that existing state would need migrating to.
+--
+-- Layout (see features/stores/base.py): a ring is ONE hash field packing a 12-byte cell
+-- per slot (int32 stamp, double value); an hour-of-week profile (EWM names `p#slot`) is
+-- one field `p` packing (n, m, v) doubles per slot. Everything else is a plain field.
+-- Why: server time went to per-field work (hundreds of bucket fields and their stamps,
+-- each named, fetched, parsed and formatted). Now the script first lists every hash field
+-- its ops touch, fetches them with ONE HMGET, works on Lua values, and writes what changed
+-- with one HSET (and one HDEL) at the end: a handful of redis.calls per entity.
 local h = KEYS[1]
 local ttl = tonumber(ARGV[1])
 local spec = cjson.decode(ARGV[2])
@@ -21,61 +20,144 @@ for j, name in ipairs(spec[1]) do zkeys[name] = KEYS[1 + j] end
 local ops = spec[2]
 local out = {}
 
+local CELL = 12
+local EMPTY = -2147483648
+local EMPTY_CELL = struct.pack('<i4d', EMPTY, 0)
+local TRIPLE = 24
+
+local function g17(x) return string.format('%.17g', x) end
 local function num(x)
-  if type(x) == 'number' then return string.format('%.17g', x) end
+  if type(x) == 'number' then return g17(x) end
   return x
 end
 
--- one EWM step on name:m / name:v / name:n; `n, m, v` are the held strings (or false);
--- extra field/value pairs are written in the same HSET
-local function ewm_step(name, x, alpha, n, m, v, ...)
-  n = tonumber(n or '0')
-  if n == 0 then
-    m = x
-    v = 0
-  else
-    m = tonumber(m)
-    v = tonumber(v)
-    local diff = x - m
-    local incr = alpha * diff
-    m = m + incr
-    v = (1 - alpha) * (v + diff * incr)
-  end
-  redis.call('HSET', h, name .. ':m', string.format('%.17g', m),
-    name .. ':v', string.format('%.17g', v), name .. ':n', string.format('%d', n + 1), ...)
+-- `base#slot[:part]` names a slot of a packed profile
+local function profile_of(name)
+  if not string.find(name, '#', 1, true) then return nil end
+  local base, slot, part = string.match(name, '^(.-)#(%d+):?(%a*)$')
+  if not base then return nil end
+  return base, tonumber(slot), part
 end
 
+-- refuse an unknown op before anything is applied; list the hash fields the ops touch
+local names, wanted = {'_persist', 'ban:until', 'lim:until'}, {}
+for _, f in ipairs(names) do wanted[f] = true end
+local function need(f)
+  local base = profile_of(f)
+  if base then f = base end
+  if not wanted[f] then
+    wanted[f] = true
+    names[#names + 1] = f
+  end
+end
+local function need_ewm(name)
+  if profile_of(name) then need(name) return end
+  need(name .. ':m'); need(name .. ':v'); need(name .. ':n')
+end
+local LIM = {'lim:rate', 'lim:burst', 'lim:tat', 'lim:tat_e'}
+local scan = {
+  get = function(op) need(op[2]) end, set = function(op) need(op[2]) end,
+  del = function(op) need(op[2]) end, incr = function(op) need(op[2]) end,
+  ring_add = function(op) need(op[2]) end, ring_max = function(op) need(op[2]) end,
+  ring_get = function(op) need(op[2]) end, ring_sum = function(op) need(op[2]) end,
+  ring_windows = function(op) need(op[2]) end, ring_values = function(op) need(op[2]) end,
+  ewm = function(op) need_ewm(op[2]) end,
+  ewm_gap = function(op) need(op[3]); need_ewm(op[2]) end,
+  ewm_same = function(op) need(op[3]); need_ewm(op[2]) end,
+  gets = function(op) for j = 1, op[2] do need(op[2 + j]) end end,
+  budget_add = function(op) need(op[2]); need(op[2] .. ':p'); need(op[2] .. ':over') end,
+  limit = function() for _, f in ipairs(LIM) do need(f) end end,
+  recent_add = function() end, recent_count = function() end, seen_add = function() end,
+  zset = function() end, zrem = function() end, zitems = function() end,
+  persist = function() end,
+}
+for _, op in ipairs(ops) do
+  local f = scan[op[1]]
+  if not f then
+    return redis.error_reply('unknown store operation ' .. tostring(op[1]))
+  end
+  f(op)
+end
+
+-- the entity's fields: fetched once, changed in Lua, written back once
+local held = {}
+do
+  local raw = redis.call('HMGET', h, unpack(names))
+  for j = 1, #names do held[names[j]] = raw[j] end
+end
+local dirty, ndirty = {}, 0
+local function hget(f) return held[f] or nil end
+local function hset(f, v)
+  held[f] = v
+  if not dirty[f] then dirty[f] = true; ndirty = ndirty + 1 end
+end
+local function hdel(f)
+  if held[f] then hset(f, false) end
+end
+
+-- packed profiles: (n, m, v) of slot s, or a slot written
+local function profile_get(base, s)
+  local blob = held[base]
+  local off = s * TRIPLE
+  if not blob or #blob < off + TRIPLE then return 0, 0, 0 end
+  return struct.unpack('<ddd', blob, off + 1)
+end
+local function profile_put(base, s, n, m, v)
+  local blob = held[base] or ''
+  local off = s * TRIPLE
+  if #blob < off then blob = blob .. string.rep('\0', off - #blob) end
+  hset(base, blob:sub(1, off) .. struct.pack('<ddd', n, m, v) .. blob:sub(off + TRIPLE + 1))
+end
+
+-- a field's value as the store answers GET (profile slots: their part, nil when unset)
+local function read(f)
+  local base, s, part = profile_of(f)
+  if not base then return held[f] or false end
+  local n, m, v = profile_get(base, s)
+  if n == 0 then return false end
+  if part == 'm' then return g17(m) elseif part == 'v' then return g17(v)
+  elseif part == 'n' then return g17(n) end
+  return false
+end
+
+-- one EWM step; extra field/value pairs are written too
+local function ewm_next(n, m, v, x, alpha)
+  if n == 0 then return 1, x, 0 end
+  local diff = x - m
+  local incr = alpha * diff
+  return n + 1, m + incr, (1 - alpha) * (v + diff * incr)
+end
 local function ewm(name, x, alpha)
-  local held = redis.call('HMGET', h, name .. ':n', name .. ':m', name .. ':v')
-  ewm_step(name, x, alpha, held[1], held[2], held[3])
+  local base, s = profile_of(name)
+  if base then
+    local n, m, v = profile_get(base, s)
+    profile_put(base, s, ewm_next(n, m, v, x, alpha))
+    return
+  end
+  local n = tonumber(held[name .. ':n'] or '0')
+  local m = tonumber(held[name .. ':m'] or '0')
+  local v = tonumber(held[name .. ':v'] or '0')
+  n, m, v = ewm_next(n, m, v, x, alpha)
+  hset(name .. ':m', g17(m)); hset(name .. ':v', g17(v)); hset(name .. ':n', string.format('%d', n))
 end
 
--- bucket values of ring `name` at the given stamps (0 when the slot holds another stamp).
--- The stamps are read first and only the live buckets' values after: a ring is mostly
--- stale or empty slots (a key quiet for hours, an address seen once), and every field
--- read costs far more than the second HMGET.
-local function ring_buckets(name, size, stamps)
-  local prefix = name .. ':'
-  local slots, stamp_fields = {}, {}
-  for j = 1, #stamps do
-    local slot = string.format('%d', stamps[j] % size)
-    slots[j] = slot
-    stamp_fields[j] = prefix .. slot .. ':t'
-  end
-  local held = redis.call('HMGET', h, unpack(stamp_fields))
-  local vals, live, at = {}, {}, {}
-  for j = 1, #stamps do
-    vals[j] = 0
-    if held[j] and tonumber(held[j]) == stamps[j] then
-      live[#live + 1] = prefix .. slots[j]
-      at[#at + 1] = j
-    end
-  end
-  if #live > 0 then
-    local raw = redis.call('HMGET', h, unpack(live))
-    for k = 1, #live do vals[at[k]] = tonumber(raw[k] or '0') end
-  end
-  return vals
+-- packed rings: the (stamp, value) cell of a slot; a write replaces one cell
+local function cell(blob, slot)
+  local off = slot * CELL
+  if not blob or #blob < off + CELL then return EMPTY, 0 end
+  return struct.unpack('<i4d', blob, off + 1)
+end
+local function cell_put(name, slot, stamp, value)
+  local blob = held[name] or ''
+  local off = slot * CELL
+  if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
+  hset(name, blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1))
+end
+-- the value of the bucket `stamp` (0 when its slot holds another stamp)
+local function bucket(blob, size, stamp)
+  local st, v = cell(blob, stamp % size)
+  if st == stamp then return v end
+  return 0
 end
 
 -- keep the newest `cap` members; returns the cardinality
@@ -88,242 +170,219 @@ local function cap_z(zk, cap)
   return card
 end
 
--- refuse an unknown op before anything is applied
-local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
-  ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
-  gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1, limit = 1}
-for _, op in ipairs(ops) do
-  if not known[op[1]] then
-    return redis.error_reply('unknown store operation ' .. tostring(op[1]))
+local apply = {}
+apply.get = function(op) return read(op[2]) end
+apply.gets = function(op)
+  local res = {}
+  for j = 1, op[2] do res[j] = read(op[2 + j]) end
+  return res
+end
+apply.set = function(op) hset(op[2], num(op[3])) return false end
+apply.del = function(op) hdel(op[2]) return false end
+apply.incr = function(op)
+  local v = g17(tonumber(held[op[2]] or '0') + op[3])
+  hset(op[2], v)
+  return v
+end
+apply.ring_add = function(op)
+  local name, slot, stamp = op[2], op[3], op[4]
+  local st, v = cell(held[name], slot)
+  if st > stamp then return false end
+  if st ~= stamp then v = 0 end
+  v = v + op[5]
+  cell_put(name, slot, stamp, v)
+  return g17(v)
+end
+apply.ring_max = function(op)
+  local name, slot, stamp = op[2], op[3], op[4]
+  local st, v = cell(held[name], slot)
+  if st > stamp then return false end
+  if st ~= stamp or op[5] > v then  -- a fresh bucket, or a larger value: the bucket holds it
+    v = op[5]
+    cell_put(name, slot, stamp, v)
   end
+  return g17(v)
+end
+apply.ring_get = function(op)
+  local st, v = cell(held[op[2]], op[3])
+  if st == op[4] then return g17(v) end
+  return '0'
+end
+apply.ring_sum = function(op)
+  local blob, size, lo, hi = held[op[2]], op[3], op[4], op[5]
+  if lo < hi - size + 1 then lo = hi - size + 1 end
+  local total = 0
+  for stamp = lo, hi do total = total + bucket(blob, size, stamp) end
+  return g17(total)
+end
+apply.ring_windows = function(op)
+  local blob, size, stamp, k = held[op[2]], op[3], op[4], op[5]
+  local maxn = 0
+  for j = 1, k do if op[5 + j] > maxn then maxn = op[5 + j] end end
+  local vals = {}
+  for off = 0, maxn do vals[off + 1] = bucket(blob, size, stamp - off) end
+  local res = {}
+  for j = 1, k do
+    local n = op[5 + j]
+    local top = n
+    if top > size then top = size end
+    local whole = 0
+    for off = 0, top - 1 do whole = whole + vals[off + 1] end  -- newest first
+    res[#res + 1] = g17(whole)
+    res[#res + 1] = g17(vals[n + 1])
+  end
+  return res
+end
+apply.ring_values = function(op)
+  local blob, size, res = held[op[2]], op[3], {}
+  for j = 1, op[4] do res[j] = g17(bucket(blob, size, op[4 + j])) end
+  return res
+end
+apply.ewm = function(op) ewm(op[2], op[3], op[4]) return false end
+apply.ewm_gap = function(op)
+  local name, fld, ts = op[2], op[3], op[4]
+  local last = held[fld]
+  if not last then
+    hset(fld, g17(ts))
+  else
+    local gap = ts - tonumber(last)
+    if gap >= 0 then
+      if gap > op[6] then gap = op[6] end
+      ewm(name, gap, op[5])
+      hset(fld, g17(ts))
+    end
+  end
+  return last or false
+end
+apply.ewm_same = function(op)
+  local name, fld, x = op[2], op[3], tonumber(op[4])
+  local last = held[fld]
+  if last then
+    local same = 0
+    if tonumber(last) == x then same = 1 end
+    ewm(name, same, op[5])
+  end
+  hset(fld, g17(x))
+  return last or false
+end
+apply.recent_add = function(op)
+  local zk, ts = zkeys[op[2]], op[4]
+  redis.call('ZADD', zk, 'GT', ts, op[3])
+  redis.call('ZREMRANGEBYSCORE', zk, '-inf', ts - op[5])
+  return string.format('%d', cap_z(zk, op[6]))
+end
+apply.recent_count = function(op)
+  local cutoff = g17(op[3] - op[4])
+  return string.format('%d', redis.call('ZCOUNT', zkeys[op[2]], '(' .. cutoff, '+inf'))
+end
+apply.seen_add = function(op)
+  local zk = zkeys[op[2]]
+  -- ZADD without CH counts only new members: 1 when the member is new
+  local added = redis.call('ZADD', zk, 'GT', op[4], op[3])
+  cap_z(zk, op[5])
+  return added == 1 and '1' or '0'
+end
+apply.zset = function(op)
+  local zk = zkeys[op[2]]
+  redis.call('ZADD', zk, g17(op[4]), op[3])
+  cap_z(zk, op[5])
+  return false
+end
+apply.zrem = function(op)
+  return string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
+end
+apply.zitems = function(op)
+  local raw = redis.call('ZREVRANGEBYSCORE', zkeys[op[2]], '+inf', g17(op[3]), 'WITHSCORES',
+    'LIMIT', 0, op[4])
+  local items = {}
+  for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
+  if #items == 0 then return false end
+  return items
+end
+apply.budget_add = function(op)
+  -- check-and-increment in one atomic step: exact budgets across replicas
+  local name, period, amount, limit = op[2], op[3], op[4], op[5]
+  local pf, of = name .. ':p', name .. ':over'
+  local total, over = tonumber(held[name] or '0'), tonumber(held[of] or '0')
+  if held[pf] and tonumber(held[pf]) > period then
+    return {'-1', g17(total), g17(over)}
+  end
+  if (not held[pf]) or tonumber(held[pf]) < period then
+    total, over = 0, 0
+    hset(pf, g17(period)); hset(name, '0'); hset(of, '0')
+  end
+  if total + amount <= limit then
+    total = total + amount
+    hset(name, g17(total))
+    return {'1', g17(total), g17(over)}
+  end
+  over = over + amount
+  hset(of, g17(over))
+  return {'0', g17(total), g17(over)}
+end
+apply.limit = function(op)
+  -- the GCRA limit meter, as `gcra` in features/stores/memory.py (wall time)
+  local mode, now = op[2], op[3]
+  local lim_until, rate = tonumber(held['lim:until'] or '0'), tonumber(held['lim:rate'] or '0')
+  if lim_until <= now or rate <= 0 then return {'-1', '0', '0', '0', '0'} end
+  local burst = tonumber(held['lim:burst'] or '1')
+  local tat, tat_e = tonumber(held['lim:tat'] or '0'), tonumber(held['lim:tat_e'] or '0')
+  local interval = 60.0 / rate
+  local tol = interval * (math.max(burst, 1) - 1)
+  local hv = math.max(tat, tat_e, now)
+  local status, retry = 0, 0
+  if mode == 'take' then
+    if hv - tol <= now then
+      status = 1
+      hset('lim:tat', g17(hv + interval))
+    else
+      retry = hv - tol - now
+    end
+  elseif mode == 'count' then
+    local own = math.max(tat_e, now)
+    local new_e = math.min(own + interval, math.max(lim_until, now))
+    hset('lim:tat_e', g17(new_e))
+    if own - tol <= now then status = 1 end
+    retry = math.max(0, math.max(tat, new_e, now) - tol - now)
+  elseif hv - tol <= now then
+    status = 1
+  else
+    retry = hv - tol - now
+  end
+  return {string.format('%d', status), g17(retry), g17(rate), g17(lim_until), g17(burst)}
+end
+apply.persist = function(op)
+  if tonumber(op[2]) == 1 then hset('_persist', '1') else hdel('_persist') end
+  return false
 end
 
-for _, op in ipairs(ops) do
-  local code = op[1]
-  if code == 'get' then
-    out[#out + 1] = redis.call('HGET', h, op[2])
-  elseif code == 'set' then
-    redis.call('HSET', h, op[2], num(op[3]))
-    out[#out + 1] = false
-  elseif code == 'del' then
-    redis.call('HDEL', h, op[2])
-    out[#out + 1] = false
-  elseif code == 'incr' then
-    out[#out + 1] = redis.call('HINCRBYFLOAT', h, op[2], num(op[3]))
-  elseif code == 'ring_add' then
-    local vf = op[2] .. ':' .. string.format('%d', op[3])
-    local tf = vf .. ':t'
-    local stamp = op[4]
-    local held = redis.call('HGET', h, tf)
-    if held and tonumber(held) > stamp then
-      out[#out + 1] = false
-    elseif held and tonumber(held) == stamp then
-      out[#out + 1] = redis.call('HINCRBYFLOAT', h, vf, num(op[5]))
-    else  -- a fresh bucket: its value is the amount
-      local amount = num(op[5])
-      redis.call('HSET', h, tf, string.format('%d', stamp), vf, amount)
-      out[#out + 1] = amount
-    end
-  elseif code == 'ring_max' then
-    local vf = op[2] .. ':' .. string.format('%d', op[3])
-    local tf = vf .. ':t'
-    local stamp = op[4]
-    local held = redis.call('HMGET', h, tf, vf)
-    if held[1] and tonumber(held[1]) > stamp then
-      out[#out + 1] = false
-    elseif held[1] and tonumber(held[1]) == stamp and tonumber(held[2] or '0') >= op[5] then
-      out[#out + 1] = held[2]
-    else  -- a fresh bucket, or a larger value: the bucket holds it
-      local value = num(op[5])
-      redis.call('HSET', h, tf, string.format('%d', stamp), vf, value)
-      out[#out + 1] = value
-    end
-  elseif code == 'ring_get' then
-    local vf = op[2] .. ':' .. string.format('%d', op[3])
-    local raw = redis.call('HMGET', h, vf .. ':t', vf)
-    if raw[1] and tonumber(raw[1]) == op[4] then
-      out[#out + 1] = raw[2] or '0'
+for j, op in ipairs(ops) do out[j] = apply[op[1]](op) end
+
+if ndirty > 0 then
+  local sets, dels = {}, {}
+  for f in pairs(dirty) do
+    local v = held[f]
+    if v then
+      sets[#sets + 1] = f
+      sets[#sets + 1] = v
     else
-      out[#out + 1] = '0'
+      dels[#dels + 1] = f
     end
-  elseif code == 'ring_sum' then
-    local size, lo, hi = op[3], op[4], op[5]
-    if lo < hi - size + 1 then lo = hi - size + 1 end
-    local stamps = {}
-    for stamp = lo, hi do stamps[#stamps + 1] = stamp end
-    local total = 0
-    if #stamps > 0 then
-      local vals = ring_buckets(op[2], size, stamps)
-      for j = 1, #vals do total = total + vals[j] end
-    end
-    out[#out + 1] = string.format('%.17g', total)
-  elseif code == 'ewm' then
-    ewm(op[2], op[3], op[4])
-    out[#out + 1] = false
-  elseif code == 'recent_add' then
-    local zk = zkeys[op[2]]
-    local ts = op[4]
-    redis.call('ZADD', zk, 'GT', ts, op[3])
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', ts - op[5])
-    out[#out + 1] = string.format('%d', cap_z(zk, op[6]))
-  elseif code == 'recent_count' then
-    local cutoff = string.format('%.17g', op[3] - op[4])
-    out[#out + 1] = string.format('%d', redis.call('ZCOUNT', zkeys[op[2]], '(' .. cutoff, '+inf'))
-  elseif code == 'seen_add' then
-    local zk = zkeys[op[2]]
-    -- ZADD without CH counts only new members: 1 when the member is new
-    local added = redis.call('ZADD', zk, 'GT', op[4], op[3])
-    cap_z(zk, op[5])
-    out[#out + 1] = added == 1 and '1' or '0'
-  elseif code == 'ewm_gap' then
-    local name, fld, ts = op[2], op[3], op[4]
-    local held = redis.call('HMGET', h, fld, name .. ':n', name .. ':m', name .. ':v')
-    if not held[1] then
-      redis.call('HSET', h, fld, string.format('%.17g', ts))
-    else
-      local gap = ts - tonumber(held[1])
-      if gap >= 0 then
-        if gap > op[6] then gap = op[6] end
-        ewm_step(name, gap, op[5], held[2], held[3], held[4], fld, string.format('%.17g', ts))
-      end
-    end
-    out[#out + 1] = held[1]
-  elseif code == 'ewm_same' then
-    local name, fld, x = op[2], op[3], tonumber(op[4])
-    local held = redis.call('HMGET', h, fld, name .. ':n', name .. ':m', name .. ':v')
-    if held[1] then
-      local same = 0
-      if tonumber(held[1]) == x then same = 1 end
-      ewm_step(name, same, op[5], held[2], held[3], held[4], fld, string.format('%.17g', x))
-    else
-      redis.call('HSET', h, fld, string.format('%.17g', x))
-    end
-    out[#out + 1] = held[1]
-  elseif code == 'gets' then
-    local fields = {}
-    for j = 1, op[2] do fields[j] = op[2 + j] end
-    out[#out + 1] = redis.call('HMGET', h, unpack(fields))
-  elseif code == 'ring_windows' then
-    local name, size, stamp, k = op[2], op[3], op[4], op[5]
-    local maxn = 0
-    for j = 1, k do
-      if op[5 + j] > maxn then maxn = op[5 + j] end
-    end
-    local stamps = {}
-    for off = 0, maxn do stamps[off + 1] = stamp - off end
-    local vals = ring_buckets(name, size, stamps)
-    local res = {}
-    for j = 1, k do
-      local n = op[5 + j]
-      local whole = 0
-      local top = n
-      if top > size then top = size end
-      for off = 0, top - 1 do whole = whole + vals[off + 1] end  -- newest first
-      res[#res + 1] = string.format('%.17g', whole)
-      res[#res + 1] = string.format('%.17g', vals[n + 1])
-    end
-    out[#out + 1] = res
-  elseif code == 'ring_values' then
-    local size, k = op[3], op[4]
-    local stamps = {}
-    for j = 1, k do stamps[j] = op[4 + j] end
-    local vals = ring_buckets(op[2], size, stamps)
-    local res = {}
-    for j = 1, k do res[j] = string.format('%.17g', vals[j]) end
-    out[#out + 1] = res
-  elseif code == 'zset' then
-    local zk = zkeys[op[2]]
-    redis.call('ZADD', zk, string.format('%.17g', op[4]), op[3])
-    cap_z(zk, op[5])
-    out[#out + 1] = false
-  elseif code == 'zrem' then
-    out[#out + 1] = string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
-  elseif code == 'zitems' then
-    local raw = redis.call('ZREVRANGEBYSCORE', zkeys[op[2]], '+inf',
-      string.format('%.17g', op[3]), 'WITHSCORES', 'LIMIT', 0, op[4])
-    local items = {}
-    for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
-    if #items == 0 then out[#out + 1] = false else out[#out + 1] = items end
-  elseif code == 'budget_add' then
-    -- check-and-increment in one atomic step: exact budgets across replicas
-    local name, period, amount, limit = op[2], op[3], op[4], op[5]
-    local pf, of = name .. ':p', name .. ':over'
-    local held = redis.call('HMGET', h, pf, name, of)
-    local total, over = tonumber(held[2] or '0'), tonumber(held[3] or '0')
-    if held[1] and tonumber(held[1]) > period then
-      out[#out + 1] = {'-1', string.format('%.17g', total), string.format('%.17g', over)}
-    else
-      if (not held[1]) or tonumber(held[1]) < period then
-        total, over = 0, 0
-        redis.call('HSET', h, pf, string.format('%.17g', period), name, '0', of, '0')
-      end
-      if total + amount <= limit then
-        total = total + amount
-        redis.call('HSET', h, name, string.format('%.17g', total))
-        out[#out + 1] = {'1', string.format('%.17g', total), string.format('%.17g', over)}
-      else
-        over = over + amount
-        redis.call('HSET', h, of, string.format('%.17g', over))
-        out[#out + 1] = {'0', string.format('%.17g', total), string.format('%.17g', over)}
-      end
-    end
-  elseif code == 'limit' then
-    -- the GCRA limit meter, as `gcra` in features/stores/memory.py (wall time)
-    local mode, now = op[2], op[3]
-    local held = redis.call('HMGET', h, 'lim:until', 'lim:rate', 'lim:burst', 'lim:tat',
-      'lim:tat_e')
-    local lim_until, rate = tonumber(held[1] or '0'), tonumber(held[2] or '0')
-    if lim_until <= now or rate <= 0 then
-      out[#out + 1] = {'-1', '0', '0', '0', '0'}
-    else
-      local burst = tonumber(held[3] or '1')
-      local tat, tat_e = tonumber(held[4] or '0'), tonumber(held[5] or '0')
-      local interval = 60.0 / rate
-      local tol = interval * (math.max(burst, 1) - 1)
-      local hv = math.max(tat, tat_e, now)
-      local status, retry = 0, 0
-      if mode == 'take' then
-        if hv - tol <= now then
-          status = 1
-          redis.call('HSET', h, 'lim:tat', string.format('%.17g', hv + interval))
-        else
-          retry = hv - tol - now
-        end
-      elseif mode == 'count' then
-        local own = math.max(tat_e, now)
-        local new_e = math.min(own + interval, math.max(lim_until, now))
-        redis.call('HSET', h, 'lim:tat_e', string.format('%.17g', new_e))
-        if own - tol <= now then status = 1 end
-        retry = math.max(0, math.max(tat, new_e, now) - tol - now)
-      elseif hv - tol <= now then
-        status = 1
-      else
-        retry = hv - tol - now
-      end
-      out[#out + 1] = {string.format('%d', status), string.format('%.17g', retry),
-        string.format('%.17g', rate), string.format('%.17g', lim_until),
-        string.format('%.17g', burst)}
-    end
-  elseif code == 'persist' then
-    if tonumber(op[2]) == 1 then redis.call('HSET', h, '_persist', '1')
-    else redis.call('HDEL', h, '_persist') end
-    out[#out + 1] = false
-  else
-    return redis.error_reply('unknown store operation ' .. tostring(code))
   end
+  if #sets > 0 then redis.call('HSET', h, unpack(sets)) end
+  if #dels > 0 then redis.call('HDEL', h, unpack(dels)) end
 end
 
 -- a permanent ban keeps the entity; a ban or a limit keeps it at least until it ends
 -- (their ends are wall time), however idle; otherwise the idle TTL
-local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
-if keep[1] == '1' then
+if held['_persist'] == '1' then
   for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
 elseif ttl > 0 then
   local t = ttl
-  if keep[2] or keep[3] then
+  local ban_until, lim_until = held['ban:until'], held['lim:until']
+  if ban_until or lim_until then
     local now = tonumber(redis.call('TIME')[1])
-    local hold = math.max(tonumber(keep[2] or '0') or 0, tonumber(keep[3] or '0') or 0)
+    local hold = math.max(tonumber(ban_until or '0') or 0, tonumber(lim_until or '0') or 0)
     local left = math.ceil(math.min(hold - now, 315360000))
     if left > t then t = left end
   end

@@ -1,0 +1,127 @@
+"""The packed layouts of rings and profiles, as the memory store holds them.
+
+Why: a warm key used to hold hundreds of small objects — a `[stamp, value]` cell per ring
+bucket and three floats per hour-of-week slot — about 80 KB in Redis and more in Python.
+A ring is now one flat `array('d')` of `(stamp, value)` pairs indexed by slot, and a
+profile one `array('d')` of `(n, m, v)` triples indexed by slot: a few hundred bytes each,
+the same cells the Lua script packs into one hash field (`lua/apply_ops.lua`), with the
+same semantics. A ring grows to the highest slot written, so a quiet entity stays small.
+
+A slot whose stamp is not the one asked for is stale and reads as 0; a write to a stale
+slot starts it afresh; a write older than the slot's stamp is refused (too late).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+EMPTY_STAMP = float(-(2**31))
+"""The stamp of a never-written ring slot (stamps are bucket numbers: minutes, hours,
+days since the epoch, all far above it; Redis packs them as 32-bit integers)."""
+PROFILE_MARK = "#"
+"""`name#slot` is slot `slot` of the packed profile `name` (EWM and GET on it)."""
+
+
+def new_ring() -> array:
+    return array("d")
+
+
+def _grow(ring: array, slot: int) -> None:
+    missing = slot + 1 - len(ring) // 2
+    if missing > 0:
+        ring.extend((EMPTY_STAMP, 0.0) * missing)
+
+
+def ring_add(ring: array, slot: int, stamp: int, amount: float) -> float | None:
+    """Add to bucket `stamp` in `slot`; its new value, or None when the slot is newer."""
+    i = 2 * slot
+    if i >= len(ring):
+        _grow(ring, slot)
+    held = ring[i]
+    if held > stamp:
+        return None
+    if held != stamp:
+        ring[i] = stamp
+        ring[i + 1] = 0.0
+    ring[i + 1] += amount
+    return ring[i + 1]
+
+
+def ring_max(ring: array, slot: int, stamp: int, value: float) -> float | None:
+    """Keep the largest value of bucket `stamp` in `slot` (None when the slot is newer)."""
+    i = 2 * slot
+    if i >= len(ring):
+        _grow(ring, slot)
+    held = ring[i]
+    if held > stamp:
+        return None
+    if held != stamp or value > ring[i + 1]:  # a newer bucket starts afresh
+        ring[i] = stamp
+        ring[i + 1] = value
+    return ring[i + 1]
+
+
+def bucket(ring: array | None, size: int, stamp: int) -> float:
+    """The value of bucket `stamp` in a ring of `size` slots (0.0 when stale)."""
+    if ring is None:
+        return 0.0
+    i = 2 * (stamp % size)
+    if i < len(ring) and ring[i] == stamp:
+        return ring[i + 1]
+    return 0.0
+
+
+def ring_windows(ring: array | None, size: int, stamp: int, ns: tuple[int, ...]) -> list[float]:
+    """For each n: the sum of the live buckets stamp-n+1..stamp (at most `size`), summed
+    newest first as the Lua script does, then the edge bucket stamp-n."""
+    if not ring:
+        return [0.0] * (2 * len(ns))
+    vals = [bucket(ring, size, stamp - off) for off in range(max(ns) + 1)]
+    out: list[float] = []
+    for n in ns:
+        out.append(sum(vals[:n if n < size else size], 0.0))
+        out.append(vals[n])
+    return out
+
+
+def profile_slot(name: str) -> tuple[str, int, str] | None:
+    """(profile, slot, part) of `profile#slot[:part]`, or None for a plain name."""
+    if PROFILE_MARK not in name:
+        return None
+    base, _, rest = name.partition(PROFILE_MARK)
+    slot, _, part = rest.partition(":")
+    if not slot.isdigit():
+        return None
+    return base, int(slot), part
+
+
+def profile_get(profile: array | None, slot: int) -> tuple[float, float, float]:
+    """(n, m, v) of a profile slot; n == 0 when it was never written."""
+    i = 3 * slot
+    if profile is None or i + 3 > len(profile):
+        return 0.0, 0.0, 0.0
+    return profile[i], profile[i + 1], profile[i + 2]
+
+
+def profile_put(profile: array, slot: int, n: float, m: float, v: float) -> None:
+    i = 3 * slot
+    if i + 3 > len(profile):
+        profile.extend((0.0,) * (i + 3 - len(profile)))
+    profile[i], profile[i + 1], profile[i + 2] = n, m, v
+
+
+def profile_part(profile: array | None, slot: int, part: str) -> float | None:
+    """GET of `profile#slot:part` (m, v or n): None when the slot was never written."""
+    n, m, v = profile_get(profile, slot)
+    if n == 0.0:
+        return None
+    return {"m": m, "v": v, "n": n}.get(part)
+
+
+def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[float, float, float]:
+    """One step of an exponentially weighted mean and variance (n counts the steps)."""
+    if n == 0.0:
+        return 1.0, x, 0.0
+    diff = x - m
+    incr = alpha * diff
+    return n + 1.0, m + incr, (1 - alpha) * (v + diff * incr)
