@@ -67,7 +67,6 @@ from features.stores.base import (
 from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
     PROFILE_MARK,
-    bucket,
     ewm_next,
     new_ring,
     profile_get,
@@ -76,7 +75,7 @@ from features.stores.packed import (
     profile_slot,
     ring_add,
     ring_max,
-    ring_windows,
+    ring_read,
 )
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
@@ -363,29 +362,8 @@ class MemoryStore(StateStore):
             ring = s.rings[op[1]] = new_ring()
         return ring_max(ring, op[2], op[3], float(op[4]))
 
-    def _ring_get(self, s: _EntityState, op: tuple[Any, ...]) -> float:
-        ring = s.rings.get(op[1])
-        if ring is None:
-            return 0.0
-        i = 2 * op[2]
-        return ring[i + 1] if i < len(ring) and ring[i] == op[3] else 0.0
-
-    def _ring_sum(self, s: _EntityState, op: tuple[Any, ...]) -> float:
-        _, name, size, lo, hi = op
-        ring = s.rings.get(name)
-        if not ring:
-            return 0.0
-        total = 0.0
-        for stamp in range(max(lo, hi - size + 1), hi + 1):
-            total += bucket(ring, size, stamp)
-        return total
-
-    def _ring_windows(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
-        return ring_windows(s.rings.get(op[1]), op[2], op[3], op[5:5 + op[4]])
-
-    def _ring_values(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
-        ring, size = s.rings.get(op[1]), op[2]
-        return [bucket(ring, size, stamp) for stamp in op[4:4 + op[3]]]
+    def _ring_read(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
+        return ring_read(op, s.rings.get(op[1]))
 
     def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         get = s.hash.get
@@ -612,8 +590,8 @@ _HANDLERS = {
     INCR: MemoryStore._incr,
     RING_ADD: MemoryStore._ring_add,
     RING_MAX: MemoryStore._ring_max,
-    RING_GET: MemoryStore._ring_get,
-    RING_SUM: MemoryStore._ring_sum,
+    RING_GET: MemoryStore._ring_read,
+    RING_SUM: MemoryStore._ring_read,
     EWM: MemoryStore._ewm,
     RECENT_ADD: MemoryStore._recent_add,
     RECENT_COUNT: MemoryStore._recent_count,
@@ -621,8 +599,8 @@ _HANDLERS = {
     EWM_GAP: MemoryStore._ewm_gap,
     EWM_SAME: MemoryStore._ewm_same,
     GETS: MemoryStore._gets,
-    RING_WINDOWS: MemoryStore._ring_windows,
-    RING_VALUES: MemoryStore._ring_values,
+    RING_WINDOWS: MemoryStore._ring_read,
+    RING_VALUES: MemoryStore._ring_read,
     ZSET: MemoryStore._zset,
     ZREM: MemoryStore._zrem,
     ZITEMS: MemoryStore._zitems,

@@ -31,13 +31,13 @@ ONCE_LUA = wrap_apply_ops("""
 local n = #KEYS
 local once_key = KEYS[n]
 local cached = redis.call('GET', once_key)
-if cached then return cjson.decode(cached) end
+if cached then return cmsgpack.unpack(cached) end
 local inner_keys, inner_argv = {}, {}
 for k = 1, n - 1 do inner_keys[k] = KEYS[k] end
 for k = 1, #ARGV - 1 do inner_argv[k] = ARGV[k] end
 local out = apply_ops(inner_keys, inner_argv)
 if type(out) == 'table' and out.err then return out end
-redis.call('SET', once_key, cjson.encode(out), 'EX', tonumber(ARGV[#ARGV]))
+redis.call('SET', once_key, cmsgpack.pack(out), 'EX', tonumber(ARGV[#ARGV]))
 return out
 """)
 """apply_ops.lua as a function, plus: KEYS[last] = the once key, ARGV[last] = its TTL."""

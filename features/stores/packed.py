@@ -13,7 +13,10 @@ slot starts it afresh; a write older than the slot's stamp is refused (too late)
 
 from __future__ import annotations
 
+import struct
 from array import array
+from collections.abc import Sequence
+from typing import Any
 
 EMPTY_STAMP = float(-(2**31))
 """The stamp of a never-written ring slot (stamps are bucket numbers: minutes, hours,
@@ -61,7 +64,7 @@ def ring_max(ring: array, slot: int, stamp: int, value: float) -> float | None:
     return ring[i + 1]
 
 
-def bucket(ring: array | None, size: int, stamp: int) -> float:
+def bucket(ring: Sequence[float] | None, size: int, stamp: int) -> float:
     """The value of bucket `stamp` in a ring of `size` slots (0.0 when stale)."""
     if ring is None:
         return 0.0
@@ -71,7 +74,8 @@ def bucket(ring: array | None, size: int, stamp: int) -> float:
     return 0.0
 
 
-def ring_windows(ring: array | None, size: int, stamp: int, ns: tuple[int, ...]) -> list[float]:
+def ring_windows(ring: Sequence[float] | None, size: int, stamp: int,
+                 ns: tuple[int, ...]) -> list[float]:
     """For each n: the sum of the live buckets stamp-n+1..stamp (at most `size`), summed
     newest first as the Lua script does, then the edge bucket stamp-n."""
     if not ring:
@@ -82,6 +86,42 @@ def ring_windows(ring: array | None, size: int, stamp: int, ns: tuple[int, ...])
         out.append(sum(vals[:n if n < size else size], 0.0))
         out.append(vals[n])
     return out
+
+
+def ring_read(op: tuple[Any, ...], ring: Sequence[float] | None) -> Any:
+    """The result of a ring read op (RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES; see
+    `features.stores.base`) on a ring's flat (stamp, value) cells. Both stores answer
+    ring reads with this one function: the memory store on its array, the Redis store on
+    the packed field its script returns (`unpack_ring`)."""
+    code = op[0]
+    if code == "ring_windows":
+        return ring_windows(ring, op[2], op[3], op[5:5 + op[4]])
+    if code == "ring_values":
+        size = op[2]
+        return [bucket(ring, size, stamp) for stamp in op[4:4 + op[3]]]
+    if code == "ring_get":
+        i = 2 * op[2]
+        return ring[i + 1] if ring is not None and i < len(ring) and ring[i] == op[3] else 0.0
+    _, _, size, lo, hi = op  # ring_sum
+    total = 0.0
+    if ring:
+        for stamp in range(max(lo, hi - size + 1), hi + 1):
+            total += bucket(ring, size, stamp)
+    return total
+
+
+_CELL = struct.Struct("<id")
+_UNPACKERS: dict[int, struct.Struct] = {}
+
+
+def unpack_ring(blob: bytes) -> tuple[float, ...]:
+    """The flat (stamp, value) cells of a ring packed by the Lua script (12 bytes a
+    cell: little-endian int32 stamp, double value)."""
+    n = len(blob) // _CELL.size
+    unpacker = _UNPACKERS.get(n)
+    if unpacker is None:
+        unpacker = _UNPACKERS[n] = struct.Struct("<" + "id" * n)
+    return unpacker.unpack(blob[:n * _CELL.size])
 
 
 def profile_slot(name: str) -> tuple[str, int, str] | None:

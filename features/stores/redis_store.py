@@ -4,10 +4,14 @@ Layout: entity `(kind, id)` lives in the hash `<ns>:{<kind>:<id>}:h` and its sor
 `<ns>:{<kind>:<id>}:z:<name>`. The braces are a Redis Cluster hash tag, so an entity's
 keys share a slot and its script is legal on a cluster. Every key is given the idle TTL on
 every touch, so idle entities expire on their own. All entities of one event go out in a
-single pipeline: one network round trip per event. An entity's ops travel as one JSON
-argument and its results come back as one JSON string (the script uses Redis' built-in
-cjson): encoding ~100 ops as separate arguments and parsing a ~130-item reply cost more
-client time than the round trip itself.
+single pipeline: one network round trip per event, and one script call per entity (the
+requests of one entity in a batch, such as the previous event's learning and this
+event's counters on the population, are merged in order). An entity's ops travel as one
+JSON argument and its results come back as one JSON text (the script uses Redis' built-in
+cjson) followed by the packed ring fields that ring reads refer to: encoding ~100 ops as
+separate arguments and parsing a ~130-item reply cost more client time than the round
+trip itself, and the window sums are computed here, from the packed rings, rather than
+on the one Redis core every replica shares (`features.stores.packed`).
 
 The round trip itself is written as raw RESP on a pooled connection (`run_script`):
 redis-py's pipeline costs more client time per EVALSHA than packing it by hand, and the
@@ -48,10 +52,13 @@ from features.stores.base import (
     StateStore,
     StoreError,
 )
+from features.stores.packed import ring_read, unpack_ring
 
 _ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
-_FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
-_LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD, LIMIT))
+_FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX))
+_LIST_FLOAT_OPS = frozenset((BUDGET_ADD, LIMIT))
+_RING_READS = frozenset((RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES))
+"""Sent to the script as (code, name) only: it answers with the ring's packed field."""
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
@@ -134,6 +141,8 @@ class RedisStore(StateStore):
             decode_responses=True,
             health_check_interval=30,
         )
+        # the script's replies carry packed binary fields: read them undecoded
+        self._raw_pool = raw_pool(self.client)
         self._ttl_arg = str(self.idle_ttl_s)
         self.round_trips = 0
 
@@ -158,19 +167,26 @@ class RedisStore(StateStore):
 
     def close(self) -> None:
         self.client.close()
+        self._raw_pool.disconnect()
 
     def encode(self, req: EntityOps) -> tuple[list[str], list[str | bytes]]:
         """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
         TTL and the ops as one JSON text)."""
         prefix = self.entity_prefix(req.kind, req.entity_id)
-        znames = list(dict.fromkeys([op[1] for op in req.ops if op[0] in _ZSET_OPS]))
-        payload = _to_json([znames, req.ops])
+        ops = req.ops
+        znames = list(dict.fromkeys([op[1] for op in ops if op[0] in _ZSET_OPS]))
+        payload = _to_json([znames, [op[:2] if op[0] in _RING_READS else op for op in ops]])
         return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
                 [self._ttl_arg, payload])
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
-        raw = self.run_script(APPLY_OPS, [self.encode(req) for req in requests])
-        return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
+        merged, parts = merge_by_entity(requests)
+        raw = self.run_script(APPLY_OPS, [self.encode(req) for req in merged])
+        results = [self._decode(req, res) for req, res in zip(merged, raw, strict=True)]
+        if len(merged) == len(requests):
+            return results
+        return [results[m][start:start + len(req.ops)]
+                for req, (m, start) in zip(requests, parts, strict=True)]
 
     def run_script(self, script: LuaScript,
                    calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> list[Any]:
@@ -205,7 +221,7 @@ class RedisStore(StateStore):
     def _round_trip(self, packed: list[bytes]) -> list[Any]:
         """Write the packed commands at once, then read every reply (errors included, so
         the connection stays in step); retried like redis-py retries a pipeline."""
-        pool = self.client.connection_pool
+        pool = self._raw_pool
         conn = pool.get_connection()
         command = b"".join(packed)
         count = len(packed)
@@ -231,13 +247,21 @@ class RedisStore(StateStore):
 
     @staticmethod
     def _decode(req: EntityOps, raw: Any) -> list[Any]:
-        values = orjson.loads(raw)
+        """Results of `req` from the script's reply: [JSON text of one result per op,
+        packed ring fields the ring reads refer to by index]."""
+        values = orjson.loads(raw[0])
         if not isinstance(values, list):  # cjson writes an empty table as {}
             values = []
+        rings: dict[int, tuple[float, ...]] = {}
         results: list[Any] = []
         for op, value in zip(req.ops, values, strict=True):
             code = op[0]
-            if code == ZITEMS:
+            if code in _RING_READS:
+                ring = rings.get(value)
+                if ring is None:
+                    ring = rings[value] = unpack_ring(raw[value])
+                results.append(ring_read(op, ring))
+            elif code == ZITEMS:
                 results.append([[m, float(t)] for m, t in value]
                                if isinstance(value, list) else [])
             elif value is False or value is None:
@@ -254,3 +278,36 @@ class RedisStore(StateStore):
             else:
                 results.append(value)
         return results
+
+
+def raw_pool(client: redis.Redis) -> redis.ConnectionPool:
+    """A pool to the same server as `client` whose replies are bytes, not text (the
+    script's replies and packed ring fields are binary)."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    return redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+
+
+def merge_by_entity(requests: Sequence[EntityOps]) -> tuple[list[EntityOps],
+                                                            list[tuple[int, int]]]:
+    """One request per entity, its ops in the order given (entities are independent, so
+    only the order within one entity matters), and where each original request's results
+    start: (merged index, offset). A script call has a fixed cost on the Redis core."""
+    index: dict[tuple[str, str], int] = {}
+    merged: list[EntityOps] = []
+    copied: set[int] = set()
+    parts: list[tuple[int, int]] = []
+    for req in requests:
+        key = (req.kind, req.entity_id)
+        m = index.get(key)
+        if m is None:
+            index[key] = len(merged)
+            parts.append((len(merged), 0))
+            merged.append(req)
+            continue
+        if m not in copied:  # never extend a caller's request in place
+            copied.add(m)
+            merged[m] = EntityOps(req.kind, req.entity_id, list(merged[m].ops))
+        parts.append((m, len(merged[m].ops)))
+        merged[m].ops.extend(req.ops)
+    return merged, parts

@@ -1,17 +1,21 @@
 -- Apply keywatch's generic state operations to one entity, atomically.
 -- KEYS[1] is the entity hash; KEYS[2..] are its sorted sets, in the order named in ARGV[2].
 -- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], [[code, args...], ...]].
--- Returns JSON: one result per op. Results are strings (or false for nil, or arrays of
--- them) so that no precision is lost: numbers are formatted with %.17g, never with
--- tostring (which keeps 14 digits) nor cjson's number encoding.
+-- Returns an array: the JSON text of one result per op, then the packed ring fields the
+-- ring reads refer to. Results are strings (or false for nil, or arrays of them) so that
+-- no precision is lost: numbers are formatted with %.17g, never with tostring (which
+-- keeps 14 digits) nor cjson's number encoding.
 --
--- Layout (see features/stores/base.py): a ring is ONE hash field packing a 12-byte cell
+-- Layout (see features/stores/packed.py): a ring is ONE hash field packing a 12-byte cell
 -- per slot (int32 stamp, double value); an hour-of-week profile (EWM names `p#slot`) is
 -- one field `p` packing (n, m, v) doubles per slot. Everything else is a plain field.
 -- Why: server time went to per-field work (hundreds of bucket fields and their stamps,
--- each named, fetched, parsed and formatted). Now the script first lists every hash field
--- its ops touch, fetches them with ONE HMGET, works on Lua values, and writes what changed
--- with one HSET (and one HDEL) at the end: a handful of redis.calls per entity.
+-- each named, fetched, parsed and formatted), and one Redis core serves every replica.
+-- So the script does only what must be atomic: it lists every hash field its ops touch,
+-- fetches them with ONE HMGET, applies the writes to Lua values, and writes what changed
+-- with one HSET. A ring read (RING_GET/SUM/WINDOWS/VALUES, sent as [code, name]) answers
+-- with the index of the ring's packed field as it stands at that op, and the client
+-- computes the sums from it (`features.stores.packed.ring_read`), off the Redis core.
 local h = KEYS[1]
 local ttl = tonumber(ARGV[1])
 local spec = cjson.decode(ARGV[2])
@@ -153,13 +157,6 @@ local function cell_put(name, slot, stamp, value)
   if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
   hset(name, blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1))
 end
--- the value of the bucket `stamp` (0 when its slot holds another stamp)
-local function bucket(blob, size, stamp)
-  local st, v = cell(blob, stamp % size)
-  if st == stamp then return v end
-  return 0
-end
-
 -- keep the newest `cap` members; returns the cardinality
 local function cap_z(zk, cap)
   local card = redis.call('ZCARD', zk)
@@ -203,41 +200,21 @@ apply.ring_max = function(op)
   end
   return g17(v)
 end
-apply.ring_get = function(op)
-  local st, v = cell(held[op[2]], op[3])
-  if st == op[4] then return g17(v) end
-  return '0'
-end
-apply.ring_sum = function(op)
-  local blob, size, lo, hi = held[op[2]], op[3], op[4], op[5]
-  if lo < hi - size + 1 then lo = hi - size + 1 end
-  local total = 0
-  for stamp = lo, hi do total = total + bucket(blob, size, stamp) end
-  return g17(total)
-end
-apply.ring_windows = function(op)
-  local blob, size, stamp, k = held[op[2]], op[3], op[4], op[5]
-  local maxn = 0
-  for j = 1, k do if op[5 + j] > maxn then maxn = op[5 + j] end end
-  local vals = {}
-  for off = 0, maxn do vals[off + 1] = bucket(blob, size, stamp - off) end
-  local res = {}
-  for j = 1, k do
-    local n = op[5 + j]
-    local top = n
-    if top > size then top = size end
-    local whole = 0
-    for off = 0, top - 1 do whole = whole + vals[off + 1] end  -- newest first
-    res[#res + 1] = g17(whole)
-    res[#res + 1] = g17(vals[n + 1])
+local blobs, blob_at = {}, {}
+local function ring_ref(op)
+  local blob = held[op[2]] or ''
+  local k = blob_at[blob]
+  if not k then
+    blobs[#blobs + 1] = blob
+    k = #blobs
+    blob_at[blob] = k
   end
-  return res
+  return k
 end
-apply.ring_values = function(op)
-  local blob, size, res = held[op[2]], op[3], {}
-  for j = 1, op[4] do res[j] = g17(bucket(blob, size, op[4 + j])) end
-  return res
-end
+apply.ring_get = ring_ref
+apply.ring_sum = ring_ref
+apply.ring_windows = ring_ref
+apply.ring_values = ring_ref
 apply.ewm = function(op) ewm(op[2], op[3], op[4]) return false end
 apply.ewm_gap = function(op)
   local name, fld, ts = op[2], op[3], op[4]
@@ -388,5 +365,6 @@ elseif ttl > 0 then
   end
   for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], t) end
 end
-if #out == 0 then return '[]' end
-return cjson.encode(out)
+local text = '[]'
+if #out > 0 then text = cjson.encode(out) end
+return {text, unpack(blobs)}
