@@ -68,6 +68,7 @@ from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
     PROFILE_MARK,
     ewm_next,
+    member_hash,
     new_ring,
     profile_get,
     profile_part,
@@ -425,6 +426,7 @@ class MemoryStore(StateStore):
 
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, window_s, cap = op
+        member = member_hash(member)
         z = s.zsets.get(zname)
         if z is None:
             z = s.zsets[zname] = {}
@@ -452,6 +454,7 @@ class MemoryStore(StateStore):
 
     def _seen_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, cap = op
+        member = member_hash(member)
         z = s.zsets.get(zname)
         if z is None:
             z = s.zsets[zname] = {}

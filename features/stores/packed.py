@@ -13,9 +13,11 @@ slot starts it afresh; a write older than the slot's stamp is refused (too late)
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from array import array
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 EMPTY_STAMP = float(-(2**31))
@@ -165,3 +167,14 @@ def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[floa
     diff = x - m
     incr = alpha * diff
     return n + 1.0, m + incr, (1 - alpha) * (v + diff * incr)
+
+
+@lru_cache(maxsize=65_536)
+def member_hash(member: str) -> int:
+    """The 48-bit integer a capped set (RECENT_ADD, RECENT_COUNT, SEEN_ADD) keeps for a
+    member: exact as a double in Lua, small to store, and the member itself (an address,
+    a key id, a user agent) is never stored. BLAKE2b rather than a checksum, so a client
+    cannot craft a user agent that passes for one already seen; two members colliding by
+    chance is a 1-in-10^14 event per pair."""
+    return int.from_bytes(hashlib.blake2b(str(member).encode(), digest_size=6).digest(),
+                          "little")

@@ -52,9 +52,13 @@ from features.stores.base import (
     StateStore,
     StoreError,
 )
-from features.stores.packed import ring_read, unpack_ring
+from features.stores.packed import member_hash, ring_read, unpack_ring
 
-_ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS))
+_ZSET_OPS = frozenset((ZSET, ZREM, ZITEMS))
+"""Ops on real sorted sets (the enforcement indexes), keys of their own."""
+_INT_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZREM))
+_HASHED = frozenset((RECENT_ADD, SEEN_ADD))
+"""Ops whose member (op[2]) travels as its `member_hash`."""
 _FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX))
 _LIST_FLOAT_OPS = frozenset((BUDGET_ADD, LIMIT))
 _RING_READS = frozenset((RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES))
@@ -175,7 +179,7 @@ class RedisStore(StateStore):
         prefix = self.entity_prefix(req.kind, req.entity_id)
         ops = req.ops
         znames = list(dict.fromkeys([op[1] for op in ops if op[0] in _ZSET_OPS]))
-        payload = _to_json([znames, [op[:2] if op[0] in _RING_READS else op for op in ops]])
+        payload = _to_json([znames, [_wire(op) for op in ops]])
         return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
                 [self._ttl_arg, payload])
 
@@ -268,7 +272,7 @@ class RedisStore(StateStore):
                 results.append(None)
             elif code in _FLOAT_OPS:
                 results.append(float(value))
-            elif code in _ZSET_OPS:
+            elif code in _INT_OPS:
                 results.append(int(value))
             elif code in _LIST_FLOAT_OPS:
                 results.append(list(map(float, value)) if isinstance(value, list) else [])
@@ -278,6 +282,16 @@ class RedisStore(StateStore):
             else:
                 results.append(value)
         return results
+
+
+def _wire(op: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An op as the script takes it: ring reads as (code, name), set members hashed."""
+    code = op[0]
+    if code in _RING_READS:
+        return op[:2]
+    if code in _HASHED:
+        return (code, op[1], member_hash(op[2]), *op[3:])
+    return op
 
 
 def raw_pool(client: redis.Redis) -> redis.ConnectionPool:

@@ -28,6 +28,7 @@ local CELL = 12
 local EMPTY = -2147483648
 local EMPTY_CELL = struct.pack('<i4d', EMPTY, 0)
 local TRIPLE = 24
+local SET_PREFIX = 'z|'
 
 local function g17(x) return string.format('%.17g', x) end
 local function num(x)
@@ -71,7 +72,9 @@ local scan = {
   gets = function(op) for j = 1, op[2] do need(op[2 + j]) end end,
   budget_add = function(op) need(op[2]); need(op[2] .. ':p'); need(op[2] .. ':over') end,
   limit = function() for _, f in ipairs(LIM) do need(f) end end,
-  recent_add = function() end, recent_count = function() end, seen_add = function() end,
+  recent_add = function(op) need(SET_PREFIX .. op[2]) end,
+  recent_count = function(op) need(SET_PREFIX .. op[2]) end,
+  seen_add = function(op) need(SET_PREFIX .. op[2]) end,
   zset = function() end, zrem = function() end, zitems = function() end,
   persist = function() end,
 }
@@ -157,6 +160,73 @@ local function cell_put(name, slot, stamp, value)
   if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
   hset(name, blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1))
 end
+-- packed capped sets (RECENT_ADD, RECENT_COUNT, SEEN_ADD): field `z|name` packs a
+-- (member hash, newest time) pair of doubles per member; members come hashed to 48-bit
+-- integers by the client, so an address or a key id is never stored in clear
+local sets, SFMT = {}, {}
+local function set_of(name)
+  local st = sets[name]
+  if st then return st end
+  st = {h = {}, t = {}, n = 0}
+  local blob = held[SET_PREFIX .. name]
+  if blob and #blob >= 16 then
+    local n = math.floor(#blob / 16)
+    local f = SFMT[n]
+    if not f then f = '<' .. string.rep('dd', n); SFMT[n] = f end
+    local flat = {struct.unpack(f, blob)}
+    for j = 1, n do st.h[j] = flat[2 * j - 1]; st.t[j] = flat[2 * j] end
+    st.n = n
+  end
+  sets[name] = st
+  return st
+end
+local function set_changed(name, st)
+  st.dirty = true
+  local f = SET_PREFIX .. name
+  if not dirty[f] then dirty[f] = true; ndirty = ndirty + 1 end
+end
+-- add a member, or move its time forward (ZADD GT); true when it is new
+local function set_touch(st, m, ts)
+  for j = 1, st.n do
+    if st.h[j] == m then
+      if st.t[j] < ts then st.t[j] = ts end
+      return false
+    end
+  end
+  st.n = st.n + 1
+  st.h[st.n], st.t[st.n] = m, ts
+  return true
+end
+-- keep the members for which keep(j) holds
+local function set_filter(st, keep)
+  local h, t, n = {}, {}, 0
+  for j = 1, st.n do
+    if keep(j) then n = n + 1; h[n] = st.h[j]; t[n] = st.t[j] end
+  end
+  st.h, st.t, st.n = h, t, n
+end
+-- keep the newest `cap` members (the oldest go first, ties by member)
+local function set_cap(st, cap)
+  if st.n <= cap then return end
+  local order = {}
+  for j = 1, st.n do order[j] = j end
+  table.sort(order, function(a, b)
+    if st.t[a] ~= st.t[b] then return st.t[a] < st.t[b] end
+    return st.h[a] < st.h[b]
+  end)
+  local drop = {}
+  for j = 1, st.n - cap do drop[order[j]] = true end
+  set_filter(st, function(j) return not drop[j] end)
+end
+local function set_pack(st)
+  local flat = {}
+  for j = 1, st.n do flat[2 * j - 1] = st.h[j]; flat[2 * j] = st.t[j] end
+  if st.n == 0 then return false end
+  local f = SFMT[st.n]
+  if not f then f = '<' .. string.rep('dd', st.n); SFMT[st.n] = f end
+  return struct.pack(f, unpack(flat))
+end
+
 -- keep the newest `cap` members; returns the cardinality
 local function cap_z(zk, cap)
   local card = redis.call('ZCARD', zk)
@@ -243,21 +313,25 @@ apply.ewm_same = function(op)
   return last or false
 end
 apply.recent_add = function(op)
-  local zk, ts = zkeys[op[2]], op[4]
-  redis.call('ZADD', zk, 'GT', ts, op[3])
-  redis.call('ZREMRANGEBYSCORE', zk, '-inf', ts - op[5])
-  return string.format('%d', cap_z(zk, op[6]))
+  local st, ts = set_of(op[2]), op[4]
+  set_touch(st, op[3], ts)
+  local cutoff = ts - op[5]
+  set_filter(st, function(j) return st.t[j] > cutoff end)
+  set_cap(st, op[6])
+  set_changed(op[2], st)
+  return string.format('%d', st.n)
 end
 apply.recent_count = function(op)
-  local cutoff = g17(op[3] - op[4])
-  return string.format('%d', redis.call('ZCOUNT', zkeys[op[2]], '(' .. cutoff, '+inf'))
+  local st, cutoff, n = set_of(op[2]), op[3] - op[4], 0
+  for j = 1, st.n do if st.t[j] > cutoff then n = n + 1 end end
+  return string.format('%d', n)
 end
 apply.seen_add = function(op)
-  local zk = zkeys[op[2]]
-  -- ZADD without CH counts only new members: 1 when the member is new
-  local added = redis.call('ZADD', zk, 'GT', op[4], op[3])
-  cap_z(zk, op[5])
-  return added == 1 and '1' or '0'
+  local st = set_of(op[2])
+  local new = set_touch(st, op[3], op[4])
+  set_cap(st, op[5])
+  set_changed(op[2], st)
+  return new and '1' or '0'
 end
 apply.zset = function(op)
   local zk = zkeys[op[2]]
@@ -335,18 +409,21 @@ end
 
 for j, op in ipairs(ops) do out[j] = apply[op[1]](op) end
 
+for name, st in pairs(sets) do
+  if st.dirty then held[SET_PREFIX .. name] = set_pack(st) end
+end
 if ndirty > 0 then
-  local sets, dels = {}, {}
+  local writes, dels = {}, {}
   for f in pairs(dirty) do
     local v = held[f]
     if v then
-      sets[#sets + 1] = f
-      sets[#sets + 1] = v
+      writes[#writes + 1] = f
+      writes[#writes + 1] = v
     else
       dels[#dels + 1] = f
     end
   end
-  if #sets > 0 then redis.call('HSET', h, unpack(sets)) end
+  if #writes > 0 then redis.call('HSET', h, unpack(writes)) end
   if #dels > 0 then redis.call('HDEL', h, unpack(dels)) end
 end
 
