@@ -214,7 +214,7 @@ def test_a_flood_of_new_keys_and_addresses_evicts_no_enforcement_state() -> None
 
 
 def test_a_flood_through_the_api_does_not_unban(tmp_path: Path) -> None:
-    settings = make_settings(memory_max_entities=300, models=False, event_log=False)
+    settings = make_settings(memory_max_mb=0.25, models=False, event_log=False)
     with TestClient(create_app(settings)) as c:
         c.post("/admin/bans", json={"key": "sk-banned", "duration": "24h"}, headers=AUTH)
         c.post("/admin/bans", json={"ip": "203.0.113.9", "duration": "24h"}, headers=AUTH)

@@ -244,3 +244,24 @@ def test_ring_max_keeps_the_largest_value_of_its_stamp(redis_url: str) -> None:
         assert res == [[5.0, 5.0, 9.5, [9.5], 1.0, None, [1.0, 0.0]]], store.name
         if isinstance(store, RedisStore):
             store.close()
+
+
+def test_memory_store_keeps_to_its_budget_evicting_addresses_before_keys() -> None:
+    store = MemoryStore(max_mb=0.5)
+    budget = 0.5 * 2**20
+    t = 1_700_000_000
+    for k in range(20):  # keys with a day of hourly counters: a few KiB each
+        store.execute([EntityOps("k", f"key{k}", [(RING_ADD, "req:h", h % 26, t // 3600 + h, 1.0)
+                                                 for h in range(26)] + [(INCR, "n", 1)])])
+    for i in range(20_000):  # then a flood of addresses seen once
+        store.execute([EntityOps("ip", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}",
+                                 [(INCR, "n", 1)])])
+        assert store.feature_bytes <= budget
+    assert store.address_evictions > 15_000 and store.evictions == store.address_evictions
+    kept = store.execute([EntityOps("k", f"key{k}", [(GET, "n")]) for k in range(20)])
+    assert all(res == ["1"] for res in kept)  # no key was evicted while addresses remained
+    for k in range(20, 2_000):  # a flood of keys: addresses go first, then the oldest keys
+        store.execute([EntityOps("k", f"key{k}", [(INCR, "n", 1)])])
+    assert store.feature_bytes <= budget and len(store._addresses) == 0
+    assert store.evictions > store.address_evictions
+    assert store.stats()["feature_bytes"] == store.feature_bytes

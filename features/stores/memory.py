@@ -3,14 +3,16 @@
 It applies the same generic operations as the Redis store's Lua script, with the same
 semantics, so that a single process needs nothing else installed and a test can compare
 the two backends op for op. It is also the engine of the batch feature extractor, so it
-is written for speed: each op is a small function of the op tuple, and ring buckets are
-kept as native `[stamp, value]` cells rather than hash strings (they are read and written
-only through the RING_* ops, never with GET/SET).
+is written for speed: each op is a small function of the op tuple. Rings, hour-of-week
+profiles and capped sets are packed as the Lua script packs them (`features.stores.packed`):
+a ring is one array of (stamp, value) cells, not an object per bucket.
 
-Memory is bounded three ways: at most `max_entities` entities (least recently used
-evicted first), every set capped by its op, and entities idle for longer than
-`idle_ttl_s` in event time dropped — lazily when touched again, and eagerly from the cold
-end of the LRU order as new entities arrive (the Redis store gets the same from key TTLs).
+Memory is bounded three ways: the feature state's estimated bytes stay within `max_mb`
+(least recently used evicted first, addresses before keys: `features.stores.budget`;
+optionally also at most `max_entities` entities), every set is capped by its op, and
+entities idle for longer than `idle_ttl_s` in event time are dropped — lazily when touched
+again, and eagerly from the cold end of the LRU order as new entities arrive (the Redis
+store gets the same from key TTLs).
 
 That bound applies to *feature* state only, which may be evicted (`evictions`,
 `expirations` count it; a key that comes back starts its windows and baselines afresh).
@@ -64,6 +66,7 @@ from features.stores.base import (
     StoreError,
     is_enforcement_field,
 )
+from features.stores.budget import entity_bytes
 from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
     PROFILE_MARK,
@@ -90,6 +93,8 @@ class _EntityState:
     profiles: dict[str, array] = field(default_factory=dict)
     """Packed profiles (`name#slot` EWMs): (n, m, v) per slot."""
     last_ts: float = 0.0
+    size: int = 0
+    """Estimated bytes of the feature state (`features.stores.budget`), as last applied."""
     enf: dict[str, Any] | None = None
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
@@ -104,6 +109,11 @@ def _fmt(value: float) -> str:
     return repr(value)
 
 
+DEFAULT_MAX_MB = 256.0
+"""Default budget of the feature state: about 25,000 warm keys, or 250,000 addresses."""
+ADDRESS_KIND = "ip"
+"""Entities of this kind are evicted first (`features.stores.budget`)."""
+
 _IDLE_SWEEP = 2
 """Cold entities checked for idleness per new entity (amortised, O(1))."""
 
@@ -113,9 +123,12 @@ class MemoryStore(StateStore):
 
     Parameters
     ----------
+    max_mb:
+        Budget of the feature state in MiB (estimated, `features.stores.budget`): beyond
+        it the least recently used addresses are evicted, then keys, so a flood of
+        distinct source IPs cannot grow memory without bound. None: no byte budget.
     max_entities:
-        Least-recently-used entities beyond this count are evicted, so a flood of
-        distinct source IPs cannot grow memory without bound.
+        Optionally, also at most this many entities (None: no count bound).
     idle_ttl_s:
         An entity whose newest event is older than this (in event time, relative to the
         newest event the store has seen) is treated as expired and starts afresh.
@@ -123,11 +136,18 @@ class MemoryStore(StateStore):
 
     name = "memory"
 
-    def __init__(self, *, max_entities: int = 200_000, idle_ttl_s: float = 8 * 86400,
+    def __init__(self, *, max_mb: float | None = DEFAULT_MAX_MB,
+                 max_entities: int | None = None, idle_ttl_s: float = 8 * 86400,
                  journal_path: Path | None = None, journal_fsync: bool = True) -> None:
+        self.max_mb = max_mb
+        self.max_bytes = int(max_mb * 2**20) if max_mb else None
         self.max_entities = max_entities
         self.idle_ttl_s = idle_ttl_s
         self._entities: OrderedDict[tuple[str, str], _EntityState] = OrderedDict()
+        """Keys (and any kind but addresses and globals), least recently used first."""
+        self._addresses: OrderedDict[tuple[str, str], _EntityState] = OrderedDict()
+        self._bytes = 0
+        self.address_evictions = 0
         self._pinned: dict[tuple[str, str], _EntityState] = {}
         self._enforcement: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -141,11 +161,20 @@ class MemoryStore(StateStore):
             self.replay_journal()
 
     def __len__(self) -> int:
-        return len(self._entities)
+        return len(self._entities) + len(self._addresses)
+
+    @property
+    def feature_bytes(self) -> int:
+        """Estimated bytes of all evictable feature state (bounded by `max_mb`)."""
+        return self._bytes
 
     def stats(self) -> dict[str, float]:
-        """Feature state dropped so far, and enforcement state held (for /metrics)."""
-        return {"feature_evictions": self.evictions, "feature_expirations": self.expirations,
+        """Feature state dropped so far and held, and enforcement state held (/metrics)."""
+        return {"feature_evictions": self.evictions,
+                "feature_address_evictions": self.address_evictions,
+                "feature_expirations": self.expirations,
+                "feature_bytes": self._bytes,
+                "feature_entities": len(self),
                 "enforcement_entities": self.enforcement_entities()}
 
     def enforcement_entities(self) -> int:
@@ -168,11 +197,13 @@ class MemoryStore(StateStore):
         return True
 
     def describe(self) -> str:
-        return f"memory ({len(self._entities)} entities)"
+        return f"memory ({len(self)} entities, {self._bytes / 2**20:.1f} MiB)"
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         with self._lock:
             results = [self._apply(req) for req in requests]
+            if self._over():
+                self._bound()
             if self.journal is not None:
                 writes = enforcement_writes(requests)
                 if writes:  # on disk before the caller hears it was done
@@ -214,13 +245,17 @@ class MemoryStore(StateStore):
             raise SnapshotError(f"{path} does not hold memory-store state: {exc}") from None
         with self._lock:
             self._entities.clear()
+            self._addresses.clear()
+            self._bytes = 0
             self._pinned.clear()
             self._enforcement.clear()
             for key, state in entities:
                 if key[0] == GLOBAL_KIND:  # written before global entities were pinned
                     self._pinned[key] = state
                     continue
-                self._entities[key] = state
+                self._lru(key[0])[key] = state
+                state.size = entity_bytes(state)
+                self._bytes += state.size
                 # enforcement fields written before they were kept apart move out of the hash
                 moved = {f: state.hash.pop(f) for f in list(state.hash)
                          if is_enforcement_field(f)}
@@ -228,11 +263,11 @@ class MemoryStore(StateStore):
                     enforcement.setdefault(key, {}).update(moved)
             self._pinned.update(pinned)
             self._enforcement.update(enforcement)
-            for key, state in self._entities.items():
-                state.enf = self._enforcement.get(key)
+            for lru in (self._entities, self._addresses):
+                for key, state in lru.items():
+                    state.enf = self._enforcement.get(key)
             self._newest_ts = newest_ts
-            while len(self._entities) > self.max_entities:
-                self._entities.popitem(last=False)
+            self._bound()
         self.replay_journal()  # acts since that snapshot
         return len(entities) + len(pinned)
 
@@ -242,7 +277,8 @@ class MemoryStore(StateStore):
             return [(kind, entity_id, _plain(state)) for (kind, entity_id), state
                     in states.items()]
 
-        return {"newest_ts": self._newest_ts, "entities": plain(self._entities),
+        return {"newest_ts": self._newest_ts,
+                "entities": plain(self._addresses) + plain(self._entities),
                 "pinned": plain(self._pinned),
                 "enforcement": [(kind, entity_id, dict(fields))
                                 for (kind, entity_id), fields in self._enforcement.items()]}
@@ -254,11 +290,12 @@ class MemoryStore(StateStore):
             if pinned is None:
                 pinned = self._pinned[key] = _EntityState()
             return pinned
-        entities = self._entities
+        entities = self._lru(kind)
         state = entities.get(key)
         if state is not None:
             if (state.last_ts and self._newest_ts - state.last_ts > self.idle_ttl_s
                     and state.hash.get(PERSIST_FIELD) != "1"):
+                self._bytes -= state.size
                 state = _EntityState(enf=self._enforcement.get(key))
                 entities[key] = state
                 self.expirations += 1
@@ -277,17 +314,34 @@ class MemoryStore(StateStore):
                 entities.move_to_end(cold_key)
                 continue
             del entities[cold_key]
+            self._bytes -= cold.size
             self.expirations += 1
         entities[key] = state
-        spared = 0
-        while len(entities) > self.max_entities and spared <= len(entities):
-            cold_key, cold = entities.popitem(last=False)
-            if cold.hash.get(PERSIST_FIELD) == "1":  # pinned: back to the warm end
-                entities[cold_key] = cold
-                spared += 1
-                continue
-            self.evictions += 1
         return state
+
+    def _lru(self, kind: str) -> OrderedDict[tuple[str, str], _EntityState]:
+        return self._addresses if kind == ADDRESS_KIND else self._entities
+
+    def _over(self) -> bool:
+        return bool((self.max_bytes is not None and self._bytes > self.max_bytes)
+                    or (self.max_entities is not None and len(self) > self.max_entities))
+
+    def _bound(self) -> None:
+        """Evict feature state, least recently used first, addresses before keys (see
+        `features.stores.budget`), until the store is within its bounds. A permanently
+        banned entity is never evicted (it goes back to the warm end)."""
+        for lru in (self._addresses, self._entities):
+            spared = 0
+            while lru and spared < len(lru) and self._over():
+                cold_key, cold = lru.popitem(last=False)
+                if cold.hash.get(PERSIST_FIELD) == "1":
+                    lru[cold_key] = cold
+                    spared += 1
+                    continue
+                self._bytes -= cold.size
+                self.evictions += 1
+                if lru is self._addresses:
+                    self.address_evictions += 1
 
     def _apply(self, req: EntityOps) -> list[Any]:
         # Resolve every op first so that a bad op never leaves the entity half-updated.
@@ -299,7 +353,12 @@ class MemoryStore(StateStore):
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
         state = self._entity(req.kind, req.entity_id)
         self._current = (req.kind, req.entity_id)
-        return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
+        results = [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
+        if req.kind != GLOBAL_KIND:
+            size = entity_bytes(state)
+            self._bytes += size - state.size
+            state.size = size
+        return results
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
     def _get(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
