@@ -427,8 +427,13 @@ class MemoryStore(StateStore):
 
     def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         get = s.hash.get
-        return [_profile_read(s, f) if PROFILE_MARK in f else get(f)
-                for f in op[2:2 + op[1]]]
+        out = [_profile_read(s, f) if PROFILE_MARK in f else get(f)
+               for f in op[2:2 + op[1]]]
+        if s.enf is not None:  # enforcement fields live apart (never evicted)
+            for i, f in enumerate(op[2:2 + op[1]]):
+                if f[:4] in _ENF:
+                    out[i] = s.enf.get(f)
+        return out
 
     def _ewm_update(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
         # Kept as floats (the Lua script writes them with 17 significant digits, which
@@ -645,6 +650,21 @@ def _cap(z: dict[str, float], cap: int) -> None:
             del z[m]
 
 
+def new_state() -> _EntityState:
+    """A detached entity state (not held by any store), for `replay_ops`."""
+    return _EntityState(enf={})
+
+
+def replay_ops(state: _EntityState, ops: Sequence[tuple[Any, ...]],
+               given: dict[int, Any]) -> list[Any]:
+    """Every op's result on a detached state, by the memory store's op code: how the
+    Redis store answers from the fields its script returns (`features.stores.redis_store`),
+    so each op's answer has one implementation. `given`: results known already (by op
+    index), such as those of sorted-set ops, which the script computes."""
+    return [given[i] if i in given else _HANDLERS[op[0]](_REPLAYER, state, op)
+            for i, op in enumerate(ops)]
+
+
 _HANDLERS = {
     GET: MemoryStore._get,
     SET: MemoryStore._set,
@@ -670,3 +690,7 @@ _HANDLERS = {
     BUDGET_ADD: MemoryStore._budget_add,
     LIMIT: MemoryStore._limit,
 }
+
+_REPLAYER = MemoryStore(max_mb=None)
+"""The store object `replay_ops` runs handlers with (they touch only the state given and
+its event-time clock)."""

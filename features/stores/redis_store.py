@@ -32,37 +32,15 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from features.stores.base import (
-    BUDGET_ADD,
-    GETS,
-    INCR,
-    LIMIT,
-    RECENT_ADD,
-    RECENT_COUNT,
-    RING_ADD,
-    RING_GET,
-    RING_MAX,
-    RING_SUM,
-    RING_VALUES,
-    RING_WINDOWS,
-    SEEN_ADD,
     ZITEMS,
     ZREM,
-    ZSET,
     EntityOps,
     StateStore,
     StoreError,
 )
-from features.stores.packed import member_hash, ring_read, unpack_ring
+from features.stores.memory import new_state, replay_ops
+from features.stores.replay import IN_SCRIPT, plan_request, rebuild
 
-_ZSET_OPS = frozenset((ZSET, ZREM, ZITEMS))
-"""Ops on real sorted sets (the enforcement indexes), keys of their own."""
-_INT_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZREM))
-_HASHED = frozenset((RECENT_ADD, SEEN_ADD))
-"""Ops whose member (op[2]) travels as its `member_hash`."""
-_FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX))
-_LIST_FLOAT_OPS = frozenset((BUDGET_ADD, LIMIT))
-_RING_READS = frozenset((RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES))
-"""Sent to the script as (code, name) only: it answers with the ring's packed field."""
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
@@ -175,18 +153,26 @@ class RedisStore(StateStore):
 
     def encode(self, req: EntityOps) -> tuple[list[str], list[str | bytes]]:
         """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
-        TTL and the ops as one JSON text)."""
+        TTL, and one JSON text: sorted-set names, fields to fetch, ops that change state;
+        see `features.stores.replay`)."""
+        return self._encode(req, plan_request(req.ops))
+
+    def _encode(self, req: EntityOps, plan: tuple[list[str], list[int], list[Any]]
+                ) -> tuple[list[str], list[str | bytes]]:
         prefix = self.entity_prefix(req.kind, req.entity_id)
-        ops = req.ops
-        znames = list(dict.fromkeys([op[1] for op in ops if op[0] in _ZSET_OPS]))
-        payload = _to_json([znames, [_wire(op) for op in ops]])
+        fields, _, sent = plan
+        znames = list(dict.fromkeys([op[1] for op in sent if op[0] in IN_SCRIPT]))
+        payload = _to_json([znames, fields, sent])
         return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
                 [self._ttl_arg, payload])
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         merged, parts = merge_by_entity(requests)
-        raw = self.run_script(APPLY_OPS, [self.encode(req) for req in merged])
-        results = [self._decode(req, res) for req, res in zip(merged, raw, strict=True)]
+        plans = [plan_request(req.ops) for req in merged]
+        raw = self.run_script(APPLY_OPS, [self._encode(req, plan)
+                                          for req, plan in zip(merged, plans, strict=True)])
+        results = [self._decode(req, res, plan)
+                   for req, res, plan in zip(merged, raw, plans, strict=True)]
         if len(merged) == len(requests):
             return results
         return [results[m][start:start + len(req.ops)]
@@ -250,48 +236,29 @@ class RedisStore(StateStore):
             pool.release(conn)
 
     @staticmethod
-    def _decode(req: EntityOps, raw: Any) -> list[Any]:
-        """Results of `req` from the script's reply: [JSON text of one result per op,
-        packed ring fields the ring reads refer to by index]."""
-        values = orjson.loads(raw[0])
-        if not isinstance(values, list):  # cjson writes an empty table as {}
-            values = []
-        rings: dict[int, tuple[float, ...]] = {}
-        results: list[Any] = []
-        for op, value in zip(req.ops, values, strict=True):
-            code = op[0]
-            if code in _RING_READS:
-                ring = rings.get(value)
-                if ring is None:
-                    ring = rings[value] = unpack_ring(raw[value])
-                results.append(ring_read(op, ring))
-            elif code == ZITEMS:
-                results.append([[m, float(t)] for m, t in value]
-                               if isinstance(value, list) else [])
-            elif value is False or value is None:
-                results.append(None)
-            elif code in _FLOAT_OPS:
-                results.append(float(value))
-            elif code in _INT_OPS:
-                results.append(int(value))
-            elif code in _LIST_FLOAT_OPS:
-                results.append(list(map(float, value)) if isinstance(value, list) else [])
-            elif code == GETS:
-                results.append([None if x is False else x for x in value]
-                                if isinstance(value, list) else [])
-            else:
-                results.append(value)
-        return results
+    def _decode(req: EntityOps, raw: Any,
+                plan: tuple[list[str], list[int], list[Any]] | None = None) -> list[Any]:
+        """Results of `req` from the script's reply: [JSON text of the sorted-set ops'
+        results, then each fetched field as it was before the ops]; the other ops are
+        answered by replaying them on those fields (`features.stores.replay`)."""
+        fields, kinds, _ = plan if plan is not None else plan_request(req.ops)
+        zres = orjson.loads(raw[0])
+        given: dict[int, Any] = {}
+        if zres:
+            at = iter(zres)
+            for i, op in enumerate(req.ops):
+                if op[0] in IN_SCRIPT:
+                    given[i] = _sorted_set_result(op[0], next(at))
+        state = rebuild(new_state(), fields, kinds, raw[1:])
+        return replay_ops(state, req.ops, given)
 
 
-def _wire(op: tuple[Any, ...]) -> tuple[Any, ...]:
-    """An op as the script takes it: ring reads as (code, name), set members hashed."""
-    code = op[0]
-    if code in _RING_READS:
-        return op[:2]
-    if code in _HASHED:
-        return (code, op[1], member_hash(op[2]), *op[3:])
-    return op
+def _sorted_set_result(code: str, value: Any) -> Any:
+    if code == ZITEMS:
+        return [[m, float(t)] for m, t in value] if isinstance(value, list) else []
+    if code == ZREM:
+        return int(value)
+    return None
 
 
 def raw_pool(client: redis.Redis) -> redis.ConnectionPool:

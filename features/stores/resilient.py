@@ -116,6 +116,8 @@ def is_outage(exc: BaseException) -> bool:
     A refused command (a script error, a wrong type, an unknown op) is a bug, not an
     outage: spooling it would only replay the same failure forever.
     """
+    if getattr(exc, "data_error", False):  # refused before it was sent (an unknown op)
+        return False
     cause = exc.__cause__
     if cause is None:
         return True
