@@ -265,3 +265,24 @@ def test_memory_store_keeps_to_its_budget_evicting_addresses_before_keys() -> No
     assert store.feature_bytes <= budget and len(store._addresses) == 0
     assert store.evictions > store.address_evictions
     assert store.stats()["feature_bytes"] == store.feature_bytes
+
+
+def test_rings_read_alike_while_sparse_and_once_dense(redis_url: str) -> None:
+    # a ring starts as a few (slot, stamp, value) cells and turns dense past eight of them
+    rng = random.Random(11)
+    mem, red = MemoryStore(), RedisStore(redis_url, namespace="sparse")
+    stamp = 500_000
+    for _ in range(120):
+        stamp += rng.choice([0, 1, 1, 3, 40])
+        late = stamp - rng.randint(0, 45)
+        ops = [(RING_ADD, "w", late % 40, late, rng.choice([1, 2.5])),
+               (RING_MAX, "p", stamp % 40, stamp, float(rng.randint(1, 9))),
+               (RING_VALUES, "w", 40, 8, *range(stamp, stamp - 8, -1)),
+               (RING_WINDOWS, "w", 40, stamp, 2, 5, 39), (RING_GET, "p", stamp % 40, stamp)]
+        req = [EntityOps("ip", "198.51.100.7", ops)]
+        assert mem.execute(req) == red.execute(req)
+    import redis
+
+    held = redis.Redis.from_url(redis_url).hget("sparse:{ip:198.51.100.7}:h", "w") or b""
+    assert len(held) % 2 == 0 and len(held) >= 9 * 12  # it turned dense on the way
+    red.close()

@@ -602,6 +602,7 @@ def _state_of(fields: dict[str, Any]) -> _EntityState:
     state = _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
     state.rings = {name: _ring_of(cells) for name, cells in state.rings.items()}
     state.profiles = {name: array("d", values) for name, values in state.profiles.items()}
+    # (capped sets of older snapshots hold members, not their hashes: each is new once)
     return state
 
 

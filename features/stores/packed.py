@@ -116,9 +116,21 @@ _CELL = struct.Struct("<id")
 _UNPACKERS: dict[int, struct.Struct] = {}
 
 
-def unpack_ring(blob: bytes) -> tuple[float, ...]:
-    """The flat (stamp, value) cells of a ring packed by the Lua script (12 bytes a
-    cell: little-endian int32 stamp, double value)."""
+_SPARSE_CELL = struct.Struct("<Hid")
+
+
+def unpack_ring(blob: bytes) -> Sequence[float]:
+    """The flat (stamp, value) cells of a ring packed by the Lua script: dense (even
+    length: 12 bytes a slot, little-endian int32 stamp and double value) or sparse (odd
+    length: `S`, then 14-byte (uint16 slot, int32 stamp, double value) cells), as the
+    memory store holds a ring (`new_ring`)."""
+    if len(blob) % 2:
+        ring = new_ring()
+        for slot, stamp, value in _SPARSE_CELL.iter_unpack(blob[1:]):
+            _grow(ring, slot)
+            ring[2 * slot] = stamp
+            ring[2 * slot + 1] = value
+        return ring
     n = len(blob) // _CELL.size
     unpacker = _UNPACKERS.get(n)
     if unpacker is None:

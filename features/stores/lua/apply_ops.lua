@@ -11,8 +11,8 @@
 -- client knows the state before (this reply) and the ops, so it computes every result
 -- itself with the memory store's code (features/stores/redis_store.py): one
 -- implementation of each op's answer, and no reads, sums or number formatting here.
--- Layout (features/stores/packed.py): a ring is ONE field packing a 12-byte cell per
--- slot (int32 stamp, double value); a profile (EWM names `p#slot`) one field `p` packing
+-- Layout (features/stores/packed.py): a ring is ONE field packing its cells (sparse while
+-- it has few, then a 12-byte (int32 stamp, double value) cell per slot); a profile (EWM names `p#slot`) one field `p` packing
 -- (n, m, v) doubles per slot; a capped set one field `z|name` packing (member hash,
 -- newest time) doubles per member. Everything else is a plain field, numbers as %.17g.
 local h = KEYS[1]
@@ -89,17 +89,49 @@ local function ewm(name, x, alpha)
   hset(name .. ':m', g17(m)); hset(name .. ':v', g17(v)); hset(name .. ':n', string.format('%d', n))
 end
 
--- packed rings: the (stamp, value) cell of a slot; a write replaces one cell
+-- packed rings. Dense (even length): a 12-byte (stamp, value) cell per slot, up to the
+-- highest slot written. Sparse (odd length: 'S', then 14-byte (slot, stamp, value)
+-- cells): a ring with few live buckets, such as an address seen once, stays a few dozen
+-- bytes, and its hash stays in Redis' compact encoding. Past SPARSE_MAX cells it turns
+-- dense. features/stores/packed.py `unpack_ring` reads both.
+local SP, SPARSE_MAX = 14, 8
 local function cell(blob, slot)
+  if not blob then return EMPTY, 0 end
+  if #blob % 2 == 1 then
+    for off = 2, #blob - 1, SP do
+      local s, st, v = struct.unpack('<Hi4d', blob, off)
+      if s == slot then return st, v end
+    end
+    return EMPTY, 0
+  end
   local off = slot * CELL
-  if not blob or #blob < off + CELL then return EMPTY, 0 end
+  if #blob < off + CELL then return EMPTY, 0 end
   return struct.unpack('<i4d', blob, off + 1)
 end
-local function cell_put(name, slot, stamp, value)
-  local blob = held[name] or ''
+local function dense_put(blob, slot, stamp, value)
   local off = slot * CELL
   if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
-  hset(name, blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1))
+  return blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1)
+end
+local function cell_put(name, slot, stamp, value)
+  local blob = held[name]
+  local packed = struct.pack('<Hi4d', slot, stamp, value)
+  if not blob then hset(name, 'S' .. packed) return end
+  if #blob % 2 == 0 then hset(name, dense_put(blob, slot, stamp, value)) return end
+  local n = (#blob - 1) / SP
+  for off = 2, #blob - 1, SP do
+    if struct.unpack('<H', blob, off) == slot then
+      hset(name, blob:sub(1, off - 1) .. packed .. blob:sub(off + SP))
+      return
+    end
+  end
+  if n < SPARSE_MAX then hset(name, blob .. packed) return end
+  local dense = ''
+  for off = 2, #blob - 1, SP do
+    local s, st, v = struct.unpack('<Hi4d', blob, off)
+    dense = dense_put(dense, s, st, v)
+  end
+  hset(name, dense_put(dense, slot, stamp, value))
 end
 
 -- packed capped sets, unpacked once per call into member hashes and times
