@@ -6,8 +6,9 @@ Scoring it again must neither count it twice nor decide it from different number
 `with store.once(token):` every entity request is sent through a wrapper of the same Lua
 script (`lua/apply_ops.lua`, unchanged, wrapped as a function) that first looks for a
 result cached under `<entity prefix>:once:<digest>`, where the digest covers the token and
-the request's ops. On the first call it applies the ops and caches their results in the
-same atomic script call; on a repeat it applies nothing and returns the cached results.
+the request's ops. On the first call it applies the ops and caches the script's reply (the
+fields as they were before, from which the client computes every result) in the same
+atomic script call; on a repeat it applies nothing and returns the cached reply.
 So a re-scored event reads back exactly what it read the first time, and its decision is
 the same. The cache keys live in the entity's hash-tag slot (legal on a cluster), expire
 after `once_ttl_s`, and the worker deletes them once the decision is published.

@@ -1,17 +1,18 @@
 """The shared store: per-entity state in Redis, one atomic Lua call per entity.
 
-Layout: entity `(kind, id)` lives in the hash `<ns>:{<kind>:<id>}:h` and its sorted sets
-`<ns>:{<kind>:<id>}:z:<name>`. The braces are a Redis Cluster hash tag, so an entity's
-keys share a slot and its script is legal on a cluster. Every key is given the idle TTL on
-every touch, so idle entities expire on their own. All entities of one event go out in a
-single pipeline: one network round trip per event, and one script call per entity (the
-requests of one entity in a batch, such as the previous event's learning and this
-event's counters on the population, are merged in order). An entity's ops travel as one
-JSON argument and its results come back as one JSON text (the script uses Redis' built-in
-cjson) followed by the packed ring fields that ring reads refer to: encoding ~100 ops as
-separate arguments and parsing a ~130-item reply cost more client time than the round
-trip itself, and the window sums are computed here, from the packed rings, rather than
-on the one Redis core every replica shares (`features.stores.packed`).
+Layout: entity `(kind, id)` lives in the hash `<ns>:{<kind>:<id>}:h` (its rings, profile
+and capped sets packed into fields of it: `features.stores.packed`), and the enforcement
+indexes in sorted sets `<ns>:{<kind>:<id>}:z:<name>`. The braces are a Redis Cluster hash
+tag, so an entity's keys share a slot and its script is legal on a cluster. Every key is
+given the idle TTL on every touch, so idle entities expire on their own. All entities of
+one event go out in a single pipeline: one network round trip per event, and one script
+call per entity (the requests of one entity in a batch, such as the previous event's
+learning and this event's counters on the population, are merged in order). The script
+applies the writes and returns the touched fields as they were; this client answers
+every op from them with the memory store's code (`features.stores.replay`), so reads,
+sums and number formatting never run on the one Redis core every replica shares. An
+entity's request travels as one JSON argument (the script uses Redis' built-in cjson):
+encoding ~100 ops as separate arguments cost more client time than the round trip.
 
 The round trip itself is written as raw RESP on a pooled connection (`run_script`):
 redis-py's pipeline costs more client time per EVALSHA than packing it by hand, and the
