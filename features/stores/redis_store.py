@@ -40,7 +40,7 @@ from features.stores.base import (
     StoreError,
 )
 from features.stores.memory import new_state, replay_ops
-from features.stores.replay import IN_SCRIPT, plan_request, rebuild
+from features.stores.replay import IN_SCRIPT, Plan, plan_request, rebuild
 
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
@@ -158,14 +158,13 @@ class RedisStore(StateStore):
         see `features.stores.replay`)."""
         return self._encode(req, plan_request(req.ops))
 
-    def _encode(self, req: EntityOps, plan: tuple[list[str], list[int], list[Any]]
-                ) -> tuple[list[str], list[str | bytes]]:
+    def _encode(self, req: EntityOps, plan: Plan) -> tuple[list[str], list[str | bytes]]:
         prefix = self.entity_prefix(req.kind, req.entity_id)
-        fields, _, sent = plan
+        fields, _, sent, n_written = plan
         znames = list(dict.fromkeys([op[1] for op in sent if op[0] in IN_SCRIPT]))
-        payload = _to_json([znames, fields, sent])
+        payload = _to_json([znames, n_written, sent])
         return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
-                [self._ttl_arg, payload])
+                [self._ttl_arg, payload, *fields])
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         merged, parts = merge_by_entity(requests)
@@ -238,11 +237,11 @@ class RedisStore(StateStore):
 
     @staticmethod
     def _decode(req: EntityOps, raw: Any,
-                plan: tuple[list[str], list[int], list[Any]] | None = None) -> list[Any]:
+                plan: Plan | None = None) -> list[Any]:
         """Results of `req` from the script's reply: [JSON text of the sorted-set ops'
-        results, then each fetched field as it was before the ops]; the other ops are
+        results, [each fetched field as it was before the ops]]; the other ops are
         answered by replaying them on those fields (`features.stores.replay`)."""
-        fields, kinds, _ = plan if plan is not None else plan_request(req.ops)
+        fields, kinds, _, _ = plan if plan is not None else plan_request(req.ops)
         zres = orjson.loads(raw[0])
         given: dict[int, Any] = {}
         if zres:
@@ -250,7 +249,7 @@ class RedisStore(StateStore):
             for i, op in enumerate(req.ops):
                 if op[0] in IN_SCRIPT:
                     given[i] = _sorted_set_result(op[0], next(at))
-        state = rebuild(new_state(), fields, kinds, raw[1:])
+        state = rebuild(new_state(), fields, kinds, raw[1])
         return replay_ops(state, req.ops, given)
 
 

@@ -110,9 +110,18 @@ def _touches(op: tuple[Any, ...], out: dict[str, int]) -> None:
         out[PERSIST_FIELD] = PLAIN
 
 
-def plan_request(ops: Sequence[tuple[Any, ...]]) -> tuple[list[str], list[int], list[Any]]:
-    """(fields to fetch, how to rebuild each, ops for the script)."""
-    touched: dict[str, int] = {}
+KEEP_FIELDS = (PERSIST_FIELD, "ban:until", "lim:until")
+"""Fields the script reads to set the entity's TTL: always fetched."""
+
+
+Plan = tuple[list[str], list[int], list[Any], int]
+
+
+def plan_request(ops: Sequence[tuple[Any, ...]]) -> Plan:
+    """(fields to fetch, how to rebuild each, ops for the script, how many of the fields,
+    first, the script's writes need)."""
+    touched: dict[str, int] = dict.fromkeys(KEEP_FIELDS, PLAIN)
+    read_only: dict[str, int] = {}
     sent: list[Any] = []
     for op in ops:
         code = op[0] if op else None
@@ -120,11 +129,17 @@ def plan_request(ops: Sequence[tuple[Any, ...]]) -> tuple[list[str], list[int], 
             error = StoreError(f"unknown store operation {code!r}")
             error.data_error = True  # type: ignore[attr-defined] # bad data, not an outage
             raise error
-        _touches(op, touched)
         if code in _CHANGES or (code == LIMIT and op[1] != "peek"):
+            _touches(op, touched)
             sent.append((code, op[1], member_hash(op[2]), *op[3:]) if code in _HASHED
                         else op)
-    return list(touched), list(touched.values()), sent
+        else:
+            _touches(op, read_only)
+    n_written = len(touched)
+    for name, kind in read_only.items():
+        if name not in touched or kind != PLAIN:
+            touched[name] = kind if name not in touched else max(kind, touched[name])
+    return list(touched), list(touched.values()), sent, n_written
 
 
 _PAIR = struct.Struct("<dd")

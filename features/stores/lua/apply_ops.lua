@@ -2,10 +2,11 @@
 -- and return the entity's fields as they were before.
 -- KEYS[1] is the entity hash; KEYS[2..] are its sorted sets (the enforcement indexes),
 -- in the order named in ARGV[2].
--- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], [fields...], [[code, args...]...]]:
--- the hash fields the request touches, then its ops that change state (and ZITEMS).
--- Returns an array: the JSON text of the sorted-set ops' results (ZSET, ZREM, ZITEMS, in
--- order), then the value each listed field held before the ops (nil when absent).
+-- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], n, [[code, args...]...]]: the ops
+-- that change state (and ZITEMS). ARGV[3..]: the hash fields the request touches, the n
+-- that those ops read or write first (with `_persist`, `ban:until`, `lim:until`).
+-- Returns [the JSON text of the sorted-set ops' results (ZSET, ZREM, ZITEMS, in order),
+-- [the value each listed field held before the ops (nil when absent)]].
 --
 -- Why: one Redis core serves every replica, so it does only what must be atomic. The
 -- client knows the state before (this reply) and the ops, so it computes every result
@@ -20,7 +21,7 @@ local ttl = tonumber(ARGV[1])
 local spec = cjson.decode(ARGV[2])
 local zkeys = {}
 for j, name in ipairs(spec[1]) do zkeys[name] = KEYS[1 + j] end
-local fields, ops = spec[2], spec[3]
+local n_written, ops = spec[2], spec[3]
 
 local CELL = 12
 local EMPTY = -2147483648
@@ -40,13 +41,9 @@ for _, op in ipairs(ops) do
   end
 end
 
--- the entity's fields: fetched once (with those the TTL depends on), written back once
-local n_fields = #fields
-local names = {}
-for j = 1, n_fields do names[j] = fields[j] end
-names[n_fields + 1], names[n_fields + 2], names[n_fields + 3] = '_persist', 'ban:until', 'lim:until'
-local held, before = {}, redis.call('HMGET', h, unpack(names))
-for j = 1, #names do held[names[j]] = before[j] end
+-- the entity's fields: fetched once, those the writes need held in Lua, written back once
+local held, before = {}, redis.call('HMGET', h, unpack(ARGV, 3, #ARGV))
+for j = 1, n_written do held[ARGV[2 + j]] = before[j] end
 local dirty = {}
 local function hset(f, v) held[f] = v; dirty[f] = true end
 
@@ -336,7 +333,6 @@ elseif ttl > 0 then
   end
   for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], t) end
 end
-local reply = {'[]'}
+local reply = {'[]', before}
 if #zout > 0 then reply[1] = cjson.encode(zout) end
-for j = 1, n_fields do reply[j + 1] = before[j] end
 return reply
