@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 
 from features.keys import KeyHasher
-from features.stores.packed import EMPTY_STAMP, unpack_ring
+from features.stores.packed import ring_cells, unpack_ring
 from features.stores.redis_store import raw_pool
 from tests.conftest import TEST_SECRET
 
@@ -24,6 +24,4 @@ def redis_request_total(client: redis.Redis, key: str, *, namespace: str = "kw",
         blob = raw.hget(f"{namespace}:{{k:{key_id}}}:h", "requests:h") or b""
     finally:
         raw.close()
-    cells = unpack_ring(blob)
-    return sum(value for stamp, value in zip(cells[::2], cells[1::2], strict=True)
-               if stamp != EMPTY_STAMP)
+    return sum(value for _, _, value in ring_cells(unpack_ring(blob)))

@@ -2,10 +2,12 @@
 
 Why: a warm key used to hold hundreds of small objects — a `[stamp, value]` cell per ring
 bucket and three floats per hour-of-week slot — about 80 KB in Redis and more in Python.
-A ring is now one flat `array('d')` of `(stamp, value)` pairs indexed by slot, and a
-profile one `array('d')` of `(n, m, v)` triples indexed by slot: a few hundred bytes each,
-the same cells the Lua script packs into one hash field (`lua/apply_ops.lua`), with the
-same semantics. A ring grows to the highest slot written, so a quiet entity stays small.
+A ring is now one flat `array('d')`: while it has at most `SPARSE_MAX` live buckets,
+`[SPARSE, slot, stamp, value, ...]` (an address seen once holds a cell or two, not a run
+of empty slots); past that, `(stamp, value)` pairs indexed by slot, up to the highest slot
+written. A profile is one `array('d')` of `(n, m, v)` triples indexed by slot. The Lua
+script packs the same cells into one hash field (`lua/apply_ops.lua`), with the same
+semantics.
 
 A slot whose stamp is not the one asked for is stale and reads as 0; a write to a stale
 slot starts it afresh; a write older than the slot's stamp is refused (too late).
@@ -27,8 +29,14 @@ PROFILE_MARK = "#"
 """`name#slot` is slot `slot` of the packed profile `name` (EWM and GET on it)."""
 
 
+SPARSE = float(-(2**31) - 1)
+"""First item of a sparse ring (below any int32 stamp, so never a dense ring's first)."""
+SPARSE_MAX = 8
+"""Live buckets a ring holds as (slot, stamp, value) cells before it turns dense."""
+
+
 def new_ring() -> array:
-    return array("d")
+    return array("d", (SPARSE,))
 
 
 def _grow(ring: array, slot: int) -> None:
@@ -37,11 +45,49 @@ def _grow(ring: array, slot: int) -> None:
         ring.extend((EMPTY_STAMP, 0.0) * missing)
 
 
+def _locate(ring: Sequence[float], slot: int) -> int:
+    """Index of the stamp of `slot`'s cell in a non-empty ring, or -1 (no cell)."""
+    if ring[0] == SPARSE:
+        for i in range(1, len(ring), 3):
+            if ring[i] == slot:
+                return i + 1
+        return -1
+    i = 2 * slot
+    return i if i < len(ring) else -1
+
+
+def _place(ring: array, slot: int) -> int:
+    """Index of the stamp of `slot`'s cell, made (empty) when there is none."""
+    i = _locate(ring, slot)
+    if i >= 0:
+        return i
+    if ring[0] == SPARSE:
+        if len(ring) // 3 < SPARSE_MAX:
+            ring.extend((slot, EMPTY_STAMP, 0.0))
+            return len(ring) - 2
+        dense = array("d")
+        for j in range(1, len(ring), 3):
+            at = int(ring[j])
+            _grow(dense, at)
+            dense[2 * at], dense[2 * at + 1] = ring[j + 1], ring[j + 2]
+        ring[:] = dense
+    _grow(ring, slot)
+    return 2 * slot
+
+
+def ring_cells(ring: Sequence[float]) -> list[tuple[int, float, float]]:
+    """(slot, stamp, value) of each written cell of a ring, sparse or dense."""
+    if not ring:
+        return []
+    if ring[0] == SPARSE:
+        return [(int(ring[i]), ring[i + 1], ring[i + 2]) for i in range(1, len(ring), 3)]
+    return [(i // 2, ring[i], ring[i + 1]) for i in range(0, len(ring), 2)
+            if ring[i] != EMPTY_STAMP]
+
+
 def ring_add(ring: array, slot: int, stamp: int, amount: float) -> float | None:
     """Add to bucket `stamp` in `slot`; its new value, or None when the slot is newer."""
-    i = 2 * slot
-    if i >= len(ring):
-        _grow(ring, slot)
+    i = _place(ring, slot)
     held = ring[i]
     if held > stamp:
         return None
@@ -54,9 +100,7 @@ def ring_add(ring: array, slot: int, stamp: int, amount: float) -> float | None:
 
 def ring_max(ring: array, slot: int, stamp: int, value: float) -> float | None:
     """Keep the largest value of bucket `stamp` in `slot` (None when the slot is newer)."""
-    i = 2 * slot
-    if i >= len(ring):
-        _grow(ring, slot)
+    i = _place(ring, slot)
     held = ring[i]
     if held > stamp:
         return None
@@ -68,10 +112,10 @@ def ring_max(ring: array, slot: int, stamp: int, value: float) -> float | None:
 
 def bucket(ring: Sequence[float] | None, size: int, stamp: int) -> float:
     """The value of bucket `stamp` in a ring of `size` slots (0.0 when stale)."""
-    if ring is None:
+    if not ring:
         return 0.0
-    i = 2 * (stamp % size)
-    if i < len(ring) and ring[i] == stamp:
+    i = _locate(ring, stamp % size)
+    if i >= 0 and ring[i] == stamp:
         return ring[i + 1]
     return 0.0
 
@@ -102,8 +146,8 @@ def ring_read(op: tuple[Any, ...], ring: Sequence[float] | None) -> Any:
         size = op[2]
         return [bucket(ring, size, stamp) for stamp in op[4:4 + op[3]]]
     if code == "ring_get":
-        i = 2 * op[2]
-        return ring[i + 1] if ring is not None and i < len(ring) and ring[i] == op[3] else 0.0
+        i = _locate(ring, op[2]) if ring else -1
+        return ring[i + 1] if i >= 0 and ring[i] == op[3] else 0.0
     _, _, size, lo, hi = op  # ring_sum
     total = 0.0
     if ring:
@@ -126,10 +170,8 @@ def unpack_ring(blob: bytes) -> Sequence[float]:
     memory store holds a ring (`new_ring`)."""
     if len(blob) % 2:
         ring = new_ring()
-        for slot, stamp, value in _SPARSE_CELL.iter_unpack(blob[1:]):
-            _grow(ring, slot)
-            ring[2 * slot] = stamp
-            ring[2 * slot + 1] = value
+        for cell in _SPARSE_CELL.iter_unpack(blob[1:]):
+            ring.extend(cell)
         return ring
     n = len(blob) // _CELL.size
     unpacker = _UNPACKERS.get(n)
