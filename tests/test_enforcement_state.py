@@ -232,6 +232,11 @@ def test_a_flood_through_the_api_does_not_unban(tmp_path: Path) -> None:
         evicted = [line for line in metrics.splitlines()
                    if line.startswith("keywatch_store_feature_evictions_total")]
         assert evicted and float(evicted[0].split()[-1]) > 2000
+        by_name = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("keywatch_store_feature_")}
+        # within its budget, addresses go first
+        assert by_name["keywatch_store_feature_address_evictions_total"] > 0
+        assert by_name["keywatch_store_feature_bytes"] <= 0.25 * 2**20
 
 
 # ---- crashes ------------------------------------------------------------------------------
