@@ -16,6 +16,8 @@ Figures:
 - the state store (`benchmarks.state_bench`): Redis server CPU per event, events one Redis
   core serves per CPU second from several clients, bytes per warm key and per address in
   Redis and in the memory store (baseline: the previous layout, `benchmarks/old_layout`).
+- retrain feature building with the vectorised twin on simulated traffic (baseline: the
+  event-by-event replay through the streaming extractor), see `benchmarks.twin_bench`.
 """
 
 from __future__ import annotations
@@ -424,6 +426,9 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
     compact, sklearn_rate = bench_iforest(len(forest.feature_names_), sizes["iforest"])
     figures.append(Figure("iforest_single_event_per_s", compact, "events/s",
                           "scikit-learn score_samples, one row", sklearn_rate, ">= 20,000"))
+    from benchmarks.twin_bench import figure as retrain_features_figure
+
+    figures.append(retrain_features_figure(size))
 
     server = None
     if redis_url is None:

@@ -12,9 +12,12 @@ normal, or at least representative); pass `learn=False` to learn nothing, or a c
 `learn(i, fv) -> bool` (row position, feature vector) to decide per event — for example
 to skip labelled attacks, or to mirror what a running scorer decided.
 
-Cost: about the memory-store speed of `benchmarks.features_bench` (tens of thousands of events per
+Cost: the memory-store speed of `benchmarks.features_bench` (a few thousand events a
 second), one Python pass; memory grows with the distinct keys and addresses (bounded by
-`max_entities`).
+`max_entities`). For training on large logs use the vectorised twin
+(`features.twin.twin_features`), which computes the same values column-wise, tens of times
+faster; this replay stays as the reference it is tested against, and for callers that
+need a custom store, a per-event learning rule or the rules' context.
 """
 
 from __future__ import annotations

@@ -58,7 +58,10 @@ a single Redis node absorbs; beyond that shard it (`all:0..N-1` by key id) and s
 shards on read.
 
 Feature names say what, how, by whom and over what window
-(`requests_count_by_key_5m`); `FEATURE_NAMES` is the schema the models are trained on.
+(`requests_count_by_key_5m`). Every feature is declared in `features.catalogue`, whose
+`FEATURE_NAMES` is the schema the models are trained on; the windowed counters' rings
+and reads come from those declarations. Reads come back by name (`Reads`), never by
+position, so adding an operation cannot shift what another feature reads.
 """
 
 from __future__ import annotations
@@ -70,6 +73,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from features.catalogue import (
+    FEATURE_NAMES,
+    RING_SIZES,
+    RingRead,
+    ring_name,
+    ring_reads,
+    windowed,
+)
 from features.contract import Event
 from features.geo import GeoInfo, GeoLocator, country_name, default_locator, haversine_km
 from features.pricing import Cost, PriceTable
@@ -91,13 +102,7 @@ from features.stores.base import (
     EntityOps,
     StateStore,
 )
-from features.windows import (
-    HOUR_RING_SIZE,
-    MINUTE_RING_SIZE,
-    WINDOWS,
-    Window,
-    ring_name,
-)
+from features.windows import HOUR_RING_SIZE, MINUTE_RING_SIZE
 
 KEY = "k"
 IP = "ip"
@@ -140,8 +145,6 @@ POP_RING_SIZE = 24 * 7 * 4 + 2
 POP_WEEK_LAGS = (168, 336, 504, 672)
 POP_DAY_LAGS = (24, 48, 72, 96, 120, 144)
 EPS = 1e-9
-DAY_RING_SIZE = 32
-"""Daily spend buckets: the 30-day window, its edge day and slack for late events."""
 TRUSTED_GEO = "geo:ok"
 """The key's last located event that was judged normal (lat|lon|ts|country)."""
 TRUSTED_COUNTRY = "cco:"
@@ -200,19 +203,9 @@ SPEND_NORMAL_RING = "spendok:h"
 """Hourly spend of the key's events judged normal: added by learning only, it is the
 spend baseline's history (see the module docstring)."""
 
-KEY_WINDOWED = {
-    "requests": ("count", WINDOWS),
-    "tokens": ("sum", WINDOWS),
-    "errors": ("count", WINDOWS),
-    "auth_fails": ("count", (WINDOWS[1],)),
-}
-IP_WINDOWED = {
-    "requests": ("count", WINDOWS[:3]),
-    "tokens": ("sum", WINDOWS[:3]),
-    "errors": ("count", WINDOWS[1:2]),
-    "auth_fails": ("count", WINDOWS[1:3]),
-}
 _METRICS = ("requests", "tokens", "errors", "auth_fails")
+"""The windowed fields every event adds to the minute and hour rings of its key and its
+address (spend is added by the key alone, and has a day ring too)."""
 
 
 def hour_of_week(ts: float) -> int:
@@ -220,141 +213,27 @@ def hour_of_week(ts: float) -> int:
     return int((ts // 3600 + 72) % 168)
 
 
-def windowed_name(metric: str, agg: str, entity: str, window: Window) -> str:
-    singular = {"requests": "requests", "tokens": "tokens", "errors": "errors",
-                "auth_fails": "auth_fail"}[metric]
-    return f"{singular}_{agg}_by_{entity}_{window.label}"
-
-
-def _window_specs(windowed: dict[str, tuple[str, tuple[Window, ...]]], entity: str) -> tuple[
-        tuple[str, int, int, tuple[tuple[str, int], ...]], ...]:
-    """One RING_WINDOWS read per (metric, ring): (ring name, bucket seconds, ring size,
-    ((feature name, buckets), ...)), in feature order."""
-    specs = []
-    for metric, (agg, windows) in windowed.items():
-        for bucket_s in (60, 3600):
-            ws = tuple((windowed_name(metric, agg, entity, w), w.buckets)
-                       for w in windows if w.bucket_s == bucket_s)
-            if ws:
-                size = MINUTE_RING_SIZE if bucket_s == 60 else HOUR_RING_SIZE
-                specs.append((ring_name(metric, bucket_s), bucket_s, size, ws))
-    return tuple(specs)
-
-
-_KEY_WINDOWS = _window_specs(KEY_WINDOWED, "key")
-_IP_WINDOWS = _window_specs(IP_WINDOWED, "ip")
-_READ_TAILS = {
-    specs: tuple((name, bucket_s, size, (len(ws), *(n for _, n in ws)))
-                 for name, bucket_s, size, ws in specs)
-    for specs in (_KEY_WINDOWS, _IP_WINDOWS)
-}
-_KEY_WINDOW_NAMES = tuple(name for spec in _KEY_WINDOWS for name, _ in spec[3])
-_IP_WINDOW_NAMES = tuple(name for spec in _IP_WINDOWS for name, _ in spec[3])
+_KEY_RINGS = ring_reads("key")
+_IP_RINGS = ring_reads("ip")
+_IP_WINDOW_NAMES = tuple(f.name for f in windowed("ip"))
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
+BASELINE_FIELDS = ("tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
+                   "rate:n", "how:m", "how:v", "how:n", "host:m", "host:n")
+"""The learned baselines read for every event (`how:*` stands for the event's own
+hour-of-week slot, `how:<h>:*` in the store)."""
 _BASELINE_GETS = tuple(
-    (GETS, 14, "tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
-     "rate:n", f"how#{h}:m", f"how#{h}:v", f"how#{h}:n", "host:m", "host:n")
+    (GETS, 14, *(f.replace("how:", f"how#{h}:") for f in BASELINE_FIELDS))
     for h in range(168))
-_REGULARITY_GETS = (GETS, 7, "gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m",
-                    "psame:n")
+REGULARITY_FIELDS = ("gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m", "psame:n")
+_REGULARITY_GETS = (GETS, 7, *REGULARITY_FIELDS)
+IDENTITY_FIELDS = ("net_ok", "pfx_ok", "ua_ok", "net_n", "pfx_n", "ua_n", "hour_before",
+                   "hour", "hour_after", "hours_n")
+"""Names of the identity read's results: is the event's network, prefix and client
+library known, how many of each are, and the key's normal events by hour of day."""
 _HOW_NAMES = tuple(f"how#{h}" for h in range(168))
 """The hour-of-week profile: one packed profile `how`, slot h (`features.stores.packed`)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
-
-GEO_FEATURES = (
-    "geo_distance_km_by_key",
-    "geo_elapsed_s_by_key",
-    "geo_speed_kmh_by_key",
-    "new_country_by_key",
-    "new_asn_by_key",
-    "hosting_asn_by_event",
-    "hosting_share_by_key",
-    "untrusted_hosting_asn_by_event",
-    "distinct_countries_by_key_1h",
-    "distinct_asns_by_key_1h",
-    "countries_seen_by_key",
-    "trusted_geo_distance_km_by_key",
-    "trusted_geo_elapsed_s_by_key",
-    "trusted_geo_speed_kmh_by_key",
-    "untrusted_country_by_key",
-)
-REGULARITY_FEATURES = (
-    "interarrival_cv_by_key",
-    "interarrival_mean_s_by_key",
-    "same_size_ratio_by_key",
-    "same_prompt_ratio_by_key",
-)
-RECURRENCE_FEATURES = (
-    "recurring_requests_1h_by_key",
-    "recurring_spend_usd_1h_by_key",
-    "recurring_tokens_peak_by_key",
-    "key_age_h_by_key",
-    "tokens_vs_population_z_by_event",
-)
-"""Cold start and recurrence: what the key's known identities did at this hour on
-earlier days, its age, and a request's size against the population's for its model."""
-IDENTITY_FEATURES = (
-    "distinct_ips_in_country_by_key_1h",
-    "untrusted_network_by_event",
-    "untrusted_prefix_by_event",
-    "untrusted_ua_family_by_event",
-    "trusted_networks_by_key",
-    "hour_share_by_key",
-    "last_normal_age_s_by_key",
-    "known_identity_by_event",
-)
-"""Identity finer than a country: the networks (ASN and prefix), client libraries and
-hours of day the key's NORMAL traffic uses, learned only from events judged normal."""
-NOVELTY_FEATURES = (
-    "new_endpoint_by_key",
-    "new_user_agent_by_key",
-    "new_model_by_key",
-    "distinct_models_by_key_24h",
-    "prompt_completion_ratio_by_event",
-)
-SPEND_FEATURES = (
-    "cost_usd_by_event",
-    "unknown_price_by_event",
-    "spend_usd_by_key_5m",
-    "spend_usd_by_key_1h",
-    "spend_usd_by_key_24h",
-    "spend_usd_by_key_30d",
-    "spend_rate_vs_baseline_by_key_1h",
-)
-
-FEATURE_NAMES: tuple[str, ...] = (
-    *_KEY_WINDOW_NAMES,
-    *_IP_WINDOW_NAMES,
-    "failure_ratio_by_key_5m",
-    "auth_fail_ratio_by_key_5m",
-    "auth_fail_ratio_by_ip_5m",
-    "distinct_ips_by_key_1h",
-    "distinct_keys_by_ip_1h",
-    "distinct_failed_keys_by_ip_1h",
-    "tokens_log_by_event",
-    "latency_log_ms_by_event",
-    "tokens_zscore_by_key",
-    "tokens_peak_by_key_24h",
-    "tokens_vs_peak_by_key_24h",
-    "latency_zscore_by_key",
-    "history_events_by_key",
-    "rate_vs_hour_of_week_by_key_1h",
-    "rate_vs_baseline_by_key_5m",
-    "population_rate_vs_hour_of_week_1h",
-    "key_rate_vs_population_1h",
-    *GEO_FEATURES,
-    *IDENTITY_FEATURES,
-    *RECURRENCE_FEATURES,
-    *REGULARITY_FEATURES,
-    *NOVELTY_FEATURES,
-    *SPEND_FEATURES,
-    "hour_of_day_sin",
-    "hour_of_day_cos",
-    "day_of_week_sin",
-    "day_of_week_cos",
-)
-"""Every feature, in the stable order the models' vectors use."""
 
 
 @dataclass(slots=True)
@@ -375,9 +254,33 @@ class FeatureVector:
         return [self.values[n] for n in FEATURE_NAMES]
 
 
+class Reads:
+    """One entity's store operations, with the reads `build` needs registered by name.
+
+    Results are addressed as `results[name]`, never by position: adding an operation
+    cannot shift what another read returns."""
+
+    __slots__ = ("at", "ops")
+
+    def __init__(self, ops: list[tuple[Any, ...]] | None = None) -> None:
+        self.ops: list[tuple[Any, ...]] = ops if ops is not None else []
+        self.at: dict[str, int] = {}
+
+    def read(self, name: str, *op: Any) -> None:
+        self.at[name] = len(self.ops)
+        self.ops.append(op)
+
+    def write(self, *op: Any) -> None:
+        self.ops.append(op)
+
+    def results(self, res: Sequence[Any]) -> dict[str, Any]:
+        """The named results of `res` (the store's answer to these ops)."""
+        return {name: res[i] for name, i in self.at.items()}
+
+
 @dataclass(slots=True)
 class Plan:
-    """Store operations for one event, and where each feature's inputs will come back."""
+    """Store operations for one event, and the names under which its reads come back."""
 
     event: Event
     key_id: str
@@ -385,9 +288,9 @@ class Plan:
     ip_ops: EntityOps | None
     population_ops: EntityOps | None = None
     geo: GeoInfo | None = None
-    key_idx: dict[str, Any] = field(default_factory=dict)
-    ip_idx: dict[str, Any] = field(default_factory=dict)
-    population_idx: dict[str, Any] = field(default_factory=dict)
+    key_reads: dict[str, int] = field(default_factory=dict)
+    ip_reads: dict[str, int] = field(default_factory=dict)
+    population_reads: dict[str, int] = field(default_factory=dict)
     cost: Cost | None = None
     """The event's estimated price (budgets reuse it, so it is computed once)."""
     identity: dict[str, Any] = field(default_factory=dict)
@@ -420,8 +323,10 @@ def network_prefix(ip: str | None) -> str | None:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return None
-    bits = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+    if addr.version == 4:  # the same text as ip_network(f"{addr}/24"), a tenth of the cost
+        a, b, c, _ = addr.packed
+        return f"{a}.{b}.{c}.0/24"
+    return str(ipaddress.ip_network(f"{addr}/48", strict=False))
 
 
 def _ua_member(user_agent: str) -> str:
@@ -464,10 +369,16 @@ class FeatureExtractor:
 
     def locate(self, event: Event) -> GeoInfo:
         """The event's geolocation: its own fields first, then the address lookup."""
-        if event.country is None and event.asn is None and event.lat is None:
-            return self.geo.lookup(event.source_ip)
-        return self.geo.locate(event.source_ip, country=event.country, asn=event.asn,
-                               lat=event.lat, lon=event.lon)
+        return self.locate_fields(event.source_ip, event.country, event.asn, event.lat,
+                                  event.lon)
+
+    def locate_fields(self, source_ip: str | None, country: str | None, asn: str | None,
+                      lat: float | None, lon: float | None) -> GeoInfo:
+        """`locate` from the event's fields (the batch twin locates each distinct
+        combination once)."""
+        if country is None and asn is None and lat is None:
+            return self.geo.lookup(source_ip)
+        return self.geo.locate(source_ip, country=country, asn=asn, lat=lat, lon=lon)
 
     # ---- phase 1 ----------------------------------------------------------------------
     def plan(self, event: Event, key_id: str) -> Plan:
@@ -489,164 +400,128 @@ class FeatureExtractor:
                 rm, rh = _RINGS[i]
                 adds.append((RING_ADD, rm, slot_m, stamp_m, amount))
                 adds.append((RING_ADD, rh, slot_h, stamp_h, amount))
-
-        # ---- key --------------------------------------------------------------------
-        kops: list[tuple[Any, ...]] = list(adds)
         cost = self.pricing.cost_of(event)
-        stamp_d = int(ts // 86400)
+        key = self._plan_key(event, key_id, geo, cost, list(adds))
+        ip_ops = None
+        ip = Reads(list(adds))
+        if source_ip:
+            _window_reads(ip, _IP_RINGS, ts)
+            ip.read("distinct_keys", RECENT_ADD, "keys", key_id, ts, 3600, DISTINCT_CAP)
+            if amounts[3]:
+                ip.read("failed_keys", RECENT_ADD, "fkeys", key_id, ts, 3600, DISTINCT_CAP)
+            else:
+                ip.read("failed_keys", RECENT_COUNT, "fkeys", ts, 3600)
+            ip_ops = EntityOps(IP, source_ip, ip.ops)
+
+        # population: this hour and the previous, then the same hour in earlier weeks
+        # and days; the size prior of the event's priced model
+        pop = Reads([(RING_ADD, POP_RING, stamp_h % POP_RING_SIZE, stamp_h, 1.0)])
+        pop.read("hours", RING_VALUES, POP_RING, POP_RING_SIZE, 2 + len(_POP_LAGS), stamp_h,
+                 stamp_h - 1, *(stamp_h - lag for lag in _POP_LAGS))
+        size_name = POP_SIZE + (cost.model or "other")
+        pop.read("size", GETS, 3, f"{size_name}:m", f"{size_name}:v", f"{size_name}:n")
+        return Plan(
+            event=event, key_id=key_id, key_ops=EntityOps(KEY, key_id, key.ops),
+            ip_ops=ip_ops, population_ops=EntityOps(POPULATION, POPULATION_ID, pop.ops),
+            geo=geo, key_reads=key.at, ip_reads=ip.at, population_reads=pop.at, cost=cost)
+
+    def _plan_key(self, event: Event, key_id: str, geo: GeoInfo, cost: Cost,
+                  adds: list[tuple[Any, ...]]) -> Reads:
+        """The key's operations: observations, then the reads of its state."""
+        ts = event.timestamp
+        stamp_h = int(ts // 3600)
+        k = Reads(adds)
         if cost.usd:
-            kops.append((RING_ADD, "spend:m", slot_m, stamp_m, cost.usd))
-            kops.append((RING_ADD, "spend:h", slot_h, stamp_h, cost.usd))
-            kops.append((RING_ADD, "spend:d", stamp_d % DAY_RING_SIZE, stamp_d, cost.usd))
-        kidx: dict[str, Any] = {"windows": len(kops)}
-        _window_reads(kops, _KEY_WINDOWS, stamp_m, stamp_h)
-        kidx["spend"] = len(kops)
-        kops.append((RING_WINDOWS, "spend:m", MINUTE_RING_SIZE, stamp_m, 1, 5))
-        kops.append((RING_WINDOWS, "spend:h", HOUR_RING_SIZE, stamp_h, 2, 1, 24))
+            for bucket_s in (60, 3600, 86400):
+                stamp = int(ts // bucket_s)
+                k.write(RING_ADD, ring_name("spend", bucket_s),
+                        stamp % RING_SIZES[bucket_s], stamp, cost.usd)
+        _window_reads(k, _KEY_RINGS, ts)
         # the normal-value rings are read over the hours that ended at least an hour ago
         past_hours = range(stamp_h - 2, stamp_h - 25, -1)
-        kops.append((RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23, *past_hours))
-        kops.append((RING_WINDOWS, "spend:d", DAY_RING_SIZE, stamp_d, 1, 30))
-        kidx["size_peak"] = len(kops)
-        kops.append((RING_VALUES, SIZE_PEAK_RING, HOUR_RING_SIZE, 23, *past_hours))
-        if source_ip:
-            kidx["distinct_ips"] = len(kops)
-            kops.append((RECENT_ADD, "ips", source_ip, ts, 3600, DISTINCT_CAP))
+        k.read("spend_normal", RING_VALUES, SPEND_NORMAL_RING, HOUR_RING_SIZE, 23,
+               *past_hours)
+        k.read("size_peak", RING_VALUES, SIZE_PEAK_RING, HOUR_RING_SIZE, 23, *past_hours)
+        if event.source_ip:
+            k.read("distinct_ips", RECENT_ADD, "ips", event.source_ip, ts, 3600, DISTINCT_CAP)
             # addresses in this event's country within the hour: a leak abroad is one
             # or a few machines, an app launching in a new country is a crowd
-            kidx["country_ips"] = len(kops)
-            kops.append((RECENT_ADD, "ips:" + (geo.country or "-"), source_ip, ts, 3600,
-                         COUNTRY_IPS_CAP))
-        kidx["baselines"] = len(kops)
-        kops.append(_BASELINE_GETS[hour_of_week(ts)])
-
+            k.read("country_ips", RECENT_ADD, "ips:" + (geo.country or "-"), event.source_ip,
+                   ts, 3600, COUNTRY_IPS_CAP)
+        k.read("baselines", *_BASELINE_GETS[hour_of_week(ts)])
         # regularity: observations, updated by every event; the gap clock also tells
         # whether this is the key's first event
-        kidx["gap"] = len(kops)
-        kops.append((EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S))
-        kops.append((EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA))
+        k.read("gap_last", EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S)
+        k.write(EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA)
         # a client stuck in a loop resends the same prompt; the completion (and so the
         # total) varies from one answer to the next
         prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
-        kops.append((EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA))
-        kops.append(_REGULARITY_GETS)
-
+        k.write(EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA)
+        k.read("regularity", *_REGULARITY_GETS)
         # novelty for this key
-        kidx["ep"] = len(kops)
-        kops.append((SEEN_ADD, "ep", event.endpoint, ts, ENDPOINT_CAP))
-        kops.append((SEEN_ADD, "ua", _ua_member(event.user_agent), ts, USER_AGENT_CAP))
-        kidx["mdl"] = len(kops)
+        k.read("new_endpoint", SEEN_ADD, "ep", event.endpoint, ts, ENDPOINT_CAP)
+        k.read("new_user_agent", SEEN_ADD, "ua", _ua_member(event.user_agent), ts,
+               USER_AGENT_CAP)
         if event.model is not None:
-            kops.append((SEEN_ADD, "mdl", event.model, ts, MODEL_CAP))
-        kops.append((RECENT_COUNT, "mdl", ts, 86400))
+            k.read("new_model", SEEN_ADD, "mdl", event.model, ts, MODEL_CAP)
+        k.read("models_24h", RECENT_COUNT, "mdl", ts, 86400)
         # countries and networks: "new" only for a key that had some before
-        kidx["cc"] = _novelty(kops, "cc", geo.country, ts, COUNTRY_CAP, 3600)
-        kidx["asn"] = _novelty(kops, "asn", geo.asn, ts, ASN_CAP, 3600)
+        _novelty(k, "cc", geo.country, ts, COUNTRY_CAP, 3600)
+        _novelty(k, "asn", geo.asn, ts, ASN_CAP, 3600)
         if geo.hosting and geo.asn:
-            kidx["hosting_asn"] = len(kops)
-            kops.append((GET, TRUSTED_HOSTING_ASN + geo.asn))
+            k.read("hosting_asn_ok", GET, TRUSTED_HOSTING_ASN + geo.asn)
         # identity: is this network, prefix, client library known from normal traffic;
         # how much of the key's normal traffic falls in this hour of day (±1 h)
         hod = int(ts // 3600) % 24
-        kidx["identity"] = len(kops)
-        kops.append((GETS, 10, NETWORK_OK + (geo.asn or "-"),
-                     PREFIX_OK + (network_prefix(source_ip) or "-"),
-                     UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
-                     PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
-                     HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24),
-                     HOUR_COUNT + "n"))
-        kops.append((GET, LAST_NORMAL))
-        kidx["recur"] = len(kops)
+        k.read("identity", GETS, 10, NETWORK_OK + (geo.asn or "-"),
+               PREFIX_OK + (network_prefix(event.source_ip) or "-"),
+               UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
+               PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
+               HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24), HOUR_COUNT + "n")
+        k.read("last_normal", GET, LAST_NORMAL)
         lag_stamps = [stamp_h - lag + d for lag in (*RECUR_LAGS[0], RECUR_LAGS[1])
                       for d in (-1, 0, 1)]
-        for ring in (RECUR_REQ, RECUR_SPEND, RECUR_SIZE):
-            kops.append((RING_VALUES, ring, RECUR_RING_SIZE, len(lag_stamps), *lag_stamps))
-        kops.append((GET, FIRST_SEEN))
-
+        for name, ring in (("recur_req", RECUR_REQ), ("recur_spend", RECUR_SPEND),
+                           ("recur_size", RECUR_SIZE)):
+            k.read(name, RING_VALUES, ring, RECUR_RING_SIZE, len(lag_stamps), *lag_stamps)
+        k.read("first_seen", GET, FIRST_SEEN)
         # the previous located event (read, then replace with this one)
         if geo.lat is not None:
-            kidx["geo"] = len(kops)
-            kops.append((GET, "geo"))
-            kops.append((SET, "geo", f"{geo.lat!r}|{geo.lon!r}|{ts!r}|{geo.country or ''}"))
+            k.read("geo", GET, "geo")
+            k.write(SET, "geo", f"{geo.lat!r}|{geo.lon!r}|{ts!r}|{geo.country or ''}")
             # where the key was last used in traffic judged normal, and whether this
             # country is one of those places (written by `learn_ops`)
-            kidx["trusted"] = len(kops)
-            kops.append((GETS, 2, TRUSTED_GEO, TRUSTED_COUNTRY + (geo.country or "")))
-
-        # ---- IP ---------------------------------------------------------------------
-        ip_ops = None
-        ipidx: dict[str, Any] = {}
-        if source_ip:
-            iops: list[tuple[Any, ...]] = list(adds)
-            ipidx["windows"] = len(iops)
-            _window_reads(iops, _IP_WINDOWS, stamp_m, stamp_h)
-            ipidx["distinct_keys"] = len(iops)
-            iops.append((RECENT_ADD, "keys", key_id, ts, 3600, DISTINCT_CAP))
-            if amounts[3]:
-                iops.append((RECENT_ADD, "fkeys", key_id, ts, 3600, DISTINCT_CAP))
-            else:
-                iops.append((RECENT_COUNT, "fkeys", ts, 3600))
-            ip_ops = EntityOps(IP, source_ip, iops)
-
-        # ---- population: this hour and the previous, then the same hour in earlier
-        # weeks and days ---------------------------------------------------------------
-        pops: list[tuple[Any, ...]] = [
-            (RING_ADD, POP_RING, stamp_h % POP_RING_SIZE, stamp_h, 1.0),
-            (RING_VALUES, POP_RING, POP_RING_SIZE, 2 + len(_POP_LAGS), stamp_h, stamp_h - 1,
-             *(stamp_h - lag for lag in _POP_LAGS)),
-        ]
-        size_name = POP_SIZE + (cost.model or "other")
-        pops.append((GETS, 3, f"{size_name}:m", f"{size_name}:v", f"{size_name}:n"))
-
-        return Plan(
-            event=event,
-            key_id=key_id,
-            key_ops=EntityOps(KEY, key_id, kops),
-            ip_ops=ip_ops,
-            population_ops=EntityOps(POPULATION, POPULATION_ID, pops),
-            geo=geo,
-            key_idx=kidx,
-            ip_idx=ipidx,
-            cost=cost,
-        )
+            k.read("trusted", GETS, 2, TRUSTED_GEO, TRUSTED_COUNTRY + (geo.country or ""))
+        return k
 
     # ---- phase 2 ----------------------------------------------------------------------
     def build(self, plan: Plan, results: Sequence[list[Any]]) -> FeatureVector:
         event = plan.event
         ts = event.timestamp
-        key_res = results[0]
-        ip_res = results[1] if plan.ip_ops is not None else None
-        pop_res = results[-1] if plan.population_ops is not None else None
-        kidx = plan.key_idx
+        key = _named(results[0], plan.key_reads)
+        ip = _named(results[1], plan.ip_reads) if plan.ip_ops is not None else None
+        pop = _named(results[-1], plan.population_reads) if plan.population_ops else None
         v: dict[str, float] = {}
 
-        _window_values(v, _KEY_WINDOWS, kidx["windows"], key_res, ts)
-        if ip_res is not None:
-            _window_values(v, _IP_WINDOWS, plan.ip_idx["windows"], ip_res, ts)
+        _window_values(v, _KEY_RINGS, key, ts)
+        if ip is not None:
+            _window_values(v, _IP_RINGS, ip, ts)
         else:
             for name in _IP_WINDOW_NAMES:
                 v[name] = 0.0
-
         v["failure_ratio_by_key_5m"] = _ratio(v["errors_count_by_key_5m"],
                                               v["requests_count_by_key_5m"])
         v["auth_fail_ratio_by_key_5m"] = _ratio(v["auth_fail_count_by_key_5m"],
                                                 v["requests_count_by_key_5m"])
         v["auth_fail_ratio_by_ip_5m"] = _ratio(v["auth_fail_count_by_ip_5m"],
                                                v["requests_count_by_ip_5m"])
-        i = kidx.get("distinct_ips")
-        v["distinct_ips_by_key_1h"] = float(key_res[i]) if i is not None else 0.0
-        if ip_res is not None:
-            v["distinct_keys_by_ip_1h"] = float(ip_res[plan.ip_idx["distinct_keys"]])
-            v["distinct_failed_keys_by_ip_1h"] = float(ip_res[plan.ip_idx["distinct_keys"] + 1])
-        else:
-            v["distinct_keys_by_ip_1h"] = 0.0
-            v["distinct_failed_keys_by_ip_1h"] = 0.0
+        v["distinct_ips_by_key_1h"] = float(key.get("distinct_ips") or 0)
+        v["distinct_keys_by_ip_1h"] = float(ip["distinct_keys"]) if ip else 0.0
+        v["distinct_failed_keys_by_ip_1h"] = float(ip["failed_keys"]) if ip else 0.0
 
-        base = key_res[kidx["baselines"]]
-        tok = _ewm(base, 0)
-        lat = _ewm(base, 3)
-        rate = _ewm(base, 6)
-        how = _ewm(base, 9)
+        base = dict(zip(BASELINE_FIELDS, key["baselines"], strict=True))
+        tok, lat = _ewm(base, "tok"), _ewm(base, "lat")
+        rate, how = _ewm(base, "rate"), _ewm(base, "how")
         tokens_log = math.log1p(event.tokens)
         latency_log = math.log1p(event.latency_ms)
         v["tokens_log_by_event"] = tokens_log
@@ -654,8 +529,7 @@ class FeatureExtractor:
         v["tokens_zscore_by_key"] = _z(tokens_log, tok)
         # the largest normal request of the last day, among the hours that ended at least
         # an hour ago
-        size_peak = max(max(key_res[kidx["size_peak"]], default=0.0),
-                        _recurring(key_res[kidx["recur"] + 2]))
+        size_peak = max(max(key["size_peak"], default=0.0), _recurring(key["recur_size"]))
         v["tokens_peak_by_key_24h"] = size_peak
         v["tokens_vs_peak_by_key_24h"] = (
             event.tokens / max(size_peak, SIZE_PEAK_FLOOR_TOKENS) if size_peak > 0 else 1.0)
@@ -663,156 +537,46 @@ class FeatureExtractor:
         v["history_events_by_key"] = tok[2]
         expected = how[0] if how[2] >= 3 else rate[0]
         # a spike that recurs at this hour from the key's known identities is normal
-        expected = max(expected, _recurring(key_res[kidx["recur"]]))
+        expected = max(expected, _recurring(key["recur_req"]))
         key_rate_ratio = (
-            v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0
-        )
+            v["requests_count_by_key_1h"] / max(expected, 1.0) if rate[2] > 0 else 1.0)
         v["rate_vs_hour_of_week_by_key_1h"] = key_rate_ratio
         # the last 5 minutes against a twelfth of the usual hour (at least one request)
         v["rate_vs_baseline_by_key_5m"] = (
             v["requests_count_by_key_5m"] / max(expected / 12.0, 1.0) if rate[2] > 0 else 1.0)
-
-        # population
-        pop_1h = pop_expected = None
-        pop_ratio = 1.0
-        if pop_res is not None:
-            buckets = pop_res[1]
-            pop_1h = buckets[0] + buckets[1] * (1.0 - (ts % 3600) / 3600)
-            pop_expected = _lag_mean(buckets, 2, len(POP_WEEK_LAGS))
-            if pop_expected is None:
-                pop_expected = _lag_mean(buckets, 2 + len(POP_WEEK_LAGS), len(POP_DAY_LAGS))
-            if pop_expected is not None:
-                pop_ratio = pop_1h / max(pop_expected, 1.0)
+        pop_1h, pop_expected, pop_ratio = _population_rate(pop, ts)
         v["population_rate_vs_hour_of_week_1h"] = pop_ratio
         v["key_rate_vs_population_1h"] = key_rate_ratio / max(pop_ratio, 1.0)
-
-        # geo
         geo = plan.geo or GeoInfo()
-        distance = elapsed = speed = 0.0
-        prev_country = prev_ts = None
-        gi = kidx.get("geo")
-        if gi is not None and key_res[gi]:
-            lat_s, lon_s, ts_s, prev_country = key_res[gi].split("|", 3)
-            prev_lat, prev_lon, prev_ts = float(lat_s), float(lon_s), float(ts_s)
-            prev_country = prev_country or None
-            elapsed = abs(ts - prev_ts)
-            distance = haversine_km(prev_lat, prev_lon, geo.lat, geo.lon)  # type: ignore[arg-type]
-            speed = distance / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
-        v["geo_distance_km_by_key"] = distance
-        v["geo_elapsed_s_by_key"] = elapsed
-        v["geo_speed_kmh_by_key"] = speed
-        cc_new, cc_distinct = _novelty_values(key_res, kidx["cc"])
-        asn_new, asn_distinct = _novelty_values(key_res, kidx["asn"])
-        v["new_country_by_key"] = cc_new
-        v["new_asn_by_key"] = asn_new
-        v["hosting_asn_by_event"] = 1.0 if geo.hosting else 0.0
-        # A key whose normal traffic comes from homes and phones, suddenly used from a
-        # datacenter network its normal traffic never used: a leaked key run from a VPS
-        # looks like this even in the owner's country, with the owner's user agent.
-        host_m, host_n = base[12], base[13]
-        v["hosting_share_by_key"] = float(host_m) if host_n is not None else 0.0
-        hi = kidx.get("hosting_asn")
-        v["untrusted_hosting_asn_by_event"] = (
-            1.0 if hi is not None and host_n is not None and not key_res[hi] else 0.0)
-        v["distinct_countries_by_key_1h"] = cc_distinct
-        v["distinct_asns_by_key_1h"] = asn_distinct
-        cc_start, cc_added, _ = kidx["cc"]
-        v["countries_seen_by_key"] = float(key_res[cc_start]) if cc_added else 0.0
-        # Against the last location judged normal rather than the last event: a leaked
-        # key used from afar while its owner carries on keeps looking impossible on every
-        # attacker event (the attacker's own events never become the reference), whereas
-        # a traveller's first normal event at the destination becomes the new reference.
-        t_distance = t_elapsed = t_speed = untrusted = 0.0
-        trusted_country = trusted_ts = None
-        ti = kidx.get("trusted")
-        if ti is not None and key_res[ti][0]:
-            t_lat, t_lon, t_ts, trusted_country = key_res[ti][0].split("|", 3)
-            trusted_ts = float(t_ts)
-            trusted_country = trusted_country or None
-            t_elapsed = abs(ts - trusted_ts)
-            t_distance = haversine_km(float(t_lat), float(t_lon), geo.lat,  # type: ignore[arg-type]
-                                      geo.lon)  # type: ignore[arg-type]
-            t_speed = t_distance / max(t_elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
-            untrusted = 1.0 if geo.country and not key_res[ti][1] else 0.0
-        v["trusted_geo_distance_km_by_key"] = t_distance
-        v["trusted_geo_elapsed_s_by_key"] = t_elapsed
-        v["trusted_geo_speed_kmh_by_key"] = t_speed
-        v["untrusted_country_by_key"] = untrusted
-
-        i = kidx.get("country_ips")
-        v["distinct_ips_in_country_by_key_1h"] = float(key_res[i]) if i is not None else 0.0
-        self._identity_values(v, plan, key_res[kidx["identity"]],
-                              key_res[kidx["identity"] + 1])
-        r = kidx["recur"]
-        recur_req, recur_spend, recur_size = (_recurring(key_res[r + i]) for i in range(3))
-        v["recurring_requests_1h_by_key"] = recur_req
+        prev = self._geo_values(v, key, geo, base, ts)
+        v["distinct_ips_in_country_by_key_1h"] = float(key.get("country_ips") or 0)
+        self._identity_values(v, plan, key["identity"], key["last_normal"])
+        recur_spend = _recurring(key["recur_spend"])
+        v["recurring_requests_1h_by_key"] = _recurring(key["recur_req"])
         v["recurring_spend_usd_1h_by_key"] = recur_spend
-        v["recurring_tokens_peak_by_key"] = recur_size
-        first = key_res[r + 3]
+        v["recurring_tokens_peak_by_key"] = _recurring(key["recur_size"])
+        first = key["first_seen"]
         v["key_age_h_by_key"] = max(0.0, ts - float(first)) / 3600.0 if first else 0.0
-        psz = pop_res[2] if pop_res is not None else None
-        v["tokens_vs_population_z_by_event"] = _population_z(tokens_log, psz)
-
-        # regularity
-        g = kidx["gap"]
-        first_event = key_res[g] is None
-        gap_m, gap_v, gap_n, same_m, same_n, psame_m, psame_n = key_res[g + 3]
-        gap_mean = float(gap_m) if gap_n is not None else 0.0
-        if gap_n is not None and float(gap_n) >= MIN_GAPS:
-            gap_sd = math.sqrt(max(float(gap_v), 0.0))
-            cv = gap_sd / gap_mean if gap_mean > 0 else 0.0
-        else:
-            cv = 1.0
-        v["interarrival_cv_by_key"] = cv
-        v["interarrival_mean_s_by_key"] = gap_mean
-        v["same_size_ratio_by_key"] = float(same_m) if same_n is not None else 0.0
-        v["same_prompt_ratio_by_key"] = float(psame_m) if psame_n is not None else 0.0
-
-        # novelty (never on the key's first event: a new key is not novel everywhere)
-        e = kidx["ep"]
-        if first_event:
-            v["new_endpoint_by_key"] = v["new_user_agent_by_key"] = 0.0
-        else:
-            v["new_endpoint_by_key"] = float(key_res[e])
-            v["new_user_agent_by_key"] = float(key_res[e + 1])
-        m = kidx["mdl"]
-        if event.model is not None:
-            v["new_model_by_key"] = 0.0 if first_event else float(key_res[m])
-            m += 1
-        else:
-            v["new_model_by_key"] = 0.0
-        v["distinct_models_by_key_24h"] = float(key_res[m])
+        v["tokens_vs_population_z_by_event"] = _population_z(tokens_log,
+                                                             pop["size"] if pop else None)
+        first_event = key["gap_last"] is None
+        _regularity_values(v, key["regularity"])
+        _novelty_flags(v, key, first_event)
         if event.prompt_tokens is not None and event.completion_tokens is not None:
             v["prompt_completion_ratio_by_event"] = (
                 math.log1p(event.prompt_tokens) - math.log1p(event.completion_tokens))
         else:
             v["prompt_completion_ratio_by_event"] = 0.0
-
-        # spend: the edge bucket of each window weighted like the other counters
         cost = plan.cost or self.pricing.cost_of(event)
-        sp = kidx["spend"]
-        m5, hours, days = key_res[sp], key_res[sp + 1], key_res[sp + 3]
-        spend_1h = hours[0] + hours[1] * (1.0 - (ts % 3600) / 3600)
         # the busiest hour of the last day of spend judged normal, among the hours that
         # ended at least an hour ago
-        peak = max(max(key_res[sp + 2], default=0.0),
-                   _recurring(key_res[kidx["recur"] + 1]))
+        peak = max(max(key["spend_normal"], default=0.0), recur_spend)
         v["cost_usd_by_event"] = cost.usd
         v["unknown_price_by_event"] = 1.0 if cost.unknown else 0.0
-        v["spend_usd_by_key_5m"] = m5[0] + m5[1] * (1.0 - (ts % 60) / 60)
-        v["spend_usd_by_key_1h"] = spend_1h
-        v["spend_usd_by_key_24h"] = hours[2] + hours[3] * (1.0 - (ts % 3600) / 3600)
-        v["spend_usd_by_key_30d"] = days[0] + days[1] * (1.0 - (ts % 86400) / 86400)
         v["spend_rate_vs_baseline_by_key_1h"] = (
-            spend_1h / max(peak, SPEND_BASELINE_FLOOR_USD) if peak > 0 else 1.0)
-
-        hour = (ts % 86400) / 3600
-        day = (ts // 86400 + 3) % 7
-        v["hour_of_day_sin"] = math.sin(2 * math.pi * hour / 24)
-        v["hour_of_day_cos"] = math.cos(2 * math.pi * hour / 24)
-        v["day_of_week_sin"] = math.sin(2 * math.pi * day / 7)
-        v["day_of_week_cos"] = math.cos(2 * math.pi * day / 7)
-
+            v["spend_usd_by_key_1h"] / max(peak, SPEND_BASELINE_FLOOR_USD) if peak > 0
+            else 1.0)
+        _time_values(v, ts)
         context = {
             "key_id": plan.key_id,
             "source_ip": event.source_ip,
@@ -829,12 +593,7 @@ class FeatureExtractor:
             "lat": geo.lat,
             "lon": geo.lon,
             "geo_source": geo.source,
-            "prev_country": prev_country,
-            "prev_country_name": _country_name(prev_country),
-            "prev_seen_ts": prev_ts,
-            "trusted_country": trusted_country,
-            "trusted_country_name": _country_name(trusted_country),
-            "trusted_seen_ts": trusted_ts,
+            **prev,
             "population_requests_1h": pop_1h,
             "population_expected_1h": pop_expected,
             "baseline_spend_usd_1h": peak or None,
@@ -842,7 +601,62 @@ class FeatureExtractor:
             "identity": plan.identity,
             "network": plan.identity.get("prefix"),
         }
-        return FeatureVector(values=v, context=context)
+        return FeatureVector(values=_ordered(v), context=context)
+
+    def _geo_values(self, v: dict[str, float], key: dict[str, Any], geo: GeoInfo,
+                    base: dict[str, Any], ts: float) -> dict[str, Any]:
+        """Travel since the previous located event and since the last one judged normal,
+        novelty of the country and network; returns their context."""
+        distance = elapsed = speed = 0.0
+        prev_country = prev_ts = None
+        if key.get("geo"):
+            lat_s, lon_s, ts_s, prev_country = key["geo"].split("|", 3)
+            prev_ts = float(ts_s)
+            prev_country = prev_country or None
+            elapsed = abs(ts - prev_ts)
+            distance = haversine_km(float(lat_s), float(lon_s), geo.lat, geo.lon)  # type: ignore[arg-type]
+            speed = distance / max(elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+        v["geo_distance_km_by_key"] = distance
+        v["geo_elapsed_s_by_key"] = elapsed
+        v["geo_speed_kmh_by_key"] = speed
+        v["new_country_by_key"] = _new_member(key, "cc")
+        v["new_asn_by_key"] = _new_member(key, "asn")
+        v["hosting_asn_by_event"] = 1.0 if geo.hosting else 0.0
+        # A key whose normal traffic comes from homes and phones, suddenly used from a
+        # datacenter network its normal traffic never used: a leaked key run from a VPS
+        # looks like this even in the owner's country, with the owner's user agent.
+        host_n = base["host:n"]
+        v["hosting_share_by_key"] = float(base["host:m"]) if host_n is not None else 0.0
+        v["untrusted_hosting_asn_by_event"] = (
+            1.0 if "hosting_asn_ok" in key and host_n is not None and not key["hosting_asn_ok"]
+            else 0.0)
+        v["distinct_countries_by_key_1h"] = float(key.get("cc_1h") or 0)
+        v["distinct_asns_by_key_1h"] = float(key.get("asn_1h") or 0)
+        v["countries_seen_by_key"] = float(key.get("cc_before") or 0)
+        # Against the last location judged normal rather than the last event: a leaked
+        # key used from afar while its owner carries on keeps looking impossible on every
+        # attacker event (the attacker's own events never become the reference), whereas
+        # a traveller's first normal event at the destination becomes the new reference.
+        t_distance = t_elapsed = t_speed = untrusted = 0.0
+        trusted_country = trusted_ts = None
+        trusted = key.get("trusted")
+        if trusted is not None and trusted[0]:
+            t_lat, t_lon, t_ts, trusted_country = trusted[0].split("|", 3)
+            trusted_ts = float(t_ts)
+            trusted_country = trusted_country or None
+            t_elapsed = abs(ts - trusted_ts)
+            t_distance = haversine_km(float(t_lat), float(t_lon), geo.lat,  # type: ignore[arg-type]
+                                      geo.lon)  # type: ignore[arg-type]
+            t_speed = t_distance / max(t_elapsed, MIN_TRAVEL_ELAPSED_S) * 3600.0
+            untrusted = 1.0 if geo.country and not trusted[1] else 0.0
+        v["trusted_geo_distance_km_by_key"] = t_distance
+        v["trusted_geo_elapsed_s_by_key"] = t_elapsed
+        v["trusted_geo_speed_kmh_by_key"] = t_speed
+        v["untrusted_country_by_key"] = untrusted
+        return {"prev_country": prev_country, "prev_country_name": _country_name(prev_country),
+                "prev_seen_ts": prev_ts, "trusted_country": trusted_country,
+                "trusted_country_name": _country_name(trusted_country),
+                "trusted_seen_ts": trusted_ts}
 
     def _identity_values(self, v: dict[str, float], plan: Plan, res: list[Any],
                          last_normal: Any) -> None:
@@ -995,58 +809,105 @@ class FeatureStream:
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def _window_reads(
-    ops: list[tuple[Any, ...]], specs: tuple[tuple[str, int, int, tuple[tuple[str, int], ...]],
-                                             ...],
-    stamp_m: int, stamp_h: int,
-) -> None:
-    """Queue one RING_WINDOWS read per ring in `specs`."""
-    ops.extend([(RING_WINDOWS, name, size, stamp_m if bucket_s == 60 else stamp_h, *tail)
-                for name, bucket_s, size, tail in _READ_TAILS[specs]])
+def _named(res: Sequence[Any], at: dict[str, int]) -> dict[str, Any]:
+    """An entity's results by the names its reads were registered under."""
+    return {name: res[i] for name, i in at.items()}
 
 
-def _window_values(
-    v: dict[str, float], specs: tuple[tuple[str, int, int, tuple[tuple[str, int], ...]], ...],
-    start: int, res: list[Any], ts: float,
-) -> None:
+def _ordered(v: dict[str, float]) -> dict[str, float]:
+    """The values in `FEATURE_NAMES` order (the models' vectors and tests rely on it)."""
+    return {name: v[name] for name in FEATURE_NAMES}
+
+
+_READ_TAILS = {
+    rings: tuple((r, (RING_WINDOWS, ring_name(r.field, r.bucket_s), r.ring_size),
+                  (len(r.windows), *(n for _, n in r.windows))) for r in rings)
+    for rings in (_KEY_RINGS, _IP_RINGS)
+}
+
+
+def _window_reads(reads: Reads, rings: tuple[RingRead, ...], ts: float) -> None:
+    """Queue one RING_WINDOWS read per ring, named after the ring."""
+    for r, head, tail in _READ_TAILS[rings]:
+        reads.read(head[1], *head, int(ts // r.bucket_s), *tail)
+
+
+def _window_values(v: dict[str, float], rings: tuple[RingRead, ...], res: dict[str, Any],
+                   ts: float) -> None:
     """Each window: its whole buckets plus the edge bucket weighted by the share of it
     still inside the window (see `features.windows`)."""
-    frac_m = 1.0 - (ts % 60) / 60
-    frac_h = 1.0 - (ts % 3600) / 3600
-    i = start
-    for _, bucket_s, _, windows in specs:
-        frac = frac_m if bucket_s == 60 else frac_h
-        vals = res[i]
-        j = 0
-        for name, _ in windows:
-            v[name] = vals[j] + vals[j + 1] * frac
-            j += 2
-        i += 1
+    for r in rings:
+        frac = 1.0 - (ts % r.bucket_s) / r.bucket_s
+        vals = res[ring_name(r.field, r.bucket_s)]
+        for j, (name, _) in enumerate(r.windows):
+            v[name] = vals[2 * j] + vals[2 * j + 1] * frac
 
 
-def _novelty(
-    ops: list[tuple[Any, ...]], zname: str, member: str | None, ts: float, cap: int,
-    window_s: float | None = None,
-) -> tuple[int, bool, bool]:
-    """Queue: size before, add (when there is a member), distinct in window (optional)."""
-    start = len(ops)
+def _novelty(reads: Reads, zname: str, member: str | None, ts: float, cap: int,
+             window_s: float) -> None:
+    """Queue: the set's size before, the add (when there is a member: `<zname>_new`),
+    distinct members in the window (`<zname>_1h`)."""
     if member is not None:
-        ops.append((RECENT_COUNT, zname, ts, ALL_TIME_S))
-        ops.append((SEEN_ADD, zname, member, ts, cap))
-    if window_s is not None:
-        ops.append((RECENT_COUNT, zname, ts, window_s))
-    return start, member is not None, window_s is not None
+        reads.read(f"{zname}_before", RECENT_COUNT, zname, ts, ALL_TIME_S)
+        reads.read(f"{zname}_new", SEEN_ADD, zname, member, ts, cap)
+    reads.read(f"{zname}_1h", RECENT_COUNT, zname, ts, window_s)
 
 
-def _novelty_values(res: list[Any], idx: tuple[int, bool, bool]) -> tuple[float, float]:
-    """(1.0 if the member is new to a key that had members before, distinct in window)."""
-    start, added, windowed = idx
-    new = 0.0
-    if added:
-        new = 1.0 if (res[start] > 0 and res[start + 1] == 1) else 0.0
-        start += 2
-    distinct = float(res[start]) if windowed else 0.0
-    return new, distinct
+def _new_member(res: dict[str, Any], zname: str) -> float:
+    """1.0 if the member is new to a key that had members before."""
+    before = res.get(f"{zname}_before")
+    return 1.0 if before and res[f"{zname}_new"] == 1 else 0.0
+
+
+def _novelty_flags(v: dict[str, float], key: dict[str, Any], first_event: bool) -> None:
+    """New endpoint, user agent and model (never on the key's first event: a new key is
+    not novel everywhere), and the models used over the day."""
+    v["new_endpoint_by_key"] = 0.0 if first_event else float(key["new_endpoint"])
+    v["new_user_agent_by_key"] = 0.0 if first_event else float(key["new_user_agent"])
+    new_model = key.get("new_model")
+    v["new_model_by_key"] = 0.0 if first_event or new_model is None else float(new_model)
+    v["distinct_models_by_key_24h"] = float(key["models_24h"])
+
+
+def _regularity_values(v: dict[str, float], stats: Sequence[Any]) -> None:
+    """Inter-arrival mean and variation, and how often sizes and prompts repeat."""
+    r = dict(zip(REGULARITY_FIELDS, stats, strict=True))
+    gap_n = r["gap:n"]
+    gap_mean = float(r["gap:m"]) if gap_n is not None else 0.0
+    if gap_n is not None and float(gap_n) >= MIN_GAPS:
+        gap_sd = math.sqrt(max(float(r["gap:v"]), 0.0))
+        cv = gap_sd / gap_mean if gap_mean > 0 else 0.0
+    else:
+        cv = 1.0
+    v["interarrival_cv_by_key"] = cv
+    v["interarrival_mean_s_by_key"] = gap_mean
+    v["same_size_ratio_by_key"] = float(r["same:m"]) if r["same:n"] is not None else 0.0
+    v["same_prompt_ratio_by_key"] = float(r["psame:m"]) if r["psame:n"] is not None else 0.0
+
+
+def _population_rate(pop: dict[str, Any] | None, ts: float) -> tuple[
+        float | None, float | None, float]:
+    """The population's last hour against the same hour in earlier weeks (or days):
+    (requests in the last hour, expected, ratio)."""
+    if pop is None:
+        return None, None, 1.0
+    buckets = pop["hours"]
+    pop_1h = buckets[0] + buckets[1] * (1.0 - (ts % 3600) / 3600)
+    expected = _lag_mean(buckets, 2, len(POP_WEEK_LAGS))
+    if expected is None:
+        expected = _lag_mean(buckets, 2 + len(POP_WEEK_LAGS), len(POP_DAY_LAGS))
+    ratio = pop_1h / max(expected, 1.0) if expected is not None else 1.0
+    return pop_1h, expected, ratio
+
+
+def _time_values(v: dict[str, float], ts: float) -> None:
+    """Hour of day and day of week on the circle."""
+    hour = (ts % 86400) / 3600
+    day = (ts // 86400 + 3) % 7
+    v["hour_of_day_sin"] = math.sin(2 * math.pi * hour / 24)
+    v["hour_of_day_cos"] = math.cos(2 * math.pi * hour / 24)
+    v["day_of_week_sin"] = math.sin(2 * math.pi * day / 7)
+    v["day_of_week_cos"] = math.cos(2 * math.pi * day / 7)
 
 
 def _lag_mean(res: list[Any], start: int, count: int) -> float | None:
@@ -1084,11 +945,12 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _ewm(res: Sequence[Any], start: int) -> tuple[float, float, float]:
-    m, var, n = res[start], res[start + 1], res[start + 2]
+def _ewm(stats: dict[str, Any], name: str) -> tuple[float, float, float]:
+    """(mean, variance, count) of the EWM `name` (zeros before its first update)."""
+    n = stats[f"{name}:n"]
     if n is None:
         return 0.0, 0.0, 0.0
-    return float(m), float(var), float(n)
+    return float(stats[f"{name}:m"]), float(stats[f"{name}:v"]), float(n)
 
 
 def _z(x: float, stats: tuple[float, float, float]) -> float:

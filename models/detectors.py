@@ -1,13 +1,16 @@
 """The detectors in the scoring path: online population model, per-key baselines and the
 offline Isolation Forest, turned into calibrated `ModelSignals` for fusion.
 
-- The population model (River HalfSpaceTrees, protected) lives in this process and is
-  checkpointed to disk; it learns only from events the whole pipeline left unflagged.
-- Each key's adaptive baseline (rate and size, with a Page-Hinkley change detector) lives in
-  the state store as one field of the key's hash, so every replica shares it: it is read in
-  the event's single round trip and written back with the next one. Replicas updating the
-  same key at the same instant may lose one update; that moves a mean by a fraction of a
-  percent, whereas counters, limits and bans stay exact.
+- The population model (River HalfSpaceTrees, protected) is one model for all replicas:
+  each learns the same ordered log of the events the whole pipeline left unflagged
+  (`models.population_log`), read in the event's round trip; it is checkpointed to disk.
+- Each key's streaming detectors (requests per minute, tokens, latency; `models.streaming`)
+  live in the state store as one field of the key's hash, so every replica shares them:
+  read in the event's single round trip, and never written back whole. What learning an
+  event added is sent with the next round trip as a delta of decayed sums (`DECAY_ADD`),
+  which the store decays and adds to whatever the key holds by then, so replicas
+  interleaving one key's events lose no update (written back whole, two scorers
+  alternating over 200 events of a key counted 100).
 - The offline model comes from the registry, is verified before loading, and is
   hot-reloaded when a new version is promoted.
 """
@@ -19,24 +22,30 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from features.extractor import FeatureVector, Plan
-from features.stores.base import GET, SET, EntityOps
+from features.stores.base import DECAY_ADD, GETS, EntityOps
 from models.feature_space import to_model_space
 from models.offline import OfflineDetector
 from models.online import KeyBaseline, PendingEvent, PopulationDetector
+from models.population_log import PopulationLog
 from models.registry import ModelRegistry
 from models.signals import ModelSignals
-from models.streaming import SeasonalStream, StreamParams, state_size
+from models.streaming import SeasonalStream, StreamParams, half_lives, state_size
 
 log = logging.getLogger("keywatch.detectors")
 
 BASELINE_FIELD = "kb"
-STREAMS_FIELD = "ks"
-"""The key's streaming detectors (requests per minute, tokens, latency), one field."""
+STREAMS_FIELD = "ksd"
+"""The key's streaming detectors (requests per minute, tokens, latency): one field of
+mergeable decayed sums, "T|v1,...", changed only by the store's DECAY_ADD."""
+LEGACY_STREAMS_FIELD = "ks"
+"""The same state as each replica wrote it back whole (before DECAY_ADD): read once, so
+a key keeps what it learned, then superseded."""
 STREAM_PARAMS: dict[str, StreamParams] = {
     "requests_count_by_key_1m": StreamParams(phases=24),
     "tokens_log_by_event": StreamParams(phases=1),
@@ -44,33 +53,62 @@ STREAM_PARAMS: dict[str, StreamParams] = {
 }
 """The key's univariate series and their detectors: the rate has a daily rhythm; a
 call's size and latency are judged against the key's recent level."""
+_HALF_LIVES: list[float] = [h for p in STREAM_PARAMS.values() for h in half_lives(p)]
+_STATE_SIZE = sum(state_size(p) for p in STREAM_PARAMS.values())
+
+
+def _floats(text: str) -> list[float] | None:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        return None
+    if len(values) != _STATE_SIZE:
+        log.error("unreadable key streams (%d values), starting afresh", len(values))
+        return None
+    return values
 
 
 class KeyStreams:
-    """A key's `SeasonalStream`s, stored as one comma-separated field of floats."""
+    """A key's `SeasonalStream`s as read from the store, and what learning adds to them.
 
-    def __init__(self, raw: str | bytes | None = None) -> None:
+    The stored field holds the streams' sums at one reference time (`STREAMS_FIELD`);
+    `delta_op` is the store write of what this replica learned since it read them.
+    """
+
+    def __init__(self, raw: str | bytes | Sequence[Any] | None = None) -> None:
+        held, legacy = (raw[0], raw[1]) if isinstance(raw, list | tuple) else (raw, None)
+        ref, values, stored = 0.0, None, False
+        if held:
+            text = held.decode() if isinstance(held, bytes) else held
+            stamp, _, rest = text.partition("|")
+            values = _floats(rest)
+            if values is not None:
+                ref, stored = float(stamp), True
+        elif legacy:
+            text = legacy.decode() if isinstance(legacy, bytes) else legacy
+            values = _floats(text)
         self.streams: dict[str, SeasonalStream] = {}
-        values: list[float] | None = None
-        if raw:
-            text = raw.decode() if isinstance(raw, bytes) else raw
-            try:
-                values = [float(x) for x in text.split(",")]
-            except ValueError:
-                values = None
-            if values is not None and len(values) != sum(
-                    state_size(p) for p in STREAM_PARAMS.values()):
-                log.error("unreadable key streams (%d values), starting afresh", len(values))
-                values = None
+        self.before: dict[str, SeasonalStream] = {}
         at = 0
         for name, params in STREAM_PARAMS.items():
             n = state_size(params)
-            self.streams[name] = SeasonalStream(
-                params, values[at:at + n] if values is not None else None)
+            stream = SeasonalStream(params, values[at:at + n] if values is not None else None)
+            if stored:
+                stream = stream.at(ref)
+            self.streams[name] = stream
+            # a legacy state is not in the new field yet: all of it is this write's delta
+            self.before[name] = stream.at(stream.ref_time) if stored else SeasonalStream(params)
             at += n
 
     def encode(self) -> str:
         return ",".join(f"{x:.10g}" for s in self.streams.values() for x in s.v)
+
+    def delta_op(self) -> tuple[Any, ...]:
+        """DECAY_ADD of what was learned since the read (see `SeasonalStream.delta_since`)."""
+        ts = max(s.ref_time for s in self.streams.values())
+        deltas = [d for name, s in self.streams.items()
+                  for d in s.delta_since(self.before[name])]
+        return (DECAY_ADD, STREAMS_FIELD, ts, _HALF_LIVES, deltas)
 
     @staticmethod
     def series(fv: FeatureVector) -> dict[str, float]:
@@ -161,6 +199,7 @@ class Detectors:
         self._refused: str | None = None  # the promoted version that failed: not retried
         self._next_check = 0.0
         self._lock = threading.Lock()
+        self.population_log = PopulationLog(population) if population is not None else None
         self.reload(force=True)
 
     # ---- offline model ------------------------------------------------------------------
@@ -221,10 +260,23 @@ class Detectors:
     # ---- scoring path -------------------------------------------------------------------
     def plan(self, plan: Plan) -> int:
         """Queue the read of the key's streaming detectors in the event's round trip."""
-        return plan.key_ops.add(GET, STREAMS_FIELD)
+        return plan.key_ops.add(GETS, 2, STREAMS_FIELD, LEGACY_STREAMS_FIELD)
 
-    def signals(self, fv: FeatureVector, raw_streams: str | None) -> tuple[ModelSignals,
-                                                                            DetectorState]:
+    def plan_population(self, plan: Plan) -> int | None:
+        """Queue the read of the population's learning log in the event's round trip."""
+        if self.population_log is None or plan.population_ops is None:
+            return None
+        with self._lock:
+            return self.population_log.plan(plan.population_ops)
+
+    def catch_up(self, result: list[Any] | None) -> None:
+        """Learn what every replica offered since this one last read the log."""
+        if self.population_log is not None and result is not None:
+            with self._lock:
+                self.population_log.catch_up(result)
+
+    def signals(self, fv: FeatureVector, raw_streams: Any) -> tuple[ModelSignals,
+                                                                     DetectorState]:
         self.reload()
         x = to_model_space(fv.values, self.feature_names)
         streams = KeyStreams(raw_streams)
@@ -269,31 +321,36 @@ class Detectors:
         """
         for name, stream in state.streams.streams.items():
             stream.learn(state.ts, state.series[name], flagged=flagged)
-        if not flagged and state.pending is not None and self.population is not None:
-            with self._lock:
-                self.population.learn_pending(state.pending)
         ops = EntityOps("k", state.key_id)
-        ops.add(SET, STREAMS_FIELD, state.streams.encode())
-        return [ops]
+        ops.ops.append(state.streams.delta_op())
+        out = [ops]
+        if (not flagged and state.pending is not None and state.pending.clean
+                and self.population_log is not None):
+            with self._lock:
+                out.append(self.population_log.append(state.pending))
+        return out
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save_population(self, path: Path) -> str | None:
+    def save_population(self, path: Path, *, signing_key: str | None = None) -> str | None:
         if self.population is None:
             return None
         with self._lock:
-            return self.population.save(path)
+            if self.population_log is not None:
+                self.population_log.checkpoint()
+            return self.population.save(path, signing_key=signing_key)
 
 
 def load_population(path: Path | None, feature_names: list[str], *,
-                    seed: int = 0) -> PopulationDetector:
+                    seed: int = 0, signing_key: str | None = None) -> PopulationDetector:
     """Restore the checkpointed population model, or start a fresh one.
 
-    A checkpoint that fails its checksum is refused (logged) and a fresh model starts:
-    an unverified pickle is never loaded.
+    A checkpoint that fails its checksum, or its signature when a model signing key is
+    configured, is refused (logged) and a fresh model starts: an unverified pickle is never
+    loaded.
     """
     if path is not None and Path(path).exists():
         try:
-            return PopulationDetector.load(path)
+            return PopulationDetector.load(path, signing_key=signing_key)
         except Exception as exc:
             log.error("population checkpoint %s refused, starting fresh: %s", path, exc)
     # 15 trees: the same ROC AUC as 25 on our measurements, at 1.6x the speed. Learning
@@ -312,5 +369,6 @@ def build_detectors(*, model_dir: Path | None, checkpoint: Path | None,
     registry = ModelRegistry(model_dir, signing_key=signing_key) \
         if model_dir is not None else None
     return Detectors(feature_names=feature_names,
-                     population=load_population(checkpoint, feature_names, seed=seed),
+                     population=load_population(checkpoint, feature_names, seed=seed,
+                                                signing_key=signing_key),
                      registry=registry, reload_interval_s=reload_interval_s)

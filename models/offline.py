@@ -160,25 +160,11 @@ class OfflineDetector:
             ``self``, fitted.
         """
         names = list(feature_names)
-        if not names:
-            raise ValueError("feature_names is empty")
-        if len(set(names)) != len(names):
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"feature_names has duplicates: {duplicates}")
-        missing = [n for n in names if n not in df.columns]
-        if missing:
-            raise ValueError(f"training data lacks feature columns: {missing}")
         if not 0.0 <= calibration_fraction < 1.0:
             raise ValueError("calibration_fraction must be in [0, 1)")
         if self.n_quantiles < 2:
             raise ValueError("n_quantiles must be at least 2")
-        X = df[names].to_numpy(dtype=np.float64, copy=True)
-        infinite = [n for n, bad in zip(names, np.isinf(X).any(axis=0), strict=True) if bad]
-        if infinite:
-            raise ValueError(f"training data has infinite values in: {infinite}")
-        if len(X) < 10:
-            raise ValueError(f"need at least 10 training rows, got {len(X)}")
-
+        X = _training_matrix(df, names)
         medians = np.nanmedian(X, axis=0)
         medians = np.where(np.isnan(medians), 0.0, medians)  # an all-NaN column
         X = np.where(np.isnan(X), medians, X)
@@ -402,3 +388,23 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)
+
+
+def _training_matrix(df: pd.DataFrame, names: list[str]) -> np.ndarray:
+    """The training rows as a float matrix in `names` order; refuses what would make a
+    silently wrong model (no, duplicate or missing features, infinities, under 10 rows)."""
+    if not names:
+        raise ValueError("feature_names is empty")
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"feature_names has duplicates: {duplicates}")
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+        raise ValueError(f"training data lacks feature columns: {missing}")
+    X = df[names].to_numpy(dtype=np.float64, copy=True)
+    infinite = [n for n, bad in zip(names, np.isinf(X).any(axis=0), strict=True) if bad]
+    if infinite:
+        raise ValueError(f"training data has infinite values in: {infinite}")
+    if len(X) < 10:
+        raise ValueError(f"need at least 10 training rows, got {len(X)}")
+    return X

@@ -90,6 +90,8 @@ from models.integrity import (
     dump_bytes,
     load_verified,
     sha256_bytes,
+    sign,
+    signature_matches,
 )
 
 __all__ = [
@@ -402,34 +404,48 @@ class PopulationDetector:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, path: str | os.PathLike[str]) -> str:
+    def save(self, path: str | os.PathLike[str], *, signing_key: str | bytes | None = None
+             ) -> str:
         """Checkpoint to ``path`` (joblib) with a ``path.sha256`` sidecar; returns the digest.
 
         Both files are written atomically (temp file + ``os.replace``). A crash between the
         two leaves a pair that :meth:`load` refuses, never a half-written model that loads.
+        With a ``signing_key`` the sidecar also holds an HMAC-SHA256 signature of the
+        digest: whoever can write the data directory cannot then forge a checkpoint that a
+        signed service loads.
         """
         data = dump_bytes(self)
         digest = sha256_bytes(data)
         atomic_write_bytes(path, data)
-        atomic_write_bytes(_sidecar(path), f"{digest}  {Path(path).name}\n".encode())
+        signature = f"  {sign(digest.encode(), signing_key)}" if signing_key else ""
+        atomic_write_bytes(_sidecar(path), f"{digest}  {Path(path).name}{signature}\n".encode())
         return digest
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> PopulationDetector:
-        """Load a checkpoint written by :meth:`save`, verifying its SHA-256 before unpickling.
+    def load(cls, path: str | os.PathLike[str], *,
+             signing_key: str | bytes | None = None) -> PopulationDetector:
+        """Load a checkpoint written by :meth:`save`, verifying its SHA-256 before unpickling
+        and, with a ``signing_key``, its signature.
 
         Raises
         ------
         ModelIntegrityError
-            When the sidecar is missing, the digest differs, or the file holds something else.
+            When the sidecar is missing, the digest differs, the signature is missing or
+            wrong (with a key), or the file holds something else.
         """
         sidecar = _sidecar(path)
         try:
-            expected = sidecar.read_text().split()[0]
+            fields = sidecar.read_text().split()
+            expected = fields[0]
         except (FileNotFoundError, IndexError):
             raise ModelIntegrityError(
                 f"checkpoint {path} has no SHA-256 sidecar {sidecar}; refusing to load it"
             ) from None
+        if signing_key and not signature_matches(expected.encode(), signing_key,
+                                                 fields[2] if len(fields) > 2 else None):
+            raise ModelIntegrityError(
+                f"checkpoint {path} is not signed with the configured model signing key; "
+                "refusing to load it")
         detector = load_verified(path, expected)
         if not isinstance(detector, cls):
             raise ModelIntegrityError(

@@ -148,39 +148,16 @@ class ModelRegistry:
             Explicit version name; default ``<kind>-<UTC time>`` (e.g.
             ``iforest-2026-11-26T030000Z``), suffixed ``-2``, ``-3``... if taken.
         """
-        extra = dict(manifest_extra or {})
-        reserved = sorted(_RESERVED & extra.keys())
-        if reserved:
-            raise ValueError(f"manifest_extra may not set reserved fields: {reserved}")
-        fields: dict[str, Any] = {}
-        if hasattr(detector, "manifest_fields"):
-            fields.update(detector.manifest_fields())
-        fields.update(extra)
-        kind = fields.get("kind") or getattr(detector, "kind", None)
-        if not kind or "feature_names" not in fields:
-            raise ValueError("the manifest needs a kind and feature_names (detector or extra)")
+        fields = _manifest_fields(detector, manifest_extra)
         created = datetime.now(UTC)
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            name = self._new_version_name(version, kind, created)
+            name = self._new_version_name(version, fields["kind"], created)
             tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.versions_dir))
             try:
                 data = dump_bytes(detector)
                 (tmp_dir / MODEL_FILE).write_bytes(data)
-                manifest = {
-                    "format": MANIFEST_FORMAT,
-                    "version": name,
-                    "kind": kind,
-                    "created_at": created.isoformat().replace("+00:00", "Z"),
-                    **{k: v for k, v in fields.items() if k != "kind"},
-                    "libraries": _library_versions(),
-                    "files": {MODEL_FILE: {"sha256": sha256_bytes(data), "bytes": len(data)}},
-                }
-                manifest.setdefault("metrics", {})
-                manifest.setdefault("gates", {})
-                if self.signing_key is not None:
-                    manifest["signature"] = sign(_canonical(manifest), self.signing_key)
-                manifest["integrity"] = _manifest_digest(manifest)
+                manifest = self._manifest(name, fields, created, data)
                 (tmp_dir / MANIFEST_FILE).write_text(
                     json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
                 )
@@ -193,6 +170,26 @@ class ModelRegistry:
             fsync_dir(self.versions_dir)
             self._prune_locked()
         return name
+
+    def _manifest(self, name: str, fields: dict[str, Any], created: datetime, data: bytes
+                  ) -> dict[str, Any]:
+        """The version's manifest: its fields, the libraries, the model file's digest, the
+        signature (with a signing key) and the digest of it all."""
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": name,
+            "kind": fields["kind"],
+            "created_at": created.isoformat().replace("+00:00", "Z"),
+            **{k: v for k, v in fields.items() if k != "kind"},
+            "libraries": _library_versions(),
+            "files": {MODEL_FILE: {"sha256": sha256_bytes(data), "bytes": len(data)}},
+        }
+        manifest.setdefault("metrics", {})
+        manifest.setdefault("gates", {})
+        if self.signing_key is not None:
+            manifest["signature"] = sign(_canonical(manifest), self.signing_key)
+        manifest["integrity"] = _manifest_digest(manifest)
+        return manifest
 
     def _new_version_name(self, version: str | None, kind: str, created: datetime) -> str:
         if version is not None:
@@ -593,3 +590,21 @@ def _library_versions() -> dict[str, str]:
         "river": river.__version__,
         "joblib": joblib.__version__,
     }
+
+
+def _manifest_fields(detector: Any, manifest_extra: Mapping[str, Any] | None
+                     ) -> dict[str, Any]:
+    """The detector's own manifest fields with the caller's extra ones over them; refuses
+    reserved fields and a manifest without a kind or feature names."""
+    extra = dict(manifest_extra or {})
+    reserved = sorted(_RESERVED & extra.keys())
+    if reserved:
+        raise ValueError(f"manifest_extra may not set reserved fields: {reserved}")
+    fields: dict[str, Any] = {}
+    if hasattr(detector, "manifest_fields"):
+        fields.update(detector.manifest_fields())
+    fields.update(extra)
+    fields["kind"] = fields.get("kind") or getattr(detector, "kind", None)
+    if not fields["kind"] or "feature_names" not in fields:
+        raise ValueError("the manifest needs a kind and feature_names (detector or extra)")
+    return fields

@@ -29,7 +29,9 @@ State is a fixed list of floats. Every statistic is a time-decayed sum (weights
 `2 ** -(age / half_life)`) held at a reference time, so two replicas' states of one key
 merge by decaying both to the later reference time and adding (`merge`); the result is
 the same whichever order the merges happen in. Only the run counter of the shift rule is
-not a sum; a merge keeps the larger.
+not a sum; a merge keeps the larger. In the service a replica does not write a key's
+state back: it sends what learning one point added (`delta_since`), which the store
+decays and adds to whatever the key holds (`DECAY_ADD`), so no replica's update is lost.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ _FIXED = 9
 
 def state_size(p: StreamParams) -> int:
     return _FIXED + 2 * p.phases + N_BINS
+
+
+def half_lives(p: StreamParams) -> list[float]:
+    """Each state value's half-life, as a store's DECAY_ADD decays it (0 for the reference
+    time, never added to; -1 for the shift rule's run counter, not a sum: the last write
+    wins)."""
+    hl = [0.0] * state_size(p)
+    hl[_RUN] = -1.0
+    hl[_FW] = hl[_FS] = p.fast_half_life_s
+    hl[_SW] = hl[_SS] = p.slow_half_life_s
+    hl[_AW] = hl[_AS] = p.scale_half_life_s
+    hl[_HW] = p.hist_half_life_s
+    for i in range(_FIXED, _FIXED + 2 * p.phases):
+        hl[i] = p.slow_half_life_s
+    for i in range(_FIXED + 2 * p.phases, len(hl)):
+        hl[i] = p.hist_half_life_s
+    return hl
 
 
 class SeasonalStream:
@@ -232,6 +251,28 @@ class SeasonalStream:
         return s
 
     # ---- replicas ----------------------------------------------------------------------
+    @property
+    def ref_time(self) -> float:
+        return self.v[_T]
+
+    def at(self, ts: float) -> SeasonalStream:
+        """A copy whose reference time is `ts` (0: a fresh state)."""
+        out = SeasonalStream(self.p, self.v)
+        out.v[_T] = ts
+        return out
+
+    def delta_since(self, before: SeasonalStream) -> list[float]:
+        """What learning added to `before` (this stream's earlier state), at this state's
+        reference time: the increment a store adds (DECAY_ADD with `half_lives`), so that
+        replicas learning one key send updates that merge instead of overwriting."""
+        old = SeasonalStream(before.p, before.v)
+        if self.v[_T]:
+            old._decay_to(self.v[_T])
+        d = [new - was for new, was in zip(self.v, old.v, strict=True)]
+        d[_T] = 0.0
+        d[_RUN] = self.v[_RUN]  # not a sum: sent as it is (see `half_lives`)
+        return d
+
     def merge(self, other: SeasonalStream) -> SeasonalStream:
         """The state of both (two replicas' views of one key): sums added at the later
         reference time. Commutative and associative (up to float rounding)."""

@@ -80,6 +80,19 @@ class Settings(BaseSettings):
     siem_keep_files: int = Field(default=5, ge=0)
     key_activity_per_key: int = Field(default=50, ge=1)
     key_activity_max_keys: int = Field(default=10_000, ge=1)
+    # live ingestion (serving/engine/ingest.py): one clock, each event applied once
+    event_max_ahead_s: float = Field(default=300.0, ge=0)
+    """Live scoring refuses (or clamps) events stamped further ahead of the server clock."""
+    event_max_behind_s: float = Field(default=3600.0, ge=0)
+    """...or further behind it (older history is for `keywatch replay`)."""
+    event_skew_action: Literal["refuse", "clamp"] = "refuse"
+    learn_writes: Literal["auto", "deferred", "immediate"] = "auto"
+    """When learning reaches the store: with the next request's round trip, or in a round
+    trip of its own before each request is answered (many replicas: none reads behind
+    what another answered). `auto`: immediate for a service on a shared store (Redis),
+    deferred on the memory store and in replays."""
+    dedupe_window_s: float = Field(default=900.0, gt=0)
+    """How long an `event_id` is remembered: a repeat within it changes nothing."""
     # reliability: Redis outage policy, restarts, ingestion security, stream workers
     redis_outage_policy: Literal["fail_open", "fail_closed", "error"] = "fail_open"
     redis_retry_interval_s: float = Field(default=1.0, gt=0)

@@ -11,10 +11,12 @@ from fastapi.testclient import TestClient
 
 from serving.api.app import create_app
 from serving.settings import Settings
-from tests.support.redis_server import LocalRedisServer
+from tests.support.redis_server import LocalRedisCluster, LocalRedisServer
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+LIVE_HISTORY_S = 5 * 365 * 86400.0
+"""How far behind the clock the test services accept events: the tests post fixed days."""
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +39,28 @@ def redis_url(redis_server: LocalRedisServer) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A three-master Redis Cluster from the same redis-server binary."""
+    cluster = LocalRedisCluster(masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    """The cluster's store spec (`redis+cluster://…`), emptied."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
 def make_settings(**overrides: object) -> Settings:
     base: dict[str, object] = {"secret": TEST_SECRET, "admin_token": ADMIN_TOKEN,
-                               "data_dir": Path(tempfile.mkdtemp(prefix="keywatch-test-"))}
+                               "data_dir": Path(tempfile.mkdtemp(prefix="keywatch-test-")),
+                               # tests post fixed past days through the live API
+                               "event_max_behind_s": LIVE_HISTORY_S}
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
 

@@ -246,11 +246,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _serve(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET, "KEYWATCH_ADMIN_TOKEN": ADMIN_TOKEN,
            "KEYWATCH_DATA_DIR": str(data_dir), "KEYWATCH_MODELS": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli.main", "serve", "--port",
-                             str(port), "--log-level", "warning"], env=env,
+                             str(port), "--log-level", "warning", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -320,15 +320,19 @@ def test_the_journal_is_compacted_into_a_snapshot(tmp_path: Path) -> None:
 
 
 # ---- one clock ----------------------------------------------------------------------------
-def test_a_backlog_older_than_a_ban_still_bans_now(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_backlog_older_than_a_ban_still_bans_now(tmp_path: Path, backend: str,
+                                                    redis_url: str) -> None:
     """Live, bans are stored in wall time: 45 events from 50 minutes ago trip a 30-minute
     ban that holds now. On event time (replay) the same ban has already ended."""
     then = time.time() - 50 * 60
     backlog = [ev("sk-backlog", then + i * 0.5) for i in range(45)]
     outcomes = {}
     for clock in ("wall", "event"):
+        store = {"store": redis_url, "redis_namespace": f"backlog-{clock}"} \
+            if backend == "redis" else {}
         settings = make_settings(policy=policy_file(tmp_path), models=False,
-                                 enforcement_clock=clock)
+                                 enforcement_clock=clock, **store)
         with TestClient(create_app(settings)) as c:
             out = c.post("/v1/events:batch", json=backlog).json()
             assert out[-1]["decision"] == "block", out[-1]
@@ -410,3 +414,24 @@ def test_fail_open_keeps_enforcing_bans_and_limits_through_a_redis_outage(
         bans = c.get("/admin/bans", headers=AUTH).json()["bans"]
         assert {b["target"] for b in bans} == {HASHER.key_id("sk-perm"), "203.0.113.7",
                                                HASHER.key_id("sk-new")}
+
+
+@pytest.mark.parametrize(("trusted", "recorded"), [("127.0.0.1", "198.51.100.77"),
+                                                   ("192.0.2.1", "127.0.0.1")])
+def test_the_audit_trail_names_the_forwarded_admin_only_behind_a_trusted_proxy(
+        tmp_path: Path, trusted: str, recorded: str) -> None:
+    """`keywatch serve --trusted-proxy` believes X-Forwarded-For from that proxy only: the
+    audit trail names the admin's own address behind it, and the direct peer otherwise."""
+    port = _free_port()
+    proc = _serve(tmp_path / "data", port, "--trusted-proxy", trusted)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as c:
+            r = c.post("/admin/bans", json={"ip": "203.0.113.50", "duration": "5m"},
+                       headers={"x-forwarded-for": "198.51.100.77"})
+            assert r.status_code == 200, r.text
+            audit = c.get("/admin/audit").json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    entries = audit["entries"] if isinstance(audit, dict) else audit
+    assert [e["client"] for e in entries if e["action"] == "ban"] == [recorded]

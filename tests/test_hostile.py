@@ -784,3 +784,32 @@ def test_the_worker_retries_an_entry_the_store_refuses_then_dead_letters_it(
     assert letter["deliveries"] == "3" and json.loads(letter["event"])["key_id"] == victim
     assert client.xpending("kw:events", "keywatch")["pending"] == 0
     assert not _leaks(_scan_redis(client))
+
+
+def test_the_population_checkpoint_is_signed_and_a_forged_one_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With a model signing key the service signs the population model it checkpoints at
+    shutdown and loads it back on restart; a checkpoint written without the key (a
+    consistent pickle and digest, planted in the data directory) is refused before it is
+    unpickled, and the service starts a fresh population model."""
+    from models.integrity import atomic_write_bytes, dump_bytes, sha256_bytes
+    from models.online import PopulationDetector
+
+    settings = make_settings(data_dir=tmp_path / "d", event_log=False,
+                             model_signing_key=SIGNING_KEY)
+    with TestClient(create_app(settings)) as c:
+        for i in range(40):
+            assert c.post("/v1/events", json=ev(i)).status_code == 200
+        learned = c.app.state.scorer.detectors.population.n_learned  # type: ignore[attr-defined]
+    assert learned > 0
+    with TestClient(create_app(settings)) as c:
+        restored = c.app.state.scorer.detectors.population  # type: ignore[attr-defined]
+        assert restored.n_learned == learned
+    forged = dump_bytes(PopulationDetector(seed=9))
+    atomic_write_bytes(settings.population_checkpoint, forged)
+    settings.population_checkpoint.with_name("population.ckpt.sha256").write_text(
+        f"{sha256_bytes(forged)}  population.ckpt\n")
+    with caplog.at_level(logging.ERROR), TestClient(create_app(settings)) as c:
+        fresh = c.app.state.scorer.detectors.population  # type: ignore[attr-defined]
+        assert fresh.n_learned == 0 and fresh.seed != 9
+    assert "not signed with the configured model signing key" in caplog.text

@@ -166,6 +166,28 @@ def test_tampered_checkpoint_is_refused(tmp_path, trained: PopulationDetector) -
         PopulationDetector.load(path)
 
 
+def test_with_a_signing_key_only_a_checkpoint_signed_with_it_loads(
+        tmp_path, trained: PopulationDetector) -> None:
+    """Whoever can write the data directory can write a pickle and its digest; only the
+    signing key's holder can sign it. A forged, unsigned or foreign-signed checkpoint is
+    refused before it is unpickled."""
+    from models.integrity import atomic_write_bytes, dump_bytes, sha256_bytes
+
+    key = "k" * 32
+    path = tmp_path / "population.joblib"
+    trained.save(path, signing_key=key)
+    assert PopulationDetector.load(path, signing_key=key).version == trained.version
+    with pytest.raises(ModelIntegrityError, match="not signed with the configured"):
+        PopulationDetector.load(path, signing_key="another key of 32 characters...")
+    forged = dump_bytes(PopulationDetector(seed=1))  # a consistent pair, no valid signature
+    atomic_write_bytes(path, forged)
+    (tmp_path / "population.joblib.sha256").write_text(
+        f"{sha256_bytes(forged)}  population.joblib\n")
+    with pytest.raises(ModelIntegrityError, match="not signed with the configured"):
+        PopulationDetector.load(path, signing_key=key)
+    assert PopulationDetector.load(path).n_learned == 0  # without a key: the digest only
+
+
 def test_checkpoint_of_another_type_is_refused(tmp_path) -> None:
     from models.integrity import atomic_write_bytes, dump_bytes, sha256_bytes
 

@@ -8,6 +8,7 @@ exceptions, their messages, the chunks of a stream and when they arrive.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
+from features.contract import Event
 from features.keys import KeyHasher
 from keywatch_gateway.client import KeywatchClient
 from keywatch_gateway.proxy import create_proxy_app
@@ -319,3 +321,52 @@ def test_paths_and_queries_reach_the_upstream_as_sent(edge: Edge) -> None:
                   headers={"Authorization": "Bearer sk-proxy-paths-0011"})
     assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
     assert edge.upstream.seen[-1]["query"] == "limit=5&after=a%2Fb"
+
+
+def owner_history(keywatch: FastAPI, api_key: str, where: dict[str, str], days: float = 3
+                  ) -> None:
+    """Three days of the owner's calls, every two minutes around the clock, scored by the
+    running service's own scorer with their own timestamps (history, as a replay would
+    give it), so that the key is warm and its networks and client library are known."""
+    rng = random.Random(7)
+    now = time.time()
+    ts = now - days * 86400
+    while ts < now - 120:
+        keywatch.state.scorer.score(Event.model_validate({
+            "api_key": api_key, "timestamp": ts, "endpoint": "/v1/chat/completions",
+            "model": MODEL, "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 20,
+            "tokens": PROMPT_TOKENS + 20, "status": 200, "latency_ms": 300, **where}))
+        ts += rng.expovariate(1 / 120)
+
+
+def test_a_resold_key_is_banned_on_the_buyers_address_while_the_owner_goes_on(
+        edge: Edge) -> None:
+    """The owner calls from home in Germany with the official client; a buyer of the key
+    calls from a rented server in Singapore at the same time. The buyer's address is
+    banned once its first call is scored, and refused from then on; every one of the owner's calls
+    is served, and the key itself is never banned."""
+    key = "sk-proxy-resold-0012"
+    owner_ip, buyer_ip = "80.128.10.20", "128.199.64.10"  # Deutsche Telekom; a Singapore VPS
+    agent = f"OpenAI/Python {openai.__version__}"
+    owner_history(edge.keywatch, key, {"source_ip": owner_ip, "user_agent": agent})
+    owner = edge.sdk(key, default_headers={"x-forwarded-for": owner_ip})
+    buyer = edge.sdk(key, default_headers={"x-forwarded-for": buyer_ip})
+    owner_served, buyer_refused = 0, []
+    for _ in range(20):
+        owner_served += bool(owner.chat.completions.create(model=MODEL, messages=MESSAGES))
+        try:
+            buyer.chat.completions.create(model=MODEL, messages=MESSAGES)
+            buyer_refused.append(False)
+        except openai.RateLimitError as exc:
+            buyer_refused.append(True)
+            assert f"Calls from address {buyer_ip} are blocked until 20" in exc.message
+        assert edge.gateway.flush(10)  # the call is scored before the next one, and
+        time.sleep(0.3)  # the proxy's allowance for this key and address (0.25 s) has ended
+    assert owner_served == 20
+    assert buyer_refused[0] is False and all(buyer_refused[1:]), buyer_refused
+    bans = httpx.get(f"{edge.keywatch_url}/admin/bans", headers=ADMIN).json()["bans"]
+    assert [(b["scope"], b["target"]) for b in bans if b["target"] == buyer_ip] == [
+        ("ip", buyer_ip)]
+    key_view = httpx.get(f"{edge.keywatch_url}/v1/keys/{HASH.key_id(key)}",
+                         headers=ADMIN).json()
+    assert key_view["ban"] is None

@@ -11,6 +11,7 @@ import pytest
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
     DEL,
     EWM,
     EWM_GAP,
@@ -18,9 +19,12 @@ from features.stores.base import (
     GET,
     GETS,
     INCR,
+    LOG_APPEND,
+    LOG_READ,
     PERSIST,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -33,6 +37,7 @@ from features.stores.base import (
     ZREM,
     ZSET,
     EntityOps,
+    StateStore,
     StoreError,
 )
 from features.stores.memory import MemoryStore
@@ -286,3 +291,40 @@ def test_rings_read_alike_while_sparse_and_once_dense(redis_url: str) -> None:
     held = redis.Redis.from_url(redis_url).hget("sparse:{ip:198.51.100.7}:h", "w") or b""
     assert len(held) % 2 == 0 and len(held) >= 9 * 12  # it turned dense on the way
     red.close()
+
+
+def test_a_claimed_token_applies_nothing_until_it_expires(redis_url: str) -> None:
+    """CLAIM first: a live claim skips the request's other ops and hands back what was
+    remembered; an expired claim is forgotten and the token applies again; both stores."""
+    def req(token: str, now: float) -> EntityOps:
+        return EntityOps("k", "a", [(CLAIM, "_claims", token, now + 10, now), (INCR, "n", 1)])
+
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="claims")):
+        assert store.execute([req("e1", 100)]) == [[None, 1.0]], store.name
+        assert store.execute([req("e1", 101)]) == [["", None]]  # applied, not remembered
+        store.execute([EntityOps("k", "a", [(REMEMBER, "_claims", "e1", "first"),
+                                            (REMEMBER, "_claims", "never", "x")])])
+        assert store.execute([req("e1", 105)]) == [["first", None]]
+        assert store.execute([req("never", 105)]) == [[None, 2.0]]
+        assert store.execute([req("e1", 111)]) == [[None, 3.0]]  # the window has passed
+        assert store.execute([EntityOps("k", "a", [(GET, "_c:e1")])]) == [[None]]
+        if isinstance(store, RedisStore):
+            store.close()
+
+
+def test_a_log_hands_entries_back_in_order_after_a_position(redis_url: str) -> None:
+    """LOG_APPEND numbers entries 1, 2, ...; LOG_READ returns those after a position, oldest
+    first, with the log's id (set by its first append) and head; both stores alike."""
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="log")):
+        def run(*ops: tuple, store: StateStore = store) -> list:
+            return store.execute([EntityOps("g", "all", list(ops))])[0]
+
+        assert run((LOG_READ, "l", 0, 10)) == [[None, 0, []]], store.name
+        assert run(*[(LOG_APPEND, "l", f"e{i}|x", 100, "id-a") for i in range(1, 6)]) == \
+            [1, 2, 3, 4, 5]
+        assert run((LOG_READ, "l", 2, 2), (LOG_READ, "l", 5, 9)) == [
+            ["id-a", 5, [[3, "e3|x"], [4, "e4|x"]]], ["id-a", 5, []]]
+        assert run((LOG_APPEND, "l", "e6", 100, "id-b"), (LOG_READ, "l", 4, 9)) == [
+            6, ["id-a", 6, [[5, "e5|x"], [6, "e6"]]]]
+        if isinstance(store, RedisStore):
+            store.close()

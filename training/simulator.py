@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -204,17 +205,8 @@ def simulate(
     rates, sizes, schedules, the model mix and the calendar from the seed
     (`draw_perturbation`); a `Perturbation` is used as given.
     """
-    if keys < 8:
-        raise ValueError(f"keys must be at least 8 (one victim per scenario), got {keys}")
-    if days < 1:
-        raise ValueError(f"days must be at least 1, got {days}")
-    if perturb is True:
-        perturb = draw_perturbation(seed, days)
-    perturbation = perturb if isinstance(perturb, Perturbation) else Perturbation()
-    start = start or perturbation.start or DEFAULT_START
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=UTC)
-    start = start.astimezone(UTC).replace(second=0, microsecond=0)
+    perturbation = _perturbation(keys, days, seed, perturb)
+    start = _utc_minute(start or perturbation.start or DEFAULT_START)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -222,29 +214,8 @@ def simulate(
     test_start_minute = max(0, days - TEST_DAYS) * 1440
     key_vocab, ua_vocab = Vocab(), Vocab()
     bar = tqdm(total=keys + 10 + 3, desc="simulate", unit="step", disable=not progress)
-
-    tenants = build_population(_rng(seed, _STREAM_POPULATION), keys, clock, key_vocab, ua_vocab,
-                               perturb=perturbation, test_start_minute=test_start_minute)
-    draw = Draw(clock, key_vocab, ua_vocab, perturbation, test_start_minute)
-    special = _rng(seed, _STREAM_POPULATION + 4)
-    for i, tenant in enumerate(tenants):
-        specialise(tenant, special, draw)
-        rng = _rng(seed, _STREAM_SCHEDULE + i)
-        schedule(tenant, clock, rng)
-        shape(tenant, clock, rng)
-    flash = _flash_sale(_rng(seed, _STREAM_POPULATION + 1), tenants, clock, test_start_minute)
-    outage = _upstream_outage(
-        _rng(seed, _STREAM_POPULATION + 3),
-        tenants,
-        clock,
-        test_start_minute,
-        int(flash.pop("start_minute")),
-    )
-
-    parts: list[Columns] = []
-    for i, tenant in enumerate(tenants):
-        parts.append(tenant_events(tenant, clock, _rng(seed, _STREAM_BASELINE + i)))
-        bar.update(1)
+    world = _World(clock, test_start_minute, key_vocab, ua_vocab, perturbation, seed)
+    tenants, parts, calendar = _tenant_traffic(world, keys, bar)
 
     planned = incident_mod.plan(
         _rng(seed, _STREAM_POPULATION + 2),
@@ -260,29 +231,7 @@ def simulate(
     records = _run_incidents(ctx, planned, seed, parts, bar)
     events = _number_incidents(records, parts)
     bar.update(1)
-
-    paths = {
-        "events": out_dir / "events.jsonl",
-        "labels": out_dir / "labels.jsonl",
-        "incidents": out_dir / "incidents.json",
-        "meta": out_dir / "meta.json",
-    }
-    _write_events(paths["events"], events, key_vocab, ua_vocab)
-    bar.update(1)
-    _write_labels(paths["labels"], events, key_vocab, tenants, records)
-    _write_incidents(paths["incidents"], records)
-    test_start_ms = int(clock.ms_at_minute(test_start_minute))
-    kind_of_key = {t.index: t.kind for t in tenants}
-    meta = _meta(seed, keys, clock, test_start_ms, events, records, tenants, kind_of_key)
-    meta["flash_sale"] = flash
-    meta["upstream_outage"] = outage
-    travels = _travels(tenants, clock)
-    meta["travel"] = travels[0] if travels else None
-    meta["travels"] = travels
-    meta["perturbation"] = None if perturbation.is_identity else perturbation.describe()
-    meta["tenants"] = [describe(t) for t in tenants]
-    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
-    bar.update(1)
+    paths = _write_outputs(out_dir, world, keys, events, records, tenants, calendar, bar)
     bar.close()
 
     by_scenario = {s: sum(r.scenario == s for r in records) for s in SCENARIOS}
@@ -300,9 +249,96 @@ def simulate(
         days=days,
         seed=seed,
         start=iso(clock.start_ms),
-        test_start=iso(test_start_ms),
+        test_start=iso(int(clock.ms_at_minute(test_start_minute))),
         by_scenario=by_scenario,
     )
+
+
+def _perturbation(keys: int, days: int, seed: int, perturb: bool | Perturbation
+                  ) -> Perturbation:
+    """The simulation's perturbation, once its size is known to be valid."""
+    if keys < 8:
+        raise ValueError(f"keys must be at least 8 (one victim per scenario), got {keys}")
+    if days < 1:
+        raise ValueError(f"days must be at least 1, got {days}")
+    if perturb is True:
+        return draw_perturbation(seed, days)
+    return perturb if isinstance(perturb, Perturbation) else Perturbation()
+
+
+def _utc_minute(start: datetime) -> datetime:
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    return start.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class _World:
+    """What every part of one simulation shares: its calendar, vocabularies and seed."""
+
+    clock: Clock
+    test_start_minute: int
+    key_vocab: Vocab
+    ua_vocab: Vocab
+    perturbation: Perturbation
+    seed: int
+
+
+def _tenant_traffic(world: _World, keys: int, bar: Any
+                    ) -> tuple[list[Tenant], list[Columns], dict[str, Any]]:
+    """The tenants, their legitimate traffic (one part each) and the platform's calendar
+    (the flash sale, the upstream outage)."""
+    seed, clock = world.seed, world.clock
+    tenants = build_population(_rng(seed, _STREAM_POPULATION), keys, clock, world.key_vocab,
+                               world.ua_vocab, perturb=world.perturbation,
+                               test_start_minute=world.test_start_minute)
+    draw = Draw(clock, world.key_vocab, world.ua_vocab, world.perturbation,
+                world.test_start_minute)
+    special = _rng(seed, _STREAM_POPULATION + 4)
+    for i, tenant in enumerate(tenants):
+        specialise(tenant, special, draw)
+        rng = _rng(seed, _STREAM_SCHEDULE + i)
+        schedule(tenant, clock, rng)
+        shape(tenant, clock, rng)
+    flash = _flash_sale(_rng(seed, _STREAM_POPULATION + 1), tenants, clock,
+                        world.test_start_minute)
+    outage = _upstream_outage(_rng(seed, _STREAM_POPULATION + 3), tenants, clock,
+                              world.test_start_minute, int(flash.pop("start_minute")))
+    parts: list[Columns] = []
+    for i, tenant in enumerate(tenants):
+        parts.append(tenant_events(tenant, clock, _rng(seed, _STREAM_BASELINE + i)))
+        bar.update(1)
+    return tenants, parts, {"flash_sale": flash, "upstream_outage": outage}
+
+
+def _write_outputs(out_dir: Path, world: _World, keys: int, events: Columns,
+                   records: list[Incident], tenants: list[Tenant], calendar: dict[str, Any],
+                   bar: Any) -> dict[str, Path]:
+    """events.jsonl, labels.jsonl, incidents.json and meta.json."""
+    paths = {
+        "events": out_dir / "events.jsonl",
+        "labels": out_dir / "labels.jsonl",
+        "incidents": out_dir / "incidents.json",
+        "meta": out_dir / "meta.json",
+    }
+    _write_events(paths["events"], events, world.key_vocab, world.ua_vocab)
+    bar.update(1)
+    _write_labels(paths["labels"], events, world.key_vocab, tenants, records)
+    _write_incidents(paths["incidents"], records)
+    clock = world.clock
+    test_start_ms = int(clock.ms_at_minute(world.test_start_minute))
+    kind_of_key = {t.index: t.kind for t in tenants}
+    meta = _meta(world.seed, keys, clock, test_start_ms, events, records, tenants, kind_of_key)
+    meta.update(calendar)
+    travels = _travels(tenants, clock)
+    meta["travel"] = travels[0] if travels else None
+    meta["travels"] = travels
+    perturbation = world.perturbation
+    meta["perturbation"] = None if perturbation.is_identity else perturbation.describe()
+    meta["tenants"] = [describe(t) for t in tenants]
+    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    bar.update(1)
+    return paths
 
 
 def _run_incidents(
@@ -440,6 +476,21 @@ def _write_incidents(path: Path, records: list[Incident]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+_PERIODS_DOC = (
+    "events with timestamp >= test_start are the test period (the last "
+    f"{TEST_DAYS} days); earlier events are the training period"
+)
+_LABELS_DOC = (
+    "labels.jsonl has one line per events.jsonl line in the same order; 'line' is "
+    "the 0-based event line. incident_id/scenario are set only on events made by "
+    "an incident (the owner's own traffic during an incident stays null); "
+    "benign_tag marks legitimate surprises (" + ", ".join(BENIGN_TAGS) + "); "
+    "archetype is the key's legitimate archetype (training.tenants.ARCHETYPES); "
+    "tenant_kind is 'invalid_key' for keys that do not exist (credential stuffing)."
+)
+"""What meta.json says about the periods and the labels."""
+
+
 def _meta(
     seed: int,
     keys: int,
@@ -470,18 +521,8 @@ def _meta(
         "end": iso(clock.end_ms),
         "test_start": iso(test_start_ms),
         "test_end": iso(clock.end_ms),
-        "periods": (
-            "events with timestamp >= test_start are the test period (the last "
-            f"{TEST_DAYS} days); earlier events are the training period"
-        ),
-        "labels": (
-            "labels.jsonl has one line per events.jsonl line in the same order; 'line' is "
-            "the 0-based event line. incident_id/scenario are set only on events made by "
-            "an incident (the owner's own traffic during an incident stays null); "
-            "benign_tag marks legitimate surprises (" + ", ".join(BENIGN_TAGS) + "); "
-            "archetype is the key's legitimate archetype (training.tenants.ARCHETYPES); "
-            "tenant_kind is 'invalid_key' for keys that do not exist (credential stuffing)."
-        ),
+        "periods": _PERIODS_DOC,
+        "labels": _LABELS_DOC,
         "counts": {
             "events": len(ev),
             "train_events": int((~in_test).sum()),

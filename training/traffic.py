@@ -214,6 +214,8 @@ def render(
     when a key, or the whole platform, is busy. `outage` (per event or scalar) is an
     extra probability of a 502/503/504 while an upstream provider is failing.
     `endpoint`/`model` pin the request type for every event (probes, loops, LLM-jacking).
+    The draws happen in a fixed order (endpoint, who, model, size, status, latency), so a
+    seed gives the same traffic.
     """
     n = len(ts_ms)
     ts_ms = np.asarray(ts_ms, dtype=np.int64)
@@ -221,100 +223,15 @@ def render(
         ep = rng.choice(len(ENDPOINTS), size=n, p=_norm(profile.endpoint_p)).astype(np.int8)
     else:
         ep = np.full(n, endpoint, dtype=np.int8)
-
-    # Who: address by weight (optionally re-drawn per day), client bound to the address.
-    if profile.ip_daily_churn and n:
-        ip_pick = np.empty(n, dtype=np.int64)
-        day = ts_ms // (1440 * MS_PER_MINUTE)
-        for d in np.unique(day):
-            sel = day == d
-            w = profile.ip_weights * rng.gamma(0.6, 1.0, size=len(profile.ips))
-            ip_pick[sel] = rng.choice(len(profile.ips), size=int(sel.sum()), p=_norm(w))
-    else:
-        ip_pick = rng.choice(len(profile.ips), size=n, p=_norm(profile.ip_weights))
-    ips = profile.ips[ip_pick]
-    if profile.ip_ua is not None:
-        uas = profile.ip_ua[ip_pick]
-    else:
-        uas = rng.choice(profile.uas, size=n, p=_norm(profile.ua_p))
-
-    # What: model per endpoint.
-    models = np.full(n, -1, dtype=np.int16)
-    if model is not None:
-        models[:] = model
-        models[ep == LIST_MODELS] = -1
-    else:
-        text = (ep == CHAT) | (ep == COMPLETE)
-        models[text] = rng.choice(
-            profile.chat_models, size=int(text.sum()), p=_norm(profile.chat_model_p)
-        )
-        models[ep == COMPLETE] = MODEL_INDEX["gpt-3.5-turbo-instruct"]
-        models[ep == EMBED] = profile.embedding_model
+    ips, uas = _who(profile, ts_ms, rng)
+    models = _models(profile, ep, rng, model)
     m = np.where(models >= 0, models, 0)
-
-    # How big: per-endpoint log-normal tokens, clipped to the model's limits.
-    mu_p = np.log(np.maximum(profile.prompt_median[ep], 1.0))
-    prompt = np.exp(mu_p + profile.prompt_sigma[ep] * rng.standard_normal(n))
-    mu_c = np.log(np.maximum(profile.completion_median[ep], 1.0))
-    completion = np.exp(mu_c + profile.completion_sigma[ep] * rng.standard_normal(n))
-    if profile.fixed_prompt is not None:
-        prompt = np.full(n, float(profile.fixed_prompt))
-    if profile.fixed_completion is not None:
-        completion = profile.fixed_completion + rng.integers(0, 2, size=n).astype(float)
-    completion = np.clip(np.rint(completion), 1, _MAX_OUT[m])
-    prompt = np.clip(np.rint(prompt), 3, _CONTEXT[m] - completion)
-    completion[(ep == EMBED) | (ep == LIST_MODELS)] = 0
-    prompt[ep == LIST_MODELS] = 0
-
-    # Status: ordinary failure rates, pushed up under stress.
-    stress = np.broadcast_to(np.asarray(stress, dtype=np.float64), (n,))
-    u = rng.random(n)
-    p401 = profile.p_401
-    p429 = np.minimum(profile.p_429 * stress, 0.5)
-    p5xx = np.minimum(profile.p_5xx * np.sqrt(stress), 0.2)
-    status = np.full(n, 200, dtype=np.int16)
-    cut1 = p401
-    cut2 = cut1 + profile.p_400
-    cut3 = cut2 + p429
-    cut4 = cut3 + p5xx
-    status[u < cut1] = 401
-    status[(u >= cut1) & (u < cut2) & (ep != LIST_MODELS)] = 400
-    status[(u >= cut2) & (u < cut3)] = 429
-    five = (u >= cut3) & (u < cut4)
-    status[five] = rng.choice(
-        np.array([500, 502, 503, 504], dtype=np.int16),
-        size=int(five.sum()),
-        p=[0.3, 0.25, 0.3, 0.15],
-    )
-
-    down = rng.random(n) < np.broadcast_to(np.asarray(outage, dtype=np.float64), (n,))
-    status[down] = rng.choice(
-        np.array([502, 503, 504], dtype=np.int16), size=int(down.sum()), p=[0.3, 0.5, 0.2]
-    )
-
-    # How long: first token + prefill + generation + network, log-normal noise.
-    latency = (
-        _TTFT[m] * rng.lognormal(0.0, 0.35, n)
-        + prompt * 0.03
-        + completion * _PER_TOKEN[m] * rng.lognormal(0.0, 0.15, n)
-        + profile.rtt_ms * rng.lognormal(0.0, 0.25, n)
-    )
-    listing = ep == LIST_MODELS
-    latency[listing] = profile.rtt_ms + rng.lognormal(np.log(35.0), 0.3, int(listing.sum()))
+    prompt, completion = _sizes(profile, ep, m, rng)
+    status = _statuses(profile, ep, rng, stress, outage)
+    latency = _latencies(profile, status, ep, m, prompt, completion, rng)
     failed = status != 200
-    fast = (status == 401) | (status == 429) | (status == 400)
-    latency[fast] = profile.rtt_ms + rng.lognormal(np.log(25.0), 0.4, int(fast.sum()))
-    for code, median, sigma in ((500, 400.0, 0.8), (502, 3_000.0, 0.9), (503, 120.0, 0.6)):
-        sel = status == code
-        latency[sel] = profile.rtt_ms + rng.lognormal(np.log(median), sigma, int(sel.sum()))
-    timeout = status == 504
-    latency[timeout] = rng.choice([60_000.0, 120_000.0], size=int(timeout.sum())) + rng.uniform(
-        0, 400, int(timeout.sum())
-    )
     prompt[failed] = 0
     completion[failed] = 0
-
-    tag_arr = np.broadcast_to(np.asarray(tag, dtype=np.int8), (n,)).copy()
     return Columns(
         ts_ms=ts_ms,
         key=np.full(n, key, dtype=np.int32),
@@ -327,8 +244,117 @@ def render(
         ip=ips.astype(np.uint32),
         ua=uas.astype(np.int32),
         incident=np.full(n, incident, dtype=np.int16),
-        tag=tag_arr,
+        tag=np.broadcast_to(np.asarray(tag, dtype=np.int8), (n,)).copy(),
     )
+
+
+def _who(profile: RequestProfile, ts_ms: np.ndarray, rng: np.random.Generator
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Address by weight (optionally re-drawn per day), client bound to the address."""
+    n = len(ts_ms)
+    if profile.ip_daily_churn and n:
+        ip_pick = np.empty(n, dtype=np.int64)
+        day = ts_ms // (1440 * MS_PER_MINUTE)
+        for d in np.unique(day):
+            sel = day == d
+            w = profile.ip_weights * rng.gamma(0.6, 1.0, size=len(profile.ips))
+            ip_pick[sel] = rng.choice(len(profile.ips), size=int(sel.sum()), p=_norm(w))
+    else:
+        ip_pick = rng.choice(len(profile.ips), size=n, p=_norm(profile.ip_weights))
+    if profile.ip_ua is not None:
+        return profile.ips[ip_pick], profile.ip_ua[ip_pick]
+    return profile.ips[ip_pick], rng.choice(profile.uas, size=n, p=_norm(profile.ua_p))
+
+
+def _models(profile: RequestProfile, ep: np.ndarray, rng: np.random.Generator,
+            model: int | None) -> np.ndarray:
+    """The model per event, by endpoint (-1 for listing models)."""
+    models = np.full(len(ep), -1, dtype=np.int16)
+    if model is not None:
+        models[:] = model
+        models[ep == LIST_MODELS] = -1
+        return models
+    text = (ep == CHAT) | (ep == COMPLETE)
+    models[text] = rng.choice(
+        profile.chat_models, size=int(text.sum()), p=_norm(profile.chat_model_p)
+    )
+    models[ep == COMPLETE] = MODEL_INDEX["gpt-3.5-turbo-instruct"]
+    models[ep == EMBED] = profile.embedding_model
+    return models
+
+
+def _sizes(profile: RequestProfile, ep: np.ndarray, m: np.ndarray, rng: np.random.Generator
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-endpoint log-normal prompt and completion tokens, clipped to the model's limits."""
+    n = len(ep)
+    mu_p = np.log(np.maximum(profile.prompt_median[ep], 1.0))
+    prompt = np.exp(mu_p + profile.prompt_sigma[ep] * rng.standard_normal(n))
+    mu_c = np.log(np.maximum(profile.completion_median[ep], 1.0))
+    completion = np.exp(mu_c + profile.completion_sigma[ep] * rng.standard_normal(n))
+    if profile.fixed_prompt is not None:
+        prompt = np.full(n, float(profile.fixed_prompt))
+    if profile.fixed_completion is not None:
+        completion = profile.fixed_completion + rng.integers(0, 2, size=n).astype(float)
+    completion = np.clip(np.rint(completion), 1, _MAX_OUT[m])
+    prompt = np.clip(np.rint(prompt), 3, _CONTEXT[m] - completion)
+    completion[(ep == EMBED) | (ep == LIST_MODELS)] = 0
+    prompt[ep == LIST_MODELS] = 0
+    return prompt, completion
+
+
+def _statuses(profile: RequestProfile, ep: np.ndarray, rng: np.random.Generator,
+              stress: np.ndarray | float, outage: np.ndarray | float) -> np.ndarray:
+    """Ordinary failure rates, pushed up under stress, and an upstream's outage."""
+    n = len(ep)
+    stress = np.broadcast_to(np.asarray(stress, dtype=np.float64), (n,))
+    u = rng.random(n)
+    p429 = np.minimum(profile.p_429 * stress, 0.5)
+    p5xx = np.minimum(profile.p_5xx * np.sqrt(stress), 0.2)
+    status = np.full(n, 200, dtype=np.int16)
+    cut1 = profile.p_401
+    cut2 = cut1 + profile.p_400
+    cut3 = cut2 + p429
+    cut4 = cut3 + p5xx
+    status[u < cut1] = 401
+    status[(u >= cut1) & (u < cut2) & (ep != LIST_MODELS)] = 400
+    status[(u >= cut2) & (u < cut3)] = 429
+    five = (u >= cut3) & (u < cut4)
+    status[five] = rng.choice(
+        np.array([500, 502, 503, 504], dtype=np.int16),
+        size=int(five.sum()),
+        p=[0.3, 0.25, 0.3, 0.15],
+    )
+    down = rng.random(n) < np.broadcast_to(np.asarray(outage, dtype=np.float64), (n,))
+    status[down] = rng.choice(
+        np.array([502, 503, 504], dtype=np.int16), size=int(down.sum()), p=[0.3, 0.5, 0.2]
+    )
+    return status
+
+
+def _latencies(profile: RequestProfile, status: np.ndarray, ep: np.ndarray, m: np.ndarray,
+               prompt: np.ndarray, completion: np.ndarray, rng: np.random.Generator
+               ) -> np.ndarray:
+    """First token + prefill + generation + network, log-normal noise; failures answer
+    fast, except timeouts."""
+    n = len(ep)
+    latency = (
+        _TTFT[m] * rng.lognormal(0.0, 0.35, n)
+        + prompt * 0.03
+        + completion * _PER_TOKEN[m] * rng.lognormal(0.0, 0.15, n)
+        + profile.rtt_ms * rng.lognormal(0.0, 0.25, n)
+    )
+    listing = ep == LIST_MODELS
+    latency[listing] = profile.rtt_ms + rng.lognormal(np.log(35.0), 0.3, int(listing.sum()))
+    fast = (status == 401) | (status == 429) | (status == 400)
+    latency[fast] = profile.rtt_ms + rng.lognormal(np.log(25.0), 0.4, int(fast.sum()))
+    for code, median, sigma in ((500, 400.0, 0.8), (502, 3_000.0, 0.9), (503, 120.0, 0.6)):
+        sel = status == code
+        latency[sel] = profile.rtt_ms + rng.lognormal(np.log(median), sigma, int(sel.sum()))
+    timeout = status == 504
+    latency[timeout] = rng.choice([60_000.0, 120_000.0], size=int(timeout.sum())) + rng.uniform(
+        0, 400, int(timeout.sum())
+    )
+    return latency
 
 
 def poisson_times(

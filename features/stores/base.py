@@ -86,9 +86,36 @@ LIMIT = "limit"  # (LIMIT, mode, now) -> [status, retry_after_s, rate_per_min, u
 #   advances (capped at `lim:until`), status says whether the call conformed. "peek":
 #   status only. Enforcement fields (`ban:*`, `lim:*`) are wall time, never event time.
 
+# Idempotency: an event's id claimed on every entity it touches, in the same atomic call
+# as its ops, so a re-sent event changes nothing (see `serving.engine.ingest`):
+CLAIM = "claim"  # (CLAIM, zname, token, expires_at, now) -> str | None; FIRST op only
+#   forgets claims expired at `now`; when `token` is still claimed, returns its remembered
+#   value ("" before REMEMBER) and the request's other ops are NOT applied (results
+#   None); otherwise claims it until `expires_at` and returns None.
+REMEMBER = "remember"  # (REMEMBER, zname, token, value) -> None; the claimed token's value
+
+# A shared, ordered log (the population model's learning log, `models.population_log`):
+LOG_APPEND = "log_append"  # (LOG_APPEND, name, entry: str, cap, new_id) -> int seq
+#   appends `entry` with the next sequence number (1, 2, ...), keeps the newest `cap`;
+#   the log's id is set to `new_id` by its first append (so a reader can tell two logs apart)
+LOG_READ = "log_read"  # (LOG_READ, name, after, limit) -> [id | None, head, [[seq, entry]...]]
+#   up to `limit` entries with seq > after, oldest first; head = the last seq appended
+
+# Mergeable decayed sums (a key's streaming detectors, `models.streaming`):
+DECAY_ADD = "decay_add"  # (DECAY_ADD, field, ts, half_lives, deltas) -> None
+#   the field holds "T|v1,v2,..." (%.17g): sums held at reference time T. With
+#   T' = max(T, ts), each v_i becomes v_i * 0.5 ** ((T' - T) / hl_i)
+#   + d_i * 0.5 ** ((T' - ts) / hl_i) (hl_i = 0: no decay; hl_i < 0: v_i is replaced by
+#   d_i, a value that is not a sum), and T becomes T'. Additions commute, so replicas
+#   sending their deltas in any order hold one state. A held vector of another length is
+#   replaced by the delta.
+
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,
-    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT)
+    ZSET, ZREM, ZITEMS, PERSIST, BUDGET_ADD, LIMIT, CLAIM, REMEMBER, LOG_APPEND, LOG_READ,
+    DECAY_ADD)
+CLAIM_FIELD_PREFIX = "_c:"
+"""Hash field `_c:<token>` holds a claimed token's remembered value."""
 PERSIST_FIELD = "_persist"
 
 ENFORCEMENT_PREFIXES = ("ban:", "lim:")

@@ -37,6 +37,9 @@ from typing import Any
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
+    CLAIM_FIELD_PREFIX,
+    DECAY_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -46,10 +49,13 @@ from features.stores.base import (
     GLOBAL_KIND,
     INCR,
     LIMIT,
+    LOG_APPEND,
+    LOG_READ,
     PERSIST,
     PERSIST_FIELD,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -95,11 +101,14 @@ class _EntityState:
     last_ts: float = 0.0
     size: int = 0
     """Estimated bytes of the feature state (`features.stores.budget`), as last applied."""
+    logs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """LOG_* logs: {"id", "first" (seq of entries[0]), "entries"}, plain values so that
+    snapshots (builtins only) keep them."""
     enf: dict[str, Any] | None = None
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
 
-_FEATURE_FIELDS = ("hash", "zsets", "rings", "profiles", "last_ts")
+_FEATURE_FIELDS = ("hash", "zsets", "rings", "profiles", "last_ts", "logs")
 
 
 def _fmt(value: float) -> str:
@@ -205,7 +214,7 @@ class MemoryStore(StateStore):
             if self._over():
                 self._bound()
             if self.journal is not None:
-                writes = enforcement_writes(requests)
+                writes = enforcement_writes(_applied(requests, results))
                 if writes:  # on disk before the caller hears it was done
                     try:
                         self.journal.append(writes, time.time())
@@ -353,6 +362,10 @@ class MemoryStore(StateStore):
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
         state = self._entity(req.kind, req.entity_id)
         self._current = (req.kind, req.entity_id)
+        if ops and ops[0][0] == CLAIM:
+            held = _claim(state, ops[0])
+            if held is not None:  # a repeat: nothing of this request is applied
+                return [held, *([None] * (len(ops) - 1))]
         results = [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
         if req.kind != GLOBAL_KIND:
             size = entity_bytes(state)
@@ -558,6 +571,40 @@ class MemoryStore(StateStore):
         else:
             s.hash.pop(PERSIST_FIELD, None)
 
+    def _claimed(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        return None  # applied by `_claim` before the other ops
+
+    def _remember(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        _, zname, token, value = op
+        if token in s.zsets.get(zname, {}):
+            s.hash[CLAIM_FIELD_PREFIX + token] = str(value)
+
+    def _log_append(self, s: _EntityState, op: tuple[Any, ...]) -> int:
+        _, name, entry, cap, new_id = op
+        log = s.logs.setdefault(name, {"id": new_id, "first": 1, "entries": []})
+        entries = log["entries"]
+        entries.append(str(entry))
+        if len(entries) > cap + cap // 4 + 1:  # trimmed in steps: amortised O(1)
+            drop = len(entries) - cap
+            del entries[:drop]
+            log["first"] += drop
+        return int(log["first"] + len(entries) - 1)
+
+    def _decay_add(self, s: _EntityState, op: tuple[Any, ...]) -> None:
+        _, fld, ts, half_lives, deltas = op
+        s.hash[fld] = decay_add(s.hash.get(fld), float(ts), half_lives, deltas)
+
+    def _log_read(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
+        _, name, after, limit = op
+        log = s.logs.get(name)
+        if log is None:
+            return [None, 0, []]
+        first, entries = log["first"], log["entries"]
+        head = first + len(entries) - 1
+        start = max(int(after) + 1, first)
+        stop = min(head, start + int(limit) - 1)
+        return [log["id"], head, [[q, entries[q - first]] for q in range(start, stop + 1)]]
+
     def _budget_add(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
         _, name, period, amount, limit = op
         h = s.hash
@@ -595,7 +642,9 @@ def _plain(state: _EntityState) -> dict[str, Any]:
     return {"hash": dict(state.hash), "zsets": {z: dict(m) for z, m in state.zsets.items()},
             "rings": {r: list(a) for r, a in state.rings.items()},
             "profiles": {p: list(a) for p, a in state.profiles.items()},
-            "last_ts": state.last_ts}
+            "last_ts": state.last_ts,
+            "logs": {name: {**log, "entries": list(log["entries"])}
+                     for name, log in state.logs.items()}}
 
 
 def _state_of(fields: dict[str, Any]) -> _EntityState:
@@ -636,6 +685,58 @@ def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,
         return (1.0 if own - tolerance <= now else 0.0,
                 max(0.0, after - tolerance - now), tat, new_e)
     return (1.0 if conforms else 0.0), (0.0 if conforms else held - tolerance - now), tat, tat_e
+
+
+def decay_add(held: str | None, ts: float, half_lives: Sequence[float],
+              deltas: Sequence[float]) -> str:
+    """DECAY_ADD on a held "T|v1,..." value (see `features.stores.base`); the Lua script
+    computes the same, in the same order, so both stores hold the same digits."""
+    t0, values = 0.0, None
+    if held and "|" in held:
+        stamp, _, rest = held.partition("|")
+        values = [float(x) for x in rest.split(",")] if rest else []
+        t0 = float(stamp)
+        if len(values) != len(deltas):
+            t0, values = 0.0, None
+    t1 = max(t0, ts)
+    out = []
+    for j, d in enumerate(deltas):
+        a, b, hl = (values[j] if values is not None else 0.0), float(d), float(half_lives[j])
+        if hl < 0:  # not a sum: the last write wins
+            a = 0.0
+        elif hl > 0:
+            if values is not None and t1 > t0:
+                a = a * 0.5 ** ((t1 - t0) / hl)
+            if t1 > ts:
+                b = b * 0.5 ** ((t1 - ts) / hl)
+        out.append(_g17(a + b))
+    return _g17(t1) + "|" + ",".join(out)
+
+
+def _applied(requests: Sequence[EntityOps], results: list[list[Any]]) -> list[EntityOps]:
+    """The requests a call applied: a repeated claim (see CLAIM) applied nothing of its own,
+    so it has nothing to journal."""
+    return [req for req, res in zip(requests, results, strict=True)
+            if not (req.ops and req.ops[0][0] == CLAIM and res[0] is not None)]
+
+
+def _claim(s: _EntityState, op: tuple[Any, ...]) -> str | None:
+    """CLAIM: forget expired claims, then the held value of a live claim (a repeat), or
+    None after claiming the token (as the Lua script does; it forgets 64 per call)."""
+    _, zname, token, expires_at, now = op
+    z = s.zsets.setdefault(zname, {})
+    expired = []
+    for m, t in z.items():  # insertion order is expiry order (one window per store user)
+        if t > float(now) or len(expired) >= 64:
+            break
+        expired.append(m)
+    for old in expired:
+        del z[old]
+        s.hash.pop(CLAIM_FIELD_PREFIX + old, None)
+    if token in z:
+        return str(s.hash.get(CLAIM_FIELD_PREFIX + token, ""))
+    z[token] = float(expires_at)
+    return None
 
 
 def _g17(value: float) -> str:
@@ -690,6 +791,11 @@ _HANDLERS = {
     PERSIST: MemoryStore._persist,
     BUDGET_ADD: MemoryStore._budget_add,
     LIMIT: MemoryStore._limit,
+    CLAIM: MemoryStore._claimed,
+    REMEMBER: MemoryStore._remember,
+    LOG_APPEND: MemoryStore._log_append,
+    LOG_READ: MemoryStore._log_read,
+    DECAY_ADD: MemoryStore._decay_add,
 }
 
 _REPLAYER = MemoryStore(max_mb=None)

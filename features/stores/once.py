@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from features.stores.base import LIMIT, EntityOps
+from features.stores.base import LIMIT, LOG_APPEND, LOG_READ, EntityOps
 from features.stores.lua_wrap import wrap_apply_ops
 from features.stores.redis_store import LuaScript, RedisStore
 
@@ -74,10 +74,14 @@ class OnceRedisStore(RedisStore):
             self._token = None
 
     def once_key(self, req: EntityOps, token: str) -> str:
-        """The cache key of a request under `token`: a digest of the token and the ops,
-        leaving out the clock a limit is metered at (`LIMIT`'s `now`, the server's time),
-        so the same event delivered twice is the same write whenever it arrives."""
-        ops = [op[:2] if op and op[0] == LIMIT else op for op in req.ops]
+        """The cache key of a request under `token`: a digest of the token and the ops.
+        What differs between the worker that first scored the event and one scoring it
+        again is left out: the clock a limit is metered at (`LIMIT`'s `now`, the server's
+        time), a log read's position (where this process' population model stands; the
+        cached read is handed back, so the event is scored from the same numbers) and a
+        log append's writer id."""
+        ops = [op[:2] if op and op[0] in (LIMIT, LOG_READ)
+               else op[:4] if op and op[0] == LOG_APPEND else op for op in req.ops]
         digest = hashlib.sha256(
             json.dumps([token, ops], default=str, separators=(",", ":")).encode()
         ).hexdigest()[:32]

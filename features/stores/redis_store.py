@@ -33,6 +33,9 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from features.stores.base import (
+    CLAIM,
+    LOG_APPEND,
+    LOG_READ,
     ZITEMS,
     ZREM,
     EntityOps,
@@ -125,7 +128,8 @@ class RedisStore(StateStore):
             health_check_interval=30,
         )
         # the script's replies carry packed binary fields: read them undecoded
-        self._raw_pool = raw_pool(self.client)
+        self._raw_pool = (raw_pool(self.client) if isinstance(self.client, redis.Redis)
+                          else None)  # a cluster keeps one per node
         self._ttl_arg = str(self.idle_ttl_s)
         self.round_trips = 0
 
@@ -150,7 +154,8 @@ class RedisStore(StateStore):
 
     def close(self) -> None:
         self.client.close()
-        self._raw_pool.disconnect()
+        if self._raw_pool is not None:
+            self._raw_pool.disconnect()
 
     def encode(self, req: EntityOps) -> tuple[list[str], list[str | bytes]]:
         """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
@@ -188,14 +193,7 @@ class RedisStore(StateStore):
         """
         packed = [pack_evalsha(script.sha, keys, argv) for keys, argv in calls]
         try:
-            replies = self._round_trip(packed)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:
-                self.client.script_load(script.text)
-                self.round_trips += 1
-                for i, reply in zip(missing, self._round_trip([packed[i] for i in missing]),
-                                    strict=True):
-                    replies[i] = reply
+            replies = self._run_on(self.client, self._raw_pool, script, packed)
             for reply in replies:
                 if isinstance(reply, ResponseError):
                     raise reply
@@ -208,10 +206,24 @@ class RedisStore(StateStore):
             raise error from exc
         return replies
 
-    def _round_trip(self, packed: list[bytes]) -> list[Any]:
+    def _run_on(self, client: redis.Redis, pool: redis.ConnectionPool, script: LuaScript,
+                packed: list[bytes]) -> list[Any]:
+        """One round trip to one server (`pool`: raw replies; `client`: the same server,
+        to load the script if it says NOSCRIPT); the replies, errors included (the
+        caller decides what an error means)."""
+        replies = self._round_trip(packed, pool)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            client.script_load(script.text)
+            self.round_trips += 1
+            for i, reply in zip(missing, self._round_trip([packed[i] for i in missing], pool),
+                                strict=True):
+                replies[i] = reply
+        return replies
+
+    def _round_trip(self, packed: list[bytes], pool: redis.ConnectionPool) -> list[Any]:
         """Write the packed commands at once, then read every reply (errors included, so
         the connection stays in step); retried like redis-py retries a pipeline."""
-        pool = self._raw_pool
         conn = pool.get_connection()
         command = b"".join(packed)
         count = len(packed)
@@ -242,6 +254,8 @@ class RedisStore(StateStore):
         results, [each fetched field as it was before the ops]]; the other ops are
         answered by replaying them on those fields (`features.stores.replay`)."""
         fields, kinds, _, _ = plan if plan is not None else plan_request(req.ops)
+        if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
+            return [raw[1].decode(), *([None] * (len(req.ops) - 1))]
         zres = orjson.loads(raw[0])
         given: dict[int, Any] = {}
         if zres:
@@ -254,11 +268,16 @@ class RedisStore(StateStore):
 
 
 def _sorted_set_result(code: str, value: Any) -> Any:
+    """An op answered by the script itself, as the memory store answers it."""
     if code == ZITEMS:
         return [[m, float(t)] for m, t in value] if isinstance(value, list) else []
-    if code == ZREM:
+    if code in (ZREM, LOG_APPEND):
         return int(value)
-    return None
+    if code == LOG_READ:
+        log_id, head, entries = value
+        return [log_id or None, int(head),
+                [[int(q), e] for q, e in entries] if isinstance(entries, list) else []]
+    return None  # ZSET, CLAIM (applied), REMEMBER
 
 
 def raw_pool(client: redis.Redis) -> redis.ConnectionPool:
@@ -273,7 +292,9 @@ def merge_by_entity(requests: Sequence[EntityOps]) -> tuple[list[EntityOps],
                                                             list[tuple[int, int]]]:
     """One request per entity, its ops in the order given (entities are independent, so
     only the order within one entity matters), and where each original request's results
-    start: (merged index, offset). A script call has a fixed cost on the Redis core."""
+    start: (merged index, offset). A script call has a fixed cost on the Redis core.
+    A request that opens with CLAIM is a call of its own: a repeated claim applies
+    nothing of its call, so no other request may share it."""
     index: dict[tuple[str, str], int] = {}
     merged: list[EntityOps] = []
     copied: set[int] = set()
@@ -281,6 +302,11 @@ def merge_by_entity(requests: Sequence[EntityOps]) -> tuple[list[EntityOps],
     for req in requests:
         key = (req.kind, req.entity_id)
         m = index.get(key)
+        if req.ops and req.ops[0][0] == CLAIM:
+            index.pop(key, None)  # later requests of the entity go after it, apart
+            parts.append((len(merged), 0))
+            merged.append(req)
+            continue
         if m is None:
             index[key] = len(merged)
             parts.append((len(merged), 0))

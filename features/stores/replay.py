@@ -23,6 +23,8 @@ from typing import Any
 
 from features.stores.base import (
     BUDGET_ADD,
+    CLAIM,
+    DECAY_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -31,11 +33,14 @@ from features.stores.base import (
     GETS,
     INCR,
     LIMIT,
+    LOG_APPEND,
+    LOG_READ,
     OP_CODES,
     PERSIST,
     PERSIST_FIELD,
     RECENT_ADD,
     RECENT_COUNT,
+    REMEMBER,
     RING_ADD,
     RING_GET,
     RING_MAX,
@@ -58,9 +63,11 @@ the EWM_GAP/EWM_SAME fields), a packed ring, a packed capped set, a packed profi
 SET_PREFIX = "z|"
 """Field of the capped set `name` in the entity hash: `z|name`."""
 LIMIT_FIELDS = ("lim:until", "lim:rate", "lim:burst", "lim:tat", "lim:tat_e")
-IN_SCRIPT = frozenset((ZSET, ZREM, ZITEMS))
+IN_SCRIPT = frozenset((ZSET, ZREM, ZITEMS, CLAIM, REMEMBER, LOG_APPEND, LOG_READ))
+"""Ops on sorted sets (enforcement indexes, idempotency claims, logs): the script answers
+them itself."""
 _CHANGES = frozenset((SET, DEL, INCR, RING_ADD, RING_MAX, EWM, EWM_GAP, EWM_SAME, RECENT_ADD,
-                      SEEN_ADD, PERSIST, BUDGET_ADD)) | IN_SCRIPT
+                      SEEN_ADD, PERSIST, BUDGET_ADD, DECAY_ADD)) | IN_SCRIPT
 _HASHED = frozenset((RECENT_ADD, SEEN_ADD))
 _RINGS = frozenset((RING_ADD, RING_MAX, RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES))
 _SETS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD))
@@ -90,7 +97,7 @@ def _touches(op: tuple[Any, ...], out: dict[str, int]) -> None:
         out[op[1]] = RING
     elif code in _SETS:
         out[SET_PREFIX + op[1]] = CAPPED_SET
-    elif code in (GET, SET, DEL, INCR):
+    elif code in (GET, SET, DEL, INCR, DECAY_ADD):
         _plain(op[1], out)
     elif code == GETS:
         for name in op[2:2 + op[1]]:

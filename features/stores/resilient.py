@@ -10,8 +10,12 @@ fails:
 - answers from a local `MemoryStore` (policy `fail_open`: decisions keep coming, made
   from what this process has seen since the outage began) or raises `StoreUnavailable`
   (policy `fail_closed`: the API answers 503 with Retry-After);
-- in both cases appends the write operations of every call to a durable local spool
-  (`features.stores.spool`), fsync'd before the call returns;
+- under fail_open, appends the write operations of every call to a durable local spool
+  (`features.stores.spool`), fsync'd before the call returns. Under fail_closed a refused
+  call is not spooled: a 503 means nothing was applied, so the client's retry is the
+  one application (spooling it too made 100 retried events count as 112). The one call
+  in flight when Redis failed may have been applied before its reply was lost; an event
+  with an `event_id` is then recognised by its claim and not applied twice;
 - probes Redis from a background thread every `retry_interval_s`; when it answers, the
   spool is replayed into Redis in order, segment by segment (a segment is deleted only
   after all of it was applied), the local state is dropped, and the store is normal again.
@@ -40,7 +44,7 @@ A spooled record that Redis *refuses* (a script error, not an outage) is set asi
 block the recovery forever; a refused command on the live path is raised, not spooled.
 
 If the disk fails too, fail_open keeps answering and counts `spool_errors` (those writes
-are lost, and logged as such); fail_closed refuses.
+are lost, and logged as such).
 
 Enforcement during an outage: with an `EnforcementCache` the store re-reads the active
 bans, limits and allow-list from Redis every few seconds while it is healthy, and seeds
@@ -67,6 +71,7 @@ import redis
 
 from features.stores.base import (
     GET,
+    LOG_READ,
     RECENT_COUNT,
     RING_GET,
     RING_SUM,
@@ -85,7 +90,7 @@ log = logging.getLogger("keywatch.store")
 OutagePolicy = Literal["fail_open", "fail_closed"]
 POLICIES: tuple[str, ...] = ("fail_open", "fail_closed")
 
-PURE_READ_OPS: frozenset[str] = frozenset({GET, RING_GET, RING_SUM, RECENT_COUNT})
+PURE_READ_OPS: frozenset[str] = frozenset({GET, RING_GET, RING_SUM, RECENT_COUNT, LOG_READ})
 """Operations that never change state; everything else is a write and is spooled."""
 
 _GUARD = LuaScript(REPLAY_GUARD)
@@ -317,6 +322,12 @@ class ResilientStore(StateStore):
         self._probe.start()
 
     def _degraded_call(self, requests: Sequence[EntityOps], *, ambiguous: bool) -> list[list[Any]]:
+        if self.policy == "fail_closed":  # refused: nothing of the call is applied, ever
+            if not self._degraded:
+                return self.execute(requests)
+            raise StoreUnavailable(
+                f"state store unavailable (fail_closed): {self.last_error}",
+                retry_after_s=self._retry_after(), writes_kept=False)
         writes = write_requests(requests)
         with self._lock:
             if not self._degraded:
@@ -330,15 +341,7 @@ class ResilientStore(StateStore):
                 except OSError as exc:
                     self.spool_errors += 1
                     log.error("cannot spool state writes (%s): they are lost", exc)
-                    if self.policy == "fail_closed":
-                        raise StoreUnavailable(
-                            f"state store unavailable and spool failing: {exc}",
-                            retry_after_s=self._retry_after(), writes_kept=False) from exc
             local = self._local
-        if self.policy == "fail_closed":
-            raise StoreUnavailable(
-                f"state store unavailable (fail_closed): {self.last_error}",
-                retry_after_s=self._retry_after())
         return local.execute(requests)
 
     def _retry_after(self) -> int:

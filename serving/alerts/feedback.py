@@ -6,6 +6,10 @@ that this rule stop alerting for this key (`allowlist_rule`). Feedback is append
 told was recorded survives a restart, and a failed write changes nothing. Suppressions
 are rebuilt from the same file at startup.
 
+With a shared store (`publish` set, see `serving.alerts.shared`), a record goes to the
+store's operations log first; every replica applies it (and appends it to its own file,
+which the retrain job reads) when it applies the log.
+
 Notes are free text typed by people, who sometimes paste what they are looking at; they
 pass through a redactor (by default `redact_text`; the app adds recognition of keys it
 has seen, see `Operations`) so a raw key pasted into a note is not stored.
@@ -14,6 +18,7 @@ has seen, see `Operations`) so a raw key pasted into a note is not stored.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -29,6 +34,8 @@ from serving.engine.jsonl_writer import read_jsonl
 from serving.observability.redaction import redact_text
 
 FEEDBACK_FILE = "feedback.jsonl"
+
+log = logging.getLogger("keywatch.feedback")
 
 Verdict = Literal["false_positive", "confirmed"]
 
@@ -55,6 +62,9 @@ class FeedbackStore:
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._suppressed: dict[tuple[str, str], dict[str, Any]] = {}
+        self._seen: set[str] = set()
+        self.publish: Callable[[dict[str, Any]], None] | None = None
+        """Shared mode: append a record to the shared log (which then applies it here)."""
         if self.path is not None:
             for rec in read_jsonl([self.path]):
                 self._apply(rec)
@@ -111,6 +121,24 @@ class FeedbackStore:
         return True
 
     def _persist(self, rec: dict[str, Any]) -> None:
+        if self.publish is not None:
+            self.publish({"r": rec["type"], **rec})
+            return
+        self._write_and_apply(rec)
+
+    def apply_shared(self, rec: dict[str, Any]) -> None:
+        """A record from the shared log: kept in this replica's file, then applied."""
+        rec = {k: v for k, v in rec.items() if k != "r"}
+        mark = json.dumps(rec, sort_keys=True)
+        if mark in self._seen:  # already in this replica's file (a restart reads the log)
+            return
+        try:
+            self._write_and_apply(rec)
+        except OSError as exc:  # the store holds it; this replica's copy is a convenience
+            log.warning("feedback record not written to %s: %s", self.path, exc)
+            self._apply(rec)
+
+    def _write_and_apply(self, rec: dict[str, Any]) -> None:
         with self._lock:
             if self.path is not None:  # disk first: an OSError here leaves nothing applied
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +153,7 @@ class FeedbackStore:
             self._apply_locked(rec)
 
     def _apply_locked(self, rec: dict[str, Any]) -> None:
+        self._seen.add(json.dumps(rec, sort_keys=True))
         kind = rec.get("type")
         if kind == "feedback":
             self._records.append(rec)

@@ -32,6 +32,7 @@ from features.contract import Event
 from serving.alerts.feedback import FEEDBACK_FILE, FeedbackIn, FeedbackStore
 from serving.alerts.key_activity import KeyActivityIndex
 from serving.alerts.pipeline import AlertPipeline
+from serving.alerts.shared import SharedOps, SharedStats
 from serving.alerts.siem import SiemExporter
 from serving.alerts.sinks import WebhookSink
 from serving.alerts.stats import DecisionStats
@@ -81,8 +82,11 @@ class Operations:
         self.report_scheduler: Any = None
         # the event log is flushed here too, so an idle service loses nothing it scored
         # to a crash beyond the flush interval
-        self._flusher = PeriodicFlusher([*self.writers.values(),
-                                         *([event_log] if event_log is not None else [])])
+        flushed: list[Any] = [*self.writers.values(),
+                              *([event_log] if event_log is not None else [])]
+        if self.decision_stats.shared is not None:  # other replicas read the counts
+            flushed.append(self.decision_stats.shared)
+        self._flusher = PeriodicFlusher(flushed)
         self._flusher_started = False
         self._flusher_lock = threading.Lock()
         metrics.alert_stats = alerts.stats
@@ -102,17 +106,7 @@ class Operations:
     ) -> Operations:
         """Everything from `Settings`; files go under `settings.data_dir`."""
         data_dir = settings.data_dir
-        writers: dict[str, RotatingJsonlWriter] = {}
-        alert_log = siem = None
-        if settings.alert_log:
-            alert_log = writers["alerts"] = RotatingJsonlWriter(
-                data_dir.joinpath(*ALERT_LOG_PATH), max_bytes=settings.siem_max_bytes,
-                keep_files=settings.siem_keep_files)
-        if settings.siem_log:
-            siem_writer = writers["siem"] = RotatingJsonlWriter(
-                data_dir.joinpath(*SIEM_LOG_PATH), max_bytes=settings.siem_max_bytes,
-                keep_files=settings.siem_keep_files)
-            siem = SiemExporter(siem_writer)
+        writers, alert_log, siem = _alert_files(settings)
         if sinks is None:
             sinks = sinks_from_settings(settings)
         activity = KeyActivityIndex(per_key=settings.key_activity_per_key,
@@ -126,16 +120,27 @@ class Operations:
                                          activity.__contains__)
 
         feedback = FeedbackStore(data_dir / FEEDBACK_FILE, redact=redact)
+        # a shared store (Redis): alerts, their status, feedback and stats live there, so
+        # every replica answers the same and each alert is sent once (alerts/shared.py)
+        shared = stats = None
+        if scorer is not None and scorer.store.name != "memory":
+            shared = SharedOps(scorer.store)
+            stats = DecisionStats(shared=SharedStats(scorer.store, max_buckets=1440))
         alerts = AlertPipeline(
             min_severity=settings.alert_min_severity,
             dedup_window_s=settings.alert_dedup_window_s,
             ring_size=settings.alert_ring_size,
             alert_log=alert_log, siem=siem, sinks=sinks,
-            is_suppressed=feedback.is_suppressed)
+            is_suppressed=feedback.is_suppressed, shared=shared)
+        if shared is not None:
+            feedback.publish = alerts.publish_now
+            alerts.on_record.update(feedback=feedback.apply_shared,
+                                    unsuppress=feedback.apply_shared)
         ops = cls(
             metrics=KeywatchMetrics(), alerts=alerts, feedback=feedback, activity=activity,
             writers=writers, event_log=event_log,
-            model_versions=scorer.model_versions if scorer is not None else None)
+            model_versions=scorer.model_versions if scorer is not None else None,
+            decision_stats=stats)
         ops.settings = settings
         if settings.report_daily_at or settings.report_weekly_on:
             from serving.schedules.reports import ReportScheduler
@@ -152,14 +157,18 @@ class Operations:
         try:
             self.metrics.observe_latency(elapsed_s, len(decisions))
             self.decision_stats.observe(events, decisions)
-            raised = False
+            raised = qualified = False
             for event, decision in zip(events, decisions, strict=True):
                 self.metrics.observe_decision(decision.decision, decision.severity)
                 self.activity.observe(event, decision)
                 if self.alerts.qualifies(decision):
+                    qualified = True
                     alert = self.alerts.observe(event.timestamp, decision.key_id,
                                                 event.source_ip, decision)
                     raised = raised or alert is not None
+            if qualified and self.alerts.shared is not None:
+                self.alerts.publish()  # this request's counts, in one call
+                self.alerts.sync()
             if raised:
                 self._start_flusher()
         except Exception:
@@ -307,3 +316,20 @@ def sinks_from_settings(settings: Settings) -> list[WebhookSink]:
         sinks.append(WebhookSink(settings.alert_slack_webhook_url, name="slack",
                                  body_format="slack", **common))
     return sinks
+
+
+def _alert_files(settings: Settings) -> tuple[dict[str, RotatingJsonlWriter],
+                                               RotatingJsonlWriter | None, SiemExporter | None]:
+    """The alert log and the SIEM findings file, where the settings ask for them."""
+    writers: dict[str, RotatingJsonlWriter] = {}
+    alert_log = siem = None
+    if settings.alert_log:
+        alert_log = writers["alerts"] = RotatingJsonlWriter(
+            settings.data_dir.joinpath(*ALERT_LOG_PATH), max_bytes=settings.siem_max_bytes,
+            keep_files=settings.siem_keep_files)
+    if settings.siem_log:
+        siem_writer = writers["siem"] = RotatingJsonlWriter(
+            settings.data_dir.joinpath(*SIEM_LOG_PATH), max_bytes=settings.siem_max_bytes,
+            keep_files=settings.siem_keep_files)
+        siem = SiemExporter(siem_writer)
+    return writers, alert_log, siem

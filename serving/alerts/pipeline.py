@@ -23,6 +23,12 @@ rate and 24-hour spend at its latest decision (from the decision's `money`).
 
 An operator's (key_id, rule code) suppression (see `serving.alerts.feedback`) is honoured here:
 a reason whose pair is suppressed does not raise an alert.
+
+With a shared store (`shared=SharedOps`, see `serving.alerts.shared`) the ring is a replica
+of the store's ordered operations log, shared by every keywatch replica: raising is
+claimed in the store for the dedup window from its first event (so each alert is sent
+once, by one replica), and counts, escalations and statuses are log records applied by
+every replica before it answers.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from features.contract import event_time_iso
+from serving.alerts.shared import RecordHandler, SharedOps
 from serving.alerts.siem import SiemExporter
 from serving.alerts.sinks import Notification, WebhookSink
 from serving.engine.decision import SEVERITIES, Decision, severity_rank
@@ -194,6 +201,7 @@ class AlertPipeline:
         siem: SiemExporter | None = None,
         sinks: Sequence[WebhookSink] = (),
         is_suppressed: Callable[[str, str], bool] | None = None,
+        shared: SharedOps | None = None,
     ) -> None:
         if min_severity not in SEVERITIES:
             raise ValueError(f"min_severity must be one of {', '.join(SEVERITIES)}")
@@ -217,7 +225,11 @@ class AlertPipeline:
         self.deduplicated = 0
         self.escalated = 0
         self.suppressed = 0
-        if alert_log is not None:
+        self.shared = shared
+        self.on_record: dict[str, RecordHandler] = {}
+        """Shared mode: handlers of other log records (feedback), by record type."""
+        self._outbox: list[dict[str, Any]] = []
+        if alert_log is not None and shared is None:
             self._load(alert_log)
 
     # ---- the scoring-path hook --------------------------------------------------------
@@ -243,9 +255,12 @@ class AlertPipeline:
         code = primary.code if primary is not None else f"decision_{decision.decision}"
         title = primary.message if primary is not None else (
             f"{decision.decision} at severity {decision.severity}")
-        note: tuple[str, Alert] | None = None
         by_address = primary is not None and primary.scope == "ip" and bool(source_ip)
         subject = f"ip:{source_ip}" if by_address else key_id
+        if self.shared is not None:
+            return self._observe_shared(event_ts, key_id, source_ip, code, title, decision,
+                                        by_address=by_address)
+        note: tuple[str, Alert] | None = None
         with self._lock:
             self.clock = max(self.clock, event_ts)
             alert = self._open.get((subject, code))
@@ -272,6 +287,144 @@ class AlertPipeline:
             snapshot = alert.to_dict() if note is not None else None
         if note is not None and snapshot is not None:
             self._dispatch(note[0], snapshot)
+        return alert
+
+    # ---- shared mode ------------------------------------------------------------------
+    def _observe_shared(self, ts: float, key_id: str, source_ip: str | None, code: str,
+                        title: str, decision: Decision, *, by_address: bool) -> Alert | None:
+        """Claim or count: the one replica that claims the (subject, rule) raises. The
+        subject is the key, or the address for an address-scoped reason (claimed on the
+        address's entity, so every key it tries counts on one alert). The claim lasts the
+        dedup window from the first event in event time, as one process' alert does."""
+        shared = self.shared
+        assert shared is not None
+        subject = f"ip:{source_ip}" if by_address else key_id
+        entity = ("ip", str(source_ip)) if by_address else ("k", key_id)
+        with self._lock:
+            self.clock = max(self.clock, ts)
+            alert = self._open.get((subject, code))
+            if alert is not None and abs(ts - alert.first_seen_ts) >= self.dedup_window_s:
+                alert = None
+        expires = (alert.first_seen_ts if alert is not None else ts) + self.dedup_window_s
+        if alert is None:
+            fresh = self._build_alert(ts, key_id, source_ip, code, title, decision)
+            if by_address:
+                fresh.subject = "address"
+            alert_id, won = shared.claim(entity, f"al|{code}", fresh.alert_id,
+                                         now=ts, expires_at=expires)
+            if won:
+                snapshot = fresh.to_dict()
+                self._outbox.append({"r": "raised", **snapshot})
+                self._dispatch("raised", snapshot)
+                return fresh
+        else:
+            alert_id = alert.alert_id
+        money = decision.money
+        self._outbox.append({"r": "seen", "alert_id": alert_id, "ts": ts, "ip": source_ip,
+                             "key": key_id,
+                             "cost": money.cost_usd if money else 0.0,
+                             "burn": money.burn_usd_per_h if money else None,
+                             "spend24": money.spend_usd_24h if money else None})
+        rank = severity_rank(decision.severity)
+        if alert is not None and rank > severity_rank(alert.severity):
+            _, won = shared.claim(entity, f"esc|{alert_id}|{rank}", alert_id, now=ts,
+                                  expires_at=expires)
+            if won:
+                upgrade = self._build_alert(ts, key_id, source_ip, code, title, decision)
+                record = {"r": "escalated", "alert_id": alert_id,
+                          **{k: v for k, v in upgrade.to_dict().items() if k in (
+                              "severity", "decision", "score", "title", "action", "reasons")}}
+                self._outbox.append(record)
+                self.publish()
+                self.sync()
+                current = self._by_id.get(alert_id)
+                if current is not None:
+                    self._dispatch("escalated", current.to_dict())
+        return alert
+
+    def publish(self) -> None:
+        """Shared mode: send this replica's pending log records (one call)."""
+        if self.shared is None:
+            return
+        with self._lock:
+            records, self._outbox = self._outbox, []
+        self.shared.publish(records)
+
+    def publish_now(self, record: dict[str, Any]) -> None:
+        """Shared mode: append one record (an operator's act) and apply the log."""
+        with self._lock:
+            self._outbox.append(record)
+        self.publish()
+        self.sync()
+
+    def sync(self) -> None:
+        """Shared mode: apply what every replica appended to the log since the last sync."""
+        if self.shared is None:
+            return
+        records = self.shared.read()
+        if not records:
+            return
+        with self._lock:
+            for rec in records:
+                kind = rec.get("r")
+                handler = self.on_record.get(str(kind))
+                if handler is not None:
+                    handler(rec)
+                else:
+                    self._apply_record(rec)
+
+    def _apply_record(self, rec: dict[str, Any]) -> None:
+        kind = rec.get("r")
+        if kind == "raised":
+            if rec["alert_id"] in self._by_id:
+                return
+            self._seq += 1
+            alert = Alert.from_dict(rec, self._seq)
+            self._remember(alert)
+            self._open[(_subject(alert), alert.code)] = alert
+            self.clock = max(self.clock, alert.last_seen_ts)
+            self.raised += 1
+            return
+        alert = self._by_id.get(str(rec.get("alert_id")))
+        if alert is None:
+            return
+        if kind == "seen":
+            ts = float(rec["ts"])
+            alert.count += 1
+            alert.first_seen_ts = min(alert.first_seen_ts, ts)
+            alert.last_seen_ts = max(alert.last_seen_ts, ts)
+            alert.add_ip(rec.get("ip"))
+            if rec.get("key"):
+                alert.add_key(str(rec["key"]))
+            alert.spent_usd += float(rec.get("cost") or 0.0)
+            if rec.get("burn") is not None:
+                alert.burn_usd_per_h = float(rec["burn"])
+                alert.key_spend_usd_24h = float(rec["spend24"])
+            self.clock = max(self.clock, ts)
+            self.deduplicated += 1
+        elif kind == "escalated":
+            for name in ("severity", "decision", "score", "title", "action", "reasons"):
+                setattr(alert, name, rec[name])
+            alert.escalations += 1
+            self.escalated += 1
+        elif kind == "status":
+            alert.status = rec["status"]
+            pair = (_subject(alert), alert.code)
+            if alert.status == "false_positive" and self._open.get(pair) is alert:
+                del self._open[pair]
+
+    def _build_alert(self, ts: float, key_id: str, source_ip: str | None, code: str,
+                     title: str, decision: Decision) -> Alert:
+        alert = Alert(
+            alert_id="al_" + uuid.uuid4().hex[:20], seq=0, key_id=key_id, code=code,
+            title=title, severity=decision.severity, decision=decision.decision,
+            score=decision.score, action=decision.action.model_dump(exclude_none=True),
+            reasons=[r.model_dump() for r in decision.reasons], first_seen_ts=ts,
+            last_seen_ts=ts, raised_at=time.time(), source_ip=source_ip,
+            dry_run=decision.dry_run)
+        alert.add_ip(source_ip)
+        alert.add_key(key_id)
+        alert.add_money(decision)
         return alert
 
     def _new_alert(self, ts: float, key_id: str, source_ip: str | None, code: str,
@@ -331,6 +484,7 @@ class AlertPipeline:
 
     # ---- reading ----------------------------------------------------------------------
     def get(self, alert_id: str) -> Alert | None:
+        self.sync()
         return self._by_id.get(alert_id)
 
     def query(self, q: AlertQuery, *, limit: int = 50,
@@ -339,6 +493,7 @@ class AlertPipeline:
 
         Returns the page and the cursor for the next one (None at the end).
         """
+        self.sync()
         out: list[Alert] = []
         with self._lock:
             for alert in reversed(self._ring):
@@ -354,6 +509,7 @@ class AlertPipeline:
 
     def active_for_key(self, key_id: str) -> list[dict[str, Any]]:
         """Alerts on this key seen within the dedup window and not dismissed."""
+        self.sync()
         with self._lock:
             horizon = self.clock - self.dedup_window_s
             return [a.to_dict() for a in reversed(self._ring)
@@ -361,6 +517,7 @@ class AlertPipeline:
                     and a.status != "false_positive"]
 
     def count_for_key(self, key_id: str) -> int:
+        self.sync()
         with self._lock:
             return sum(1 for a in self._ring if a.key_id == key_id)
 
@@ -371,6 +528,7 @@ class AlertPipeline:
 
         One pass over the ring (bounded by `ring_size`); the dashboard's "riskiest keys".
         """
+        self.sync()
         per_key: dict[str, dict[str, Any]] = {}
         with self._lock:
             for a in self._ring:
@@ -406,12 +564,16 @@ class AlertPipeline:
         """Mark an alert confirmed / false_positive; logged and exported to the SIEM."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        if self.shared is not None:
+            if self.get(alert_id) is None:
+                return None
+            self.publish_now({"r": "status", "alert_id": alert_id, "status": status})
         with self._lock:
             alert = self._by_id.get(alert_id)
             if alert is None:
                 return None
-            alert.status = status
-            pair = (alert.key_id, alert.code)
+            alert.status = status  # (shared: applied by the sync already; the same value)
+            pair = (_subject(alert), alert.code)
             if status == "false_positive" and self._open.get(pair) is alert:
                 del self._open[pair]  # the next decision for the pair starts afresh
             snapshot = alert.to_dict()
@@ -442,7 +604,7 @@ class AlertPipeline:
         horizon = self.clock - self.dedup_window_s
         for alert in self._ring:
             if alert.first_seen_ts > horizon and alert.status != "false_positive":
-                self._open[(alert.key_id, alert.code)] = alert
+                self._open[(_subject(alert), alert.code)] = alert
 
     def snapshot_counts(self) -> None:
         """Log alerts whose repeat count grew since last logged, so restarts keep counts."""
@@ -472,3 +634,8 @@ def observe_all(pipeline: AlertPipeline, items: Iterable[tuple[float, str, str |
                 ) -> list[Alert | None]:
     """Convenience for replays and notebooks: feed many decisions in order."""
     return [pipeline.observe(ts, key_id, ip, d) for ts, key_id, ip, d in items]
+
+
+def _subject(alert: Alert) -> str:
+    """The key of an alert's open pair: the key, or `ip:<address>` for an address alert."""
+    return f"ip:{alert.source_ip}" if alert.subject == "address" else alert.key_id

@@ -65,6 +65,62 @@ def _ms(ts: float | None) -> int | None:
     return None if ts is None else round(ts * 1000)
 
 
+def _observables(alert: dict[str, Any]) -> list[dict[str, Any]]:
+    """The key's id and every address the alert covers, as OCSF observables."""
+    source_ip = alert.get("source_ip")
+    observables: list[dict[str, Any]] = [{
+        "name": "actor.user.credential_uid", "type_id": OBSERVABLE_CREDENTIAL[0],
+        "type": OBSERVABLE_CREDENTIAL[1], "value": alert["key_id"]}]
+    for ip in alert.get("source_ips") or ([source_ip] if source_ip else []):
+        observables.append({"name": "src_endpoint.ip", "type_id": OBSERVABLE_IP[0],
+                            "type": OBSERVABLE_IP[1], "value": ip})
+    return observables
+
+
+def _evidences(alert: dict[str, Any]) -> list[dict[str, Any]]:
+    """One evidence per reason (at least one), each naming the key and the address."""
+    source_ip = alert.get("source_ip")
+    base = {"actor": {"user": {"credential_uid": alert["key_id"]}},
+            **({"src_endpoint": {"ip": source_ip}} if source_ip else {})}
+    return [{**base, "data": {"code": r.get("code"), "severity": r.get("severity"),
+                              "message": r.get("message"),
+                              "evidence": r.get("evidence", {})}}
+            for r in alert.get("reasons", [])] or [base]
+
+
+def _classification(alert: dict[str, Any], activity: str) -> dict[str, Any]:
+    """The OCSF class, activity, severity, status and action ids and names."""
+    activity_id, activity_name = ACTIVITIES[activity]
+    severity_id, severity_name = SEVERITY_IDS.get(alert["severity"], (0, "Unknown"))
+    status_id, status_name = STATUS_IDS.get(alert.get("status", "open"), (99, "Other"))
+    action_id, action_name = ACTION_IDS.get(alert.get("decision", "allow"), (0, "Unknown"))
+    return {
+        "activity_id": activity_id, "activity_name": activity_name,
+        "category_uid": CATEGORY_UID, "category_name": "Findings",
+        "class_uid": CLASS_UID, "class_name": "Detection Finding",
+        "type_uid": CLASS_UID * 100 + activity_id,
+        "type_name": f"Detection Finding: {activity_name}",
+        "severity_id": severity_id, "severity": severity_name,
+        "status_id": status_id, "status": status_name,
+        "action_id": action_id, "action": action_name,
+    }
+
+
+def _finding_info(alert: dict[str, Any]) -> dict[str, Any]:
+    key_id = alert["key_id"]
+    return {
+        "uid": alert["alert_id"],
+        "title": f"{alert['code']} on API key {key_id}",
+        "desc": alert.get("title", ""),
+        "types": ["API Key Abuse", alert["code"]],
+        "analytic": {"uid": alert["code"], "name": alert["code"], "type_id": 1,
+                     "type": "Rule"},
+        "created_time": _ms(alert.get("raised_at")),
+        "first_seen_time": _ms(alert.get("first_seen_ts")),
+        "last_seen_time": _ms(alert.get("last_seen_ts")),
+    }
+
+
 def detection_finding(alert: dict[str, Any], *, activity: str = "create",
                       time_s: float | None = None) -> dict[str, Any]:
     """One OCSF Detection Finding for an alert (in its `Alert.to_dict()` form).
@@ -72,64 +128,17 @@ def detection_finding(alert: dict[str, Any], *, activity: str = "create",
     `time_s` is when this activity happened; by default the event time of the alert's
     first (Create) or latest (Update/Close) observed event, so replays stay reproducible.
     """
-    activity_id, activity_name = ACTIVITIES[activity]
-    severity_id, severity_name = SEVERITY_IDS.get(alert["severity"], (0, "Unknown"))
-    status_id, status_name = STATUS_IDS.get(alert.get("status", "open"), (99, "Other"))
-    action_id, action_name = ACTION_IDS.get(alert.get("decision", "allow"), (0, "Unknown"))
-    first, last = alert.get("first_seen_ts"), alert.get("last_seen_ts")
     if time_s is None:
-        time_s = first if activity == "create" else last
+        time_s = alert.get("first_seen_ts" if activity == "create" else "last_seen_ts")
     key_id = alert["key_id"]
-    source_ip = alert.get("source_ip")
-
-    observables: list[dict[str, Any]] = [{
-        "name": "actor.user.credential_uid", "type_id": OBSERVABLE_CREDENTIAL[0],
-        "type": OBSERVABLE_CREDENTIAL[1], "value": key_id}]
-    for ip in alert.get("source_ips") or ([source_ip] if source_ip else []):
-        observables.append({"name": "src_endpoint.ip", "type_id": OBSERVABLE_IP[0],
-                            "type": OBSERVABLE_IP[1], "value": ip})
-
-    evidences = [{
-        "actor": {"user": {"credential_uid": key_id}},
-        **({"src_endpoint": {"ip": source_ip}} if source_ip else {}),
-        "data": {"code": r.get("code"), "severity": r.get("severity"),
-                 "message": r.get("message"), "evidence": r.get("evidence", {})},
-    } for r in alert.get("reasons", [])] or [{
-        "actor": {"user": {"credential_uid": key_id}},
-        **({"src_endpoint": {"ip": source_ip}} if source_ip else {}),
-    }]
-
     finding: dict[str, Any] = {
-        "activity_id": activity_id,
-        "activity_name": activity_name,
-        "category_uid": CATEGORY_UID,
-        "category_name": "Findings",
-        "class_uid": CLASS_UID,
-        "class_name": "Detection Finding",
-        "type_uid": CLASS_UID * 100 + activity_id,
-        "type_name": f"Detection Finding: {activity_name}",
-        "severity_id": severity_id,
-        "severity": severity_name,
+        **_classification(alert, activity),
         "time": _ms(time_s),
-        "status_id": status_id,
-        "status": status_name,
-        "action_id": action_id,
-        "action": action_name,
         "is_alert": True,
         "message": alert.get("title", ""),
         "count": alert.get("count", 1),
         "risk_score": round(float(alert.get("score", 0.0)) * 100),
-        "finding_info": {
-            "uid": alert["alert_id"],
-            "title": f"{alert['code']} on API key {key_id}",
-            "desc": alert.get("title", ""),
-            "types": ["API Key Abuse", alert["code"]],
-            "analytic": {"uid": alert["code"], "name": alert["code"], "type_id": 1,
-                         "type": "Rule"},
-            "created_time": _ms(alert.get("raised_at")),
-            "first_seen_time": _ms(first),
-            "last_seen_time": _ms(last),
-        },
+        "finding_info": _finding_info(alert),
         "metadata": {
             "product": dict(PRODUCT),
             "version": OCSF_SCHEMA_VERSION,
@@ -137,15 +146,15 @@ def detection_finding(alert: dict[str, Any], *, activity: str = "create",
             "uid": f"{alert['alert_id']}-{activity}-{alert.get('count', 1)}",
         },
         "actor": {"user": {"uid": key_id, "credential_uid": key_id, "type": "API key"}},
-        "observables": observables,
-        "evidences": evidences,
+        "observables": _observables(alert),
+        "evidences": _evidences(alert),
         "unmapped": {"keywatch": {
             "decision": alert.get("decision"), "action": alert.get("action", {}),
             "score": alert.get("score"), "dry_run": alert.get("dry_run", False),
             "status": alert.get("status", "open")}},
     }
-    if source_ip:
-        finding["src_endpoint"] = {"ip": source_ip}
+    if alert.get("source_ip"):
+        finding["src_endpoint"] = {"ip": alert["source_ip"]}
     return redact_value(finding)
 
 

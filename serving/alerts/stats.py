@@ -9,6 +9,9 @@ An event older than the ring's horizon (far out-of-order arrival) is counted in
 
 Coarser buckets (5 min, 1 h) are sums of base buckets aligned to multiples of the
 requested size, computed at read time; nothing else is stored.
+
+With a shared store (`shared=SharedStats`) the counts are added to rings in the store
+(batched, at most every `flush_s`) and a read loads every replica's counts from there.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from serving.engine.decision import SEVERITIES
 
 if TYPE_CHECKING:
     from features.contract import Event
+    from serving.alerts.shared import SharedStats
     from serving.engine.decision import Decision
 
 VERDICTS: tuple[str, ...] = ("allow", "throttle", "block")
@@ -31,7 +35,8 @@ VERDICTS: tuple[str, ...] = ("allow", "throttle", "block")
 class DecisionStats:
     """Bounded per-bucket counts of decisions by verdict and by severity (event time)."""
 
-    def __init__(self, *, base_bucket_s: int = 60, max_buckets: int = 1440) -> None:
+    def __init__(self, *, base_bucket_s: int = 60, max_buckets: int = 1440,
+                 shared: SharedStats | None = None) -> None:
         if base_bucket_s < 1 or max_buckets < 1:
             raise ValueError("base_bucket_s and max_buckets must be at least 1")
         self.base_bucket_s = base_bucket_s
@@ -43,9 +48,16 @@ class DecisionStats:
         self._lock = threading.Lock()
         self.dropped = 0
         """Events older than the ring's horizon when they arrived."""
+        self.shared = shared
 
     def observe(self, events: Sequence[Event], decisions: Sequence[Decision]) -> None:
         """Count a scored batch (one lock acquisition for the whole batch)."""
+        if self.shared is not None:
+            for event, decision in zip(events, decisions, strict=True):
+                self.shared.add(math.floor(event.timestamp / self.base_bucket_s),
+                                decision.decision, decision.severity)
+            self.shared.maybe_flush()
+            return
         with self._lock:
             for event, decision in zip(events, decisions, strict=True):
                 self._add(event.timestamp, decision.decision, decision.severity)
@@ -86,6 +98,8 @@ class DecisionStats:
         if buckets < 1:
             raise ValueError("buckets must be at least 1")
         per = bucket_s // base
+        if self.shared is not None:
+            self._load_shared()
         with self._lock:
             newest = self._newest
             if newest is None:
@@ -112,6 +126,23 @@ class DecisionStats:
                             "severities": severities,
                             "complete": group * per > horizon})
             return self._envelope(bucket_s, out, (newest + 1) * base)
+
+    def _load_shared(self) -> None:
+        """Every replica's counts, from the store, into this ring."""
+        assert self.shared is not None
+        names = [f"v:{v}" for v in VERDICTS] + [f"s:{s}" for s in SEVERITIES]
+        newest, rings = self.shared.load(names)
+        with self._lock:
+            self._newest = newest
+            self._tags = [None] * self.max_buckets
+            self._verdicts = [{} for _ in range(self.max_buckets)]
+            self._severities = [{} for _ in range(self.max_buckets)]
+            for name, buckets in rings.items():
+                kind, label = name.split(":", 1)
+                for idx, n in buckets.items():
+                    slot = idx % self.max_buckets
+                    self._tags[slot] = idx
+                    (self._verdicts if kind == "v" else self._severities)[slot][label] = n
 
     def _envelope(self, bucket_s: int, out: list[dict[str, Any]],
                   end_ts: float | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Build a state store from a `--store` value: `memory` or a `redis://` URL."""
+"""Build a state store from a `--store` value: `memory`, a `redis://` URL, or
+`redis+cluster://host:port` (any node of a Redis Cluster)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ def open_store(
     """`journal_path`: where a memory store journals its enforcement writes (None: not)."""
     if spec in ("", "memory", "memory://"):
         return MemoryStore(max_mb=memory_max_mb, journal_path=journal_path)
+    if spec.startswith("redis+cluster://"):
+        from features.stores.redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(spec, namespace=namespace, timeout_s=timeout_s)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         from features.stores.redis_store import RedisStore
 
         return RedisStore(spec, namespace=namespace, timeout_s=timeout_s)
-    raise ValueError(f"unknown store {spec!r}: use 'memory' or a redis:// URL")
+    raise ValueError(f"unknown store {spec!r}: use 'memory', a redis:// URL or a "
+                     "redis+cluster://host:port URL naming one node of a cluster")

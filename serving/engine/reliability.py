@@ -77,8 +77,8 @@ async def store_unavailable_handler(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         status_code=503,
         headers={"Retry-After": str(retry_after)},
-        content={"error": "state store unavailable (fail_closed); the event's state writes "
-                          "were spooled and will be applied when the store is back",
+        content={"error": "state store unavailable (fail_closed); nothing of the request "
+                          "was applied: send it again after Retry-After",
                  "state": "degraded", "retry_after_s": retry_after},
     )
 

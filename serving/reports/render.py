@@ -31,84 +31,92 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _plots(report: SecurityReport, out_dir: Path) -> dict[str, str]:
-    """PNG plots through matplotlib's object API (no pyplot: safe off the main thread)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        return {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, str] = {}
-    hours = list(range(len(report.hourly["spent_usd"])))
+def _figure(height: float) -> tuple[Any, Any]:
+    """A figure through matplotlib's object API (no pyplot: safe off the main thread)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.2), dpi=100)
+    fig = Figure(figsize=(9, height), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Any, ax: Any, out_dir: Path, name: str, *, title: str, xlabel: str,
+          ylabel: str | None = None, legend: str = "upper left") -> str:
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}.png")
+    return f"{name}.png"
+
+
+def _spend_plot(report: SecurityReport, out_dir: Path) -> str:
+    fig, ax = _figure(3.2)
+    hours = list(range(len(report.hourly["spent_usd"])))
     ax.bar(hours, report.hourly["spent_usd"], color="#4c78a8", label="spent (served)")
     ax.bar(hours, report.hourly["saved_usd"], bottom=report.hourly["spent_usd"],
            color="#e45756", label="saved (blocked / throttled)")
     for inc in report.incidents:
         ax.axvline((inc.first_seen_ts - report.since) / 3600, color="#333", lw=0.8, ls=":")
-    ax.set_xlabel(f"hours since {event_time_iso(report.since)}")
-    ax.set_ylabel("USD per hour")
-    ax.set_title("Spend per hour (dotted: first alert of an incident)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "spend_per_hour.png"
-    fig.savefig(path)
-    paths["spend_per_hour"] = path.name
+    return _save(fig, ax, out_dir, "spend_per_hour",
+                 title="Spend per hour (dotted: first alert of an incident)",
+                 xlabel=f"hours since {event_time_iso(report.since)}", ylabel="USD per hour")
 
-    fig = Figure(figsize=(9, 3.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+
+def _alerts_plot(report: SecurityReport, out_dir: Path) -> str:
+    fig, ax = _figure(3.0)
+    hours = list(range(len(report.hourly["spent_usd"])))
     bottom = [0.0] * len(hours)
     colors = {"low": "#9ecae9", "medium": "#f58518", "high": "#e45756", "critical": "#7b0000"}
     for sev, color in colors.items():
         values = report.hourly[f"alerts_{sev}"]
         ax.bar(hours, values, bottom=bottom, color=color, label=sev)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_xlabel(f"hours since {event_time_iso(report.since)}")
-    ax.set_ylabel("alerts raised")
-    ax.set_title("Alerts per hour by severity")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "alerts_per_hour.png"
-    fig.savefig(path)
-    paths["alerts_per_hour"] = path.name
+    return _save(fig, ax, out_dir, "alerts_per_hour", title="Alerts per hour by severity",
+                 xlabel=f"hours since {event_time_iso(report.since)}", ylabel="alerts raised")
 
+
+def _keys_plot(report: SecurityReport, out_dir: Path) -> str:
+    fig, ax = _figure(0.4 * len(report.keys) + 1.2)
+    names = [k["key_id"][:14] + "…" for k in report.keys][::-1]
+    spent = [k["spent_usd"] for k in report.keys][::-1]
+    ax.barh(names, spent, color="#4c78a8", label="spent")
+    ax.barh(names, [k["saved_usd"] for k in report.keys][::-1], left=spent, color="#e45756",
+            label="saved")
+    return _save(fig, ax, out_dir, "riskiest_keys", legend="lower right",
+                 title="Riskiest keys: money spent and saved", xlabel="USD in the period")
+
+
+def _plots(report: SecurityReport, out_dir: Path) -> dict[str, str]:
+    """The report's PNG plots: spend and alerts per hour, and the riskiest keys."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"spend_per_hour": _spend_plot(report, out_dir),
+             "alerts_per_hour": _alerts_plot(report, out_dir)}
     if report.keys:
-        fig = Figure(figsize=(9, 0.4 * len(report.keys) + 1.2), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        names = [k["key_id"][:14] + "…" for k in report.keys][::-1]
-        ax.barh(names, [k["spent_usd"] for k in report.keys][::-1], color="#4c78a8",
-                label="spent")
-        ax.barh(names, [k["saved_usd"] for k in report.keys][::-1],
-                left=[k["spent_usd"] for k in report.keys][::-1], color="#e45756",
-                label="saved")
-        ax.set_xlabel("USD in the period")
-        ax.set_title("Riskiest keys: money spent and saved")
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "riskiest_keys.png"
-        fig.savefig(path)
-        paths["riskiest_keys"] = path.name
+        paths["riskiest_keys"] = _keys_plot(report, out_dir)
     return paths
 
 
-def _sections(report: SecurityReport) -> list[tuple[str, list[str], list[list[str]], str]]:
-    """(title, table header, rows, note) per section, rendered as Markdown and HTML."""
-    m = report.money
-    inc_rows = [[i.incident_id,
-                 f"`{i.key_id}`" + (f" ({i.keys} keys)" if i.keys > 1 else ""),
-                 i.severity, ", ".join(i.codes[:4]),
-                 event_time_iso(i.first_seen_ts), event_time_iso(i.last_seen_ts),
-                 _duration(i.time_to_detect_s) + ("" if i.start_source == "label" else "*"),
-                 _duration(i.time_to_contain_s), usd(i.spent_usd), usd(i.saved_usd),
-                 f"{usd(i.burn_usd_per_h)}/h", i.label or "", i.feedback or ""]
-                for i in report.incidents]
-    timelines = []
+Section = tuple[str, list[str], list[list[str]], str]
+"""(title, table header, rows, note), rendered as Markdown and as HTML."""
+
+
+def _incident_rows(report: SecurityReport) -> list[list[str]]:
+    return [[i.incident_id,
+             f"`{i.key_id}`" + (f" ({i.keys} keys)" if i.keys > 1 else ""),
+             i.severity, ", ".join(i.codes[:4]),
+             event_time_iso(i.first_seen_ts), event_time_iso(i.last_seen_ts),
+             _duration(i.time_to_detect_s) + ("" if i.start_source == "label" else "*"),
+             _duration(i.time_to_contain_s), usd(i.spent_usd), usd(i.saved_usd),
+             f"{usd(i.burn_usd_per_h)}/h", i.label or "", i.feedback or ""]
+            for i in report.incidents]
+
+
+def _timeline_rows(report: SecurityReport) -> list[list[str]]:
+    rows = []
     for i in report.incidents:
         began = "labelled" if i.start_source == "label" else "burst began"
         first_title = i.titles[0] if i.titles else ""
@@ -120,62 +128,81 @@ def _sections(report: SecurityReport) -> list[tuple[str, list[str], list[list[st
         steps.append(f"{event_time_iso(i.last_seen_ts)} last alert "
                      f"({i.alerts} alerts, {i.decisions} flagged decisions, "
                      f"{i.blocked_events} of {i.events} events blocked or throttled)")
-        timelines.append([i.incident_id, "<br>".join(steps)])
+        rows.append([i.incident_id, "<br>".join(steps)])
+    return rows
+
+
+def _health_rows(report: SecurityReport) -> list[list[str]]:
     h = report.health
-    health_rows = [["events in the period", str(h.get("events", 0))],
-                   ["keys active", str(h.get("keys", 0))],
-                   ["verdicts", ", ".join(f"{k} {v}" for k, v in sorted(
-                       h.get("by_verdict", {}).items()))],
-                   ["alerts", str(h.get("alerts", 0))]]
-    if "events_scored" in h:
-        lat = [h.get("latency_p50_s"), h.get("latency_p99_s")]
-        health_rows += [["events scored since start (metrics)", str(h["events_scored"])],
-                        ["scoring latency p50 / p99",
-                         " / ".join(f"≤ {x * 1000:.2g} ms" if x else "n/a" for x in lat)],
-                        ["store errors", str(h.get("store_errors", 0))]]
-    else:
-        health_rows.append(["latency, store errors", "n/a (generated offline: no metrics)"])
+    rows = [["events in the period", str(h.get("events", 0))],
+            ["keys active", str(h.get("keys", 0))],
+            ["verdicts", ", ".join(f"{k} {v}" for k, v in sorted(
+                h.get("by_verdict", {}).items()))],
+            ["alerts", str(h.get("alerts", 0))]]
+    if "events_scored" not in h:
+        return [*rows, ["latency, store errors", "n/a (generated offline: no metrics)"]]
+    lat = [h.get("latency_p50_s"), h.get("latency_p99_s")]
+    return [*rows, ["events scored since start (metrics)", str(h["events_scored"])],
+            ["scoring latency p50 / p99",
+             " / ".join(f"≤ {x * 1000:.2g} ms" if x else "n/a" for x in lat)],
+            ["store errors", str(h.get("store_errors", 0))]]
+
+
+def _models_section(report: SecurityReport) -> Section:
     models = report.models
-    model_rows = [[("**" if v["current"] else "") + v["version"] + ("**" if v["current"]
-                                                                    else ""),
-                   str(v.get("created_at") or ""), str(v.get("rows") or ""),
-                   {True: "passed", False: "failed", None: "?"}[v.get("passed")],
-                   "; ".join(v.get("reasons") or []) or (v.get("error") or "")]
-                  for v in models.get("versions", [])]
+    rows = [[("**" if v["current"] else "") + v["version"] + ("**" if v["current"] else ""),
+             str(v.get("created_at") or ""), str(v.get("rows") or ""),
+             {True: "passed", False: "failed", None: "?"}[v.get("passed")],
+             "; ".join(v.get("reasons") or []) or (v.get("error") or "")]
+            for v in models.get("versions", [])]
     history = ", ".join(f"{e.get('at')} {e.get('action')} {e.get('version')}"
                         for e in models.get("history", [])) or "none in the period"
+    note = (f"Current: {models.get('current') or 'none'}. Promotions and rollbacks in the "
+            f"period: {history}.") if models.get("available") else "No model directory given."
+    return ("Models and retraining", ["version", "created", "rows", "gates", "notes"], rows,
+            note)
+
+
+def _money_section(report: SecurityReport) -> Section:
+    m = report.money
+    return ("Money", ["", "USD"], [
+        ["spent (served calls, all keys)", usd(m["spent_usd"])],
+        ["saved (calls blocked or throttled)", usd(m["saved_usd"])],
+        ["spent during incidents", usd(m["incident_spent_usd"])],
+        ["saved during incidents", usd(m["incident_saved_usd"])],
+        ["events priced at the default (unknown model)", str(m["unknown_price_events"])]],
+        "Estimated at list prices; saved is an upper bound where calls were throttled.")
+
+
+def _feedback_section(report: SecurityReport) -> Section:
     fb = report.feedback
+    rows = [[str(r["alert_id"]), f"`{r['key_id']}`", str(r["code"]), str(r.get("note") or ""),
+             "yes" if r.get("allowlist_rule") else "no"] for r in fb["false_positives"]]
+    note = (f"{fb['received']} feedback records: {fb['false_positive']} false positives "
+            f"({', '.join(f'{k} {v}' for k, v in fb['by_code'].items()) or 'none'}), "
+            f"{fb['confirmed']} confirmed.")
+    return ("False-positive feedback", ["alert", "key", "rule", "note", "rule silenced"],
+            rows, note)
+
+
+def _sections(report: SecurityReport) -> list[Section]:
+    """Every section of the report, in reading order."""
+    keys = [[f"`{k['key_id']}`", k["max_severity"], str(k["incidents"]), str(k["alerts"]),
+             str(k["events"]), usd(k["spent_usd"]), usd(k["saved_usd"])] for k in report.keys]
     return [
-        ("Money", ["", "USD"], [
-            ["spent (served calls, all keys)", usd(m["spent_usd"])],
-            ["saved (calls blocked or throttled)", usd(m["saved_usd"])],
-            ["spent during incidents", usd(m["incident_spent_usd"])],
-            ["saved during incidents", usd(m["incident_saved_usd"])],
-            ["events priced at the default (unknown model)", str(m["unknown_price_events"])]],
-         "Estimated at list prices; saved is an upper bound where calls were throttled."),
+        _money_section(report),
         ("Incidents", ["id", "key", "severity", "reasons", "first alert", "last alert",
                        "detect", "contain", "spent", "saved", "burn rate",
-                       "label", "feedback"], inc_rows,
+                       "label", "feedback"], _incident_rows(report),
          "Time to detect: from the labelled first anomalous event, or (*) from the start of "
          "the key's burst of activity. Time to contain: first alert to first block. Burn rate: "
          "the key's calls in the hour before containment (or before the last alert)."),
-        ("Timelines", ["id", "timeline"], timelines, ""),
+        ("Timelines", ["id", "timeline"], _timeline_rows(report), ""),
         ("Riskiest keys", ["key", "max severity", "incidents", "alerts", "events", "spent",
-                           "saved"],
-         [[f"`{k['key_id']}`", k["max_severity"], str(k["incidents"]), str(k["alerts"]),
-           str(k["events"]), usd(k["spent_usd"]), usd(k["saved_usd"])] for k in report.keys],
-         ""),
-        ("False-positive feedback", ["alert", "key", "rule", "note", "rule silenced"],
-         [[str(r["alert_id"]), f"`{r['key_id']}`", str(r["code"]), str(r.get("note") or ""),
-           "yes" if r.get("allowlist_rule") else "no"] for r in fb["false_positives"]],
-         f"{fb['received']} feedback records: {fb['false_positive']} false positives "
-         f"({', '.join(f'{k} {v}' for k, v in fb['by_code'].items()) or 'none'}), "
-         f"{fb['confirmed']} confirmed."),
-        ("Models and retraining", ["version", "created", "rows", "gates", "notes"],
-         model_rows,
-         (f"Current: {models.get('current') or 'none'}. Promotions and rollbacks in the "
-          f"period: {history}.") if models.get("available") else "No model directory given."),
-        ("Health", ["", ""], health_rows, ""),
+                           "saved"], keys, ""),
+        _feedback_section(report),
+        _models_section(report),
+        ("Health", ["", ""], _health_rows(report), ""),
     ]
 
 

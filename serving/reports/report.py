@@ -114,17 +114,16 @@ def build_report(
                  else None, "labels": str(labels) if labels else None})
 
 
-def _incidents(alerts: list[dict[str, Any]], by_key: dict[str, list[dict[str, Any]]],
-               labels: list[dict[str, Any]], fp_alerts: set[str],
-               gap_s: float) -> list[Incident]:
+def _group_alerts(alerts: list[dict[str, Any]], gap_s: float) -> list[list[dict[str, Any]]]:
+    """Alerts about one subject (a key or an address) that follow each other within
+    `gap_s` are one incident; incidents in the order they began."""
     groups: list[list[dict[str, Any]]] = []
-    per_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    per_subject: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for a in alerts:
-        per_key[_subject(a)].append(a)
-    for items in per_key.values():
+        per_subject[_subject(a)].append(a)
+    for items in per_subject.values():
         items.sort(key=lambda a: a["first_seen_ts"])
-        current = [items[0]]
-        end = items[0]["last_seen_ts"]
+        current, end = [items[0]], items[0]["last_seen_ts"]
         for a in items[1:]:
             if a["first_seen_ts"] <= end + gap_s:
                 current.append(a)
@@ -133,46 +132,64 @@ def _incidents(alerts: list[dict[str, Any]], by_key: dict[str, list[dict[str, An
                 groups.append(current)
                 current, end = [a], a["last_seen_ts"]
         groups.append(current)
-    groups.sort(key=lambda g: g[0]["first_seen_ts"])
+    return sorted(groups, key=lambda g: g[0]["first_seen_ts"])
 
+
+def _subject_events(subject: str, group: list[dict[str, Any]],
+                    by_key: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A key's events, or for an address's incident the events of every key it used, from
+    that address."""
+    if subject.startswith("key:"):
+        return by_key.get(group[0]["key_id"], [])
+    ip, targets = subject[3:], {a["key_id"] for a in group}
+    return sorted((e for k in targets for e in by_key.get(k, []) if e.get("source_ip") == ip),
+                  key=lambda e: e["timestamp"])
+
+
+def _feedback(group: list[dict[str, Any]], fp_alerts: set[str]) -> str | None:
+    statuses = {a.get("status") for a in group if a.get("status") != "open"}
+    if any(a["alert_id"] in fp_alerts for a in group) or "false_positive" in statuses:
+        return "false_positive"
+    return "confirmed" if "confirmed" in statuses else None
+
+
+def _incident(n: int, group: list[dict[str, Any]], by_key: dict[str, list[dict[str, Any]]],
+              labels: list[dict[str, Any]], gap_s: float) -> Incident:
+    subject = _subject(group[0])
+    key_id = group[0]["key_id"] if subject.startswith("key:") else subject
+    first = min(a["first_seen_ts"] for a in group)
+    last = max(a["last_seen_ts"] for a in group)
+    ranked = sorted(group, key=lambda a: -severity_rank(a["severity"]))
+    evs = _subject_events(subject, group, by_key)
+    label = next((lb for lb in labels
+                  if (lb["key_id"] == key_id or subject[3:] in lb["source_ips"])
+                  and lb["start"] <= last and lb["end"] >= first - gap_s), None)
+    if label is not None:
+        start, source = min(label["start"], first), "label"
+    else:
+        start, source = _burst_start(evs, first), "burst"
+    inc = Incident(
+        incident_id=f"I{n:03d}", key_id=key_id, first_seen_ts=first, last_seen_ts=last,
+        severity=ranked[0]["severity"], codes=list(dict.fromkeys(a["code"] for a in ranked)),
+        titles=list(dict.fromkeys(a.get("title", "") for a in ranked))[:5],
+        alerts=len(group), decisions=sum(int(a.get("count", 1)) for a in group),
+        start_ts=start, start_source=source,
+        label=f"{label['id']} ({label['scenario']})" if label else None,
+        source_ips=list(dict.fromkeys(ip for a in group
+                                      for ip in a.get("source_ips") or []))[:10],
+        dry_run=any(a.get("dry_run") for a in group),
+        keys=len({a["key_id"] for a in group}))
+    _money(inc, evs, label["end"] if label else last)
+    return inc
+
+
+def _incidents(alerts: list[dict[str, Any]], by_key: dict[str, list[dict[str, Any]]],
+               labels: list[dict[str, Any]], fp_alerts: set[str],
+               gap_s: float) -> list[Incident]:
     out = []
-    for n, group in enumerate(groups, start=1):
-        subject = _subject(group[0])
-        key_id = group[0]["key_id"] if subject.startswith("key:") else subject
-        first = min(a["first_seen_ts"] for a in group)
-        last = max(a["last_seen_ts"] for a in group)
-        ranked = sorted(group, key=lambda a: -severity_rank(a["severity"]))
-        codes = list(dict.fromkeys(a["code"] for a in ranked))
-        titles = list(dict.fromkeys(a.get("title", "") for a in ranked))[:5]
-        ips = list(dict.fromkeys(ip for a in group for ip in a.get("source_ips") or []))
-        if subject.startswith("key:"):
-            evs = by_key.get(key_id, [])
-        else:  # an address's incident: the events of every key it used, from it
-            ip = subject[3:]
-            targets = {a["key_id"] for a in group}
-            evs = sorted((e for k in targets for e in by_key.get(k, [])
-                          if e.get("source_ip") == ip), key=lambda e: e["timestamp"])
-        label = next((lb for lb in labels
-                      if (lb["key_id"] == key_id or subject[3:] in lb["source_ips"])
-                      and lb["start"] <= last and lb["end"] >= first - gap_s), None)
-        if label is not None:
-            start, source = min(label["start"], first), "label"
-        else:
-            start, source = _burst_start(evs, first), "burst"
-        inc = Incident(
-            incident_id=f"I{n:03d}", key_id=key_id, first_seen_ts=first, last_seen_ts=last,
-            severity=ranked[0]["severity"], codes=codes, titles=titles,
-            alerts=len(group), decisions=sum(int(a.get("count", 1)) for a in group),
-            start_ts=start, start_source=source,
-            label=f"{label['id']} ({label['scenario']})" if label else None,
-            source_ips=ips[:10], dry_run=any(a.get("dry_run") for a in group),
-            keys=len({a["key_id"] for a in group}))
-        statuses = {a.get("status") for a in group if a.get("status") != "open"}
-        if any(a["alert_id"] in fp_alerts for a in group) or "false_positive" in statuses:
-            inc.feedback = "false_positive"
-        elif "confirmed" in statuses:
-            inc.feedback = "confirmed"
-        _money(inc, evs, label["end"] if label else last)
+    for n, group in enumerate(_group_alerts(alerts, gap_s), start=1):
+        inc = _incident(n, group, by_key, labels, gap_s)
+        inc.feedback = _feedback(group, fp_alerts)
         out.append(inc)
     return out
 

@@ -107,3 +107,103 @@ class LocalRedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(100):
+        port = _free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of `masters` redis-server processes (no replicas) on 127.0.0.1,
+    from the same binary as `LocalRedisServer`, slots split evenly, persistence off."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.executable = find_redis_server()
+        self.ports = [_free_cluster_port() for _ in range(masters)]
+        self._dir = tempfile.TemporaryDirectory(prefix="keywatch-cluster-")
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The store spec keywatch takes (`--store`)."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start(self, timeout_s: float = 20.0) -> LocalRedisCluster:
+        import redis
+
+        for port in self.ports:
+            self.processes.append(subprocess.Popen(
+                [self.executable, "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                 "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no",
+                 "--dir", self._dir.name, "--protected-mode", "yes"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + timeout_s
+        clients = [redis.Redis(port=p, socket_timeout=1) for p in self.ports]
+        try:
+            for client in clients:
+                while True:
+                    try:
+                        client.ping()
+                        break
+                    except redis.ConnectionError:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("cluster node did not start") from None
+                        time.sleep(0.05)
+            per = 16384 // len(clients)
+            for n, client in enumerate(clients):
+                hi = 16383 if n == len(clients) - 1 else (n + 1) * per - 1
+                client.execute_command("CLUSTER ADDSLOTS", *range(n * per, hi + 1))
+            for port in self.ports[1:]:
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+            while True:
+                infos = [c.execute_command("CLUSTER INFO") for c in clients]
+                if all(str(i.get("cluster_state")) == "ok"
+                       and int(i.get("cluster_known_nodes", 0)) == len(clients) for i in infos):
+                    return self
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the cluster did not become ok in time")
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for client in clients:
+                client.close()
+
+    def flush(self) -> None:
+        import redis
+
+        for port in self.ports:
+            with redis.Redis(port=port) as client:
+                client.flushall()
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.processes = []
+        self._dir.cleanup()
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,8 +5,10 @@
 -- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], n, [[code, args...]...]]: the ops
 -- that change state (and ZITEMS). ARGV[3..]: the hash fields the request touches, the n
 -- that those ops read or write first (with `_persist`, `ban:until`, `lim:until`).
--- Returns [the JSON text of the sorted-set ops' results (ZSET, ZREM, ZITEMS, in order),
--- [the value each listed field held before the ops (nil when absent)]].
+-- Returns [the JSON text of the sorted-set ops' results (ZSET, ZREM, ZITEMS, CLAIM,
+-- REMEMBER, LOG_APPEND, LOG_READ, in order), [the value each listed field held before the
+-- ops (nil when absent)]]; or, when the first op claims a token still claimed, ['!', the
+-- value remembered for it] and nothing is applied.
 --
 -- Why: one Redis core serves every replica, so it does only what must be atomic. The
 -- client knows the state before (this reply) and the ops, so it computes every result
@@ -34,11 +36,30 @@ local function g17(x) return string.format('%.17g', x) end
 -- refuse an unknown op before anything is applied
 local known = {set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ewm = 1, ewm_gap = 1,
   ewm_same = 1, recent_add = 1, seen_add = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
-  budget_add = 1, limit = 1}
+  budget_add = 1, limit = 1, claim = 1, remember = 1, log_append = 1, log_read = 1,
+  decay_add = 1}
 for _, op in ipairs(ops) do
   if not known[op[1]] then
     return redis.error_reply('unknown store operation ' .. tostring(op[1]))
   end
+end
+
+-- an idempotency claim (first op only): a token still claimed applies nothing, and the
+-- reply is {'!', what was remembered for it}
+local first = ops[1]
+if first and first[1] == 'claim' then
+  local zk, token = zkeys[first[2]], first[3]
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', g17(first[5]), 'LIMIT', 0, 64)
+  if #old > 0 then
+    local fields = {}
+    for j = 1, #old do fields[j] = '_c:' .. old[j] end
+    redis.call('HDEL', h, unpack(fields))
+    redis.call('ZREM', zk, unpack(old))
+  end
+  if redis.call('ZSCORE', zk, token) then
+    return {'!', redis.call('HGET', h, '_c:' .. token) or ''}
+  end
+  redis.call('ZADD', zk, g17(first[4]), token)
 end
 
 -- the entity's fields: fetched once, those the writes need held in Lua, written back once
@@ -195,6 +216,56 @@ local function cap_z(zk, cap)
   if card > cap then redis.call('ZREMRANGEBYRANK', zk, 0, card - cap - 1) end
 end
 
+-- mergeable decayed sums "T|v1,...": both decayed to max(T, ts), then added
+local function decay_add(op)
+  local ts, hl, d = tonumber(op[3]), op[4], op[5]
+  local cur, t0, v = held[op[2]], 0, nil
+  if cur then
+    local bar = string.find(cur, '|', 1, true)
+    if bar then
+      t0 = tonumber(string.sub(cur, 1, bar - 1))
+      v = {}
+      for x in string.gmatch(string.sub(cur, bar + 1), '[^,]+') do v[#v + 1] = tonumber(x) end
+      if #v ~= #d then t0, v = 0, nil end
+    end
+  end
+  local t1 = math.max(t0, ts)
+  local parts = {}
+  for j = 1, #d do
+    local a, b, hj = 0, d[j], hl[j]
+    if v and hj >= 0 then a = v[j] end
+    if hj > 0 then
+      if v and t1 > t0 then a = a * 0.5 ^ ((t1 - t0) / hj) end
+      if t1 > ts then b = b * 0.5 ^ ((t1 - ts) / hj) end
+    end
+    parts[j] = g17(a + b)
+  end
+  hset(op[2], g17(t1) .. '|' .. table.concat(parts, ','))
+end
+
+-- a shared ordered log: a sorted set of "seq|entry" scored by seq, `name:id`, `name:seq`
+local function log_append(op)
+  local name, zk = op[2], zkeys[op[2]]
+  redis.call('HSETNX', h, name .. ':id', op[5])
+  local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
+  redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
+  cap_z(zk, op[4])
+  return string.format('%d', seq)
+end
+local function log_read(op)
+  local name = op[2]
+  local ids = redis.call('HMGET', h, name .. ':id', name .. ':seq')
+  local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
+    '+inf', 'LIMIT', 0, op[4])
+  local entries = {}
+  for j = 1, #raw do
+    local bar = string.find(raw[j], '|', 1, true)
+    entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
+  end
+  if #entries == 0 then entries = false end
+  return {ids[1] or false, ids[2] or '0', entries}
+end
+
 local zout = {}
 for _, op in ipairs(ops) do
   local code = op[1]
@@ -291,6 +362,17 @@ for _, op in ipairs(ops) do
     redis.call('ZADD', zk, g17(op[4]), op[3])
     cap_z(zk, op[5])
     zout[#zout + 1] = false
+  elseif code == 'decay_add' then
+    decay_add(op)
+  elseif code == 'claim' then
+    zout[#zout + 1] = false
+  elseif code == 'remember' then
+    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then hset('_c:' .. op[3], op[4]) end
+    zout[#zout + 1] = false
+  elseif code == 'log_append' then
+    zout[#zout + 1] = log_append(op)
+  elseif code == 'log_read' then
+    zout[#zout + 1] = log_read(op)
   elseif code == 'zrem' then
     zout[#zout + 1] = string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
   else  -- zitems

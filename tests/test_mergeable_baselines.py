@@ -1,0 +1,160 @@
+"""A key's streaming detectors merge across replicas: scorers interleaving one key's events
+hold the single scorer's state and make its decisions (they used to write the state back
+whole, one round trip late: two scorers alternating over 200 events of a key counted 100).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from features.contract import Event
+from features.extractor import FEATURE_NAMES
+from features.keys import KeyHasher
+from features.stores.base import DECAY_ADD, GET, EntityOps, StateStore
+from features.stores.memory import MemoryStore
+from features.stores.redis_store import RedisStore
+from models.detectors import STREAM_PARAMS, STREAMS_FIELD, build_detectors
+from models.feature_space import model_features
+from models.streaming import state_size
+from serving.engine.scorer import Scorer
+
+SECRET = "mergeable-baselines-secret-0123"
+T0 = 1_767_225_600.0  # 2026-01-01, a Thursday
+
+
+def one_key_events(days: float = 2.2, seed: int = 3, *, quiet: bool = False) -> list[Event]:
+    """One key for two days and more: a daily rhythm, now and then a huge call, and on
+    the second day a runaway loop (200 calls a fifth of a second apart). `quiet`: the
+    rhythm alone."""
+    rnd = random.Random(seed)
+    t, out, burst_from = T0, [], None
+    while t < T0 + days * 86400:
+        n, hour = len(out), (t % 86400) / 3600
+        if burst_from is None and t > T0 + 1.5 * 86400 and not quiet:
+            burst_from = n
+        in_burst = burst_from is not None and n - burst_from < 200
+        t += 0.2 if in_burst else rnd.expovariate((1 + 2 * (8 <= hour < 18)) / 300)
+        huge = n % 197 == 196 and not quiet
+        tokens = 40_000 if huge else int(rnd.lognormvariate(6, 0.3))
+        out.append(Event(api_key="sk-merge-one-key-0000000000", timestamp=t,
+                         source_ip="198.51.100.7", endpoint="/v1/chat/completions",
+                         tokens=tokens, latency_ms=rnd.uniform(200, 400)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def events() -> list[Event]:
+    return one_key_events()
+
+
+def _stores(backend: str, redis_url: str, n: int, tag: str) -> list[StateStore]:
+    """`n` handles on one shared store, as `n` replicas hold."""
+    if backend == "memory":
+        return [MemoryStore()] * n
+    return [RedisStore(redis_url, namespace=f"merge-{tag}-{n}") for _ in range(n)]
+
+
+def _run(stores: list[StateStore], events: list[Event], *,
+         immediate: bool) -> tuple[list[tuple[str, str, float]], list[float]]:
+    """Events to the scorers in turn; their decisions and the key's stored streams."""
+    scorers = [Scorer(store=store, hasher=KeyHasher(SECRET), immediate_learning=immediate,
+                      detectors=build_detectors(model_dir=None, checkpoint=None,
+                                                feature_names=model_features(FEATURE_NAMES)))
+               for store in stores]
+    decisions = [scorers[n % len(scorers)].score(e) for n, e in enumerate(events)]
+    for scorer in scorers:
+        scorer.flush()
+    key_id = scorers[0].hasher.key_id(events[0].api_key)
+    raw = stores[0].execute([EntityOps("k", key_id, [(GET, STREAMS_FIELD)])])[0][0]
+    state = [float(raw.split("|")[0]), *map(float, raw.split("|")[1].split(","))]
+    return [(d.decision, d.severity, d.score) for d in decisions], state
+
+
+def _weights(state: list[float]) -> list[float]:
+    """The learned weights of each stream (how much it learned), decayed: recent level,
+    long-run level, residual scale, and each phase of the day."""
+    out, at = [], 1
+    for p in STREAM_PARAMS.values():
+        v = state[at:at + state_size(p)]
+        out += [v[1], v[3], v[5], *v[9:9 + 2 * p.phases:2]]
+        at += state_size(p)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_interleaved_scorers_hold_the_single_scorers_state_and_decisions(
+        backend: str, redis_url: str, events: list[Event]) -> None:
+    """Learning sent at once (as a service on Redis does): two and four scorers fed
+    in turn hold exactly the state of one, and decide exactly as it does."""
+    one, one_state = _run(_stores(backend, redis_url, 1, "imm"), events, immediate=True)
+    assert {s for _, s, _ in one} >= {"none", "low", "medium"}  # the detectors in play
+    for n in (2, 4):
+        many, state = _run(_stores(backend, redis_url, n, "imm"), events, immediate=True)
+        assert many == one
+        assert state == pytest.approx(one_state, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_deferred_learning_loses_no_update(backend: str, redis_url: str) -> None:
+    """Learning sent with the scorer's next round trip (`deferred`): a scorer reads the
+    key one event behind each other scorer, so sums that depend on what it read (the
+    residuals' scale, their histogram) differ a little; but every event's learning is
+    added: on a key whose events are all learned, the streams' weights are the single
+    scorer's, and so are the verdicts."""
+    events = one_key_events(days=1.2, quiet=True)
+    one, one_state = _run(_stores(backend, redis_url, 1, "def"), events, immediate=False)
+    assert all(s in ("none", "low") for _, s, _ in one)  # nothing flagged: all learned
+    for n in (2, 4):
+        many, state = _run(_stores(backend, redis_url, n, "def"), events, immediate=False)
+        assert state[0] == one_state[0]  # one reference time: the last event's
+        assert _weights(state) == pytest.approx(_weights(one_state), rel=1e-9)
+        assert [d for d, _, _ in many] == [d for d, _, _ in one]
+
+
+@pytest.mark.parametrize("make", [lambda url: MemoryStore(),
+                                  lambda url: RedisStore(url, namespace="merge-op")],
+                         ids=["memory", "redis"])
+def test_decay_add_commutes_and_both_stores_agree(
+        make: Callable[[str], StateStore], redis_url: str) -> None:
+    """Deltas sent in either order give one state; memory and Redis hold the same digits;
+    a value that is not a sum (half-life < 0) takes the last write."""
+    hl = [3600.0, 0.0, -1.0]
+    d1, d2 = (1700000000.0, [2.0, 1.0, 5.0]), (1700003600.0, [4.0, 1.0, 7.0])
+    store = make(redis_url)
+
+    def apply(entity: str, *deltas: tuple[float, list[float]]) -> str:
+        for ts, d in deltas:
+            store.execute([EntityOps("k", entity, [(DECAY_ADD, "f", ts, hl, d)])])
+        return store.execute([EntityOps("k", entity, [(GET, "f")])])[0][0]
+
+    forward, backward = apply("a", d1, d2), apply("b", d2, d1)
+    assert forward.split("|")[0] == backward.split("|")[0] == "1700003600"
+    fwd = [float(x) for x in forward.split("|")[1].split(",")]
+    bwd = [float(x) for x in backward.split("|")[1].split(",")]
+    assert fwd[:2] == pytest.approx(bwd[:2]) == [2.0 * 0.5 + 4.0, 2.0]
+    assert (fwd[2], bwd[2]) == (7.0, 5.0)
+    other = MemoryStore()
+    for ts, d in (d1, d2):
+        other.execute([EntityOps("k", "a", [(DECAY_ADD, "f", ts, hl, d)])])
+    assert other.execute([EntityOps("k", "a", [(GET, "f")])])[0][0] == forward
+
+
+def test_a_key_learned_before_keeps_its_state() -> None:
+    """A key whose streams were written back whole (the legacy field) keeps them: its
+    first delta carries all of that state into the mergeable field."""
+    from models.detectors import KeyStreams
+
+    legacy = KeyStreams()
+    for i in range(50):
+        for s in legacy.streams.values():
+            s.learn(T0 + 60 * i, 10.0 + i % 3)
+    raw = ",".join(repr(x) for s in legacy.streams.values() for x in s.v)
+    store = MemoryStore()
+    store.execute([EntityOps("k", "key", [KeyStreams([None, raw]).delta_op()])])
+    held = store.execute([EntityOps("k", "key", [(GET, STREAMS_FIELD)])])[0][0]
+    again = KeyStreams([held, raw])
+    for name, s in legacy.streams.items():
+        assert again.streams[name].v == pytest.approx(s.v, rel=1e-12)
