@@ -6,12 +6,14 @@ The Redis side runs against a real redis-server process.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from features.stores.base import (
     BUDGET_ADD,
     CLAIM,
+    DECAY_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -328,3 +330,33 @@ def test_a_log_hands_entries_back_in_order_after_a_position(redis_url: str) -> N
             6, ["id-a", 6, [[5, "e5|x"], [6, "e6"]]]]
         if isinstance(store, RedisStore):
             store.close()
+
+
+def test_a_claim_in_a_round_trip_skips_only_its_own_ops(redis_url: str) -> None:
+    """The entity's requests around a claimed one are applied, in order, even though the
+    Redis store merges an entity's requests into one script call; decayed sums alike."""
+    def batch(now: float) -> list[EntityOps]:
+        return [EntityOps("k", "m", [(INCR, "n", 1), (DECAY_ADD, "ksd", now, [60, 0, -1],
+                                                       [1.0, 2.0, now])]),
+                EntityOps("k", "m", [(CLAIM, "_claims", "ev", now + 300, now), (INCR, "n", 10)]),
+                EntityOps("ip", "x", [(INCR, "n", 1)]),
+                EntityOps("k", "m", [(INCR, "n", 100), (GET, "n"), (GET, "ksd")])]
+
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="merged")):
+        first, again = store.execute(batch(1000.0)), store.execute(batch(1090.0))
+        assert [r[:2] for r in first] == [[1.0, None], [None, 11.0], [1.0], [111.0, "111"]]
+        assert [r[:2] for r in again] == [[112.0, None], ["", None], [2.0], [212.0, "212"]]
+        assert again[3][2] == f"1090|{0.5 ** 1.5 + 1:.17g},4,1090", store.name
+        if isinstance(store, RedisStore):
+            store.close()
+
+
+def test_a_snapshot_keeps_the_logs(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.execute([EntityOps("g", "pop", [(LOG_APPEND, "l", f"e{i}", 100, "id")
+                                          for i in range(3)])])
+    store.snapshot(tmp_path / "s.snap")
+    back = MemoryStore()
+    back.restore(tmp_path / "s.snap")
+    assert back.execute([EntityOps("g", "pop", [(LOG_READ, "l", 1, 9)])]) == [
+        [["id", 3, [[2, "e1"], [3, "e2"]]]]]
