@@ -13,6 +13,9 @@ Figures:
 - HTTP `POST /v1/events` p50/p99 at concurrency 1, 16 and 64 on one worker, and the batch
   endpoint's events/s (baseline: a FastAPI endpoint that only parses the event);
 - resident memory after many events over many keys and addresses (baseline: before);
+- the state store (`benchmarks.state_bench`): Redis server CPU per event, events one Redis
+  core serves per CPU second from several clients, bytes per warm key and per address in
+  Redis and in the memory store (baseline: the previous layout, `benchmarks/old_layout`).
 - retrain feature building with the vectorised twin on simulated traffic (baseline: the
   event-by-event replay through the streaming extractor), see `benchmarks.twin_bench`.
 """
@@ -53,12 +56,14 @@ T0 = 1_794_999_960.0
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"pipeline": 600, "stages": 600, "redis": 200, "naive": 50, "iforest": 200,
-             "http": 60, "batch": 500, "rss_events": 2_000, "rss_keys": 200},
+             "http": 60, "batch": 500, "rss_events": 2_000, "rss_keys": 200,
+             "state_keys": 1, "state_days": 0.5, "capacity": 200},
     "smoke": {"pipeline": 2_000, "stages": 2_000, "redis": 500, "naive": 100, "iforest": 500,
-              "http": 200, "batch": 2_000, "rss_events": 20_000, "rss_keys": 2_000},
+              "http": 200, "batch": 2_000, "rss_events": 20_000, "rss_keys": 2_000,
+              "state_keys": 2, "state_days": 8, "capacity": 1_000},
     "full": {"pipeline": 50_000, "stages": 20_000, "redis": 10_000, "naive": 1_000,
              "iforest": 50_000, "http": 3_000, "batch": 50_000, "rss_events": 1_000_000,
-             "rss_keys": 100_000},
+             "rss_keys": 100_000, "state_keys": 6, "state_days": 8, "capacity": 3_000},
 }
 
 
@@ -381,6 +386,27 @@ def bench_rss(n_events: int, n_keys: int) -> Figure:
                   higher_is_better=False)
 
 
+def state_figures(sizes: dict[str, int], redis_url: str) -> list[Figure]:
+    """The state store's figures, each against the previous layout in the same run."""
+    from benchmarks.state_bench import run_state_bench
+
+    res = run_state_bench(redis_url, n_keys=sizes["state_keys"], days=sizes["state_days"],
+                          capacity_events=sizes["capacity"], echo=lambda _line: None)
+    new, old = res["new"], res["old"]
+    base = "previous layout, same run"
+    figures = [Figure("redis_server_cpu_us_per_event", new["server_cpu_us_per_event"], "µs",
+                      base, old["server_cpu_us_per_event"], "<= 100", higher_is_better=False),
+               Figure("redis_events_per_core_second", new["events_per_redis_core_s"],
+                      "events/s", base, old["events_per_redis_core_s"], ">= 10,000")]
+    for name, target in (("redis_bytes_per_warm_key", "<= 16,384"),
+                         ("redis_bytes_per_address", "<= 1,024"),
+                         ("memory_bytes_per_warm_key", "<= 16,384"),
+                         ("memory_bytes_per_address", "<= 1,024")):
+        figures.append(Figure(name, new[name], "bytes", base, old[name], target,
+                              higher_is_better=False))
+    return figures
+
+
 def run_bench(*, size: str = "smoke", out: Path | None = None,
               redis_url: str | None = None, http: bool = True,
               rss: bool = True) -> dict[str, Any]:
@@ -434,6 +460,7 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
                               feats["naive"]["round_trips_per_event"], "1",
                               higher_is_better=False))
         store.close()
+        figures.extend(state_figures(sizes, redis_url))
     finally:
         if server is not None:
             server.close()
@@ -447,8 +474,7 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
 
     report = {
         "size": size,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "platform": platform.platform(), "processor": platform.machine()},
+        "machine": _machine(),
         "figures": [f.as_dict() for f in figures],
         "stages": stages,
     }
@@ -456,6 +482,39 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def run_state_only(*, size: str = "full", out: Path | None = None,
+                   redis_url: str | None = None) -> dict[str, Any]:
+    """Only the state store's figures; merged into `out` (figures of the same name are
+    replaced, the others kept as they were measured)."""
+    server = None
+    if redis_url is None:
+        from tests.support.redis_server import LocalRedisServer
+
+        server = LocalRedisServer().start()
+        redis_url = server.url
+    try:
+        figures = [f.as_dict() for f in state_figures(SIZES[size], redis_url)]
+    finally:
+        if server is not None:
+            server.close()
+    report: dict[str, Any] = {"size": size, "figures": []}
+    if out is not None and out.exists():
+        report = json.loads(out.read_text())
+    names = {f["name"] for f in figures}
+    report["figures"] = [f for f in report["figures"] if f["name"] not in names] + figures
+    report["machine"] = _machine()
+    report["state_size"] = size
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "processor": platform.machine()}
 
 
 def format_report(report: dict[str, Any]) -> str:

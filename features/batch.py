@@ -150,8 +150,9 @@ def batch_features(
     from tqdm.auto import tqdm
 
     events = events_from_frame(df, hasher=hasher, key_id_column=key_id_column)
-    stream = FeatureStream(store if store is not None else MemoryStore(max_entities=max_entities),
-                           extractor or FeatureExtractor())
+    if store is None:  # bounded by entities only, as before: retrain is not serving
+        store = MemoryStore(max_entities=max_entities, max_mb=None)
+    stream = FeatureStream(store, extractor or FeatureExtractor())
     rows: list[list[float]] = []
     context: list[list[Any]] = []
     for i, (event, key_id) in enumerate(tqdm(events, total=len(events), disable=not progress,

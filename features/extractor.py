@@ -232,7 +232,7 @@ BASELINE_FIELDS = ("tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m
 """The learned baselines read for every event (`how:*` stands for the event's own
 hour-of-week slot, `how:<h>:*` in the store)."""
 _BASELINE_GETS = tuple(
-    (GETS, 14, *(f.replace("how:", f"how:{h}:") for f in BASELINE_FIELDS))
+    (GETS, 14, *(f.replace("how:", f"how#{h}:") for f in BASELINE_FIELDS))
     for h in range(168))
 REGULARITY_FIELDS = ("gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m", "psame:n")
 _REGULARITY_GETS = (GETS, 7, *REGULARITY_FIELDS)
@@ -240,7 +240,8 @@ IDENTITY_FIELDS = ("net_ok", "pfx_ok", "ua_ok", "net_n", "pfx_n", "ua_n", "hour_
                    "hour", "hour_after", "hours_n")
 """Names of the identity read's results: is the event's network, prefix and client
 library known, how many of each are, and the key's normal events by hour of day."""
-_HOW_NAMES = tuple(f"how:{h}" for h in range(168))
+_HOW_NAMES = tuple(f"how#{h}" for h in range(168))
+"""The hour-of-week profile: one packed profile `how`, slot h (`features.stores.packed`)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
 
 

@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     """Largest body of the ingestion routes, refused (413) before it is read."""
     max_other_body_bytes: int = Field(default=64 * 1024, ge=1024)
     """Largest body of every other route (admin, feedback, /v1/check)."""
-    memory_max_entities: int = 200_000
+    memory_max_mb: float = Field(default=256.0, gt=0)
+    """Budget of the memory store's feature state in MiB: beyond it idle addresses are
+    evicted, then keys (bans, limits and the allow-list are never evicted)."""
     # operator-facing (serving/alerts/operations.py): alerts, SIEM export, key activity
     alert_min_severity: Literal["none", "low", "medium", "high", "critical"] = "medium"
     alert_dedup_window_s: float = Field(default=600.0, gt=0)

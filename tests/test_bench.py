@@ -22,7 +22,10 @@ def test_bench_smoke_writes_every_figure_with_its_baseline(
                      "features_memory_events_per_s", "features_redis_events_per_s",
                      "pipeline_redis_events_per_s", "redis_round_trips_per_event",
                      "http_p99_ms_c1", "http_rps_c16", "http_batch_events_per_s",
-                     "rss_mib_after_events"}
+                     "rss_mib_after_events", "redis_server_cpu_us_per_event",
+                     "redis_events_per_core_second", "redis_bytes_per_warm_key",
+                     "redis_bytes_per_address", "memory_bytes_per_warm_key",
+                     "memory_bytes_per_address"}
     assert all(f["baseline_value"] > 0 and f["value"] > 0 for f in report["figures"])
     trips = next(f for f in report["figures"] if f["name"] == "redis_round_trips_per_event")
     assert trips["value"] < 1.1  # one round trip per event (the design, not a timing)

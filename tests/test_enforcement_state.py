@@ -214,7 +214,7 @@ def test_a_flood_of_new_keys_and_addresses_evicts_no_enforcement_state() -> None
 
 
 def test_a_flood_through_the_api_does_not_unban(tmp_path: Path) -> None:
-    settings = make_settings(memory_max_entities=300, models=False, event_log=False)
+    settings = make_settings(memory_max_mb=0.25, models=False, event_log=False)
     with TestClient(create_app(settings)) as c:
         c.post("/admin/bans", json={"key": "sk-banned", "duration": "24h"}, headers=AUTH)
         c.post("/admin/bans", json={"ip": "203.0.113.9", "duration": "24h"}, headers=AUTH)
@@ -232,6 +232,11 @@ def test_a_flood_through_the_api_does_not_unban(tmp_path: Path) -> None:
         evicted = [line for line in metrics.splitlines()
                    if line.startswith("keywatch_store_feature_evictions_total")]
         assert evicted and float(evicted[0].split()[-1]) > 2000
+        by_name = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("keywatch_store_feature_")}
+        # within its budget, addresses go first
+        assert by_name["keywatch_store_feature_address_evictions_total"] > 0
+        assert by_name["keywatch_store_feature_bytes"] <= 0.25 * 2**20
 
 
 # ---- crashes ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from features.stores.packed import ring_cells
 from serving.api.app import create_app
 from serving.engine.factory import build_scorer
 from serving.engine.replay import replay
@@ -56,8 +57,8 @@ def counted(c: TestClient, store: str, key: str) -> float:
     state = scorer.store.export_state()
     key_id = probe.json()["key_id"]
     hour = next(s for kind, eid, s in state["entities"] if (kind, eid) == ("k", key_id))
-    cells = hour["rings"]["requests:h"].values()
-    return sum(v for _, v in cells) - 1  # less the probe itself
+    cells = ring_cells(hour["rings"]["requests:h"])
+    return sum(v for _, _, v in cells) - 1  # less the probe itself
 
 
 def test_a_resent_event_gets_the_first_decision_and_changes_nothing(store: str) -> None:

@@ -6,12 +6,14 @@ The Redis side runs against a real redis-server process.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from features.stores.base import (
     BUDGET_ADD,
     CLAIM,
+    DECAY_ADD,
     DEL,
     EWM,
     EWM_GAP,
@@ -150,7 +152,10 @@ def test_one_round_trip_per_event_and_hash_tagged_keys(redis_url: str) -> None:
                        EntityOps("ip", "1.2.3.4", [(INCR, "n", 1)])])
     assert store.round_trips - before == 10
     keys = sorted(redis.Redis.from_url(redis_url, decode_responses=True).keys("rt:*"))
-    assert keys == ["rt:{ip:1.2.3.4}:h", "rt:{k:abc}:h", "rt:{k:abc}:z:ips", "rt:{k:warm}:h"]
+    # an entity is one hash: its capped sets are packed fields of it, not keys of their own
+    assert keys == ["rt:{ip:1.2.3.4}:h", "rt:{k:abc}:h", "rt:{k:warm}:h"]
+    fields = redis.Redis.from_url(redis_url).hkeys("rt:{k:abc}:h")
+    assert sorted(fields) == [b"n", b"z|ips"]
     ttl = redis.Redis.from_url(redis_url).ttl("rt:{k:abc}:h")
     assert 0 < ttl <= store.idle_ttl_s
 
@@ -248,6 +253,48 @@ def test_ring_max_keeps_the_largest_value_of_its_stamp(redis_url: str) -> None:
             store.close()
 
 
+def test_memory_store_keeps_to_its_budget_evicting_addresses_before_keys() -> None:
+    store = MemoryStore(max_mb=0.5)
+    budget = 0.5 * 2**20
+    t = 1_700_000_000
+    for k in range(20):  # keys with a day of hourly counters: a few KiB each
+        store.execute([EntityOps("k", f"key{k}", [(RING_ADD, "req:h", h % 26, t // 3600 + h, 1.0)
+                                                 for h in range(26)] + [(INCR, "n", 1)])])
+    for i in range(20_000):  # then a flood of addresses seen once
+        store.execute([EntityOps("ip", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}",
+                                 [(INCR, "n", 1)])])
+        assert store.feature_bytes <= budget
+    assert store.address_evictions > 15_000 and store.evictions == store.address_evictions
+    kept = store.execute([EntityOps("k", f"key{k}", [(GET, "n")]) for k in range(20)])
+    assert all(res == ["1"] for res in kept)  # no key was evicted while addresses remained
+    for k in range(20, 2_000):  # a flood of keys: addresses go first, then the oldest keys
+        store.execute([EntityOps("k", f"key{k}", [(INCR, "n", 1)])])
+    assert store.feature_bytes <= budget and len(store._addresses) == 0
+    assert store.evictions > store.address_evictions
+    assert store.stats()["feature_bytes"] == store.feature_bytes
+
+
+def test_rings_read_alike_while_sparse_and_once_dense(redis_url: str) -> None:
+    # a ring starts as a few (slot, stamp, value) cells and turns dense past eight of them
+    rng = random.Random(11)
+    mem, red = MemoryStore(), RedisStore(redis_url, namespace="sparse")
+    stamp = 500_000
+    for _ in range(120):
+        stamp += rng.choice([0, 1, 1, 3, 40])
+        late = stamp - rng.randint(0, 45)
+        ops = [(RING_ADD, "w", late % 40, late, rng.choice([1, 2.5])),
+               (RING_MAX, "p", stamp % 40, stamp, float(rng.randint(1, 9))),
+               (RING_VALUES, "w", 40, 8, *range(stamp, stamp - 8, -1)),
+               (RING_WINDOWS, "w", 40, stamp, 2, 5, 39), (RING_GET, "p", stamp % 40, stamp)]
+        req = [EntityOps("ip", "198.51.100.7", ops)]
+        assert mem.execute(req) == red.execute(req)
+    import redis
+
+    held = redis.Redis.from_url(redis_url).hget("sparse:{ip:198.51.100.7}:h", "w") or b""
+    assert len(held) % 2 == 0 and len(held) >= 9 * 12  # it turned dense on the way
+    red.close()
+
+
 def test_a_claimed_token_applies_nothing_until_it_expires(redis_url: str) -> None:
     """CLAIM first: a live claim skips the request's other ops and hands back what was
     remembered; an expired claim is forgotten and the token applies again; both stores."""
@@ -283,3 +330,33 @@ def test_a_log_hands_entries_back_in_order_after_a_position(redis_url: str) -> N
             6, ["id-a", 6, [[5, "e5|x"], [6, "e6"]]]]
         if isinstance(store, RedisStore):
             store.close()
+
+
+def test_a_claim_in_a_round_trip_skips_only_its_own_ops(redis_url: str) -> None:
+    """The entity's requests around a claimed one are applied, in order, even though the
+    Redis store merges an entity's requests into one script call; decayed sums alike."""
+    def batch(now: float) -> list[EntityOps]:
+        return [EntityOps("k", "m", [(INCR, "n", 1), (DECAY_ADD, "ksd", now, [60, 0, -1],
+                                                       [1.0, 2.0, now])]),
+                EntityOps("k", "m", [(CLAIM, "_claims", "ev", now + 300, now), (INCR, "n", 10)]),
+                EntityOps("ip", "x", [(INCR, "n", 1)]),
+                EntityOps("k", "m", [(INCR, "n", 100), (GET, "n"), (GET, "ksd")])]
+
+    for store in (MemoryStore(), RedisStore(redis_url, namespace="merged")):
+        first, again = store.execute(batch(1000.0)), store.execute(batch(1090.0))
+        assert [r[:2] for r in first] == [[1.0, None], [None, 11.0], [1.0], [111.0, "111"]]
+        assert [r[:2] for r in again] == [[112.0, None], ["", None], [2.0], [212.0, "212"]]
+        assert again[3][2] == f"1090|{0.5 ** 1.5 + 1:.17g},4,1090", store.name
+        if isinstance(store, RedisStore):
+            store.close()
+
+
+def test_a_snapshot_keeps_the_logs(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.execute([EntityOps("g", "pop", [(LOG_APPEND, "l", f"e{i}", 100, "id")
+                                          for i in range(3)])])
+    store.snapshot(tmp_path / "s.snap")
+    back = MemoryStore()
+    back.restore(tmp_path / "s.snap")
+    assert back.execute([EntityOps("g", "pop", [(LOG_READ, "l", 1, 9)])]) == [
+        [["id", 3, [[2, "e1"], [3, "e2"]]]]]

@@ -8,10 +8,18 @@ applies them with dicts, the Redis store ships the same list to a Lua script, so
 costs one atomic round trip however many counters it touches.
 
 Entities are `(kind, id)` pairs such as `("k", key_id)` or `("ip", "203.0.113.9")`.
-Values read back are strings on Redis; the memory store may hand back the float it wrote
-for numeric fields (EWM statistics, the EWM_GAP/EWM_SAME fields), to skip formatting and
-parsing on its hot path. Callers parse what they read with `float()`, which accepts
-both. Ring buckets are private to the RING_* ops (not readable with GET).
+Values read back are strings, or the float held for numeric fields (EWM statistics, the
+EWM_GAP/EWM_SAME fields): callers parse what they read with `float()`, which accepts
+both. Ring buckets are private to the RING_* ops (not readable with GET), and capped sets
+to RECENT_ADD/RECENT_COUNT/SEEN_ADD (they keep member hashes, not members). An EWM named
+`name#slot` is slot `slot` of the packed profile `name` (GET `name#slot:m`, `:v`, `:n`
+read it), so a 168-slot hour-of-week profile is one field, not 504. How each backend
+lays the state out: `features.stores.packed`; how the Redis store splits the work
+between its script and the client: `features.stores.replay`.
+
+Adding an op means: its code here, its handler in `memory` (which answers it on both
+stores), its fields in `replay._touches`, and, if it changes state, its write in
+`lua/apply_ops.lua`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ a check and a mark in the *same* atomic call as the state update itself. Rather 
 copying `lua/apply_ops.lua` (and forgetting to follow the ops added to it later), the
 script text is embedded unchanged as `local function apply_ops(KEYS, ARGV) ... end` and a
 small guard is appended. The script reads only its `KEYS`/`ARGV` parameters and ends with
-`return out`, so the wrapped function behaves exactly like the script.
+`return reply`, so the wrapped function behaves exactly like the script.
 """
 
 from __future__ import annotations

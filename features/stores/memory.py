@@ -3,14 +3,16 @@
 It applies the same generic operations as the Redis store's Lua script, with the same
 semantics, so that a single process needs nothing else installed and a test can compare
 the two backends op for op. It is also the engine of the batch feature extractor, so it
-is written for speed: each op is a small function of the op tuple, and ring buckets are
-kept as native `[stamp, value]` cells rather than hash strings (they are read and written
-only through the RING_* ops, never with GET/SET).
+is written for speed: each op is a small function of the op tuple. Rings, hour-of-week
+profiles and capped sets are packed as the Lua script packs them (`features.stores.packed`):
+a ring is one array of (stamp, value) cells, not an object per bucket.
 
-Memory is bounded three ways: at most `max_entities` entities (least recently used
-evicted first), every set capped by its op, and entities idle for longer than
-`idle_ttl_s` in event time dropped — lazily when touched again, and eagerly from the cold
-end of the LRU order as new entities arrive (the Redis store gets the same from key TTLs).
+Memory is bounded three ways: the feature state's estimated bytes stay within `max_mb`
+(least recently used evicted first, addresses before keys: `features.stores.budget`;
+optionally also at most `max_entities` entities), every set is capped by its op, and
+entities idle for longer than `idle_ttl_s` in event time are dropped — lazily when touched
+again, and eagerly from the cold end of the LRU order as new entities arrive (the Redis
+store gets the same from key TTLs).
 
 That bound applies to *feature* state only, which may be evicted (`evictions`,
 `expirations` count it; a key that comes back starts its windows and baselines afresh).
@@ -24,9 +26,9 @@ it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,7 +72,21 @@ from features.stores.base import (
     StoreError,
     is_enforcement_field,
 )
+from features.stores.budget import entity_bytes
 from features.stores.journal import EnforcementJournal, enforcement_writes
+from features.stores.packed import (
+    PROFILE_MARK,
+    ewm_next,
+    member_hash,
+    new_ring,
+    profile_get,
+    profile_part,
+    profile_put,
+    profile_slot,
+    ring_add,
+    ring_max,
+    ring_read,
+)
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 
@@ -78,8 +94,13 @@ from features.stores.snapshot import SnapshotError, read_snapshot, write_snapsho
 class _EntityState:
     hash: dict[str, Any] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
-    rings: dict[str, dict[int, list[Any]]] = field(default_factory=dict)
+    rings: dict[str, array] = field(default_factory=dict)
+    """Packed rings: (stamp, value) per slot (`features.stores.packed`)."""
+    profiles: dict[str, array] = field(default_factory=dict)
+    """Packed profiles (`name#slot` EWMs): (n, m, v) per slot."""
     last_ts: float = 0.0
+    size: int = 0
+    """Estimated bytes of the feature state (`features.stores.budget`), as last applied."""
     logs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """LOG_* logs: {"id", "first" (seq of entries[0]), "entries"}, plain values so that
     snapshots (builtins only) keep them."""
@@ -87,7 +108,7 @@ class _EntityState:
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
 
-_FEATURE_FIELDS = ("hash", "zsets", "rings", "last_ts", "logs")
+_FEATURE_FIELDS = ("hash", "zsets", "rings", "profiles", "last_ts", "logs")
 
 
 def _fmt(value: float) -> str:
@@ -96,6 +117,11 @@ def _fmt(value: float) -> str:
         return str(int(value))
     return repr(value)
 
+
+DEFAULT_MAX_MB = 256.0
+"""Default budget of the feature state: about 25,000 warm keys, or 250,000 addresses."""
+ADDRESS_KIND = "ip"
+"""Entities of this kind are evicted first (`features.stores.budget`)."""
 
 _IDLE_SWEEP = 2
 """Cold entities checked for idleness per new entity (amortised, O(1))."""
@@ -106,9 +132,12 @@ class MemoryStore(StateStore):
 
     Parameters
     ----------
+    max_mb:
+        Budget of the feature state in MiB (estimated, `features.stores.budget`): beyond
+        it the least recently used addresses are evicted, then keys, so a flood of
+        distinct source IPs cannot grow memory without bound. None: no byte budget.
     max_entities:
-        Least-recently-used entities beyond this count are evicted, so a flood of
-        distinct source IPs cannot grow memory without bound.
+        Optionally, also at most this many entities (None: no count bound).
     idle_ttl_s:
         An entity whose newest event is older than this (in event time, relative to the
         newest event the store has seen) is treated as expired and starts afresh.
@@ -116,11 +145,18 @@ class MemoryStore(StateStore):
 
     name = "memory"
 
-    def __init__(self, *, max_entities: int = 200_000, idle_ttl_s: float = 8 * 86400,
+    def __init__(self, *, max_mb: float | None = DEFAULT_MAX_MB,
+                 max_entities: int | None = None, idle_ttl_s: float = 8 * 86400,
                  journal_path: Path | None = None, journal_fsync: bool = True) -> None:
+        self.max_mb = max_mb
+        self.max_bytes = int(max_mb * 2**20) if max_mb else None
         self.max_entities = max_entities
         self.idle_ttl_s = idle_ttl_s
         self._entities: OrderedDict[tuple[str, str], _EntityState] = OrderedDict()
+        """Keys (and any kind but addresses and globals), least recently used first."""
+        self._addresses: OrderedDict[tuple[str, str], _EntityState] = OrderedDict()
+        self._bytes = 0
+        self.address_evictions = 0
         self._pinned: dict[tuple[str, str], _EntityState] = {}
         self._enforcement: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -134,11 +170,20 @@ class MemoryStore(StateStore):
             self.replay_journal()
 
     def __len__(self) -> int:
-        return len(self._entities)
+        return len(self._entities) + len(self._addresses)
+
+    @property
+    def feature_bytes(self) -> int:
+        """Estimated bytes of all evictable feature state (bounded by `max_mb`)."""
+        return self._bytes
 
     def stats(self) -> dict[str, float]:
-        """Feature state dropped so far, and enforcement state held (for /metrics)."""
-        return {"feature_evictions": self.evictions, "feature_expirations": self.expirations,
+        """Feature state dropped so far and held, and enforcement state held (/metrics)."""
+        return {"feature_evictions": self.evictions,
+                "feature_address_evictions": self.address_evictions,
+                "feature_expirations": self.expirations,
+                "feature_bytes": self._bytes,
+                "feature_entities": len(self),
                 "enforcement_entities": self.enforcement_entities()}
 
     def enforcement_entities(self) -> int:
@@ -161,11 +206,13 @@ class MemoryStore(StateStore):
         return True
 
     def describe(self) -> str:
-        return f"memory ({len(self._entities)} entities)"
+        return f"memory ({len(self)} entities, {self._bytes / 2**20:.1f} MiB)"
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         with self._lock:
             results = [self._apply(req) for req in requests]
+            if self._over():
+                self._bound()
             if self.journal is not None:
                 writes = enforcement_writes(_applied(requests, results))
                 if writes:  # on disk before the caller hears it was done
@@ -207,13 +254,17 @@ class MemoryStore(StateStore):
             raise SnapshotError(f"{path} does not hold memory-store state: {exc}") from None
         with self._lock:
             self._entities.clear()
+            self._addresses.clear()
+            self._bytes = 0
             self._pinned.clear()
             self._enforcement.clear()
             for key, state in entities:
                 if key[0] == GLOBAL_KIND:  # written before global entities were pinned
                     self._pinned[key] = state
                     continue
-                self._entities[key] = state
+                self._lru(key[0])[key] = state
+                state.size = entity_bytes(state)
+                self._bytes += state.size
                 # enforcement fields written before they were kept apart move out of the hash
                 moved = {f: state.hash.pop(f) for f in list(state.hash)
                          if is_enforcement_field(f)}
@@ -221,11 +272,11 @@ class MemoryStore(StateStore):
                     enforcement.setdefault(key, {}).update(moved)
             self._pinned.update(pinned)
             self._enforcement.update(enforcement)
-            for key, state in self._entities.items():
-                state.enf = self._enforcement.get(key)
+            for lru in (self._entities, self._addresses):
+                for key, state in lru.items():
+                    state.enf = self._enforcement.get(key)
             self._newest_ts = newest_ts
-            while len(self._entities) > self.max_entities:
-                self._entities.popitem(last=False)
+            self._bound()
         self.replay_journal()  # acts since that snapshot
         return len(entities) + len(pinned)
 
@@ -235,7 +286,8 @@ class MemoryStore(StateStore):
             return [(kind, entity_id, _plain(state)) for (kind, entity_id), state
                     in states.items()]
 
-        return {"newest_ts": self._newest_ts, "entities": plain(self._entities),
+        return {"newest_ts": self._newest_ts,
+                "entities": plain(self._addresses) + plain(self._entities),
                 "pinned": plain(self._pinned),
                 "enforcement": [(kind, entity_id, dict(fields))
                                 for (kind, entity_id), fields in self._enforcement.items()]}
@@ -247,11 +299,12 @@ class MemoryStore(StateStore):
             if pinned is None:
                 pinned = self._pinned[key] = _EntityState()
             return pinned
-        entities = self._entities
+        entities = self._lru(kind)
         state = entities.get(key)
         if state is not None:
             if (state.last_ts and self._newest_ts - state.last_ts > self.idle_ttl_s
                     and state.hash.get(PERSIST_FIELD) != "1"):
+                self._bytes -= state.size
                 state = _EntityState(enf=self._enforcement.get(key))
                 entities[key] = state
                 self.expirations += 1
@@ -270,17 +323,34 @@ class MemoryStore(StateStore):
                 entities.move_to_end(cold_key)
                 continue
             del entities[cold_key]
+            self._bytes -= cold.size
             self.expirations += 1
         entities[key] = state
-        spared = 0
-        while len(entities) > self.max_entities and spared <= len(entities):
-            cold_key, cold = entities.popitem(last=False)
-            if cold.hash.get(PERSIST_FIELD) == "1":  # pinned: back to the warm end
-                entities[cold_key] = cold
-                spared += 1
-                continue
-            self.evictions += 1
         return state
+
+    def _lru(self, kind: str) -> OrderedDict[tuple[str, str], _EntityState]:
+        return self._addresses if kind == ADDRESS_KIND else self._entities
+
+    def _over(self) -> bool:
+        return bool((self.max_bytes is not None and self._bytes > self.max_bytes)
+                    or (self.max_entities is not None and len(self) > self.max_entities))
+
+    def _bound(self) -> None:
+        """Evict feature state, least recently used first, addresses before keys (see
+        `features.stores.budget`), until the store is within its bounds. A permanently
+        banned entity is never evicted (it goes back to the warm end)."""
+        for lru in (self._addresses, self._entities):
+            spared = 0
+            while lru and spared < len(lru) and self._over():
+                cold_key, cold = lru.popitem(last=False)
+                if cold.hash.get(PERSIST_FIELD) == "1":
+                    lru[cold_key] = cold
+                    spared += 1
+                    continue
+                self._bytes -= cold.size
+                self.evictions += 1
+                if lru is self._addresses:
+                    self.address_evictions += 1
 
     def _apply(self, req: EntityOps) -> list[Any]:
         # Resolve every op first so that a bad op never leaves the entity half-updated.
@@ -296,13 +366,20 @@ class MemoryStore(StateStore):
             held = _claim(state, ops[0])
             if held is not None:  # a repeat: nothing of this request is applied
                 return [held, *([None] * (len(ops) - 1))]
-        return [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
+        results = [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
+        if req.kind != GLOBAL_KIND:
+            size = entity_bytes(state)
+            self._bytes += size - state.size
+            state.size = size
+        return results
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
-    def _get(self, s: _EntityState, op: tuple[Any, ...]) -> str | None:
+    def _get(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         fld = op[1]
         if fld[:4] in _ENF:
             return s.enf.get(fld) if s.enf is not None else None
+        if PROFILE_MARK in fld:
+            return _profile_read(s, fld)
         return s.hash.get(fld)
 
     def _set(self, s: _EntityState, op: tuple[Any, ...]) -> None:
@@ -347,89 +424,42 @@ class MemoryStore(StateStore):
         return value
 
     def _ring_add(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        _, name, slot, stamp, amount = op
-        ring = s.rings.get(name)
-        if ring is None:
-            ring = s.rings[name] = {}
-        cell = ring.get(slot)
-        if cell is None:
-            value = float(amount)
-            ring[slot] = [stamp, value]
-            return value
-        held = cell[0]
-        if held > stamp:
-            return None
-        if held != stamp:
-            cell[0] = stamp
-            cell[1] = 0.0
-        cell[1] += float(amount)
-        return cell[1]
-
-    def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        _, name, slot, stamp, value = op
-        value = float(value)
-        cell = s.rings.setdefault(name, {}).setdefault(slot, [stamp, value])
-        if cell[0] > stamp:
-            return None
-        if cell[0] != stamp or value > cell[1]:  # a newer hour starts afresh
-            cell[0], cell[1] = stamp, value
-        return cell[1]
-
-    def _ring_get(self, s: _EntityState, op: tuple[Any, ...]) -> float:
         ring = s.rings.get(op[1])
         if ring is None:
-            return 0.0
-        cell = ring.get(op[2])
-        return cell[1] if cell is not None and cell[0] == op[3] else 0.0
+            ring = s.rings[op[1]] = new_ring()
+        return ring_add(ring, op[2], op[3], float(op[4]))
 
-    def _ring_sum(self, s: _EntityState, op: tuple[Any, ...]) -> float:
-        _, name, size, lo, hi = op
-        ring = s.rings.get(name)
-        if not ring:
-            return 0.0
-        lo = max(lo, hi - size + 1)
-        total = 0.0
-        # each slot holds one stamp, and the stamps of the range have distinct slots
-        for slot, (stamp, value) in ring.items():
-            if lo <= stamp <= hi and stamp % size == slot:
-                total += value
-        return total
+    def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
+        ring = s.rings.get(op[1])
+        if ring is None:
+            ring = s.rings[op[1]] = new_ring()
+        return ring_max(ring, op[2], op[3], float(op[4]))
 
-    def _ring_windows(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
-        name, size, stamp, k = op[1], op[2], op[3], op[4]
-        ring = s.rings.get(name)
-        if not ring:
-            return [0.0] * (2 * k)
-        ns = op[5:5 + k]
-        top = max(ns)
-        by_offset = [0.0] * (top + 1)  # bucket values, newest (offset 0) first
-        for slot, cell in ring.items():
-            offset = stamp - cell[0]
-            if 0 <= offset <= top and cell[0] % size == slot:
-                by_offset[offset] = cell[1]
-        out: list[float] = []
-        for n in ns:
-            # summed newest first, as the Lua script does
-            out.append(sum(by_offset[:n if n < size else size], 0.0))
-            out.append(by_offset[n])
-        return out
+    def _ring_read(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
+        return ring_read(op, s.rings.get(op[1]))
 
-    def _ring_values(self, s: _EntityState, op: tuple[Any, ...]) -> list[float]:
-        ring = s.rings.get(op[1]) or {}
-        size, k = op[2], op[3]
-        out: list[float] = []
-        for stamp in op[4:4 + k]:
-            cell = ring.get(stamp % size)
-            out.append(cell[1] if cell is not None and cell[0] == stamp else 0.0)
-        return out
-
-    def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[str | None]:
+    def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         get = s.hash.get
-        return [get(f) for f in op[2:2 + op[1]]]
+        out = [_profile_read(s, f) if PROFILE_MARK in f else get(f)
+               for f in op[2:2 + op[1]]]
+        if s.enf is not None:  # enforcement fields live apart (never evicted)
+            for i, f in enumerate(op[2:2 + op[1]]):
+                if f[:4] in _ENF:
+                    out[i] = s.enf.get(f)
+        return out
 
     def _ewm_update(self, s: _EntityState, name: str, x: float, alpha: float) -> None:
         # Kept as floats (the Lua script writes them with 17 significant digits, which
         # round-trips exactly): GET returns the float, callers parse with float().
+        if PROFILE_MARK in name:
+            where = profile_slot(name)
+            if where is not None:
+                profile = s.profiles.get(where[0])
+                if profile is None:
+                    profile = s.profiles[where[0]] = array("d")
+                profile_put(profile, where[1], *ewm_next(*profile_get(profile, where[1]),
+                                                         x, alpha))
+                return
         h = s.hash
         nf = f"{name}:n"
         n = h.get(nf)
@@ -439,12 +469,7 @@ class MemoryStore(StateStore):
             h[nf] = 1.0
             return
         mf, vf = f"{name}:m", f"{name}:v"
-        m = float(h[mf])
-        diff = x - m
-        incr = alpha * diff
-        h[mf] = m + incr
-        h[vf] = (1 - alpha) * (float(h[vf]) + diff * incr)
-        h[nf] = float(n) + 1.0
+        h[nf], h[mf], h[vf] = ewm_next(float(n), float(h[mf]), float(h[vf]), x, alpha)
 
     def _ewm(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         self._ewm_update(s, op[1], float(op[2]), float(op[3]))
@@ -478,6 +503,7 @@ class MemoryStore(StateStore):
 
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, window_s, cap = op
+        member = member_hash(member)
         z = s.zsets.get(zname)
         if z is None:
             z = s.zsets[zname] = {}
@@ -505,6 +531,7 @@ class MemoryStore(StateStore):
 
     def _seen_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, cap = op
+        member = member_hash(member)
         z = s.zsets.get(zname)
         if z is None:
             z = s.zsets[zname] = {}
@@ -603,17 +630,40 @@ class MemoryStore(StateStore):
 _ENF = frozenset(("ban:", "lim:"))
 
 
+def _profile_read(s: _EntityState, fld: str) -> Any:
+    where = profile_slot(fld)
+    if where is None:
+        return s.hash.get(fld)
+    return profile_part(s.profiles.get(where[0]), where[1], where[2])
+
+
 def _plain(state: _EntityState) -> dict[str, Any]:
     """An entity's feature state as plain values (its enforcement dict is saved apart)."""
-    enf, state.enf = state.enf, None
-    try:
-        return dataclasses.asdict(state)
-    finally:
-        state.enf = enf
+    return {"hash": dict(state.hash), "zsets": {z: dict(m) for z, m in state.zsets.items()},
+            "rings": {r: list(a) for r, a in state.rings.items()},
+            "profiles": {p: list(a) for p, a in state.profiles.items()},
+            "last_ts": state.last_ts,
+            "logs": {name: {**log, "entries": list(log["entries"])}
+                     for name, log in state.logs.items()}}
 
 
 def _state_of(fields: dict[str, Any]) -> _EntityState:
-    return _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
+    state = _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
+    state.rings = {name: _ring_of(cells) for name, cells in state.rings.items()}
+    state.profiles = {name: array("d", values) for name, values in state.profiles.items()}
+    # (capped sets of older snapshots hold members, not their hashes: each is new once)
+    return state
+
+
+def _ring_of(cells: Any) -> array:
+    """A packed ring from a snapshot: a flat list, or (older snapshots) {slot: [stamp,
+    value]}."""
+    if not isinstance(cells, dict):
+        return array("d", cells)
+    ring = new_ring()
+    for slot, (stamp, value) in sorted(cells.items()):
+        ring_add(ring, int(slot), stamp, float(value))
+    return ring
 
 
 def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,
@@ -702,6 +752,21 @@ def _cap(z: dict[str, float], cap: int) -> None:
             del z[m]
 
 
+def new_state() -> _EntityState:
+    """A detached entity state (not held by any store), for `replay_ops`."""
+    return _EntityState(enf={})
+
+
+def replay_ops(state: _EntityState, ops: Sequence[tuple[Any, ...]],
+               given: dict[int, Any]) -> list[Any]:
+    """Every op's result on a detached state, by the memory store's op code: how the
+    Redis store answers from the fields its script returns (`features.stores.redis_store`),
+    so each op's answer has one implementation. `given`: results known already (by op
+    index), such as those of sorted-set ops, which the script computes."""
+    return [given[i] if i in given else _HANDLERS[op[0]](_REPLAYER, state, op)
+            for i, op in enumerate(ops)]
+
+
 _HANDLERS = {
     GET: MemoryStore._get,
     SET: MemoryStore._set,
@@ -709,8 +774,8 @@ _HANDLERS = {
     INCR: MemoryStore._incr,
     RING_ADD: MemoryStore._ring_add,
     RING_MAX: MemoryStore._ring_max,
-    RING_GET: MemoryStore._ring_get,
-    RING_SUM: MemoryStore._ring_sum,
+    RING_GET: MemoryStore._ring_read,
+    RING_SUM: MemoryStore._ring_read,
     EWM: MemoryStore._ewm,
     RECENT_ADD: MemoryStore._recent_add,
     RECENT_COUNT: MemoryStore._recent_count,
@@ -718,8 +783,8 @@ _HANDLERS = {
     EWM_GAP: MemoryStore._ewm_gap,
     EWM_SAME: MemoryStore._ewm_same,
     GETS: MemoryStore._gets,
-    RING_WINDOWS: MemoryStore._ring_windows,
-    RING_VALUES: MemoryStore._ring_values,
+    RING_WINDOWS: MemoryStore._ring_read,
+    RING_VALUES: MemoryStore._ring_read,
     ZSET: MemoryStore._zset,
     ZREM: MemoryStore._zrem,
     ZITEMS: MemoryStore._zitems,
@@ -732,3 +797,7 @@ _HANDLERS = {
     LOG_READ: MemoryStore._log_read,
     DECAY_ADD: MemoryStore._decay_add,
 }
+
+_REPLAYER = MemoryStore(max_mb=None)
+"""The store object `replay_ops` runs handlers with (they touch only the state given and
+its event-time clock)."""

@@ -6,8 +6,9 @@ Scoring it again must neither count it twice nor decide it from different number
 `with store.once(token):` every entity request is sent through a wrapper of the same Lua
 script (`lua/apply_ops.lua`, unchanged, wrapped as a function) that first looks for a
 result cached under `<entity prefix>:once:<digest>`, where the digest covers the token and
-the request's ops. On the first call it applies the ops and caches their results in the
-same atomic script call; on a repeat it applies nothing and returns the cached results.
+the request's ops. On the first call it applies the ops and caches the script's reply (the
+fields as they were before, from which the client computes every result) in the same
+atomic script call; on a repeat it applies nothing and returns the cached reply.
 So a re-scored event reads back exactly what it read the first time, and its decision is
 the same. The cache keys live in the entity's hash-tag slot (legal on a cluster), expire
 after `once_ttl_s`, and the worker deletes them once the decision is published.
@@ -31,13 +32,13 @@ ONCE_LUA = wrap_apply_ops("""
 local n = #KEYS
 local once_key = KEYS[n]
 local cached = redis.call('GET', once_key)
-if cached then return cjson.decode(cached) end
+if cached then return cmsgpack.unpack(cached) end
 local inner_keys, inner_argv = {}, {}
 for k = 1, n - 1 do inner_keys[k] = KEYS[k] end
 for k = 1, #ARGV - 1 do inner_argv[k] = ARGV[k] end
 local out = apply_ops(inner_keys, inner_argv)
 if type(out) == 'table' and out.err then return out end
-redis.call('SET', once_key, cjson.encode(out), 'EX', tonumber(ARGV[#ARGV]))
+redis.call('SET', once_key, cmsgpack.pack(out), 'EX', tonumber(ARGV[#ARGV]))
 return out
 """)
 """apply_ops.lua as a function, plus: KEYS[last] = the once key, ARGV[last] = its TTL."""

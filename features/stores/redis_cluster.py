@@ -19,7 +19,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, ResponseError
 
 from features.stores.base import StoreError
-from features.stores.redis_store import LuaScript, RedisStore, pack_evalsha
+from features.stores.redis_store import LuaScript, RedisStore, pack_evalsha, raw_pool
 
 
 class RedisClusterStore(RedisStore):
@@ -34,6 +34,7 @@ class RedisClusterStore(RedisStore):
         super().__init__(url, namespace=namespace, idle_ttl_s=idle_ttl_s,
                          timeout_s=timeout_s, client=cluster)  # type: ignore[arg-type]
         self.cluster = cluster
+        self._node_pools: dict[str, redis.ConnectionPool] = {}
 
     def describe(self) -> str:
         return f"redis cluster ({self._safe_url()}, {len(self.cluster.get_primaries())} primaries)"
@@ -43,6 +44,18 @@ class RedisClusterStore(RedisStore):
             return bool(self.cluster.ping(target_nodes=RedisCluster.PRIMARIES))
         except redis.RedisError:
             return False
+
+    def _node_pool(self, name: str, client: redis.Redis) -> redis.ConnectionPool:
+        """The node's pool of raw (undecoded) replies: the script's are binary."""
+        pool = self._node_pools.get(name)
+        if pool is None:
+            pool = self._node_pools[name] = raw_pool(client)
+        return pool
+
+    def close(self) -> None:
+        super().close()
+        for pool in self._node_pools.values():
+            pool.disconnect()
 
     def run_script(self, script: LuaScript,
                    calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> list[Any]:
@@ -60,7 +73,8 @@ class RedisClusterStore(RedisStore):
                 moved = []
                 for name, idxs in by_node.items():
                     client = self.cluster.get_redis_connection(nodes[name])
-                    got = self._run_on(client, script, [packed[i] for i in idxs])
+                    got = self._run_on(client, self._node_pool(name, client), script,
+                                       [packed[i] for i in idxs])
                     for i, reply in zip(idxs, got, strict=True):
                         if isinstance(reply, MovedError | AskError):
                             moved.append(i)

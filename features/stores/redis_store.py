@@ -1,13 +1,18 @@
 """The shared store: per-entity state in Redis, one atomic Lua call per entity.
 
-Layout: entity `(kind, id)` lives in the hash `<ns>:{<kind>:<id>}:h` and its sorted sets
-`<ns>:{<kind>:<id>}:z:<name>`. The braces are a Redis Cluster hash tag, so an entity's
-keys share a slot and its script is legal on a cluster. Every key is given the idle TTL on
-every touch, so idle entities expire on their own. All entities of one event go out in a
-single pipeline: one network round trip per event. An entity's ops travel as one JSON
-argument and its results come back as one JSON string (the script uses Redis' built-in
-cjson): encoding ~100 ops as separate arguments and parsing a ~130-item reply cost more
-client time than the round trip itself.
+Layout: entity `(kind, id)` lives in the hash `<ns>:{<kind>:<id>}:h` (its rings, profile
+and capped sets packed into fields of it: `features.stores.packed`), and the enforcement
+indexes in sorted sets `<ns>:{<kind>:<id>}:z:<name>`. The braces are a Redis Cluster hash
+tag, so an entity's keys share a slot and its script is legal on a cluster. Every key is
+given the idle TTL on every touch, so idle entities expire on their own. All entities of
+one event go out in a single pipeline: one network round trip per event, and one script
+call per entity (the requests of one entity in a batch, such as the previous event's
+learning and this event's counters on the population, are merged in order). The script
+applies the writes and returns the touched fields as they were; this client answers
+every op from them with the memory store's code (`features.stores.replay`), so reads,
+sums and number formatting never run on the one Redis core every replica shares. An
+entity's request travels as one JSON argument (the script uses Redis' built-in cjson):
+encoding ~100 ops as separate arguments cost more client time than the round trip.
 
 The round trip itself is written as raw RESP on a pooled connection (`run_script`):
 redis-py's pipeline costs more client time per EVALSHA than packing it by hand, and the
@@ -28,35 +33,18 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from features.stores.base import (
-    BUDGET_ADD,
     CLAIM,
-    GETS,
-    INCR,
-    LIMIT,
     LOG_APPEND,
     LOG_READ,
-    RECENT_ADD,
-    RECENT_COUNT,
-    REMEMBER,
-    RING_ADD,
-    RING_GET,
-    RING_MAX,
-    RING_SUM,
-    RING_VALUES,
-    RING_WINDOWS,
-    SEEN_ADD,
     ZITEMS,
     ZREM,
-    ZSET,
     EntityOps,
     StateStore,
     StoreError,
 )
+from features.stores.memory import new_state, replay_ops
+from features.stores.replay import IN_SCRIPT, Plan, plan_request, rebuild
 
-_ZSET_OPS = frozenset((RECENT_ADD, RECENT_COUNT, SEEN_ADD, ZSET, ZREM, ZITEMS, CLAIM,
-                       REMEMBER, LOG_APPEND, LOG_READ))
-_FLOAT_OPS = frozenset((INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM))
-_LIST_FLOAT_OPS = frozenset((RING_WINDOWS, RING_VALUES, BUDGET_ADD, LIMIT))
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False).encode
@@ -139,6 +127,9 @@ class RedisStore(StateStore):
             decode_responses=True,
             health_check_interval=30,
         )
+        # the script's replies carry packed binary fields: read them undecoded
+        self._raw_pool = (raw_pool(self.client) if isinstance(self.client, redis.Redis)
+                          else None)  # a cluster keeps one per node
         self._ttl_arg = str(self.idle_ttl_s)
         self.round_trips = 0
 
@@ -163,19 +154,34 @@ class RedisStore(StateStore):
 
     def close(self) -> None:
         self.client.close()
+        if self._raw_pool is not None:
+            self._raw_pool.disconnect()
 
     def encode(self, req: EntityOps) -> tuple[list[str], list[str | bytes]]:
         """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
-        TTL and the ops as one JSON text)."""
+        TTL, and one JSON text: sorted-set names, fields to fetch, ops that change state;
+        see `features.stores.replay`)."""
+        return self._encode(req, plan_request(req.ops))
+
+    def _encode(self, req: EntityOps, plan: Plan) -> tuple[list[str], list[str | bytes]]:
         prefix = self.entity_prefix(req.kind, req.entity_id)
-        znames = list(dict.fromkeys([op[1] for op in req.ops if op[0] in _ZSET_OPS]))
-        payload = _to_json([znames, req.ops])
+        fields, _, sent, n_written = plan
+        znames = list(dict.fromkeys([op[1] for op in sent if op[0] in IN_SCRIPT]))
+        payload = _to_json([znames, n_written, sent])
         return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
-                [self._ttl_arg, payload])
+                [self._ttl_arg, payload, *fields])
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
-        raw = self.run_script(APPLY_OPS, [self.encode(req) for req in requests])
-        return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
+        merged, parts = merge_by_entity(requests)
+        plans = [plan_request(req.ops) for req in merged]
+        raw = self.run_script(APPLY_OPS, [self._encode(req, plan)
+                                          for req, plan in zip(merged, plans, strict=True)])
+        results = [self._decode(req, res, plan)
+                   for req, res, plan in zip(merged, raw, plans, strict=True)]
+        if len(merged) == len(requests):
+            return results
+        return [results[m][start:start + len(req.ops)]
+                for req, (m, start) in zip(requests, parts, strict=True)]
 
     def run_script(self, script: LuaScript,
                    calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> list[Any]:
@@ -187,7 +193,7 @@ class RedisStore(StateStore):
         """
         packed = [pack_evalsha(script.sha, keys, argv) for keys, argv in calls]
         try:
-            replies = self._run_on(self.client, script, packed)
+            replies = self._run_on(self.client, self._raw_pool, script, packed)
             for reply in replies:
                 if isinstance(reply, ResponseError):
                     raise reply
@@ -200,23 +206,24 @@ class RedisStore(StateStore):
             raise error from exc
         return replies
 
-    def _run_on(self, client: redis.Redis, script: LuaScript, packed: list[bytes]) -> list[Any]:
-        """One round trip to one server, loading the script if it says NOSCRIPT; the
-        replies, errors included (the caller decides what an error means)."""
-        replies = self._round_trip(packed, client)
+    def _run_on(self, client: redis.Redis, pool: redis.ConnectionPool, script: LuaScript,
+                packed: list[bytes]) -> list[Any]:
+        """One round trip to one server (`pool`: raw replies; `client`: the same server,
+        to load the script if it says NOSCRIPT); the replies, errors included (the
+        caller decides what an error means)."""
+        replies = self._round_trip(packed, pool)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             client.script_load(script.text)
             self.round_trips += 1
-            for i, reply in zip(missing, self._round_trip([packed[i] for i in missing], client),
+            for i, reply in zip(missing, self._round_trip([packed[i] for i in missing], pool),
                                 strict=True):
                 replies[i] = reply
         return replies
 
-    def _round_trip(self, packed: list[bytes], client: redis.Redis | None = None) -> list[Any]:
+    def _round_trip(self, packed: list[bytes], pool: redis.ConnectionPool) -> list[Any]:
         """Write the packed commands at once, then read every reply (errors included, so
         the connection stays in step); retried like redis-py retries a pipeline."""
-        pool = (client or self.client).connection_pool
         conn = pool.get_connection()
         command = b"".join(packed)
         count = len(packed)
@@ -241,36 +248,73 @@ class RedisStore(StateStore):
             pool.release(conn)
 
     @staticmethod
-    def _decode(req: EntityOps, raw: Any) -> list[Any]:
-        values = orjson.loads(raw)
-        if not isinstance(values, list):  # cjson writes an empty table as {}
-            values = []
-        results: list[Any] = []
-        for op, value in zip(req.ops, values, strict=True):
-            code = op[0]
-            if code == ZITEMS:
-                results.append([[m, float(t)] for m, t in value]
-                               if isinstance(value, list) else [])
-            elif value is False or value is None:
-                results.append(None)
-            elif code == CLAIM:
-                results.append(value)
-            elif code == LOG_APPEND:
-                results.append(int(value))
-            elif code == LOG_READ:
-                log_id, head, entries = value
-                results.append([log_id or None, int(head),
-                                [[int(q), e] for q, e in entries]
-                                if isinstance(entries, list) else []])
-            elif code in _FLOAT_OPS:
-                results.append(float(value))
-            elif code in _ZSET_OPS:
-                results.append(int(value))
-            elif code in _LIST_FLOAT_OPS:
-                results.append(list(map(float, value)) if isinstance(value, list) else [])
-            elif code == GETS:
-                results.append([None if x is False else x for x in value]
-                                if isinstance(value, list) else [])
-            else:
-                results.append(value)
-        return results
+    def _decode(req: EntityOps, raw: Any,
+                plan: Plan | None = None) -> list[Any]:
+        """Results of `req` from the script's reply: [JSON text of the sorted-set ops'
+        results, [each fetched field as it was before the ops]]; the other ops are
+        answered by replaying them on those fields (`features.stores.replay`)."""
+        fields, kinds, _, _ = plan if plan is not None else plan_request(req.ops)
+        if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
+            return [raw[1].decode(), *([None] * (len(req.ops) - 1))]
+        zres = orjson.loads(raw[0])
+        given: dict[int, Any] = {}
+        if zres:
+            at = iter(zres)
+            for i, op in enumerate(req.ops):
+                if op[0] in IN_SCRIPT:
+                    given[i] = _sorted_set_result(op[0], next(at))
+        state = rebuild(new_state(), fields, kinds, raw[1])
+        return replay_ops(state, req.ops, given)
+
+
+def _sorted_set_result(code: str, value: Any) -> Any:
+    """An op answered by the script itself, as the memory store answers it."""
+    if code == ZITEMS:
+        return [[m, float(t)] for m, t in value] if isinstance(value, list) else []
+    if code in (ZREM, LOG_APPEND):
+        return int(value)
+    if code == LOG_READ:
+        log_id, head, entries = value
+        return [log_id or None, int(head),
+                [[int(q), e] for q, e in entries] if isinstance(entries, list) else []]
+    return None  # ZSET, CLAIM (applied), REMEMBER
+
+
+def raw_pool(client: redis.Redis) -> redis.ConnectionPool:
+    """A pool to the same server as `client` whose replies are bytes, not text (the
+    script's replies and packed ring fields are binary)."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    return redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+
+
+def merge_by_entity(requests: Sequence[EntityOps]) -> tuple[list[EntityOps],
+                                                            list[tuple[int, int]]]:
+    """One request per entity, its ops in the order given (entities are independent, so
+    only the order within one entity matters), and where each original request's results
+    start: (merged index, offset). A script call has a fixed cost on the Redis core.
+    A request that opens with CLAIM is a call of its own: a repeated claim applies
+    nothing of its call, so no other request may share it."""
+    index: dict[tuple[str, str], int] = {}
+    merged: list[EntityOps] = []
+    copied: set[int] = set()
+    parts: list[tuple[int, int]] = []
+    for req in requests:
+        key = (req.kind, req.entity_id)
+        m = index.get(key)
+        if req.ops and req.ops[0][0] == CLAIM:
+            index.pop(key, None)  # later requests of the entity go after it, apart
+            parts.append((len(merged), 0))
+            merged.append(req)
+            continue
+        if m is None:
+            index[key] = len(merged)
+            parts.append((len(merged), 0))
+            merged.append(req)
+            continue
+        if m not in copied:  # never extend a caller's request in place
+            copied.add(m)
+            merged[m] = EntityOps(req.kind, req.entity_id, list(merged[m].ops))
+        parts.append((m, len(merged[m].ops)))
+        merged[m].ops.extend(req.ops)
+    return merged, parts

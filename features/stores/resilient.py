@@ -121,6 +121,8 @@ def is_outage(exc: BaseException) -> bool:
     A refused command (a script error, a wrong type, an unknown op) is a bug, not an
     outage: spooling it would only replay the same failure forever.
     """
+    if getattr(exc, "data_error", False):  # refused before it was sent (an unknown op)
+        return False
     cause = exc.__cause__
     if cause is None:
         return True
@@ -193,8 +195,9 @@ class ResilientStore(StateStore):
         self.retry_interval_s = retry_interval_s
         self.replay_batch = replay_batch
         self.final_drain_records = final_drain_records
-        self._local_max_entities = local.max_entities if local is not None else 200_000
-        self._local = local or MemoryStore(max_entities=self._local_max_entities)
+        self._local_bounds = ({"max_mb": local.max_mb, "max_entities": local.max_entities}
+                              if local is not None else {})
+        self._local = local or MemoryStore(**self._local_bounds)
         self.spool = WriteSpool(spool_dir)
         self._mark_field = REPLAY_MARK_PREFIX + self.spool.writer_id
         self._lock = threading.RLock()
@@ -387,7 +390,7 @@ class ResilientStore(StateStore):
 
     def _back_to_normal(self, took_s: float) -> None:
         self.spool.save_high_water_mark()
-        self._local = MemoryStore(max_entities=self._local_max_entities)
+        self._local = MemoryStore(**self._local_bounds)
         self._degraded = False
         self.last_recovery_s = round(took_s, 3)
         log.warning("state store back: spool replayed in %.2fs (%d records so far), normal",

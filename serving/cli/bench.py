@@ -13,11 +13,14 @@ if TYPE_CHECKING:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.suite import format_report, run_bench
+    from benchmarks.suite import format_report, run_bench, run_state_only
 
     tune_gc()  # as the service runs (see serving.runtime)
-    report = run_bench(size=args.size, out=args.out, redis_url=args.redis,
-                       http=not args.no_http, rss=not args.no_rss)
+    if args.only == "state":
+        report = run_state_only(size=args.size, out=args.out, redis_url=args.redis)
+    else:
+        report = run_bench(size=args.size, out=args.out, redis_url=args.redis,
+                           http=not args.no_http, rss=not args.no_rss)
     print(format_report(report))
     print(f"\nwritten to {args.out}" if args.out else "")
     return 0
@@ -30,4 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench.add_argument("--redis", help="use this Redis instead of starting a local one")
     bench.add_argument("--no-http", action="store_true")
     bench.add_argument("--no-rss", action="store_true")
+    bench.add_argument("--only", choices=["state"],
+                       help="only the state store's figures, merged into --out")
     bench.set_defaults(func=cmd_bench)

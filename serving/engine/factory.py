@@ -33,7 +33,7 @@ def build_scorer(settings: Settings, *, restore_population: bool = False,
             settings.store,
             namespace=settings.redis_namespace,
             timeout_s=settings.redis_timeout_s,
-            memory_max_entities=settings.memory_max_entities,
+            memory_max_mb=settings.memory_max_mb,
             journal_path=resilience.journal_path(settings) if live else None,
         )
         store = resilience.protect_store(store, settings)

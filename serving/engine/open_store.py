@@ -14,12 +14,12 @@ def open_store(
     *,
     namespace: str = "kw",
     timeout_s: float = 0.5,
-    memory_max_entities: int = 200_000,
+    memory_max_mb: float = 256.0,
     journal_path: Path | None = None,
 ) -> StateStore:
     """`journal_path`: where a memory store journals its enforcement writes (None: not)."""
     if spec in ("", "memory", "memory://"):
-        return MemoryStore(max_entities=memory_max_entities, journal_path=journal_path)
+        return MemoryStore(max_mb=memory_max_mb, journal_path=journal_path)
     if spec.startswith("redis+cluster://"):
         from features.stores.redis_cluster import RedisClusterStore
 

@@ -41,7 +41,7 @@ def protect_store(store: StateStore, settings: Settings) -> StateStore:
         policy=policy,
         spool_dir=settings.spool_dir or settings.data_dir / "spool",
         retry_interval_s=settings.redis_retry_interval_s,
-        local=MemoryStore(max_entities=settings.memory_max_entities),
+        local=MemoryStore(max_mb=settings.memory_max_mb),
         cache=enforcement_cache(store, settings.enforcement_cache_refresh_s)
         if policy == "fail_open" else None,
     )

@@ -124,16 +124,24 @@ class _ComponentCollector(Collector):
             return
         for name, help_text in (
                 ("feature_evictions", "Entities whose feature state the memory store "
-                                      "evicted (LRU); bans and limits are never evicted"),
+                                      "evicted (LRU within its MiB budget); bans and "
+                                      "limits are never evicted"),
+                ("feature_address_evictions", "Of those, addresses (evicted before "
+                                              "keys)"),
                 ("feature_expirations", "Entities whose feature state idled out"),
+                ("feature_bytes", "Estimated bytes of the memory store's feature "
+                                  "state (bounded by KEYWATCH_MEMORY_MAX_MB)"),
+                ("feature_entities", "Entities holding feature state"),
                 ("enforcement_entities", "Entities holding enforcement state (never "
                                          "evicted)")):
             if name in stats:
-                kind = CounterMetricFamily if name != "enforcement_entities" \
-                    else GaugeMetricFamily
+                kind = GaugeMetricFamily if name in _STORE_GAUGES else CounterMetricFamily
                 g = kind(f"keywatch_store_{name}", help_text)
                 g.add_metric([], float(stats[name]))
                 yield g
+
+
+_STORE_GAUGES = frozenset(("enforcement_entities", "feature_bytes", "feature_entities"))
 
 
 class KeywatchMetrics:

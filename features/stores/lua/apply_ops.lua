@@ -1,97 +1,41 @@
--- Apply keywatch's generic state operations to one entity, atomically.
--- KEYS[1] is the entity hash; KEYS[2..] are its sorted sets, in the order named in ARGV[2].
--- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], [[code, args...], ...]].
--- Returns JSON: one result per op. Results are strings (or false for nil, or arrays of
--- them) so that no precision is lost: numbers are formatted with %.17g, never with
--- tostring (which keeps 14 digits) nor cjson's number encoding.
--- JSON in and out (rather than one ARGV per argument and a RESP array back) keeps the
--- client's encoding and parsing to one C call each: ~100 ops per event stay cheap.
--- Server time goes to per-field work (an event touches hundreds of hash fields, mostly
--- ring buckets: building each name, HMGET, tonumber, %.17g), not to the ~90 redis.calls:
--- a version that loaded every field with one HMGET into a Lua table and wrote back with
--- one HSET made half the calls and was no faster, its bookkeeping costing what the
--- calls saved. So ring reads fetch a bucket's value only when its stamp is live. Packing
--- each ring's buckets into a few JSON fields measured ~10% faster than one field per
--- bucket, but is a layout change that existing state would need migrating to.
+-- Apply the writes of keywatch's generic state operations to one entity, atomically,
+-- and return the entity's fields as they were before.
+-- KEYS[1] is the entity hash; KEYS[2..] are its sorted sets (the enforcement indexes),
+-- in the order named in ARGV[2].
+-- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], n, [[code, args...]...]]: the ops
+-- that change state (and ZITEMS). ARGV[3..]: the hash fields the request touches, the n
+-- that those ops read or write first (with `_persist`, `ban:until`, `lim:until`).
+-- Returns [the JSON text of the sorted-set ops' results (ZSET, ZREM, ZITEMS, CLAIM,
+-- REMEMBER, LOG_APPEND, LOG_READ, in order), [the value each listed field held before the
+-- ops (nil when absent)]]; or, when the first op claims a token still claimed, ['!', the
+-- value remembered for it] and nothing is applied.
+--
+-- Why: one Redis core serves every replica, so it does only what must be atomic. The
+-- client knows the state before (this reply) and the ops, so it computes every result
+-- itself with the memory store's code (features/stores/redis_store.py): one
+-- implementation of each op's answer, and no reads, sums or number formatting here.
+-- Layout (features/stores/packed.py): a ring is ONE field packing its cells (sparse while
+-- it has few, then a 12-byte (int32 stamp, double value) cell per slot); a profile (EWM names `p#slot`) one field `p` packing
+-- (n, m, v) doubles per slot; a capped set one field `z|name` packing (member hash,
+-- newest time) doubles per member. Everything else is a plain field, numbers as %.17g.
 local h = KEYS[1]
 local ttl = tonumber(ARGV[1])
 local spec = cjson.decode(ARGV[2])
 local zkeys = {}
 for j, name in ipairs(spec[1]) do zkeys[name] = KEYS[1 + j] end
-local ops = spec[2]
-local out = {}
+local n_written, ops = spec[2], spec[3]
 
-local function num(x)
-  if type(x) == 'number' then return string.format('%.17g', x) end
-  return x
-end
+local CELL = 12
+local EMPTY = -2147483648
+local EMPTY_CELL = struct.pack('<i4d', EMPTY, 0)
+local TRIPLE = 24
+local SET_PREFIX = 'z|'
 
--- one EWM step on name:m / name:v / name:n; `n, m, v` are the held strings (or false);
--- extra field/value pairs are written in the same HSET
-local function ewm_step(name, x, alpha, n, m, v, ...)
-  n = tonumber(n or '0')
-  if n == 0 then
-    m = x
-    v = 0
-  else
-    m = tonumber(m)
-    v = tonumber(v)
-    local diff = x - m
-    local incr = alpha * diff
-    m = m + incr
-    v = (1 - alpha) * (v + diff * incr)
-  end
-  redis.call('HSET', h, name .. ':m', string.format('%.17g', m),
-    name .. ':v', string.format('%.17g', v), name .. ':n', string.format('%d', n + 1), ...)
-end
-
-local function ewm(name, x, alpha)
-  local held = redis.call('HMGET', h, name .. ':n', name .. ':m', name .. ':v')
-  ewm_step(name, x, alpha, held[1], held[2], held[3])
-end
-
--- bucket values of ring `name` at the given stamps (0 when the slot holds another stamp).
--- The stamps are read first and only the live buckets' values after: a ring is mostly
--- stale or empty slots (a key quiet for hours, an address seen once), and every field
--- read costs far more than the second HMGET.
-local function ring_buckets(name, size, stamps)
-  local prefix = name .. ':'
-  local slots, stamp_fields = {}, {}
-  for j = 1, #stamps do
-    local slot = string.format('%d', stamps[j] % size)
-    slots[j] = slot
-    stamp_fields[j] = prefix .. slot .. ':t'
-  end
-  local held = redis.call('HMGET', h, unpack(stamp_fields))
-  local vals, live, at = {}, {}, {}
-  for j = 1, #stamps do
-    vals[j] = 0
-    if held[j] and tonumber(held[j]) == stamps[j] then
-      live[#live + 1] = prefix .. slots[j]
-      at[#at + 1] = j
-    end
-  end
-  if #live > 0 then
-    local raw = redis.call('HMGET', h, unpack(live))
-    for k = 1, #live do vals[at[k]] = tonumber(raw[k] or '0') end
-  end
-  return vals
-end
-
--- keep the newest `cap` members; returns the cardinality
-local function cap_z(zk, cap)
-  local card = redis.call('ZCARD', zk)
-  if card > cap then
-    redis.call('ZREMRANGEBYRANK', zk, 0, card - cap - 1)
-    card = cap
-  end
-  return card
-end
+local function g17(x) return string.format('%.17g', x) end
 
 -- refuse an unknown op before anything is applied
-local known = {get = 1, set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ring_get = 1,
-  ring_sum = 1, ewm = 1, recent_add = 1, recent_count = 1, seen_add = 1, ewm_gap = 1, ewm_same = 1,
-  gets = 1, ring_windows = 1, ring_values = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
+local known = {set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ewm = 1, ewm_gap = 1,
+  ewm_same = 1, recent_add = 1, seen_add = 1, zset = 1, zrem = 1, zitems = 1, persist = 1,
   budget_add = 1, limit = 1, claim = 1, remember = 1, log_append = 1, log_read = 1,
   decay_add = 1}
 for _, op in ipairs(ops) do
@@ -100,12 +44,12 @@ for _, op in ipairs(ops) do
   end
 end
 
--- an idempotency claim (first op only): a token still claimed applies nothing
+-- an idempotency claim (first op only): a token still claimed applies nothing, and the
+-- reply is {'!', what was remembered for it}
 local first = ops[1]
 if first and first[1] == 'claim' then
   local zk, token = zkeys[first[2]], first[3]
-  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', string.format('%.17g', first[5]),
-    'LIMIT', 0, 64)
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', g17(first[5]), 'LIMIT', 0, 64)
   if #old > 0 then
     local fields = {}
     for j = 1, #old do fields[j] = '_c:' .. old[j] end
@@ -113,295 +57,364 @@ if first and first[1] == 'claim' then
     redis.call('ZREM', zk, unpack(old))
   end
   if redis.call('ZSCORE', zk, token) then
-    local res = {redis.call('HGET', h, '_c:' .. token) or ''}
-    for j = 2, #ops do res[j] = false end
-    return cjson.encode(res)
+    return {'!', redis.call('HGET', h, '_c:' .. token) or ''}
   end
-  redis.call('ZADD', zk, string.format('%.17g', first[4]), token)
+  redis.call('ZADD', zk, g17(first[4]), token)
 end
 
+-- the entity's fields: fetched once, those the writes need held in Lua, written back once
+local held, before = {}, redis.call('HMGET', h, unpack(ARGV, 3, #ARGV))
+for j = 1, n_written do held[ARGV[2 + j]] = before[j] end
+local dirty = {}
+local function hset(f, v) held[f] = v; dirty[f] = true end
+
+-- `base#slot` names a slot of a packed profile
+local function profile_of(name)
+  if not string.find(name, '#', 1, true) then return nil end
+  local base, slot = string.match(name, '^(.-)#(%d+)$')
+  if not base then return nil end
+  return base, tonumber(slot)
+end
+local function profile_get(base, s)
+  local blob = held[base]
+  local off = s * TRIPLE
+  if not blob or #blob < off + TRIPLE then return 0, 0, 0 end
+  return struct.unpack('<ddd', blob, off + 1)
+end
+local function profile_put(base, s, n, m, v)
+  local blob = held[base] or ''
+  local off = s * TRIPLE
+  if #blob < off then blob = blob .. string.rep('\0', off - #blob) end
+  hset(base, blob:sub(1, off) .. struct.pack('<ddd', n, m, v) .. blob:sub(off + TRIPLE + 1))
+end
+
+-- one step of an exponentially weighted mean and variance
+local function ewm_next(n, m, v, x, alpha)
+  if n == 0 then return 1, x, 0 end
+  local diff = x - m
+  local incr = alpha * diff
+  return n + 1, m + incr, (1 - alpha) * (v + diff * incr)
+end
+local function ewm(name, x, alpha)
+  local base, s = profile_of(name)
+  if base then
+    local n, m, v = profile_get(base, s)
+    profile_put(base, s, ewm_next(n, m, v, x, alpha))
+    return
+  end
+  local n, m, v = ewm_next(tonumber(held[name .. ':n'] or '0'), tonumber(held[name .. ':m'] or '0'),
+    tonumber(held[name .. ':v'] or '0'), x, alpha)
+  hset(name .. ':m', g17(m)); hset(name .. ':v', g17(v)); hset(name .. ':n', string.format('%d', n))
+end
+
+-- packed rings. Dense (even length): a 12-byte (stamp, value) cell per slot, up to the
+-- highest slot written. Sparse (odd length: 'S', then 14-byte (slot, stamp, value)
+-- cells): a ring with few live buckets, such as an address seen once, stays a few dozen
+-- bytes, and its hash stays in Redis' compact encoding. Past SPARSE_MAX cells it turns
+-- dense. features/stores/packed.py `unpack_ring` reads both.
+local SP, SPARSE_MAX = 14, 8
+local function cell(blob, slot)
+  if not blob then return EMPTY, 0 end
+  if #blob % 2 == 1 then
+    for off = 2, #blob - 1, SP do
+      local s, st, v = struct.unpack('<Hi4d', blob, off)
+      if s == slot then return st, v end
+    end
+    return EMPTY, 0
+  end
+  local off = slot * CELL
+  if #blob < off + CELL then return EMPTY, 0 end
+  return struct.unpack('<i4d', blob, off + 1)
+end
+local function dense_put(blob, slot, stamp, value)
+  local off = slot * CELL
+  if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
+  return blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1)
+end
+local function cell_put(name, slot, stamp, value)
+  local blob = held[name]
+  local packed = struct.pack('<Hi4d', slot, stamp, value)
+  if not blob then hset(name, 'S' .. packed) return end
+  if #blob % 2 == 0 then hset(name, dense_put(blob, slot, stamp, value)) return end
+  local n = (#blob - 1) / SP
+  for off = 2, #blob - 1, SP do
+    if struct.unpack('<H', blob, off) == slot then
+      hset(name, blob:sub(1, off - 1) .. packed .. blob:sub(off + SP))
+      return
+    end
+  end
+  if n < SPARSE_MAX then hset(name, blob .. packed) return end
+  local dense = ''
+  for off = 2, #blob - 1, SP do
+    local s, st, v = struct.unpack('<Hi4d', blob, off)
+    dense = dense_put(dense, s, st, v)
+  end
+  hset(name, dense_put(dense, slot, stamp, value))
+end
+
+-- packed capped sets, unpacked once per call into member hashes and times
+local sets, SFMT = {}, {}
+local function set_of(name)
+  local st = sets[name]
+  if st then return st end
+  st = {h = {}, t = {}, n = 0}
+  local blob = held[SET_PREFIX .. name]
+  if blob and #blob >= 16 then
+    local n = math.floor(#blob / 16)
+    local f = SFMT[n]
+    if not f then f = '<' .. string.rep('dd', n); SFMT[n] = f end
+    local flat = {struct.unpack(f, blob)}
+    for j = 1, n do st.h[j] = flat[2 * j - 1]; st.t[j] = flat[2 * j] end
+    st.n = n
+  end
+  sets[name] = st
+  return st
+end
+-- add a member, or move its time forward (as ZADD GT)
+local function set_touch(st, m, ts)
+  for j = 1, st.n do
+    if st.h[j] == m then
+      if st.t[j] < ts then st.t[j] = ts end
+      return
+    end
+  end
+  st.n = st.n + 1
+  st.h[st.n], st.t[st.n] = m, ts
+end
+local function set_filter(st, keep)
+  local hs, ts, n = {}, {}, 0
+  for j = 1, st.n do
+    if keep(j) then n = n + 1; hs[n] = st.h[j]; ts[n] = st.t[j] end
+  end
+  st.h, st.t, st.n = hs, ts, n
+end
+-- keep the newest `cap` members (the oldest go first, ties by member)
+local function set_cap(st, cap)
+  if st.n <= cap then return end
+  local order = {}
+  for j = 1, st.n do order[j] = j end
+  table.sort(order, function(a, b)
+    if st.t[a] ~= st.t[b] then return st.t[a] < st.t[b] end
+    return st.h[a] < st.h[b]
+  end)
+  local drop = {}
+  for j = 1, st.n - cap do drop[order[j]] = true end
+  set_filter(st, function(j) return not drop[j] end)
+end
+local function set_pack(st)
+  if st.n == 0 then return false end
+  local flat = {}
+  for j = 1, st.n do flat[2 * j - 1] = st.h[j]; flat[2 * j] = st.t[j] end
+  local f = SFMT[st.n]
+  if not f then f = '<' .. string.rep('dd', st.n); SFMT[st.n] = f end
+  return struct.pack(f, unpack(flat))
+end
+
+-- keep the newest `cap` members of a sorted set
+local function cap_z(zk, cap)
+  local card = redis.call('ZCARD', zk)
+  if card > cap then redis.call('ZREMRANGEBYRANK', zk, 0, card - cap - 1) end
+end
+
+-- mergeable decayed sums "T|v1,...": both decayed to max(T, ts), then added
+local function decay_add(op)
+  local ts, hl, d = tonumber(op[3]), op[4], op[5]
+  local cur, t0, v = held[op[2]], 0, nil
+  if cur then
+    local bar = string.find(cur, '|', 1, true)
+    if bar then
+      t0 = tonumber(string.sub(cur, 1, bar - 1))
+      v = {}
+      for x in string.gmatch(string.sub(cur, bar + 1), '[^,]+') do v[#v + 1] = tonumber(x) end
+      if #v ~= #d then t0, v = 0, nil end
+    end
+  end
+  local t1 = math.max(t0, ts)
+  local parts = {}
+  for j = 1, #d do
+    local a, b, hj = 0, d[j], hl[j]
+    if v and hj >= 0 then a = v[j] end
+    if hj > 0 then
+      if v and t1 > t0 then a = a * 0.5 ^ ((t1 - t0) / hj) end
+      if t1 > ts then b = b * 0.5 ^ ((t1 - ts) / hj) end
+    end
+    parts[j] = g17(a + b)
+  end
+  hset(op[2], g17(t1) .. '|' .. table.concat(parts, ','))
+end
+
+-- a shared ordered log: a sorted set of "seq|entry" scored by seq, `name:id`, `name:seq`
+local function log_append(op)
+  local name, zk = op[2], zkeys[op[2]]
+  redis.call('HSETNX', h, name .. ':id', op[5])
+  local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
+  redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
+  cap_z(zk, op[4])
+  return string.format('%d', seq)
+end
+local function log_read(op)
+  local name = op[2]
+  local ids = redis.call('HMGET', h, name .. ':id', name .. ':seq')
+  local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
+    '+inf', 'LIMIT', 0, op[4])
+  local entries = {}
+  for j = 1, #raw do
+    local bar = string.find(raw[j], '|', 1, true)
+    entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
+  end
+  if #entries == 0 then entries = false end
+  return {ids[1] or false, ids[2] or '0', entries}
+end
+
+local zout = {}
 for _, op in ipairs(ops) do
   local code = op[1]
-  if code == 'claim' then
-    out[#out + 1] = false
-  elseif code == 'remember' then
-    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then
-      redis.call('HSET', h, '_c:' .. op[3], op[4])
-    end
-    out[#out + 1] = false
-  elseif code == 'log_append' then
-    local name, zk = op[2], zkeys[op[2]]
-    redis.call('HSETNX', h, name .. ':id', op[5])
-    local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
-    redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
-    cap_z(zk, op[4])
-    out[#out + 1] = string.format('%d', seq)
-  elseif code == 'decay_add' then
-    -- mergeable decayed sums "T|v1,...": decay both to max(T, ts), add
-    local ts, hl, d = tonumber(op[3]), op[4], op[5]
-    local held = redis.call('HGET', h, op[2])
-    local t0, v = 0, nil
-    if held then
-      local bar = string.find(held, '|', 1, true)
-      if bar then
-        t0 = tonumber(string.sub(held, 1, bar - 1))
-        v = {}
-        for x in string.gmatch(string.sub(held, bar + 1), '[^,]+') do v[#v + 1] = tonumber(x) end
-        if #v ~= #d then t0, v = 0, nil end
-      end
-    end
-    local t1 = math.max(t0, ts)
-    local parts = {}
-    for j = 1, #d do
-      local a, b, hj = 0, d[j], hl[j]
-      if v and hj >= 0 then a = v[j] end
-      if hj > 0 then
-        if v and t1 > t0 then a = a * 0.5 ^ ((t1 - t0) / hj) end
-        if t1 > ts then b = b * 0.5 ^ ((t1 - ts) / hj) end
-      end
-      parts[j] = string.format('%.17g', a + b)
-    end
-    redis.call('HSET', h, op[2], string.format('%.17g', t1) .. '|' .. table.concat(parts, ','))
-    out[#out + 1] = false
-  elseif code == 'log_read' then
-    local name = op[2]
-    local held = redis.call('HMGET', h, name .. ':id', name .. ':seq')
-    local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
-      '+inf', 'LIMIT', 0, op[4])
-    local entries = {}
-    for j = 1, #raw do
-      local bar = string.find(raw[j], '|', 1, true)
-      entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
-    end
-    if #entries == 0 then entries = false end
-    out[#out + 1] = {held[1] or false, held[2] or '0', entries}
-  elseif code == 'get' then
-    out[#out + 1] = redis.call('HGET', h, op[2])
-  elseif code == 'set' then
-    redis.call('HSET', h, op[2], num(op[3]))
-    out[#out + 1] = false
-  elseif code == 'del' then
-    redis.call('HDEL', h, op[2])
-    out[#out + 1] = false
-  elseif code == 'incr' then
-    out[#out + 1] = redis.call('HINCRBYFLOAT', h, op[2], num(op[3]))
-  elseif code == 'ring_add' then
-    local vf = op[2] .. ':' .. string.format('%d', op[3])
-    local tf = vf .. ':t'
-    local stamp = op[4]
-    local held = redis.call('HGET', h, tf)
-    if held and tonumber(held) > stamp then
-      out[#out + 1] = false
-    elseif held and tonumber(held) == stamp then
-      out[#out + 1] = redis.call('HINCRBYFLOAT', h, vf, num(op[5]))
-    else  -- a fresh bucket: its value is the amount
-      local amount = num(op[5])
-      redis.call('HSET', h, tf, string.format('%d', stamp), vf, amount)
-      out[#out + 1] = amount
+  if code == 'ring_add' then
+    local name, slot, stamp = op[2], op[3], op[4]
+    local st, v = cell(held[name], slot)
+    if st <= stamp then
+      if st ~= stamp then v = 0 end
+      cell_put(name, slot, stamp, v + op[5])
     end
   elseif code == 'ring_max' then
-    local vf = op[2] .. ':' .. string.format('%d', op[3])
-    local tf = vf .. ':t'
-    local stamp = op[4]
-    local held = redis.call('HMGET', h, tf, vf)
-    if held[1] and tonumber(held[1]) > stamp then
-      out[#out + 1] = false
-    elseif held[1] and tonumber(held[1]) == stamp and tonumber(held[2] or '0') >= op[5] then
-      out[#out + 1] = held[2]
-    else  -- a fresh bucket, or a larger value: the bucket holds it
-      local value = num(op[5])
-      redis.call('HSET', h, tf, string.format('%d', stamp), vf, value)
-      out[#out + 1] = value
-    end
-  elseif code == 'ring_get' then
-    local vf = op[2] .. ':' .. string.format('%d', op[3])
-    local raw = redis.call('HMGET', h, vf .. ':t', vf)
-    if raw[1] and tonumber(raw[1]) == op[4] then
-      out[#out + 1] = raw[2] or '0'
-    else
-      out[#out + 1] = '0'
-    end
-  elseif code == 'ring_sum' then
-    local size, lo, hi = op[3], op[4], op[5]
-    if lo < hi - size + 1 then lo = hi - size + 1 end
-    local stamps = {}
-    for stamp = lo, hi do stamps[#stamps + 1] = stamp end
-    local total = 0
-    if #stamps > 0 then
-      local vals = ring_buckets(op[2], size, stamps)
-      for j = 1, #vals do total = total + vals[j] end
-    end
-    out[#out + 1] = string.format('%.17g', total)
+    local name, slot, stamp = op[2], op[3], op[4]
+    local st, v = cell(held[name], slot)
+    if st < stamp or (st == stamp and op[5] > v) then cell_put(name, slot, stamp, op[5]) end
   elseif code == 'ewm' then
     ewm(op[2], op[3], op[4])
-    out[#out + 1] = false
-  elseif code == 'recent_add' then
-    local zk = zkeys[op[2]]
-    local ts = op[4]
-    redis.call('ZADD', zk, 'GT', ts, op[3])
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', ts - op[5])
-    out[#out + 1] = string.format('%d', cap_z(zk, op[6]))
-  elseif code == 'recent_count' then
-    local cutoff = string.format('%.17g', op[3] - op[4])
-    out[#out + 1] = string.format('%d', redis.call('ZCOUNT', zkeys[op[2]], '(' .. cutoff, '+inf'))
-  elseif code == 'seen_add' then
-    local zk = zkeys[op[2]]
-    -- ZADD without CH counts only new members: 1 when the member is new
-    local added = redis.call('ZADD', zk, 'GT', op[4], op[3])
-    cap_z(zk, op[5])
-    out[#out + 1] = added == 1 and '1' or '0'
   elseif code == 'ewm_gap' then
-    local name, fld, ts = op[2], op[3], op[4]
-    local held = redis.call('HMGET', h, fld, name .. ':n', name .. ':m', name .. ':v')
-    if not held[1] then
-      redis.call('HSET', h, fld, string.format('%.17g', ts))
+    local fld, ts = op[3], op[4]
+    local last = held[fld]
+    if not last then
+      hset(fld, g17(ts))
     else
-      local gap = ts - tonumber(held[1])
+      local gap = ts - tonumber(last)
       if gap >= 0 then
         if gap > op[6] then gap = op[6] end
-        ewm_step(name, gap, op[5], held[2], held[3], held[4], fld, string.format('%.17g', ts))
+        ewm(op[2], gap, op[5])
+        hset(fld, g17(ts))
       end
     end
-    out[#out + 1] = held[1]
   elseif code == 'ewm_same' then
-    local name, fld, x = op[2], op[3], tonumber(op[4])
-    local held = redis.call('HMGET', h, fld, name .. ':n', name .. ':m', name .. ':v')
-    if held[1] then
+    local fld, x = op[3], tonumber(op[4])
+    local last = held[fld]
+    if last then
       local same = 0
-      if tonumber(held[1]) == x then same = 1 end
-      ewm_step(name, same, op[5], held[2], held[3], held[4], fld, string.format('%.17g', x))
-    else
-      redis.call('HSET', h, fld, string.format('%.17g', x))
+      if tonumber(last) == x then same = 1 end
+      ewm(op[2], same, op[5])
     end
-    out[#out + 1] = held[1]
-  elseif code == 'gets' then
-    local fields = {}
-    for j = 1, op[2] do fields[j] = op[2 + j] end
-    out[#out + 1] = redis.call('HMGET', h, unpack(fields))
-  elseif code == 'ring_windows' then
-    local name, size, stamp, k = op[2], op[3], op[4], op[5]
-    local maxn = 0
-    for j = 1, k do
-      if op[5 + j] > maxn then maxn = op[5 + j] end
-    end
-    local stamps = {}
-    for off = 0, maxn do stamps[off + 1] = stamp - off end
-    local vals = ring_buckets(name, size, stamps)
-    local res = {}
-    for j = 1, k do
-      local n = op[5 + j]
-      local whole = 0
-      local top = n
-      if top > size then top = size end
-      for off = 0, top - 1 do whole = whole + vals[off + 1] end  -- newest first
-      res[#res + 1] = string.format('%.17g', whole)
-      res[#res + 1] = string.format('%.17g', vals[n + 1])
-    end
-    out[#out + 1] = res
-  elseif code == 'ring_values' then
-    local size, k = op[3], op[4]
-    local stamps = {}
-    for j = 1, k do stamps[j] = op[4 + j] end
-    local vals = ring_buckets(op[2], size, stamps)
-    local res = {}
-    for j = 1, k do res[j] = string.format('%.17g', vals[j]) end
-    out[#out + 1] = res
-  elseif code == 'zset' then
-    local zk = zkeys[op[2]]
-    redis.call('ZADD', zk, string.format('%.17g', op[4]), op[3])
-    cap_z(zk, op[5])
-    out[#out + 1] = false
-  elseif code == 'zrem' then
-    out[#out + 1] = string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
-  elseif code == 'zitems' then
-    local raw = redis.call('ZREVRANGEBYSCORE', zkeys[op[2]], '+inf',
-      string.format('%.17g', op[3]), 'WITHSCORES', 'LIMIT', 0, op[4])
-    local items = {}
-    for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
-    if #items == 0 then out[#out + 1] = false else out[#out + 1] = items end
+    hset(fld, g17(x))
+  elseif code == 'recent_add' then
+    local st, ts = set_of(op[2]), op[4]
+    set_touch(st, op[3], ts)
+    local cutoff = ts - op[5]
+    set_filter(st, function(j) return st.t[j] > cutoff end)
+    set_cap(st, op[6])
+    st.dirty = true
+  elseif code == 'seen_add' then
+    local st = set_of(op[2])
+    set_touch(st, op[3], op[4])
+    set_cap(st, op[5])
+    st.dirty = true
+  elseif code == 'set' then
+    local v = op[3]
+    if type(v) == 'number' then v = g17(v) end
+    hset(op[2], v)
+  elseif code == 'del' then
+    if held[op[2]] then hset(op[2], false) end
+  elseif code == 'incr' then
+    hset(op[2], g17(tonumber(held[op[2]] or '0') + op[3]))
   elseif code == 'budget_add' then
     -- check-and-increment in one atomic step: exact budgets across replicas
     local name, period, amount, limit = op[2], op[3], op[4], op[5]
     local pf, of = name .. ':p', name .. ':over'
-    local held = redis.call('HMGET', h, pf, name, of)
-    local total, over = tonumber(held[2] or '0'), tonumber(held[3] or '0')
-    if held[1] and tonumber(held[1]) > period then
-      out[#out + 1] = {'-1', string.format('%.17g', total), string.format('%.17g', over)}
-    else
-      if (not held[1]) or tonumber(held[1]) < period then
+    if not (held[pf] and tonumber(held[pf]) > period) then
+      local total, over = tonumber(held[name] or '0'), tonumber(held[of] or '0')
+      if (not held[pf]) or tonumber(held[pf]) < period then
         total, over = 0, 0
-        redis.call('HSET', h, pf, string.format('%.17g', period), name, '0', of, '0')
+        hset(pf, g17(period)); hset(name, '0'); hset(of, '0')
       end
-      if total + amount <= limit then
-        total = total + amount
-        redis.call('HSET', h, name, string.format('%.17g', total))
-        out[#out + 1] = {'1', string.format('%.17g', total), string.format('%.17g', over)}
-      else
-        over = over + amount
-        redis.call('HSET', h, of, string.format('%.17g', over))
-        out[#out + 1] = {'0', string.format('%.17g', total), string.format('%.17g', over)}
-      end
+      if total + amount <= limit then hset(name, g17(total + amount))
+      else hset(of, g17(over + amount)) end
     end
   elseif code == 'limit' then
     -- the GCRA limit meter, as `gcra` in features/stores/memory.py (wall time)
     local mode, now = op[2], op[3]
-    local held = redis.call('HMGET', h, 'lim:until', 'lim:rate', 'lim:burst', 'lim:tat',
-      'lim:tat_e')
-    local lim_until, rate = tonumber(held[1] or '0'), tonumber(held[2] or '0')
-    if lim_until <= now or rate <= 0 then
-      out[#out + 1] = {'-1', '0', '0', '0', '0'}
-    else
-      local burst = tonumber(held[3] or '1')
-      local tat, tat_e = tonumber(held[4] or '0'), tonumber(held[5] or '0')
+    local lim_until, rate = tonumber(held['lim:until'] or '0'), tonumber(held['lim:rate'] or '0')
+    if lim_until > now and rate > 0 then
+      local burst = tonumber(held['lim:burst'] or '1')
+      local tat, tat_e = tonumber(held['lim:tat'] or '0'), tonumber(held['lim:tat_e'] or '0')
       local interval = 60.0 / rate
       local tol = interval * (math.max(burst, 1) - 1)
       local hv = math.max(tat, tat_e, now)
-      local status, retry = 0, 0
-      if mode == 'take' then
-        if hv - tol <= now then
-          status = 1
-          redis.call('HSET', h, 'lim:tat', string.format('%.17g', hv + interval))
-        else
-          retry = hv - tol - now
-        end
+      if mode == 'take' and hv - tol <= now then
+        hset('lim:tat', g17(hv + interval))
       elseif mode == 'count' then
         local own = math.max(tat_e, now)
-        local new_e = math.min(own + interval, math.max(lim_until, now))
-        redis.call('HSET', h, 'lim:tat_e', string.format('%.17g', new_e))
-        if own - tol <= now then status = 1 end
-        retry = math.max(0, math.max(tat, new_e, now) - tol - now)
-      elseif hv - tol <= now then
-        status = 1
-      else
-        retry = hv - tol - now
+        hset('lim:tat_e', g17(math.min(own + interval, math.max(lim_until, now))))
       end
-      out[#out + 1] = {string.format('%d', status), string.format('%.17g', retry),
-        string.format('%.17g', rate), string.format('%.17g', lim_until),
-        string.format('%.17g', burst)}
     end
   elseif code == 'persist' then
-    if tonumber(op[2]) == 1 then redis.call('HSET', h, '_persist', '1')
-    else redis.call('HDEL', h, '_persist') end
-    out[#out + 1] = false
-  else
-    return redis.error_reply('unknown store operation ' .. tostring(code))
+    if tonumber(op[2]) == 1 then hset('_persist', '1')
+    elseif held['_persist'] then hset('_persist', false) end
+  elseif code == 'zset' then
+    local zk = zkeys[op[2]]
+    redis.call('ZADD', zk, g17(op[4]), op[3])
+    cap_z(zk, op[5])
+    zout[#zout + 1] = false
+  elseif code == 'decay_add' then
+    decay_add(op)
+  elseif code == 'claim' then
+    zout[#zout + 1] = false
+  elseif code == 'remember' then
+    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then hset('_c:' .. op[3], op[4]) end
+    zout[#zout + 1] = false
+  elseif code == 'log_append' then
+    zout[#zout + 1] = log_append(op)
+  elseif code == 'log_read' then
+    zout[#zout + 1] = log_read(op)
+  elseif code == 'zrem' then
+    zout[#zout + 1] = string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
+  else  -- zitems
+    local raw = redis.call('ZREVRANGEBYSCORE', zkeys[op[2]], '+inf', g17(op[3]), 'WITHSCORES',
+      'LIMIT', 0, op[4])
+    local items = {}
+    for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
+    if #items == 0 then zout[#zout + 1] = false else zout[#zout + 1] = items end
   end
 end
 
+for name, st in pairs(sets) do
+  if st.dirty then hset(SET_PREFIX .. name, set_pack(st)) end
+end
+local writes, dels = {}, {}
+for f in pairs(dirty) do
+  local v = held[f]
+  if v then
+    writes[#writes + 1] = f
+    writes[#writes + 1] = v
+  else
+    dels[#dels + 1] = f
+  end
+end
+if #writes > 0 then redis.call('HSET', h, unpack(writes)) end
+if #dels > 0 then redis.call('HDEL', h, unpack(dels)) end
+
 -- a permanent ban keeps the entity; a ban or a limit keeps it at least until it ends
 -- (their ends are wall time), however idle; otherwise the idle TTL
-local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
-if keep[1] == '1' then
+if held['_persist'] == '1' then
   for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
 elseif ttl > 0 then
   local t = ttl
-  if keep[2] or keep[3] then
+  local ban_until, lim_until = held['ban:until'], held['lim:until']
+  if ban_until or lim_until then
     local now = tonumber(redis.call('TIME')[1])
-    local hold = math.max(tonumber(keep[2] or '0') or 0, tonumber(keep[3] or '0') or 0)
+    local hold = math.max(tonumber(ban_until or '0') or 0, tonumber(lim_until or '0') or 0)
     local left = math.ceil(math.min(hold - now, 315360000))
     if left > t then t = left end
   end
   for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], t) end
 end
-if #out == 0 then return '[]' end
-return cjson.encode(out)
+local reply = {'[]', before}
+if #zout > 0 then reply[1] = cjson.encode(zout) end
+return reply

@@ -1,0 +1,212 @@
+"""The state store's figures, each against the previous layout measured in the same run.
+
+* Redis server CPU per event (`INFO cpu`, user + sys, over a replay of warm traffic) and
+  round trips per event;
+* events per second one Redis core serves, with several client processes replaying at
+  once: the events replayed divided by the server CPU seconds they cost (the clients share
+  this machine's cores, so wall-clock rate measures them, not Redis);
+* bytes per warm key and per address in Redis (`MEMORY USAGE` of the entity's keys) and
+  in the memory store (`tracemalloc` over a copy of the entity's state), with the memory
+  store's own estimate beside it (`features.stores.budget`).
+
+The baseline is `benchmarks/old_layout/` (a field and a stamp per ring bucket, 504 fields
+of hour-of-week profile, a sorted set key per capped set, reads computed in Lua, one
+script call per request). Warm traffic: keys seen every ~15 minutes for eight days from
+a handful of addresses, clients and models, so rings, profile and sets are full.
+
+Run `python -m benchmarks.state_bench`; `keywatch bench` reports the same figures.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import random
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.old_layout.memory_v1 import OldLayoutMemoryStore
+from benchmarks.old_layout.redis_v1 import OldLayoutRedisStore
+from features.contract import Event
+from features.extractor import FeatureExtractor, FeatureStream
+from features.stores.base import StateStore
+from features.stores.budget import entity_bytes
+from features.stores.memory import MemoryStore
+from features.stores.redis_store import RedisStore
+
+T0 = 1_794_999_960.0
+MODELS = ("gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", None)
+AGENTS = ("openai-python/1.54.3", "node-fetch/3.3", "curl/8.5")
+
+
+def warm_traffic(n_keys: int, *, days: float = 8.0, every_s: float = 900.0,
+                 seed: int = 3) -> list[tuple[Event, str]]:
+    """(event, key id) pairs in time order: each key every ~`every_s` for `days`."""
+    rng = random.Random(seed)
+    out: list[tuple[float, int]] = []
+    for k in range(n_keys):
+        ts = T0 + rng.uniform(0, every_s)
+        while ts < T0 + days * 86400:
+            out.append((ts, k))
+            ts += rng.expovariate(1.0 / every_s)
+    out.sort()
+    events = []
+    for i, (ts, k) in enumerate(out):
+        tokens = rng.choice((120, 850, rng.randint(1, 4000)))
+        events.append((Event(
+            api_key=f"sk-bench-{k}", timestamp=ts, endpoint="/v1/chat/completions",
+            status=rng.choice((200,) * 30 + (401, 429)), tokens=tokens,
+            prompt_tokens=tokens // 2, completion_tokens=tokens - tokens // 2,
+            latency_ms=rng.uniform(80, 1500), model=MODELS[(k + i % 7) % len(MODELS)],
+            source_ip=f"81.2.{k % 250}.{rng.randint(1, 6) if i % 50 else rng.randint(7, 250)}",
+            user_agent=AGENTS[(k + (i % 13 == 0)) % len(AGENTS)]), f"k_{k:032x}"))
+    return events
+
+
+def replay(store: StateStore, events: list[tuple[Event, str]]) -> None:
+    """plan -> one round trip -> build, every event learned (as `features_bench`)."""
+    stream = FeatureStream(store, FeatureExtractor())
+    for event, key_id in events:
+        stream.learn(stream.process(event, key_id))
+    stream.flush()
+
+
+def server_cpu_s(store: RedisStore) -> float:
+    info = store.client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def redis_cpu_per_event(store: RedisStore, events: list[tuple[Event, str]],
+                        warm: int) -> tuple[float, float]:
+    """(server CPU µs per event, round trips per event) over `events[warm:]`."""
+    replay(store, events[:warm])
+    cpu, trips = server_cpu_s(store), store.round_trips
+    replay(store, events[warm:])
+    n = len(events) - warm
+    return (server_cpu_s(store) - cpu) / n * 1e6, (store.round_trips - trips) / n
+
+
+def redis_entity_bytes(store: RedisStore, kind: str) -> list[int]:
+    """MEMORY USAGE of each entity of `kind`, all its keys (hash and sorted sets)."""
+    sizes: dict[str, int] = {}
+    for key in store.client.scan_iter(f"{store.namespace}:{{{kind}:*", count=1000):
+        entity = key.split("}", 1)[0]
+        sizes[entity] = sizes.get(entity, 0) + int(store.client.memory_usage(key, samples=0)
+                                                   or 0)
+    return sorted(sizes.values())
+
+
+def memory_entity_bytes(store: Any, kind: str) -> tuple[list[int], list[int]]:
+    """(measured, estimated) bytes of each entity of `kind` in a memory store: what a
+    copy of its state allocates (`tracemalloc`; a pickle round trip, so that every object
+    is its own, names and numbers included), and `features.stores.budget`'s figure."""
+    lrus = [store._entities, getattr(store, "_addresses", {})]
+    states = [s for lru in lrus for (k, _), s in lru.items() if k == kind]
+    measured, estimated = [], []
+    for state in states:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        clone = pickle.loads(pickle.dumps(state))
+        measured.append(tracemalloc.get_traced_memory()[0] - before)
+        tracemalloc.stop()
+        del clone
+        if hasattr(state, "profiles"):
+            estimated.append(entity_bytes(state))
+    return sorted(measured), sorted(estimated)
+
+
+def _client(url: str, namespace: str, old: bool, events: list[tuple[Event, str]]) -> None:
+    cls = OldLayoutRedisStore if old else RedisStore
+    store = cls(url, namespace=namespace)
+    replay(store, events)
+    store.close()
+
+
+def one_core_capacity(url: str, events: list[tuple[Event, str]], *, old: bool,
+                      clients: int = 3) -> tuple[float, float]:
+    """(events per server CPU second, events/s achieved) with `clients` processes each
+    replaying its own keys' events at once against one Redis."""
+    slices: list[list[tuple[Event, str]]] = [[] for _ in range(clients)]
+    for event, key_id in events:
+        slices[hash(key_id) % clients].append((event, key_id))
+    probe = RedisStore(url, namespace="probe")
+    ctx = multiprocessing.get_context("fork")
+    tag = f"cap{'old' if old else 'new'}{time.time_ns()}"
+    procs = [ctx.Process(target=_client, args=(url, f"{tag}{i}", old, part))
+             for i, part in enumerate(slices)]
+    cpu, t0 = server_cpu_s(probe), time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    wall, spent = time.perf_counter() - t0, server_cpu_s(probe) - cpu
+    probe.close()
+    return len(events) / spent, len(events) / wall
+
+
+def _median(values: list[int]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def run_state_bench(redis_url: str, *, n_keys: int = 6, days: float = 8.0,
+                    capacity_events: int = 3_000,
+                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every store figure, new layout and old, in this run."""
+    events = warm_traffic(n_keys, days=days)
+    warm = len(events) // 2
+    out: dict[str, Any] = {"events": len(events), "keys": n_keys}
+    for label, cls in (("new", RedisStore), ("old", OldLayoutRedisStore)):
+        store = cls(redis_url, namespace=f"state{label}{time.time_ns()}")
+        cpu, trips = redis_cpu_per_event(store, events, warm)
+        keys, ips = redis_entity_bytes(store, "k"), redis_entity_bytes(store, "ip")
+        out[label] = {"server_cpu_us_per_event": cpu, "round_trips_per_event": trips,
+                      "redis_bytes_per_warm_key": _median(keys),
+                      "redis_bytes_per_address": _median(ips)}
+        store.close()
+        echo(f"redis {label}: {cpu:.0f} µs server CPU/event, {trips:.2f} round trips/event, "
+             f"key {_median(keys):.0f} B, address {_median(ips):.0f} B")
+    for label, mem in (("new", MemoryStore(max_mb=None)), ("old", OldLayoutMemoryStore())):
+        replay(mem, events)
+        keys, key_est = memory_entity_bytes(mem, "k")
+        ips, ip_est = memory_entity_bytes(mem, "ip")
+        out[label].update({"memory_bytes_per_warm_key": _median(keys),
+                           "memory_bytes_per_address": _median(ips),
+                           "memory_estimate_per_warm_key": _median(key_est),
+                           "memory_estimate_per_address": _median(ip_est)})
+        echo(f"memory {label}: key {_median(keys):.0f} B (estimate {_median(key_est):.0f}), "
+             f"address {_median(ips):.0f} B (estimate {_median(ip_est):.0f})")
+    burst = warm_traffic(40, days=capacity_events * 900 / 40 / 86400, seed=11)
+    for label, old in (("new", False), ("old", True)):
+        capacity, achieved = one_core_capacity(redis_url, burst, old=old)
+        out[label].update({"events_per_redis_core_s": capacity, "clients_events_per_s": achieved})
+        echo(f"capacity {label}: {capacity:,.0f} events per Redis CPU second "
+             f"({achieved:,.0f} events/s achieved by 3 clients on this machine)")
+    return out
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", default=None, help="redis:// URL (default: a local one)")
+    parser.add_argument("--keys", type=int, default=6)
+    args = parser.parse_args()
+    server = None
+    url = args.redis
+    if url is None:
+        from tests.support.redis_server import LocalRedisServer
+
+        server = LocalRedisServer().start()
+        url = server.url
+    try:
+        run_state_bench(url, n_keys=args.keys)
+    finally:
+        if server is not None:
+            server.close()
+
+
+if __name__ == "__main__":
+    main()
