@@ -56,10 +56,13 @@ def test_sustained_load_has_no_errors_no_lost_events_and_flat_memory(tmp_path: P
     port = _free_port()
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET, "KEYWATCH_DATA_DIR": str(tmp_path),
            "KEYWATCH_STORE": "memory", "PYTHONPATH": str(ROOT)}
+    # the server's log goes to a file: a pipe nobody reads fills up, and a service whose
+    # log writes block stops answering
+    server_log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "serving.api.app:app_from_env",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=server_log)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -68,7 +71,7 @@ def test_sustained_load_has_no_errors_no_lost_events_and_flat_memory(tmp_path: P
                     break
             except httpx.HTTPError:
                 pass
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
 
@@ -98,6 +101,7 @@ def test_sustained_load_has_no_errors_no_lost_events_and_flat_memory(tmp_path: P
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+        server_log.close()
 
     logged = read_event_log(tmp_path / "events")
     assert len(logged) == sent  # no lost events

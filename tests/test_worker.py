@@ -87,11 +87,14 @@ def test_a_redelivered_event_is_neither_counted_twice_nor_decided_differently(
 
 
 def _worker(url: str, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "serving.cli.main", "worker", "--store", url, "--consumer", name,
-         "--claim-idle-ms", "1000", "--block-ms", "200", "--count", "32",
-         "--exit-when-idle", "2.5", "--log-level", "warning"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """A worker process; its log goes to a file in its data directory (a pipe nobody reads
+    fills up, and a worker whose log writes block stops consuming)."""
+    with (Path(env["KEYWATCH_DATA_DIR"]) / f"{name}.log").open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "serving.cli.main", "worker", "--store", url, "--consumer",
+             name, "--claim-idle-ms", "1000", "--block-ms", "200", "--count", "32",
+             "--exit-when-idle", "2.5", "--log-level", "warning"],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file)
 
 
 def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Path) -> None:
@@ -140,7 +143,8 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
             time.sleep(0.002)
         assert held, "the first worker was never seen holding a batch"
         workers[0].send_signal(signal.SIGKILL)  # mid-stream, batch in hand
-        _, err = workers[1].communicate(timeout=90)
+        workers[1].wait(timeout=90)
+        err = (tmp_path / "w2.log").read_text()
         assert workers[1].returncode == 0, err
     finally:
         for w in workers:
@@ -148,7 +152,7 @@ def test_two_worker_processes_one_killed_mid_stream(redis_url: str, tmp_path: Pa
                 w.kill()
             w.wait(timeout=10)
 
-    stats = json.loads(err.decode().strip().splitlines()[-1])
+    stats = json.loads(err.strip().splitlines()[-1])
     assert stats["claimed"] > 0  # the survivor took over what the dead one held
     decisions = decisions_by_event(client)
     assert len(decisions) == n and all(len(v) == 1 for v in decisions.values())
