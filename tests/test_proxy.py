@@ -276,8 +276,10 @@ def test_a_runaway_loop_is_throttled_at_the_edge_and_served_again_after(
                     served.append(False)
                     refusals.append(exc)
             assert gateway.flush(10)
-            throttled_from = decisions.index("throttle")  # the first call keywatch throttled
-            assert throttled_from >= RUNAWAY_PER_MIN
+            # the first call keywatch throttled: by the minute's limit, or earlier by
+            # `runaway_loop` (one prompt on a timer), never before the loop can show
+            throttled_from = decisions.index("throttle")
+            assert throttled_from >= 30
             over = served[throttled_from:]
             assert over.count(False) >= 0.8 * len(over), (over.count(False), len(over))
             first = refusals[0]

@@ -17,9 +17,10 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def failing_calls(key: int, t0: float) -> list[dict]:
-    """60 refused logins on one key: 41 of them alert-worthy (failure_rate, medium)."""
+    """60 refused logins on one key: 41 of them alert-worthy (failure_rate, medium). Of
+    varied sizes: one identical request a second would be a runaway loop as well."""
     return [{"api_key": f"sk-shared-{key}", "timestamp": t0 + i, "status": 401,
-             "source_ip": f"198.51.100.{i % 50}", "event_id": f"s{key}-{i}"}
+             "source_ip": f"198.51.100.{i % 50}", "event_id": f"s{key}-{i}", "tokens": i}
             for i in range(60)]
 
 
