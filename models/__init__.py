@@ -4,8 +4,8 @@
   scoring, exactly equal to sklearn's ``score_samples``.
 - ``models.offline``: ``OfflineDetector``, the IsolationForest calibrated to percentiles of
   normal traffic, with robust-z reasons.
-- ``models.online``: ``PopulationDetector`` (River HalfSpaceTrees with protected learning) and
-  ``KeyBaseline`` (per-key adaptive baselines + Page-Hinkley, state as a flat float dict).
+- ``models.online``: ``PopulationDetector`` (River HalfSpaceTrees with protected learning).
+- ``models.streaming``: each key's own seasonal streams, kept as mergeable decayed sums.
 - ``models.registry``: ``ModelRegistry``, versioned artifacts with SHA-256 manifests, atomic
   save/promote/rollback.
 - ``models.integrity``: checksums, atomic writes, ``ModelIntegrityError``.

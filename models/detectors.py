@@ -17,7 +17,6 @@ offline Isolation Forest, turned into calibrated `ModelSignals` for fusion.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -31,7 +30,7 @@ from features.extractor import FeatureVector, Plan
 from features.stores.base import DECAY_ADD, GETS, EntityOps
 from models.feature_space import to_model_space
 from models.offline import OfflineDetector
-from models.online import KeyBaseline, PendingEvent, PopulationDetector
+from models.online import PendingEvent, PopulationDetector
 from models.population_log import PopulationLog
 from models.registry import ModelRegistry
 from models.signals import ModelSignals
@@ -129,28 +128,6 @@ def baseline_percentile(z: float) -> float:
     if z <= 0:
         return 0.0
     return 1.0 - 1.0 / (1.0 + z * z)
-
-
-def encode_baseline(baseline: KeyBaseline) -> str:
-    """The key's baseline as one store field: its floats, comma-separated (repr round-trips
-    every float exactly, and is several times cheaper than JSON on every event)."""
-    return ",".join(map(repr, baseline.to_row()))
-
-
-def decode_baseline(raw: str | bytes | None, params: dict[str, Any]) -> KeyBaseline:
-    """Read what `encode_baseline` wrote; also reads the JSON form written by earlier
-    versions. A value that is neither is logged and replaced by a fresh baseline: one key's
-    baseline restarting is better than every event of that key failing."""
-    if not raw:
-        return KeyBaseline(**params)
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    try:
-        if text.startswith("{"):
-            return KeyBaseline.from_state(json.loads(text), **params)
-        return KeyBaseline.from_row(text.split(","), **params)
-    except (ValueError, TypeError) as exc:
-        log.error("unreadable key baseline %r, starting afresh: %s", text[:80], exc)
-        return KeyBaseline(**params)
 
 
 @dataclass(slots=True)
