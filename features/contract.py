@@ -132,7 +132,8 @@ class Event(BaseModel):
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
-            raise ValueError(f"source_ip {value!r} is not an IPv4 or IPv6 address") from None
+            # the value is not repeated back: a misplaced credential must not be echoed
+            raise ValueError("source_ip is not an IPv4 or IPv6 address") from None
 
     @field_validator("country")
     @classmethod

@@ -252,7 +252,7 @@ def _addresses(df: pd.DataFrame) -> Coded:
             return str(ipaddress.ip_address(value)) if value else None
         except ValueError:
             pos = int(np.argmax(raw.codes == raw.values.index(value)))
-            raise ValueError(f"row {pos}: source_ip {value!r} is not an IPv4 or IPv6 "
-                             "address") from None
+            raise ValueError(f"row {pos}: source_ip is not an IPv4 or IPv6 address"
+                             ) from None
 
     return raw.map(normal)

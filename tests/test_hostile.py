@@ -813,3 +813,18 @@ def test_the_population_checkpoint_is_signed_and_a_forged_one_is_refused(
         fresh = c.app.state.scorer.detectors.population  # type: ignore[attr-defined]
         assert fresh.n_learned == 0 and fresh.seed != 9
     assert "not signed with the configured model signing key" in caplog.text
+
+
+@pytest.mark.parametrize("route", ["/admin/bans", "/v1/events"])
+@pytest.mark.parametrize("secret", [RAW, BARE])
+def test_a_key_in_the_address_field_is_refused_without_being_echoed(
+        app_client: TestClient, route: str, secret: str) -> None:
+    """A raw key pasted into the address field is a 422 naming the field, and the answer
+    never repeats the value (found by the fuzz test above)."""
+    body = {"ip": secret, "duration": "5m"} if route.startswith("/admin") else \
+        {"api_key": "sk-live-another-key-0000000000", "timestamp": time.time(),
+         "source_ip": secret}
+    r = app_client.post(route, json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert "not an IPv4 or IPv6 address" in r.text
+    assert not _leaks(r.content), r.text

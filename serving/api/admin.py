@@ -90,7 +90,7 @@ def _check_ip(value: str | None) -> str | None:
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+        raise ValueError("not an IPv4 or IPv6 address") from None  # never echoed back
 
 
 class Target(BaseModel):

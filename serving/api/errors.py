@@ -17,6 +17,7 @@ from features.validation import field_problems
 from serving.api.admin import AdminError
 from serving.engine import reliability as resilience
 from serving.engine.ingest import EventInFlight, EventTimeRefused
+from serving.observability.redaction import redact_value
 
 log = logging.getLogger("keywatch")
 
@@ -37,7 +38,8 @@ def summary(detail: list[dict[str, Any]]) -> str:
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    detail = field_problems(exc.errors(), drop_prefix=1)
+    # a problem may quote the value it refuses: a raw key in the wrong field is never echoed
+    detail = redact_value(field_problems(exc.errors(), drop_prefix=1))
     if any(d["type"] == "json_invalid" for d in detail):
         return JSONResponse(status_code=400, content={
             "error": "the request body is not valid JSON", "detail": detail})
@@ -46,8 +48,8 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 async def _bad(_: Request, exc: BadRequest) -> JSONResponse:
-    return JSONResponse(status_code=exc.status,
-                        content={"error": exc.message, "detail": exc.detail})
+    return JSONResponse(status_code=exc.status, content=redact_value(
+        {"error": exc.message, "detail": exc.detail}))
 
 
 async def _skewed(_: Request, exc: EventTimeRefused) -> JSONResponse:
