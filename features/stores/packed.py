@@ -232,3 +232,23 @@ def member_hash(member: str) -> int:
     chance is a 1-in-10^14 event per pair."""
     return int.from_bytes(hashlib.blake2b(str(member).encode(), digest_size=6).digest(),
                           "little")
+
+
+def pack_ring(ring: Sequence[float]) -> bytes:
+    """A ring as the Lua script packs it (`unpack_ring` reads it back): sparse (`S`, then
+    (uint16 slot, int32 stamp, double value) cells) or dense ((int32 stamp, double value)
+    per slot)."""
+    if ring and ring[0] == SPARSE:
+        return b"S" + b"".join(_SPARSE_CELL.pack(int(ring[i]), int(ring[i + 1]), ring[i + 2])
+                               for i in range(1, len(ring), 3))
+    n = len(ring) // 2
+    unpacker = _UNPACKERS.get(n)
+    if unpacker is None:
+        unpacker = _UNPACKERS[n] = struct.Struct("<" + "id" * n)
+    return unpacker.pack(*[int(x) if i % 2 == 0 else x for i, x in enumerate(ring)])
+
+
+def pack_doubles(values: Sequence[float]) -> bytes:
+    """Little-endian doubles: a profile's (n, m, v) triples, a capped set's (member hash,
+    time) pairs."""
+    return struct.pack(f"<{len(values)}d", *values)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -42,8 +43,9 @@ from features.stores.base import (
     StateStore,
     StoreError,
 )
+from features.stores.entity_cache import EntityCache
 from features.stores.memory import new_state, replay_ops
-from features.stores.replay import IN_SCRIPT, Plan, plan_request, rebuild
+from features.stores.replay import IN_SCRIPT, Plan, pack_field, plan_request, rebuild
 
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
@@ -104,6 +106,9 @@ class RedisStore(StateStore):
         Seconds after its last touch at which an entity's keys expire.
     timeout_s:
         Socket connect/read timeout; a stalled Redis never hangs a request for longer.
+    cache_mb:
+        Budget of the copies of the entities this replica wrote last
+        (`features.stores.entity_cache`); 0 sends every call's ops to Redis.
     """
 
     name = "redis"
@@ -116,6 +121,7 @@ class RedisStore(StateStore):
         idle_ttl_s: int = 8 * 86400,
         timeout_s: float = 0.5,
         client: redis.Redis | None = None,
+        cache_mb: float = 64.0,
     ) -> None:
         self.url = url
         self.namespace = namespace
@@ -132,6 +138,7 @@ class RedisStore(StateStore):
                           else None)  # a cluster keeps one per node
         self._ttl_arg = str(self.idle_ttl_s)
         self.round_trips = 0
+        self.cache = EntityCache(int(cache_mb * 2**20))
 
     def describe(self) -> str:
         return f"redis ({self._safe_url()})"
@@ -159,29 +166,85 @@ class RedisStore(StateStore):
 
     def encode(self, req: EntityOps) -> tuple[list[str], list[str | bytes]]:
         """apply_ops' KEYS (the hash, then each sorted set the ops name) and ARGV (the
-        TTL, and one JSON text: sorted-set names, fields to fetch, ops that change state;
-        see `features.stores.replay`)."""
-        return self._encode(req, plan_request(req.ops))
+        TTL, no cached copy, a new token, and one JSON text: sorted-set names, the ops
+        that change state, the fields to fetch; see `features.stores.replay`)."""
+        return self._encode(req, plan_request(req.ops), None, self.cache.new_token())
 
-    def _encode(self, req: EntityOps, plan: Plan) -> tuple[list[str], list[str | bytes]]:
+    def _encode(self, req: EntityOps, plan: Plan, local: LocalResult | None,
+                token: bytes) -> tuple[list[str], list[str | bytes]]:
         prefix = self.entity_prefix(req.kind, req.entity_id)
         fields, _, sent, n_written = plan
         znames = list(dict.fromkeys([op[1] for op in sent if op[0] in IN_SCRIPT]))
-        payload = _to_json([znames, n_written, sent])
-        return ([f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]],
-                [self._ttl_arg, payload, *fields])
+        payload = _to_json([znames, n_written, sent, fields])
+        keys = [f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]]
+        if local is None:
+            return keys, [self._ttl_arg, b"", token, b"0", b"0", payload]
+        pairs = [x for name, value in local.changed.items() if value is not None
+                 for x in (name, value)]
+        dels = [name for name, value in local.changed.items() if value is None]
+        return keys, [self._ttl_arg, local.token, token, str(len(pairs) // 2),
+                      str(len(dels)), *pairs, *dels, payload]
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         merged, parts = merge_by_entity(requests)
         plans = [plan_request(req.ops) for req in merged]
-        raw = self.run_script(APPLY_OPS, [self._encode(req, plan)
-                                          for req, plan in zip(merged, plans, strict=True)])
-        results = [self._decode(req, res, plan)
-                   for req, res, plan in zip(merged, raw, plans, strict=True)]
+        locals_ = [self._compute_locally(req, plan) for req, plan in zip(merged, plans,
+                                                                         strict=True)]
+        tokens = [self.cache.new_token() for _ in merged]
+        raw = self.run_script(APPLY_OPS, [
+            self._encode(req, plan, local, token)
+            for req, plan, local, token in zip(merged, plans, locals_, tokens, strict=True)])
+        results = [self._settle(*call) for call in zip(merged, raw, plans, locals_, tokens,
+                                                       strict=True)]
         if len(merged) == len(requests):
             return results
         return [results[m][start:start + len(req.ops)]
                 for req, (m, start) in zip(requests, parts, strict=True)]
+
+    def _compute_locally(self, req: EntityOps, plan: Plan) -> LocalResult | None:
+        """The request's results and changed fields computed on the held copy of the
+        entity, when there is one holding every field the request touches."""
+        fields, kinds, sent, n_written = plan
+        entry = self.cache.get((req.kind, req.entity_id)) if self.cache.max_bytes else None
+        if entry is None or not entry.holds(fields) or any(op[0] in IN_SCRIPT for op in sent):
+            return None
+        raw = entry.raw
+        state = rebuild(new_state(), fields, kinds, [raw[name] for name in fields])
+        results = replay_ops(state, req.ops, {})
+        changed: dict[str, bytes | None] = {}
+        for name, kind in zip(fields[:n_written], kinds[:n_written], strict=True):
+            value = pack_field(state, name, kind)
+            if value != raw[name]:
+                changed[name] = value
+        return LocalResult(entry.token, results, changed)
+
+    def _settle(self, req: EntityOps, raw: Any, plan: Plan, local: LocalResult | None,
+                token: bytes) -> list[Any]:
+        """The request's results from the script's reply, and the held copy brought to
+        the entity's new token."""
+        key = (req.kind, req.entity_id)
+        if raw == b"=":  # the copy was current: Redis stored what was computed here
+            self.cache.hits += 1
+            assert local is not None
+            self.cache.put(key, token if local.changed else local.token, local.changed,
+                           merge=True)
+            return local.results
+        self.cache.misses += 1
+        if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
+            return self._decode(req, raw, plan)
+        results, state = self._decode_state(req, raw, plan)
+        fields, kinds, _, n_written = plan
+        values: dict[str, bytes | None] = dict(zip(fields, raw[1], strict=True))
+        wrote = False
+        for name, kind in zip(fields[:n_written], kinds[:n_written], strict=True):
+            value = pack_field(state, name, kind)
+            wrote = wrote or value != values[name]
+            values[name] = value
+        current = raw[2] if len(raw) > 2 else None
+        held = self.cache.get(key)
+        self.cache.put(key, token if wrote else current, values,
+                       merge=held is not None and held.token == current)
+        return results
 
     def run_script(self, script: LuaScript,
                    calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> list[Any]:
@@ -251,11 +314,18 @@ class RedisStore(StateStore):
     def _decode(req: EntityOps, raw: Any,
                 plan: Plan | None = None) -> list[Any]:
         """Results of `req` from the script's reply: [JSON text of the sorted-set ops'
-        results, [each fetched field as it was before the ops]]; the other ops are
-        answered by replaying them on those fields (`features.stores.replay`)."""
-        fields, kinds, _, _ = plan if plan is not None else plan_request(req.ops)
+        results, [each fetched field as it was before the ops], the entity's token]; the
+        other ops are answered by replaying them on those fields
+        (`features.stores.replay`)."""
         if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
             return [raw[1].decode(), *([None] * (len(req.ops) - 1))]
+        return RedisStore._decode_state(req, raw, plan)[0]
+
+    @staticmethod
+    def _decode_state(req: EntityOps, raw: Any, plan: Plan | None = None) -> tuple[list[Any],
+                                                                                   Any]:
+        """(results, the entity's state after the ops) from an applied call's reply."""
+        fields, kinds, _, _ = plan if plan is not None else plan_request(req.ops)
         zres = orjson.loads(raw[0])
         given: dict[int, Any] = {}
         if zres:
@@ -264,7 +334,17 @@ class RedisStore(StateStore):
                 if op[0] in IN_SCRIPT:
                     given[i] = _sorted_set_result(op[0], next(at))
         state = rebuild(new_state(), fields, kinds, raw[1])
-        return replay_ops(state, req.ops, given)
+        return replay_ops(state, req.ops, given), state
+
+
+@dataclass(slots=True)
+class LocalResult:
+    """A request computed on the held copy of its entity: the copy's token, the results,
+    and the fields whose value changed (None: deleted)."""
+
+    token: bytes
+    results: list[Any]
+    changed: dict[str, bytes | None]
 
 
 def _sorted_set_result(code: str, value: Any) -> Any:

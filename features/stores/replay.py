@@ -55,7 +55,13 @@ from features.stores.base import (
     StoreError,
     is_enforcement_field,
 )
-from features.stores.packed import member_hash, profile_slot, unpack_ring
+from features.stores.packed import (
+    member_hash,
+    pack_doubles,
+    pack_ring,
+    profile_slot,
+    unpack_ring,
+)
 
 PLAIN, NUMBER, RING, CAPPED_SET, PROFILE = range(5)
 """How a fetched field is rebuilt: text, a float (as the memory store keeps EWM state and
@@ -173,3 +179,30 @@ def rebuild(state: Any, fields: Sequence[str], kinds: Sequence[int],
         else:
             state.hash[name] = raw.decode()
     return state
+
+
+def _number_text(value: Any) -> bytes:
+    """A plain field's value as the script writes it: text as is, numbers with 17
+    significant digits (an exact round trip)."""
+    if isinstance(value, str):
+        return value.encode()
+    return f"{value:.17g}".encode()
+
+
+def pack_field(state: Any, name: str, kind: int) -> bytes | None:
+    """The inverse of `rebuild` for one field: its value in the script's layout, from a
+    memory-store state (None: the field is absent, or an empty capped set)."""
+    if kind == RING:
+        ring = state.rings.get(name)
+        return None if ring is None else pack_ring(ring)
+    if kind == CAPPED_SET:
+        members = state.zsets.get(name[len(SET_PREFIX):])
+        if not members:
+            return None
+        return pack_doubles([x for h, t in members.items() for x in (float(h), t)])
+    if kind == PROFILE:
+        profile = state.profiles.get(name)
+        return None if profile is None else pack_doubles(profile)
+    value = (state.enf.get(name) if is_enforcement_field(name)
+             else state.hash.get(name))
+    return None if value is None else _number_text(value)

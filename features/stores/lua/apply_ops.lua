@@ -1,29 +1,76 @@
 -- Apply the writes of keywatch's generic state operations to one entity, atomically,
 -- and return the entity's fields as they were before.
 -- KEYS[1] is the entity hash; KEYS[2..] are its sorted sets (the enforcement indexes),
--- in the order named in ARGV[2].
--- ARGV[1]: ttl seconds. ARGV[2]: JSON [[zset names...], n, [[code, args...]...]]: the ops
--- that change state (and ZITEMS). ARGV[3..]: the hash fields the request touches, the n
--- that those ops read or write first (with `_persist`, `ban:until`, `lim:until`).
--- Returns [the JSON text of the sorted-set ops' results (ZSET, ZREM, ZITEMS, CLAIM,
--- REMEMBER, LOG_APPEND, LOG_READ, in order), [the value each listed field held before the
--- ops (nil when absent)]]; or, when the first op claims a token still claimed, ['!', the
--- value remembered for it] and nothing is applied.
+-- in the order named in the spec.
+-- ARGV[1]: ttl seconds. ARGV[2]: the version token the client's cached copy of the
+-- entity was written at, when the client computed this call on it ('' otherwise).
+-- ARGV[3]: the token this call writes. ARGV[4], ARGV[5]: w and d, then w (field, new value) pairs and d fields to delete: the
+-- client's own result of the ops on its copy. ARGV[6 + 2w + d]: the spec, JSON
+-- [[zset names...], n, [[code, args...]...], [fields...]]: the ops that change state (and
+-- ZITEMS), and the hash fields the request touches, the n that those ops read or write
+-- first (with `_persist`, `ban:until`, `lim:until`).
+-- Returns '=' when the entity is still at the client's token: the client's writes were
+-- applied as given, and nothing else ran (the fast path). Otherwise the ops are applied
+-- here, and the reply is [the JSON text of the sorted-set ops' results (ZSET, ZREM,
+-- ZITEMS, CLAIM, REMEMBER, LOG_APPEND, LOG_READ, in order), [the value each listed field
+-- held before the ops (nil when absent)], the token the entity was at before (nil when
+-- none)];
+-- or, when the first op claims a token still claimed, ['!', the value remembered for it]
+-- and nothing is applied.
 --
--- Why: one Redis core serves every replica, so it does only what must be atomic. The
--- client knows the state before (this reply) and the ops, so it computes every result
--- itself with the memory store's code (features/stores/redis_store.py): one
--- implementation of each op's answer, and no reads, sums or number formatting here.
+-- Why: one Redis core serves every replica, so it does only what must be atomic. A
+-- replica that wrote the entity last holds it already, so it computes the ops' results
+-- and the new fields itself and Redis only checks the token and stores them (each write
+-- sets a new random token in `_v`, so a copy is current exactly when its token is). Any
+-- other call sends the ops: they are applied here, and the client computes every result
+-- from the fields as they were before with the memory store's code
+-- (features/stores/redis_store.py): one implementation of each op's answer, and no
+-- reads, sums or number formatting here.
 -- Layout (features/stores/packed.py): a ring is ONE field packing its cells (sparse while
 -- it has few, then a 12-byte (int32 stamp, double value) cell per slot); a profile (EWM names `p#slot`) one field `p` packing
 -- (n, m, v) doubles per slot; a capped set one field `z|name` packing (member hash,
 -- newest time) doubles per member. Everything else is a plain field, numbers as %.17g.
 local h = KEYS[1]
 local ttl = tonumber(ARGV[1])
-local spec = cjson.decode(ARGV[2])
+local VERSION = '_v'
+
+-- a permanent ban keeps the entity; a ban or a limit keeps it at least until it ends
+-- (their ends are wall time), however idle; otherwise the idle TTL
+local function keep_alive(persist, ban_until, lim_until)
+  if persist == '1' then
+    for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
+    return
+  end
+  if ttl <= 0 then return end
+  local t = ttl
+  if ban_until or lim_until then
+    local now = tonumber(redis.call('TIME')[1])
+    local hold = math.max(tonumber(ban_until or '0') or 0, tonumber(lim_until or '0') or 0)
+    local left = math.ceil(math.min(hold - now, 315360000))
+    if left > t then t = left end
+  end
+  for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], t) end
+end
+
+local n_pairs, n_dels = tonumber(ARGV[4]), tonumber(ARGV[5])
+local spec_at = 6 + 2 * n_pairs + n_dels
+local current = redis.call('HGET', h, VERSION)
+local at_token = ARGV[2] ~= '' and current == ARGV[2]
+if at_token then
+  -- the fast path: the client computed this call on the entity as it is
+  if n_pairs + n_dels > 0 then
+    redis.call('HSET', h, VERSION, ARGV[3], unpack(ARGV, 6, 5 + 2 * n_pairs))
+  end
+  if n_dels > 0 then redis.call('HDEL', h, unpack(ARGV, 6 + 2 * n_pairs, spec_at - 1)) end
+  local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
+  keep_alive(keep[1], keep[2], keep[3])
+  return '='
+end
+
+local spec = cjson.decode(ARGV[spec_at])
 local zkeys = {}
 for j, name in ipairs(spec[1]) do zkeys[name] = KEYS[1 + j] end
-local n_written, ops = spec[2], spec[3]
+local n_written, ops, fields = spec[2], spec[3], spec[4]
 
 local CELL = 12
 local EMPTY = -2147483648
@@ -63,8 +110,8 @@ if first and first[1] == 'claim' then
 end
 
 -- the entity's fields: fetched once, those the writes need held in Lua, written back once
-local held, before = {}, redis.call('HMGET', h, unpack(ARGV, 3, #ARGV))
-for j = 1, n_written do held[ARGV[2 + j]] = before[j] end
+local held, before = {}, redis.call('HMGET', h, unpack(fields))
+for j = 1, n_written do held[fields[j]] = before[j] end
 local dirty = {}
 local function hset(f, v) held[f] = v; dirty[f] = true end
 
@@ -397,24 +444,14 @@ for f in pairs(dirty) do
     dels[#dels + 1] = f
   end
 end
-if #writes > 0 then redis.call('HSET', h, unpack(writes)) end
+if #writes > 0 or #dels > 0 then  -- a new state: a new token
+  writes[#writes + 1] = VERSION
+  writes[#writes + 1] = ARGV[3]
+  redis.call('HSET', h, unpack(writes))
+end
 if #dels > 0 then redis.call('HDEL', h, unpack(dels)) end
 
--- a permanent ban keeps the entity; a ban or a limit keeps it at least until it ends
--- (their ends are wall time), however idle; otherwise the idle TTL
-if held['_persist'] == '1' then
-  for k = 1, #KEYS do redis.call('PERSIST', KEYS[k]) end
-elseif ttl > 0 then
-  local t = ttl
-  local ban_until, lim_until = held['ban:until'], held['lim:until']
-  if ban_until or lim_until then
-    local now = tonumber(redis.call('TIME')[1])
-    local hold = math.max(tonumber(ban_until or '0') or 0, tonumber(lim_until or '0') or 0)
-    local left = math.ceil(math.min(hold - now, 315360000))
-    if left > t then t = left end
-  end
-  for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], t) end
-end
-local reply = {'[]', before}
+keep_alive(held['_persist'], held['ban:until'], held['lim:until'])
+local reply = {'[]', before, current}
 if #zout > 0 then reply[1] = cjson.encode(zout) end
 return reply
