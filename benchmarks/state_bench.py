@@ -1,7 +1,9 @@
 """The state store's figures, each against the previous layout measured in the same run.
 
 * Redis server CPU per event (`INFO cpu`, user + sys, over a replay of warm traffic) and
-  round trips per event;
+  round trips per event, beside the CPU one bare GET round trip costs the server in the
+  same run (the floor of any design with one round trip per event), and the same store
+  with its entity copies turned off (every call's ops applied in the script);
 * events per second one Redis core serves, with several client processes replaying at
   once: the events replayed divided by the server CPU seconds they cost (the clients share
   this machine's cores, so wall-clock rate measures them, not Redis);
@@ -26,6 +28,7 @@ import statistics
 import time
 import tracemalloc
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from benchmarks.old_layout.memory_v1 import OldLayoutMemoryStore
@@ -79,6 +82,15 @@ def server_cpu_s(store: RedisStore) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def round_trip_floor_us(store: RedisStore, n: int = 3_000) -> float:
+    """Server CPU µs of one GET round trip: what the transport alone costs per event."""
+    store.client.set("floor", "1")
+    cpu = server_cpu_s(store)
+    for _ in range(n):
+        store.client.get("floor")
+    return (server_cpu_s(store) - cpu) / n * 1e6
+
+
 def redis_cpu_per_event(store: RedisStore, events: list[tuple[Event, str]],
                         warm: int) -> tuple[float, float]:
     """(server CPU µs per event, round trips per event) over `events[warm:]`."""
@@ -119,8 +131,8 @@ def memory_entity_bytes(store: Any, kind: str) -> tuple[list[int], list[int]]:
 
 
 def _client(url: str, namespace: str, old: bool, events: list[tuple[Event, str]]) -> None:
-    cls = OldLayoutRedisStore if old else RedisStore
-    store = cls(url, namespace=namespace)
+    store = (OldLayoutRedisStore(url, namespace=namespace) if old
+             else RedisStore(url, namespace=namespace))
     replay(store, events)
     store.close()
 
@@ -158,13 +170,19 @@ def run_state_bench(redis_url: str, *, n_keys: int = 6, days: float = 8.0,
     events = warm_traffic(n_keys, days=days)
     warm = len(events) // 2
     out: dict[str, Any] = {"events": len(events), "keys": n_keys}
-    for label, cls in (("new", RedisStore), ("old", OldLayoutRedisStore)):
+    stores: tuple[tuple[str, Callable[..., Any]], ...] = (
+        ("new", RedisStore), ("ops_in_lua", partial(RedisStore, cache_mb=0)),
+        ("old", OldLayoutRedisStore))
+    for label, cls in stores:
         store = cls(redis_url, namespace=f"state{label}{time.time_ns()}")
         cpu, trips = redis_cpu_per_event(store, events, warm)
         keys, ips = redis_entity_bytes(store, "k"), redis_entity_bytes(store, "ip")
         out[label] = {"server_cpu_us_per_event": cpu, "round_trips_per_event": trips,
                       "redis_bytes_per_warm_key": _median(keys),
                       "redis_bytes_per_address": _median(ips)}
+        if label == "new":
+            out["round_trip_floor_us"] = round_trip_floor_us(store)
+            echo(f"one GET round trip: {out['round_trip_floor_us']:.0f} µs server CPU")
         store.close()
         echo(f"redis {label}: {cpu:.0f} µs server CPU/event, {trips:.2f} round trips/event, "
              f"key {_median(keys):.0f} B, address {_median(ips):.0f} B")

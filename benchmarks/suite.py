@@ -396,6 +396,14 @@ def state_figures(sizes: dict[str, int], redis_url: str) -> list[Figure]:
     base = "previous layout, same run"
     figures = [Figure("redis_server_cpu_us_per_event", new["server_cpu_us_per_event"], "µs",
                       base, old["server_cpu_us_per_event"], "<= 100", higher_is_better=False),
+               Figure("redis_server_cpu_us_per_event_vs_ops_in_script",
+                      new["server_cpu_us_per_event"], "µs",
+                      "entity copies off: every call's ops applied in the script, same run",
+                      res["ops_in_lua"]["server_cpu_us_per_event"], "<= 100",
+                      higher_is_better=False),
+               Figure("redis_round_trip_floor_us", res["round_trip_floor_us"], "µs",
+                      "server CPU per event, same run", new["server_cpu_us_per_event"],
+                      "the transport's share of the figure above", higher_is_better=False),
                Figure("redis_events_per_core_second", new["events_per_redis_core_s"],
                       "events/s", base, old["events_per_redis_core_s"], ">= 10,000")]
     for name, target in (("redis_bytes_per_warm_key", "<= 16,384"),

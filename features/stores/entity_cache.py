@@ -19,6 +19,7 @@ slower call.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
@@ -34,6 +35,8 @@ class CachedEntity:
     token: bytes
     raw: dict[str, bytes | None] = field(default_factory=dict)
     size: int = 0
+    kept: float = 0.0
+    """When the entity's TTL was last refreshed (monotonic clock)."""
 
     def holds(self, names: list[str]) -> bool:
         raw = self.raw
@@ -79,9 +82,10 @@ class EntityCache:
         return entry
 
     def put(self, key: tuple[str, str], token: bytes | None,
-            values: dict[str, bytes | None], *, merge: bool) -> None:
+            values: dict[str, bytes | None], *, merge: bool, kept: bool) -> None:
         """Hold `values` at `token`, added to the held copy when `merge` (the entity
-        was still at the held copy's token), else replacing it."""
+        was still at the held copy's token), else replacing it; `kept`: this call
+        refreshed the entity's TTL."""
         old = self._held.pop(key, None)
         if old is not None:
             self._bytes -= old.size
@@ -89,6 +93,8 @@ class EntityCache:
             return
         entry = old if merge and old is not None else CachedEntity(token)
         entry.token = token
+        if kept:
+            entry.kept = time.monotonic()
         entry.update(values)
         self._held[key] = entry
         self._bytes += entry.size

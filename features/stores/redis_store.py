@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -45,7 +46,14 @@ from features.stores.base import (
 )
 from features.stores.entity_cache import EntityCache
 from features.stores.memory import new_state, replay_ops
-from features.stores.replay import IN_SCRIPT, Plan, pack_field, plan_request, rebuild
+from features.stores.replay import (
+    IN_SCRIPT,
+    KEEP_FIELDS,
+    Plan,
+    pack_field,
+    plan_request,
+    rebuild,
+)
 
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
 _strict_json: Callable[[Any], str] = json.JSONEncoder(
@@ -139,6 +147,10 @@ class RedisStore(StateStore):
         self._ttl_arg = str(self.idle_ttl_s)
         self.round_trips = 0
         self.cache = EntityCache(int(cache_mb * 2**20))
+        self._keep_every = self.idle_ttl_s / 64
+        """A call computed here refreshes the idle TTL when this many seconds passed since
+        the entity's last refresh (or when a ban, a limit or a permanent ban changed): an
+        idle entity expires between 63/64 of its TTL and its TTL after its last use."""
 
     def describe(self) -> str:
         return f"redis ({self._safe_url()})"
@@ -178,12 +190,12 @@ class RedisStore(StateStore):
         payload = _to_json([znames, n_written, sent, fields])
         keys = [f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]]
         if local is None:
-            return keys, [self._ttl_arg, b"", token, b"0", b"0", payload]
+            return keys, [self._ttl_arg, b"", token, b"0", b"0", b"1", payload]
         pairs = [x for name, value in local.changed.items() if value is not None
                  for x in (name, value)]
         dels = [name for name, value in local.changed.items() if value is None]
         return keys, [self._ttl_arg, local.token, token, str(len(pairs) // 2),
-                      str(len(dels)), *pairs, *dels, payload]
+                      str(len(dels)), b"1" if local.keep else b"0", *pairs, *dels, payload]
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         merged, parts = merge_by_entity(requests)
@@ -216,7 +228,9 @@ class RedisStore(StateStore):
             value = pack_field(state, name, kind)
             if value != raw[name]:
                 changed[name] = value
-        return LocalResult(entry.token, results, changed)
+        keep = (time.monotonic() - entry.kept > self._keep_every
+                or not changed.keys().isdisjoint(KEEP_FIELDS))
+        return LocalResult(entry.token, results, changed, keep)
 
     def _settle(self, req: EntityOps, raw: Any, plan: Plan, local: LocalResult | None,
                 token: bytes) -> list[Any]:
@@ -227,7 +241,7 @@ class RedisStore(StateStore):
             self.cache.hits += 1
             assert local is not None
             self.cache.put(key, token if local.changed else local.token, local.changed,
-                           merge=True)
+                           merge=True, kept=local.keep)
             return local.results
         self.cache.misses += 1
         if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
@@ -243,7 +257,7 @@ class RedisStore(StateStore):
         current = raw[2] if len(raw) > 2 else None
         held = self.cache.get(key)
         self.cache.put(key, token if wrote else current, values,
-                       merge=held is not None and held.token == current)
+                       merge=held is not None and held.token == current, kept=True)
         return results
 
     def run_script(self, script: LuaScript,
@@ -345,6 +359,8 @@ class LocalResult:
     token: bytes
     results: list[Any]
     changed: dict[str, bytes | None]
+    keep: bool
+    """Whether the call refreshes the entity's TTL (see `RedisStore._keep_every`)."""
 
 
 def _sorted_set_result(code: str, value: Any) -> Any:

@@ -4,8 +4,10 @@
 -- in the order named in the spec.
 -- ARGV[1]: ttl seconds. ARGV[2]: the version token the client's cached copy of the
 -- entity was written at, when the client computed this call on it ('' otherwise).
--- ARGV[3]: the token this call writes. ARGV[4], ARGV[5]: w and d, then w (field, new value) pairs and d fields to delete: the
--- client's own result of the ops on its copy. ARGV[6 + 2w + d]: the spec, JSON
+-- ARGV[3]: the token this call writes. ARGV[4], ARGV[5]: w and d. ARGV[6]: '1' when the
+-- fast path must refresh the TTL (the client knows when it last did, and when a ban, a
+-- limit or a permanent ban changed). Then w (field, new value) pairs and d fields to
+-- delete: the client's own result of the ops on its copy. ARGV[7 + 2w + d]: the spec, JSON
 -- [[zset names...], n, [[code, args...]...], [fields...]]: the ops that change state (and
 -- ZITEMS), and the hash fields the request touches, the n that those ops read or write
 -- first (with `_persist`, `ban:until`, `lim:until`).
@@ -53,17 +55,18 @@ local function keep_alive(persist, ban_until, lim_until)
 end
 
 local n_pairs, n_dels = tonumber(ARGV[4]), tonumber(ARGV[5])
-local spec_at = 6 + 2 * n_pairs + n_dels
+local spec_at = 7 + 2 * n_pairs + n_dels
 local current = redis.call('HGET', h, VERSION)
-local at_token = ARGV[2] ~= '' and current == ARGV[2]
-if at_token then
+if ARGV[2] ~= '' and current == ARGV[2] then
   -- the fast path: the client computed this call on the entity as it is
   if n_pairs + n_dels > 0 then
-    redis.call('HSET', h, VERSION, ARGV[3], unpack(ARGV, 6, 5 + 2 * n_pairs))
+    redis.call('HSET', h, VERSION, ARGV[3], unpack(ARGV, 7, 6 + 2 * n_pairs))
   end
-  if n_dels > 0 then redis.call('HDEL', h, unpack(ARGV, 6 + 2 * n_pairs, spec_at - 1)) end
-  local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
-  keep_alive(keep[1], keep[2], keep[3])
+  if n_dels > 0 then redis.call('HDEL', h, unpack(ARGV, 7 + 2 * n_pairs, spec_at - 1)) end
+  if ARGV[6] == '1' then
+    local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
+    keep_alive(keep[1], keep[2], keep[3])
+  end
   return '='
 end
 
