@@ -227,15 +227,30 @@ _IP_RINGS = ring_reads("ip")
 _IP_WINDOW_NAMES = tuple(f.name for f in windowed("ip"))
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
+KEY_EWMS = ("tok", "lat", "rate", "host", "gap", "same", "psame",
+            *(f"lp{b}:{part}" for b in range(LOOP_BUCKETS) for part in "gs"))
+"""The key's exponentially weighted means, stored as the slots of one packed profile
+`ew` (`features.stores.packed`): one field of (n, m, v) per EWM rather than three fields
+each, so an event rewrites one field in Redis, and the memory store holds one array."""
+_EWM_SLOT = {name: f"ew#{i}" for i, name in enumerate(KEY_EWMS)}
+
+
+def ewm_field(name: str) -> str:
+    """The store's name of a part of a key EWM: `tok:m` is `ew#0:m`."""
+    base, _, part = name.partition(":")
+    return f"{_EWM_SLOT[base]}:{part}"
+
+
 BASELINE_FIELDS = ("tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
                    "rate:n", "how:m", "how:v", "how:n", "host:m", "host:n")
 """The learned baselines read for every event (`how:*` stands for the event's own
 hour-of-week slot, `how:<h>:*` in the store)."""
 _BASELINE_GETS = tuple(
-    (GETS, 14, *(f.replace("how:", f"how#{h}:") for f in BASELINE_FIELDS))
+    (GETS, 14, *(f.replace("how:", f"how#{h}:") if f.startswith("how:") else ewm_field(f)
+                 for f in BASELINE_FIELDS))
     for h in range(168))
 REGULARITY_FIELDS = ("gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m", "psame:n")
-_REGULARITY_GETS = (GETS, 7, *REGULARITY_FIELDS)
+_REGULARITY_GETS = (GETS, 7, *(ewm_field(f) for f in REGULARITY_FIELDS))
 IDENTITY_FIELDS = ("net_ok", "pfx_ok", "ua_ok", "net_n", "pfx_n", "ua_n", "hour_before",
                    "hour", "hour_after", "hours_n")
 """Names of the identity read's results: is the event's network, prefix and client
@@ -703,9 +718,9 @@ class FeatureExtractor:
         values = fv.values
         rate = values["requests_count_by_key_1h"]
         ops: list[tuple[Any, ...]] = [*self.recurrence_ops(fv), *self.identity_learn_ops(fv),
-            (EWM, "tok", values["tokens_log_by_event"], self.ewm_alpha),
-            (EWM, "lat", values["latency_log_ms_by_event"], self.ewm_alpha),
-            (EWM, "rate", rate, self.ewm_alpha),
+            (EWM, _EWM_SLOT["tok"], values["tokens_log_by_event"], self.ewm_alpha),
+            (EWM, _EWM_SLOT["lat"], values["latency_log_ms_by_event"], self.ewm_alpha),
+            (EWM, _EWM_SLOT["rate"], rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
         ]
         stamp_h = int(ts // 3600)
@@ -722,7 +737,7 @@ class FeatureExtractor:
         if country and (trusted_ts is None or values.get("untrusted_country_by_key")):
             ops.append((SET, TRUSTED_COUNTRY + country, "1"))
         hosting = values.get("hosting_asn_by_event", 0.0)
-        ops.append((EWM, "host", hosting, self.ewm_alpha))
+        ops.append((EWM, _EWM_SLOT["host"], hosting, self.ewm_alpha))
         if hosting and ctx.get("asn"):
             ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
         out = [EntityOps(KEY, ctx["key_id"], ops)]
@@ -919,10 +934,10 @@ def _regularity_ops(k: Reads, event: Event) -> None:
     this is the key's first event. A client stuck in a loop resends the same prompt (the
     completion, and so the total, varies from one answer to the next)."""
     ts = event.timestamp
-    k.read("gap_last", EWM_GAP, "gap", "gap:last", ts, GAP_ALPHA, GAP_CAP_S)
-    k.write(EWM_SAME, "same", "same:last", event.tokens, SAME_ALPHA)
+    k.read("gap_last", EWM_GAP, _EWM_SLOT["gap"], "gap:last", ts, GAP_ALPHA, GAP_CAP_S)
+    k.write(EWM_SAME, _EWM_SLOT["same"], "same:last", event.tokens, SAME_ALPHA)
     prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
-    k.write(EWM_SAME, "psame", "psame:last", prompt, SAME_ALPHA)
+    k.write(EWM_SAME, _EWM_SLOT["psame"], "psame:last", prompt, SAME_ALPHA)
     k.read("regularity", *_REGULARITY_GETS)
     _loop_ops(k, ts, prompt)
 
@@ -942,10 +957,10 @@ def _loop_ops(k: Reads, ts: float, prompt: float) -> None:
     """Regularity of the event's prompt-size sub-stream (one of `LOOP_BUCKETS`): gaps and
     whether the prompt repeats the sub-stream's previous one, read back as `loop`."""
     bucket = f"lp{int(prompt) % LOOP_BUCKETS}"
-    k.write(EWM_GAP, f"{bucket}:g", f"{bucket}:g:last", ts, LOOP_ALPHA, LOOP_GAP_CAP_S)
-    k.write(EWM_SAME, f"{bucket}:s", f"{bucket}:s:last", prompt, LOOP_ALPHA)
-    k.read("loop", GETS, 5, f"{bucket}:g:m", f"{bucket}:g:v", f"{bucket}:g:n",
-           f"{bucket}:s:m", f"{bucket}:s:n")
+    gaps, same = _EWM_SLOT[f"{bucket}:g"], _EWM_SLOT[f"{bucket}:s"]
+    k.write(EWM_GAP, gaps, f"{bucket}:g:last", ts, LOOP_ALPHA, LOOP_GAP_CAP_S)
+    k.write(EWM_SAME, same, f"{bucket}:s:last", prompt, LOOP_ALPHA)
+    k.read("loop", GETS, 5, f"{gaps}:m", f"{gaps}:v", f"{gaps}:n", f"{same}:m", f"{same}:n")
 
 
 def _loop_values(v: dict[str, float], res: Sequence[Any]) -> None:
