@@ -40,6 +40,7 @@ from features.stores.base import (
     LOG_READ,
     ZITEMS,
     ZREM,
+    ZSET,
     EntityOps,
     StateStore,
     StoreError,
@@ -86,6 +87,10 @@ class LuaScript:
 
 
 APPLY_OPS = LuaScript(_LUA)
+FAST_IN_SCRIPT = frozenset((ZSET, ZREM, ZITEMS, LOG_APPEND, LOG_READ))
+"""Sorted-set ops the script runs on the fast path too: they touch no field a copy holds
+(CLAIM and REMEMBER do, and always go the slow way)."""
+_CREATES_KEYS = frozenset((ZSET, LOG_APPEND))
 
 
 def _bulk(value: str | bytes) -> bytes:
@@ -190,12 +195,15 @@ class RedisStore(StateStore):
         payload = _to_json([znames, n_written, sent, fields])
         keys = [f"{prefix}:h", *[f"{prefix}:z:{z}" for z in znames]]
         if local is None:
-            return keys, [self._ttl_arg, b"", token, b"0", b"0", b"1", payload]
+            return keys, [self._ttl_arg, b"", token, b"0", b"0", b"1", b"", payload]
         pairs = [x for name, value in local.changed.items() if value is not None
                  for x in (name, value)]
         dels = [name for name, value in local.changed.items() if value is None]
+        zspec = (_to_json([znames, [req.ops[i] for i in local.in_script]])
+                 if local.in_script else b"")
         return keys, [self._ttl_arg, local.token, token, str(len(pairs) // 2),
-                      str(len(dels)), b"1" if local.keep else b"0", *pairs, *dels, payload]
+                      str(len(dels)), b"1" if local.keep else b"0", *pairs, *dels, zspec,
+                      payload]
 
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         merged, parts = merge_by_entity(requests)
@@ -218,31 +226,38 @@ class RedisStore(StateStore):
         entity, when there is one holding every field the request touches."""
         fields, kinds, sent, n_written = plan
         entry = self.cache.get((req.kind, req.entity_id)) if self.cache.max_bytes else None
-        if entry is None or not entry.holds(fields) or any(op[0] in IN_SCRIPT for op in sent):
+        if entry is None or not entry.holds(fields) or any(
+                op[0] in IN_SCRIPT and op[0] not in FAST_IN_SCRIPT for op in sent):
             return None
         raw = entry.raw
         state = rebuild(new_state(), fields, kinds, [raw[name] for name in fields])
-        results = replay_ops(state, req.ops, {})
+        in_script = [i for i, op in enumerate(req.ops) if op[0] in IN_SCRIPT]
+        results = replay_ops(state, req.ops, dict.fromkeys(in_script))
         changed: dict[str, bytes | None] = {}
         for name, kind in zip(fields[:n_written], kinds[:n_written], strict=True):
             value = pack_field(state, name, kind)
             if value != raw[name]:
                 changed[name] = value
         keep = (time.monotonic() - entry.kept > self._keep_every
-                or not changed.keys().isdisjoint(KEEP_FIELDS))
-        return LocalResult(entry.token, results, changed, keep)
+                or not changed.keys().isdisjoint(KEEP_FIELDS)
+                or any(req.ops[i][0] in _CREATES_KEYS for i in in_script))
+        return LocalResult(entry.token, results, changed, keep, in_script)
 
     def _settle(self, req: EntityOps, raw: Any, plan: Plan, local: LocalResult | None,
                 token: bytes) -> list[Any]:
         """The request's results from the script's reply, and the held copy brought to
         the entity's new token."""
         key = (req.kind, req.entity_id)
-        if raw == b"=":  # the copy was current: Redis stored what was computed here
-            self.cache.hits += 1
+        if raw == b"=" or raw[0] == b"=":  # the copy was current: Redis stored what was
+            self.cache.hits += 1  # computed here, and ran the sorted-set ops
             assert local is not None
             self.cache.put(key, token if local.changed else local.token, local.changed,
                            merge=True, kept=local.keep)
-            return local.results
+            results = local.results
+            if local.in_script:
+                for i, value in zip(local.in_script, orjson.loads(raw[1]), strict=True):
+                    results[i] = _sorted_set_result(req.ops[i][0], value)
+            return results
         self.cache.misses += 1
         if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
             return self._decode(req, raw, plan)
@@ -361,6 +376,8 @@ class LocalResult:
     changed: dict[str, bytes | None]
     keep: bool
     """Whether the call refreshes the entity's TTL (see `RedisStore._keep_every`)."""
+    in_script: list[int]
+    """The sorted-set ops (by index), which the script answers on the fast path too."""
 
 
 def _sorted_set_result(code: str, value: Any) -> Any:

@@ -7,12 +7,16 @@
 -- ARGV[3]: the token this call writes. ARGV[4], ARGV[5]: w and d. ARGV[6]: '1' when the
 -- fast path must refresh the TTL (the client knows when it last did, and when a ban, a
 -- limit or a permanent ban changed). Then w (field, new value) pairs and d fields to
--- delete: the client's own result of the ops on its copy. ARGV[7 + 2w + d]: the spec, JSON
+-- delete: the client's own result of the ops on its copy. ARGV[7 + 2w + d]: the fast
+-- path's sorted-set ops, JSON [[zset names...], [[code, args...]...]] ('' for none): they
+-- run here either way (CLAIM and REMEMBER never take the fast path). ARGV[8 + 2w + d]:
+-- the spec, JSON
 -- [[zset names...], n, [[code, args...]...], [fields...]]: the ops that change state (and
 -- ZITEMS), and the hash fields the request touches, the n that those ops read or write
 -- first (with `_persist`, `ban:until`, `lim:until`).
--- Returns '=' when the entity is still at the client's token: the client's writes were
--- applied as given, and nothing else ran (the fast path). Otherwise the ops are applied
+-- Returns '=' (or ['=', the JSON text of its sorted-set ops' results]) when the entity is
+-- still at the client's token: the client's writes were applied as given, and nothing
+-- else ran but the sorted-set ops (the fast path). Otherwise the ops are applied
 -- here, and the reply is [the JSON text of the sorted-set ops' results (ZSET, ZREM,
 -- ZITEMS, CLAIM, REMEMBER, LOG_APPEND, LOG_READ, in order), [the value each listed field
 -- held before the ops (nil when absent)], the token the entity was at before (nil when
@@ -35,6 +39,62 @@
 local h = KEYS[1]
 local ttl = tonumber(ARGV[1])
 local VERSION = '_v'
+local function g17(x) return string.format('%.17g', x) end
+local zkeys = {}
+
+-- keep the newest `cap` members of a sorted set
+local function cap_z(zk, cap)
+  local card = redis.call('ZCARD', zk)
+  if card > cap then redis.call('ZREMRANGEBYRANK', zk, 0, card - cap - 1) end
+end
+
+-- a shared ordered log: a sorted set of "seq|entry" scored by seq, `name:id`, `name:seq`
+local function log_append(op)
+  local name, zk = op[2], zkeys[op[2]]
+  redis.call('HSETNX', h, name .. ':id', op[5])
+  local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
+  redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
+  cap_z(zk, op[4])
+  return string.format('%d', seq)
+end
+local function log_read(op)
+  local name = op[2]
+  local ids = redis.call('HMGET', h, name .. ':id', name .. ':seq')
+  local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
+    '+inf', 'LIMIT', 0, op[4])
+  local entries = {}
+  for j = 1, #raw do
+    local bar = string.find(raw[j], '|', 1, true)
+    entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
+  end
+  if #entries == 0 then entries = false end
+  return {ids[1] or false, ids[2] or '0', entries}
+end
+
+-- the sorted-set ops that either path runs here (never CLAIM or REMEMBER, which touch
+-- the hash): their result, false for none
+local function sorted_set_op(op)
+  local code = op[1]
+  if code == 'zset' then
+    local zk = zkeys[op[2]]
+    redis.call('ZADD', zk, g17(op[4]), op[3])
+    cap_z(zk, op[5])
+    return false
+  elseif code == 'log_append' then
+    return log_append(op)
+  elseif code == 'log_read' then
+    return log_read(op)
+  elseif code == 'zrem' then
+    return string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
+  end
+  local raw = redis.call('ZREVRANGEBYSCORE', zkeys[op[2]], '+inf', g17(op[3]), 'WITHSCORES',
+    'LIMIT', 0, op[4])  -- zitems
+  local items = {}
+  for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
+  if #items == 0 then return false end
+  return items
+end
+
 
 -- a permanent ban keeps the entity; a ban or a limit keeps it at least until it ends
 -- (their ends are wall time), however idle; otherwise the idle TTL
@@ -55,7 +115,7 @@ local function keep_alive(persist, ban_until, lim_until)
 end
 
 local n_pairs, n_dels = tonumber(ARGV[4]), tonumber(ARGV[5])
-local spec_at = 7 + 2 * n_pairs + n_dels
+local spec_at = 7 + 2 * n_pairs + n_dels  -- the fast path's sorted-set ops; then the spec
 local current = redis.call('HGET', h, VERSION)
 if ARGV[2] ~= '' and current == ARGV[2] then
   -- the fast path: the client computed this call on the entity as it is
@@ -67,11 +127,15 @@ if ARGV[2] ~= '' and current == ARGV[2] then
     local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
     keep_alive(keep[1], keep[2], keep[3])
   end
-  return '='
+  if ARGV[spec_at] == '' then return '=' end
+  local zspec = cjson.decode(ARGV[spec_at])
+  for j, name in ipairs(zspec[1]) do zkeys[name] = KEYS[1 + j] end
+  local zout = {}
+  for j, op in ipairs(zspec[2]) do zout[j] = sorted_set_op(op) end
+  return {'=', cjson.encode(zout)}
 end
 
-local spec = cjson.decode(ARGV[spec_at])
-local zkeys = {}
+local spec = cjson.decode(ARGV[spec_at + 1])
 for j, name in ipairs(spec[1]) do zkeys[name] = KEYS[1 + j] end
 local n_written, ops, fields = spec[2], spec[3], spec[4]
 
@@ -81,7 +145,6 @@ local EMPTY_CELL = struct.pack('<i4d', EMPTY, 0)
 local TRIPLE = 24
 local SET_PREFIX = 'z|'
 
-local function g17(x) return string.format('%.17g', x) end
 
 -- refuse an unknown op before anything is applied
 local known = {set = 1, del = 1, incr = 1, ring_add = 1, ring_max = 1, ewm = 1, ewm_gap = 1,
@@ -260,12 +323,6 @@ local function set_pack(st)
   return struct.pack(f, unpack(flat))
 end
 
--- keep the newest `cap` members of a sorted set
-local function cap_z(zk, cap)
-  local card = redis.call('ZCARD', zk)
-  if card > cap then redis.call('ZREMRANGEBYRANK', zk, 0, card - cap - 1) end
-end
-
 -- mergeable decayed sums "T|v1,...": both decayed to max(T, ts), then added
 local function decay_add(op)
   local ts, hl, d = tonumber(op[3]), op[4], op[5]
@@ -291,29 +348,6 @@ local function decay_add(op)
     parts[j] = g17(a + b)
   end
   hset(op[2], g17(t1) .. '|' .. table.concat(parts, ','))
-end
-
--- a shared ordered log: a sorted set of "seq|entry" scored by seq, `name:id`, `name:seq`
-local function log_append(op)
-  local name, zk = op[2], zkeys[op[2]]
-  redis.call('HSETNX', h, name .. ':id', op[5])
-  local seq = redis.call('HINCRBY', h, name .. ':seq', 1)
-  redis.call('ZADD', zk, seq, string.format('%d', seq) .. '|' .. op[3])
-  cap_z(zk, op[4])
-  return string.format('%d', seq)
-end
-local function log_read(op)
-  local name = op[2]
-  local ids = redis.call('HMGET', h, name .. ':id', name .. ':seq')
-  local raw = redis.call('ZRANGEBYSCORE', zkeys[name], '(' .. string.format('%d', op[3]),
-    '+inf', 'LIMIT', 0, op[4])
-  local entries = {}
-  for j = 1, #raw do
-    local bar = string.find(raw[j], '|', 1, true)
-    entries[j] = {string.sub(raw[j], 1, bar - 1), string.sub(raw[j], bar + 1)}
-  end
-  if #entries == 0 then entries = false end
-  return {ids[1] or false, ids[2] or '0', entries}
 end
 
 local zout = {}
@@ -407,11 +441,6 @@ for _, op in ipairs(ops) do
   elseif code == 'persist' then
     if tonumber(op[2]) == 1 then hset('_persist', '1')
     elseif held['_persist'] then hset('_persist', false) end
-  elseif code == 'zset' then
-    local zk = zkeys[op[2]]
-    redis.call('ZADD', zk, g17(op[4]), op[3])
-    cap_z(zk, op[5])
-    zout[#zout + 1] = false
   elseif code == 'decay_add' then
     decay_add(op)
   elseif code == 'claim' then
@@ -419,18 +448,8 @@ for _, op in ipairs(ops) do
   elseif code == 'remember' then
     if redis.call('ZSCORE', zkeys[op[2]], op[3]) then hset('_c:' .. op[3], op[4]) end
     zout[#zout + 1] = false
-  elseif code == 'log_append' then
-    zout[#zout + 1] = log_append(op)
-  elseif code == 'log_read' then
-    zout[#zout + 1] = log_read(op)
-  elseif code == 'zrem' then
-    zout[#zout + 1] = string.format('%d', redis.call('ZREM', zkeys[op[2]], op[3]))
-  else  -- zitems
-    local raw = redis.call('ZREVRANGEBYSCORE', zkeys[op[2]], '+inf', g17(op[3]), 'WITHSCORES',
-      'LIMIT', 0, op[4])
-    local items = {}
-    for j = 1, #raw, 2 do items[#items + 1] = {raw[j], raw[j + 1]} end
-    if #items == 0 then zout[#zout + 1] = false else zout[#zout + 1] = items end
+  else  -- zset, zrem, zitems, log_append, log_read
+    zout[#zout + 1] = sorted_set_op(op)
   end
 end
 
