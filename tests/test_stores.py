@@ -60,8 +60,10 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             ops.append((SET, rng.choice(["a", "b"]), str(rng.randint(0, 9))))
         elif kind == "del":
             ops.append((DEL, rng.choice(["a", "b", "c"])))
-        elif kind == "incr":
-            ops.append((INCR, "c", rng.choice([1, 2.5, -1])))
+        elif kind == "incr":  # a plain field, or a slot of a packed vector
+            fld = rng.choice(["c", "cv#0", "cv#3"])
+            ops.append((INCR, fld, rng.choice([1, 2.5, -1])))
+            ops.append((GETS, 3, fld, "cv#1", "cv#9"))
         elif kind == "ring":
             ops.append((RING_ADD, "r", stamp % 8, stamp, rng.choice([1, 3, 0.5])))
         elif kind == "ring_get":
@@ -100,9 +102,17 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             at = ts + rng.choice([0.0, -30.0, 0.01, 2.5, 500.0])
             ops.append((EWM_GAP, "g", "g:last", at, 0.1, 100.0))
             ops.extend([(GET, "g:m"), (GET, "g:v"), (GET, "g:n"), (GET, "g:last")])
+            # the same, kept in slots of a packed profile and a packed vector
+            slot = rng.choice([0, 2])
+            ops.append((EWM_GAP, f"pe#{slot}", f"lv#{slot}", at, 0.1, 100.0))
+            ops.extend([(GETS, 3, f"pe#{slot}:m", f"pe#{slot}:n", f"lv#{slot}"),
+                        (GET, "lv#1")])
         elif kind == "same":
-            ops.append((EWM_SAME, "q", "q:last", rng.choice([0, 7, 7, 12.5]), 0.2))
+            x = rng.choice([0, 7, 7, 12.5])
+            ops.append((EWM_SAME, "q", "q:last", x, 0.2))
             ops.extend([(GET, "q:m"), (GET, "q:v"), (GET, "q:last")])
+            ops.append((EWM_SAME, "pe#1", "lv#3", x, 0.2))
+            ops.extend([(GET, "pe#1:m"), (GET, "pe#1:v"), (GET, "lv#3")])
         elif kind == "budget":
             # periods that move on, stay, and come late; amounts that fit and that do not
             period = int(ts // 600) - rng.choice([0, 0, 0, 1])

@@ -86,6 +86,8 @@ from features.stores.packed import (
     ring_add,
     ring_max,
     ring_read,
+    scalar_get,
+    scalar_put,
 )
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
@@ -419,6 +421,10 @@ class MemoryStore(StateStore):
 
     def _incr(self, s: _EntityState, op: tuple[Any, ...]) -> float:
         fld = op[1]
+        if PROFILE_MARK in fld:
+            value = (_scalar(s, fld) or 0.0) + float(op[2])
+            _put_scalar(s, fld, value)
+            return value
         value = float(s.hash.get(fld, "0")) + float(op[2])
         s.hash[fld] = _fmt(value)
         return value
@@ -476,29 +482,27 @@ class MemoryStore(StateStore):
 
     def _ewm_gap(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         _, name, fld, ts, alpha, max_gap = op
-        h = s.hash
-        held = h.get(fld)
+        held = _scalar(s, fld)
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
                 self._newest_ts = ts
         if held is None:
-            h[fld] = float(ts)
+            _put_scalar(s, fld, float(ts))
             return None
         gap = ts - held
         if gap >= 0:
             self._ewm_update(s, name, gap if gap < max_gap else float(max_gap), alpha)
-            h[fld] = float(ts)
+            _put_scalar(s, fld, float(ts))
         return held
 
     def _ewm_same(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         _, name, fld, x, alpha = op
-        h = s.hash
-        held = h.get(fld)
+        held = _scalar(s, fld)
         x = float(x)
         if held is not None:
             self._ewm_update(s, name, 1.0 if held == x else 0.0, alpha)
-        h[fld] = x
+        _put_scalar(s, fld, x)
         return held
 
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
@@ -635,6 +639,26 @@ def _profile_read(s: _EntityState, fld: str) -> Any:
     if where is None:
         return s.hash.get(fld)
     return profile_part(s.profiles.get(where[0]), where[1], where[2])
+
+
+def _scalar(s: _EntityState, fld: str) -> float | None:
+    """The number held in `fld`: a plain field, or a slot of a packed vector (`v#slot`)."""
+    where = profile_slot(fld) if PROFILE_MARK in fld else None
+    if where is None:
+        held = s.hash.get(fld)
+        return None if held is None else float(held)
+    return scalar_get(s.profiles.get(where[0]), where[1])
+
+
+def _put_scalar(s: _EntityState, fld: str, x: float) -> None:
+    where = profile_slot(fld) if PROFILE_MARK in fld else None
+    if where is None:
+        s.hash[fld] = x
+        return
+    vector = s.profiles.get(where[0])
+    if vector is None:
+        vector = s.profiles[where[0]] = array("d")
+    scalar_put(vector, where[1], x)
 
 
 def _plain(state: _EntityState) -> dict[str, Any]:

@@ -26,7 +26,10 @@ EMPTY_STAMP = float(-(2**31))
 """The stamp of a never-written ring slot (stamps are bucket numbers: minutes, hours,
 days since the epoch, all far above it; Redis packs them as 32-bit integers)."""
 PROFILE_MARK = "#"
-"""`name#slot` is slot `slot` of the packed profile `name` (EWM and GET on it)."""
+"""`name#slot:part` is part m, v or n of slot `slot` of the packed profile `name` (EWM
+and GET on it); `name#slot` alone is one scalar of the packed vector `name` (INCR, GET,
+and the remembered value of EWM_GAP and EWM_SAME): one double per slot, NaN while
+unwritten. A name is used one way or the other, never both."""
 
 
 SPARSE = float(-(2**31) - 1)
@@ -207,11 +210,32 @@ def profile_put(profile: array, slot: int, n: float, m: float, v: float) -> None
 
 
 def profile_part(profile: array | None, slot: int, part: str) -> float | None:
-    """GET of `profile#slot:part` (m, v or n): None when the slot was never written."""
+    """GET of `profile#slot:part` (m, v or n): None when the slot was never written.
+    Without a part, the scalar `vector#slot` (`scalar_get`)."""
+    if not part:
+        return scalar_get(profile, slot)
     n, m, v = profile_get(profile, slot)
     if n == 0.0:
         return None
     return {"m": m, "v": v, "n": n}.get(part)
+
+
+def scalar_get(vector: array | None, slot: int) -> float | None:
+    """Slot `slot` of a packed vector of scalars (`name#slot`, no part): None when it was
+    never written (NaN marks an unwritten slot)."""
+    if vector is None or slot >= len(vector):
+        return None
+    x = vector[slot]
+    return None if x != x else x
+
+
+def scalar_put(vector: array, slot: int, x: float) -> None:
+    if slot >= len(vector):
+        vector.extend((_NAN,) * (slot + 1 - len(vector)))
+    vector[slot] = x
+
+
+_NAN = float("nan")
 
 
 def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[float, float, float]:

@@ -106,7 +106,8 @@ def _touches(op: tuple[Any, ...], out: dict[str, int]) -> None:
         _ewm_fields(op[1], out)
     elif code in (EWM_GAP, EWM_SAME):
         _ewm_fields(op[1], out)
-        out[op[2]] = NUMBER
+        where = profile_slot(op[2])
+        out[where[0] if where else op[2]] = PROFILE if where else NUMBER
     elif code == BUDGET_ADD:
         for name in (op[1], op[1] + ":p", op[1] + ":over"):
             _plain(name, out)

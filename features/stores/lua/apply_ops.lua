@@ -88,6 +88,26 @@ local function profile_put(base, s, n, m, v)
   hset(base, blob:sub(1, off) .. struct.pack('<ddd', n, m, v) .. blob:sub(off + TRIPLE + 1))
 end
 
+-- `base#slot` with no part is one double of the packed vector `base` (NaN: unwritten);
+-- a plain name is a plain field holding a number
+local NAN8 = '\0\0\0\0\0\0\248\127'
+local function number_get(f)
+  local base, s = profile_of(f)
+  if not base then return tonumber(held[f]) end
+  local blob, off = held[base], s * 8
+  if not blob or #blob < off + 8 then return nil end
+  local x = struct.unpack('<d', blob, off + 1)
+  if x ~= x then return nil end
+  return x
+end
+local function number_put(f, x)
+  local base, s = profile_of(f)
+  if not base then hset(f, g17(x)) return end
+  local blob, off = held[base] or '', s * 8
+  if #blob < off then blob = blob .. string.rep(NAN8, (off - #blob) / 8) end
+  hset(base, blob:sub(1, off) .. struct.pack('<d', x) .. blob:sub(off + 9))
+end
+
 -- one step of an exponentially weighted mean and variance
 local function ewm_next(n, m, v, x, alpha)
   if n == 0 then return 1, x, 0 end
@@ -284,26 +304,26 @@ for _, op in ipairs(ops) do
     ewm(op[2], op[3], op[4])
   elseif code == 'ewm_gap' then
     local fld, ts = op[3], op[4]
-    local last = held[fld]
+    local last = number_get(fld)
     if not last then
-      hset(fld, g17(ts))
+      number_put(fld, ts)
     else
-      local gap = ts - tonumber(last)
+      local gap = ts - last
       if gap >= 0 then
         if gap > op[6] then gap = op[6] end
         ewm(op[2], gap, op[5])
-        hset(fld, g17(ts))
+        number_put(fld, ts)
       end
     end
   elseif code == 'ewm_same' then
     local fld, x = op[3], tonumber(op[4])
-    local last = held[fld]
+    local last = number_get(fld)
     if last then
       local same = 0
-      if tonumber(last) == x then same = 1 end
+      if last == x then same = 1 end
       ewm(op[2], same, op[5])
     end
-    hset(fld, g17(x))
+    number_put(fld, x)
   elseif code == 'recent_add' then
     local st, ts = set_of(op[2]), op[4]
     set_touch(st, op[3], ts)
@@ -323,7 +343,7 @@ for _, op in ipairs(ops) do
   elseif code == 'del' then
     if held[op[2]] then hset(op[2], false) end
   elseif code == 'incr' then
-    hset(op[2], g17(tonumber(held[op[2]] or '0') + op[3]))
+    number_put(op[2], (number_get(op[2]) or 0) + op[3])
   elseif code == 'budget_add' then
     -- check-and-increment in one atomic step: exact budgets across replicas
     local name, period, amount, limit = op[2], op[3], op[4], op[5]
