@@ -75,16 +75,17 @@ from features.stores.base import (
 from features.stores.budget import entity_bytes
 from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
+    EMPTY_STAMP,
     PROFILE_MARK,
     ewm_next,
     member_hash,
-    new_ring,
     profile_get,
     profile_part,
     profile_put,
     profile_slot,
     ring_add,
     ring_max,
+    ring_of_cells,
     ring_read,
     scalar_get,
     scalar_put,
@@ -96,8 +97,8 @@ from features.stores.snapshot import SnapshotError, read_snapshot, write_snapsho
 class _EntityState:
     hash: dict[str, Any] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
-    rings: dict[str, array] = field(default_factory=dict)
-    """Packed rings: (stamp, value) per slot (`features.stores.packed`)."""
+    rings: dict[str, bytes] = field(default_factory=dict)
+    """Packed rings, the bytes the Redis hash holds (`features.stores.packed`)."""
     profiles: dict[str, array] = field(default_factory=dict)
     """Packed profiles (`name#slot` EWMs): (n, m, v) per slot."""
     last_ts: float = 0.0
@@ -430,16 +431,14 @@ class MemoryStore(StateStore):
         return value
 
     def _ring_add(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        ring = s.rings.get(op[1])
-        if ring is None:
-            ring = s.rings[op[1]] = new_ring()
-        return ring_add(ring, op[2], op[3], float(op[4]))
+        rings = s.rings
+        rings[op[1]], value = ring_add(rings.get(op[1]), op[2], op[3], float(op[4]))
+        return value
 
     def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        ring = s.rings.get(op[1])
-        if ring is None:
-            ring = s.rings[op[1]] = new_ring()
-        return ring_max(ring, op[2], op[3], float(op[4]))
+        rings = s.rings
+        rings[op[1]], value = ring_max(rings.get(op[1]), op[2], op[3], float(op[4]))
+        return value
 
     def _ring_read(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         return ring_read(op, s.rings.get(op[1]))
@@ -664,7 +663,7 @@ def _put_scalar(s: _EntityState, fld: str, x: float) -> None:
 def _plain(state: _EntityState) -> dict[str, Any]:
     """An entity's feature state as plain values (its enforcement dict is saved apart)."""
     return {"hash": dict(state.hash), "zsets": {z: dict(m) for z, m in state.zsets.items()},
-            "rings": {r: list(a) for r, a in state.rings.items()},
+            "rings": dict(state.rings),
             "profiles": {p: list(a) for p, a in state.profiles.items()},
             "last_ts": state.last_ts,
             "logs": {name: {**log, "entries": list(log["entries"])}
@@ -673,21 +672,31 @@ def _plain(state: _EntityState) -> dict[str, Any]:
 
 def _state_of(fields: dict[str, Any]) -> _EntityState:
     state = _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
-    state.rings = {name: _ring_of(cells) for name, cells in state.rings.items()}
+    state.rings = {name: ring for name, cells in state.rings.items()
+                   if (ring := _ring_of(cells)) is not None}
     state.profiles = {name: array("d", values) for name, values in state.profiles.items()}
     # (capped sets of older snapshots hold members, not their hashes: each is new once)
     return state
 
 
-def _ring_of(cells: Any) -> array:
-    """A packed ring from a snapshot: a flat list, or (older snapshots) {slot: [stamp,
-    value]}."""
-    if not isinstance(cells, dict):
-        return array("d", cells)
-    ring = new_ring()
-    for slot, (stamp, value) in sorted(cells.items()):
-        ring_add(ring, int(slot), stamp, float(value))
-    return ring
+def _ring_of(held: Any) -> bytes | None:
+    """A packed ring from a snapshot: its bytes, or as older snapshots held it, a flat
+    list of doubles (`[SPARSE, slot, stamp, value, ...]` or `(stamp, value)` per slot) or
+    {slot: [stamp, value]}."""
+    if isinstance(held, bytes):
+        return held
+    if isinstance(held, dict):
+        return ring_of_cells((slot, st, v) for slot, (st, v) in held.items())
+    flat = list(held)
+    if flat and flat[0] == _OLD_SPARSE:
+        return ring_of_cells(zip(flat[1::3], flat[2::3], flat[3::3], strict=True))
+    return ring_of_cells((slot, st, v) for slot, (st, v)
+                         in enumerate(zip(flat[::2], flat[1::2], strict=True))
+                         if st != EMPTY_STAMP)
+
+
+_OLD_SPARSE = float(-(2**31) - 1)
+"""First item of a sparse ring in snapshots that held rings as lists of doubles."""
 
 
 def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,

@@ -18,13 +18,10 @@ from __future__ import annotations
 import hashlib
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
-EMPTY_STAMP = float(-(2**31))
-"""The stamp of a never-written ring slot (stamps are bucket numbers: minutes, hours,
-days since the epoch, all far above it; Redis packs them as 32-bit integers)."""
 PROFILE_MARK = "#"
 """`name#slot:part` is part m, v or n of slot `slot` of the packed profile `name` (EWM
 and GET on it); `name#slot` alone is one scalar of the packed vector `name` (INCR, GET,
@@ -32,104 +29,192 @@ and the remembered value of EWM_GAP and EWM_SAME): one double per slot, NaN whil
 unwritten. A name is used one way or the other, never both."""
 
 
-SPARSE = float(-(2**31) - 1)
-"""First item of a sparse ring (below any int32 stamp, so never a dense ring's first)."""
+EMPTY_STAMP = -(2**31)
+"""The stamp a slot without a cell reads as (stamps are bucket numbers: minutes, hours,
+days since the epoch, all far above it)."""
 SPARSE_MAX = 8
 """Live buckets a ring holds as (slot, stamp, value) cells before it turns dense."""
+MAX_K = 65535
+"""Stamps are kept as 16-bit offsets k = stamp - epoch + 1 (0: an empty dense slot)."""
 
 
-def new_ring() -> array:
-    return array("d", (SPARSE,))
+class _Format(NamedTuple):
+    sparse: bool
+    header: int
+    cell: struct.Struct
+    offset: bool
+    """Stamps are offsets from the int32 epoch after the tag (else absolute int32)."""
+    f32: bool
+    empty: bytes
+    """A dense slot without a cell."""
 
 
-def _grow(ring: array, slot: int) -> None:
-    missing = slot + 1 - len(ring) // 2
-    if missing > 0:
-        ring.extend((EMPTY_STAMP, 0.0) * missing)
+def _format(sparse: bool, header: int, cell: str, offset: bool, f32: bool) -> _Format:
+    packer = struct.Struct(cell)
+    empty = b"" if sparse else packer.pack(0 if offset else EMPTY_STAMP, 0.0)
+    return _Format(sparse, header, packer, offset, f32, empty)
 
 
-def _locate(ring: Sequence[float], slot: int) -> int:
-    """Index of the stamp of `slot`'s cell in a non-empty ring, or -1 (no cell)."""
-    if ring[0] == SPARSE:
-        for i in range(1, len(ring), 3):
-            if ring[i] == slot:
-                return i + 1
-        return -1
-    i = 2 * slot
-    return i if i < len(ring) else -1
+_FORMATS = {
+    ord("a"): _format(True, 5, "<HHf", True, True),
+    ord("b"): _format(True, 5, "<HHd", True, False),
+    ord("c"): _format(False, 5, "<Hf", True, True),
+    ord("d"): _format(False, 5, "<Hd", True, False),
+    ord("S"): _format(True, 1, "<Hid", False, False),
+}
+_WIDE = _format(False, 0, "<id", False, False)
+_EPOCH = struct.Struct("<i")
+_SLOT = struct.Struct("<H")
+_F32 = struct.Struct("<f")
 
 
-def _place(ring: array, slot: int) -> int:
-    """Index of the stamp of `slot`'s cell, made (empty) when there is none."""
-    i = _locate(ring, slot)
-    if i >= 0:
-        return i
-    if ring[0] == SPARSE:
-        if len(ring) // 3 < SPARSE_MAX:
-            ring.extend((slot, EMPTY_STAMP, 0.0))
-            return len(ring) - 2
-        dense = array("d")
-        for j in range(1, len(ring), 3):
-            at = int(ring[j])
-            _grow(dense, at)
-            dense[2 * at], dense[2 * at + 1] = ring[j + 1], ring[j + 2]
-        ring[:] = dense
-    _grow(ring, slot)
-    return 2 * slot
+def _fmt(blob: bytes) -> _Format:
+    return _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
 
 
-def ring_cells(ring: Sequence[float]) -> list[tuple[int, float, float]]:
-    """(slot, stamp, value) of each written cell of a ring, sparse or dense."""
-    if not ring:
+def _fits_f32(value: float) -> bool:
+    """Whether a 32-bit float holds `value` exactly (counts and sizes do; money rarely)."""
+    try:
+        return _F32.unpack(_F32.pack(value))[0] == value
+    except OverflowError:
+        return False
+
+
+def _cell(blob: bytes | None, slot: int) -> tuple[int, float]:
+    """(stamp, value) of `slot`'s cell; (EMPTY_STAMP, 0.0) when it has none."""
+    if not blob:
+        return EMPTY_STAMP, 0.0
+    f = _fmt(blob)
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    size = f.cell.size
+    if f.sparse:
+        for off in range(f.header, len(blob), size):
+            if _SLOT.unpack_from(blob, off)[0] == slot:
+                _, st, value = f.cell.unpack_from(blob, off)
+                return st + base, value
+        return EMPTY_STAMP, 0.0
+    off = f.header + slot * size
+    if off + size > len(blob):
+        return EMPTY_STAMP, 0.0
+    st, value = f.cell.unpack_from(blob, off)
+    if f.offset and st == 0:
+        return EMPTY_STAMP, 0.0
+    return st + base, value
+
+
+def ring_cells(blob: bytes | None) -> list[tuple[int, int, float]]:
+    """(slot, stamp, value) of each written cell of a packed ring, any format."""
+    if not blob:
         return []
-    if ring[0] == SPARSE:
-        return [(int(ring[i]), ring[i + 1], ring[i + 2]) for i in range(1, len(ring), 3)]
-    return [(i // 2, ring[i], ring[i + 1]) for i in range(0, len(ring), 2)
-            if ring[i] != EMPTY_STAMP]
+    f = _fmt(blob)
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    cells = f.cell.iter_unpack(memoryview(blob)[f.header:])
+    if f.sparse:
+        return [(slot, st + base, value) for slot, st, value in cells]
+    empty = 0 if f.offset else EMPTY_STAMP
+    return [(slot, st + base, value) for slot, (st, value) in enumerate(cells) if st != empty]
 
 
-def ring_add(ring: array, slot: int, stamp: int, amount: float) -> float | None:
-    """Add to bucket `stamp` in `slot`; its new value, or None when the slot is newer."""
-    i = _place(ring, slot)
-    held = ring[i]
+def _encode(cells: dict[int, tuple[int, float]]) -> bytes:
+    """The canonical packing of a ring's cells (the Lua script's `ring_encode`): sparse
+    while it has at most SPARSE_MAX cells (in slot order), else dense up to the highest
+    slot; 32-bit values when each is exact as one; 16-bit stamp offsets from the oldest
+    stamp, or the wide forms (absolute int32 stamps, doubles) when the stamps span more."""
+    slots = sorted(cells)
+    stamps = [cells[s][0] for s in slots]
+    lo = min(stamps)
+    sparse = len(slots) <= SPARSE_MAX
+    if max(stamps) - lo >= MAX_K:
+        if sparse:
+            f = _FORMATS[ord("S")]
+            return b"S" + b"".join(f.cell.pack(s, *cells[s]) for s in slots)
+        return b"".join(_WIDE.cell.pack(*cells[s]) if s in cells else _WIDE.empty
+                        for s in range(slots[-1] + 1))
+    narrow = all(_fits_f32(cells[s][1]) for s in slots)
+    tag = ("a" if narrow else "b") if sparse else ("c" if narrow else "d")
+    f = _FORMATS[ord(tag)]
+    head = tag.encode() + _EPOCH.pack(lo)
+    base = lo - 1
+    if sparse:
+        return head + b"".join(f.cell.pack(s, cells[s][0] - base, cells[s][1])
+                               for s in slots)
+    return head + b"".join(f.cell.pack(cells[s][0] - base, cells[s][1]) if s in cells
+                           else f.empty for s in range(slots[-1] + 1))
+
+
+def _put(blob: bytes | None, slot: int, stamp: int, value: float) -> bytes:
+    """`blob` with `slot`'s cell set to (stamp, value): in place when its format holds
+    them (the Lua script's `cell_put`), else packed afresh (`_encode`)."""
+    if blob:
+        f = _fmt(blob)
+        k = stamp
+        fits = True
+        if f.offset:
+            k = stamp - _EPOCH.unpack_from(blob, 1)[0] + 1
+            fits = 1 <= k <= MAX_K and (not f.f32 or _fits_f32(value))
+        if fits:
+            size = f.cell.size
+            if not f.sparse:
+                off = f.header + slot * size
+                if off >= len(blob):
+                    return blob + f.empty * ((off - len(blob)) // size) + f.cell.pack(k, value)
+                return blob[:off] + f.cell.pack(k, value) + blob[off + size:]
+            n = 0
+            for off in range(f.header, len(blob), size):
+                n += 1
+                if _SLOT.unpack_from(blob, off)[0] == slot:
+                    return blob[:off] + f.cell.pack(slot, k, value) + blob[off + size:]
+            if n < SPARSE_MAX:
+                return blob + f.cell.pack(slot, k, value)
+    cells = {s: (st, v) for s, st, v in ring_cells(blob)}
+    cells[slot] = (stamp, value)
+    return _encode(cells)
+
+
+def ring_add(blob: bytes | None, slot: int, stamp: int,
+             amount: float) -> tuple[bytes | None, float | None]:
+    """Add to bucket `stamp` in `slot`: (the ring after, the bucket's new value), or
+    (the ring unchanged, None) when the slot holds a newer bucket."""
+    held, value = _cell(blob, slot)
     if held > stamp:
-        return None
-    if held != stamp:
-        ring[i] = stamp
-        ring[i + 1] = 0.0
-    ring[i + 1] += amount
-    return ring[i + 1]
+        return blob, None
+    if held != stamp:  # a newer bucket starts afresh
+        value = 0.0
+    value += amount
+    return _put(blob, slot, stamp, value), value
 
 
-def ring_max(ring: array, slot: int, stamp: int, value: float) -> float | None:
-    """Keep the largest value of bucket `stamp` in `slot` (None when the slot is newer)."""
-    i = _place(ring, slot)
-    held = ring[i]
+def ring_max(blob: bytes | None, slot: int, stamp: int,
+             value: float) -> tuple[bytes | None, float | None]:
+    """Keep the largest value of bucket `stamp` in `slot` (as `ring_add`)."""
+    held, kept = _cell(blob, slot)
     if held > stamp:
-        return None
-    if held != stamp or value > ring[i + 1]:  # a newer bucket starts afresh
-        ring[i] = stamp
-        ring[i + 1] = value
-    return ring[i + 1]
+        return blob, None
+    if held != stamp or value > kept:
+        return _put(blob, slot, stamp, value), value
+    return blob, kept
 
 
-def bucket(ring: Sequence[float] | None, size: int, stamp: int) -> float:
+def bucket(blob: bytes | None, size: int, stamp: int) -> float:
     """The value of bucket `stamp` in a ring of `size` slots (0.0 when stale)."""
-    if not ring:
-        return 0.0
-    i = _locate(ring, stamp % size)
-    if i >= 0 and ring[i] == stamp:
-        return ring[i + 1]
-    return 0.0
+    held, value = _cell(blob, stamp % size)
+    return value if held == stamp else 0.0
 
 
-def ring_windows(ring: Sequence[float] | None, size: int, stamp: int,
+def _buckets(blob: bytes, size: int) -> dict[int, float]:
+    """Every live bucket of a ring of `size` slots by stamp (a cell counts for the stamp
+    it holds only in the slot that stamp maps to, as `bucket` reads it)."""
+    return {st: value for slot, st, value in ring_cells(blob) if st % size == slot}
+
+
+def ring_windows(blob: bytes | None, size: int, stamp: int,
                  ns: tuple[int, ...]) -> list[float]:
     """For each n: the sum of the live buckets stamp-n+1..stamp (at most `size`), summed
-    newest first as the Lua script does, then the edge bucket stamp-n."""
-    if not ring:
+    newest first, then the edge bucket stamp-n."""
+    if not blob:
         return [0.0] * (2 * len(ns))
-    vals = [bucket(ring, size, stamp - off) for off in range(max(ns) + 1)]
+    live = _buckets(blob, size).get
+    vals = [live(stamp - off, 0.0) for off in range(max(ns) + 1)]
     out: list[float] = []
     for n in ns:
         out.append(sum(vals[:n if n < size else size], 0.0))
@@ -137,50 +222,43 @@ def ring_windows(ring: Sequence[float] | None, size: int, stamp: int,
     return out
 
 
-def ring_read(op: tuple[Any, ...], ring: Sequence[float] | None) -> Any:
+def ring_read(op: tuple[Any, ...], blob: bytes | None) -> Any:
     """The result of a ring read op (RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES; see
-    `features.stores.base`) on a ring's flat (stamp, value) cells. Both stores answer
-    ring reads with this one function: the memory store on its array, the Redis store on
-    the packed field its script returns (`unpack_ring`)."""
+    `features.stores.base`) on a packed ring. Both stores answer ring reads with this one
+    function: the memory store on the ring it holds, the Redis store on the field its
+    script returns (the same bytes)."""
     code = op[0]
     if code == "ring_windows":
-        return ring_windows(ring, op[2], op[3], op[5:5 + op[4]])
+        return ring_windows(blob, op[2], op[3], op[5:5 + op[4]])
     if code == "ring_values":
-        size = op[2]
-        return [bucket(ring, size, stamp) for stamp in op[4:4 + op[3]]]
+        size, stamps = op[2], op[4:4 + op[3]]
+        if not blob:
+            return [0.0] * len(stamps)
+        if 4 * len(stamps) < size:
+            return [bucket(blob, size, st) for st in stamps]
+        live = _buckets(blob, size).get
+        return [live(st, 0.0) for st in stamps]
     if code == "ring_get":
-        i = _locate(ring, op[2]) if ring else -1
-        return ring[i + 1] if i >= 0 and ring[i] == op[3] else 0.0
+        held, value = _cell(blob, op[2])
+        return value if held == op[3] else 0.0
     _, _, size, lo, hi = op  # ring_sum
     total = 0.0
-    if ring:
+    if blob:
+        live = _buckets(blob, size).get
         for stamp in range(max(lo, hi - size + 1), hi + 1):
-            total += bucket(ring, size, stamp)
+            total += live(stamp, 0.0)
     return total
 
 
-_CELL = struct.Struct("<id")
-_UNPACKERS: dict[int, struct.Struct] = {}
+def unpack_ring(blob: bytes) -> bytes:
+    """A ring as the memory store holds it, from the Redis field: the same bytes."""
+    return bytes(blob)
 
 
-_SPARSE_CELL = struct.Struct("<Hid")
-
-
-def unpack_ring(blob: bytes) -> Sequence[float]:
-    """The flat (stamp, value) cells of a ring packed by the Lua script: dense (even
-    length: 12 bytes a slot, little-endian int32 stamp and double value) or sparse (odd
-    length: `S`, then 14-byte (uint16 slot, int32 stamp, double value) cells), as the
-    memory store holds a ring (`new_ring`)."""
-    if len(blob) % 2:
-        ring = new_ring()
-        for cell in _SPARSE_CELL.iter_unpack(blob[1:]):
-            ring.extend(cell)
-        return ring
-    n = len(blob) // _CELL.size
-    unpacker = _UNPACKERS.get(n)
-    if unpacker is None:
-        unpacker = _UNPACKERS[n] = struct.Struct("<" + "id" * n)
-    return unpacker.unpack(blob[:n * _CELL.size])
+def ring_of_cells(cells: Iterable[tuple[int, int, float]]) -> bytes | None:
+    """A packed ring holding (slot, stamp, value) cells (snapshots of older layouts)."""
+    held = {int(slot): (int(stamp), float(value)) for slot, stamp, value in cells}
+    return _encode(held) if held else None
 
 
 def profile_slot(name: str) -> tuple[str, int, str] | None:

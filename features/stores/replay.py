@@ -160,7 +160,7 @@ def rebuild(state: Any, fields: Sequence[str], kinds: Sequence[int],
         if raw is None:
             continue
         if kind == RING:
-            state.rings[name] = array("d", unpack_ring(raw))
+            state.rings[name] = unpack_ring(raw)
         elif kind == CAPPED_SET:
             state.zsets[name[len(SET_PREFIX):]] = {
                 int(h): t for h, t in _PAIR.iter_unpack(raw[:len(raw) // 16 * 16])}

@@ -15,7 +15,8 @@
 -- itself with the memory store's code (features/stores/redis_store.py): one
 -- implementation of each op's answer, and no reads, sums or number formatting here.
 -- Layout (features/stores/packed.py): a ring is ONE field packing its cells (sparse while
--- it has few, then a 12-byte (int32 stamp, double value) cell per slot); a profile (EWM names `p#slot`) one field `p` packing
+-- it has few, then a cell per slot, stamps as 16-bit offsets from an epoch, values as
+-- floats while exact); a profile (EWM names `p#slot`) one field `p` packing
 -- (n, m, v) doubles per slot; a capped set one field `z|name` packing (member hash,
 -- newest time) doubles per member. Everything else is a plain field, numbers as %.17g.
 local h = KEYS[1]
@@ -127,49 +128,136 @@ local function ewm(name, x, alpha)
   hset(name .. ':m', g17(m)); hset(name .. ':v', g17(v)); hset(name .. ':n', string.format('%d', n))
 end
 
--- packed rings. Dense (even length): a 12-byte (stamp, value) cell per slot, up to the
--- highest slot written. Sparse (odd length: 'S', then 14-byte (slot, stamp, value)
--- cells): a ring with few live buckets, such as an address seen once, stays a few dozen
--- bytes, and its hash stays in Redis' compact encoding. Past SPARSE_MAX cells it turns
--- dense. features/stores/packed.py `unpack_ring` reads both.
-local SP, SPARSE_MAX = 14, 8
+-- packed rings (features/stores/packed.py holds the same code, and says why). A tag
+-- byte, an int32 epoch, then the cells, with stamps as 16-bit offsets k = stamp - epoch
+-- + 1: sparse while a ring has at most SPARSE_MAX cells, (uint16 slot, uint16 k, value)
+-- each ('a': float values, 'b': doubles), then dense, (uint16 k, value) per slot up to the
+-- highest written, k = 0 for an empty slot ('c': floats, 'd': doubles). Floats only
+-- while every value is exact as one. A ring whose stamps span more than 16 bits takes
+-- the wide forms: 'S' then (uint16 slot, int32 stamp, double) cells, or (even length) an
+-- (int32 stamp, double) per slot.
+local SPARSE_MAX, MAX_K = 8, 65535
+local RING_FMT = {
+  a = {sparse = true, hdr = 5, fmt = '<HHf', size = 8, off = true, f32 = true},
+  b = {sparse = true, hdr = 5, fmt = '<HHd', size = 12, off = true},
+  c = {hdr = 5, fmt = '<Hf', size = 6, off = true, f32 = true},
+  d = {hdr = 5, fmt = '<Hd', size = 10, off = true},
+  S = {sparse = true, hdr = 1, fmt = '<Hi4d', size = 14},
+}
+local WIDE = {hdr = 0, fmt = '<i4d', size = 12}
+for _, f in pairs(RING_FMT) do
+  if not f.sparse then f.empty = struct.pack(f.fmt, 0, 0) end
+end
+WIDE.empty = EMPTY_CELL
+local function ring_fmt(blob)
+  if #blob % 2 == 0 then return WIDE end
+  return RING_FMT[string.sub(blob, 1, 1)]
+end
+local function fits32(x) return struct.unpack('<f', struct.pack('<f', x)) == x end
+-- stamp = k + base
+local function ring_base(blob, f)
+  if f.off then return struct.unpack('<i4', blob, 2) - 1 end
+  return 0
+end
+-- (stamp, value) of a slot's cell; (EMPTY, 0) when it has none
 local function cell(blob, slot)
   if not blob then return EMPTY, 0 end
-  if #blob % 2 == 1 then
-    for off = 2, #blob - 1, SP do
-      local s, st, v = struct.unpack('<Hi4d', blob, off)
-      if s == slot then return st, v end
+  local f = ring_fmt(blob)
+  local base = ring_base(blob, f)
+  if f.sparse then
+    for off = f.hdr + 1, #blob, f.size do
+      local s, st, v = struct.unpack(f.fmt, blob, off)
+      if s == slot then return st + base, v end
     end
     return EMPTY, 0
   end
-  local off = slot * CELL
-  if #blob < off + CELL then return EMPTY, 0 end
-  return struct.unpack('<i4d', blob, off + 1)
+  local off = f.hdr + slot * f.size
+  if #blob < off + f.size then return EMPTY, 0 end
+  local st, v = struct.unpack(f.fmt, blob, off + 1)
+  if f.off and st == 0 then return EMPTY, 0 end
+  return st + base, v
 end
-local function dense_put(blob, slot, stamp, value)
-  local off = slot * CELL
-  if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
-  return blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1)
-end
-local function cell_put(name, slot, stamp, value)
-  local blob = held[name]
-  local packed = struct.pack('<Hi4d', slot, stamp, value)
-  if not blob then hset(name, 'S' .. packed) return end
-  if #blob % 2 == 0 then hset(name, dense_put(blob, slot, stamp, value)) return end
-  local n = (#blob - 1) / SP
-  for off = 2, #blob - 1, SP do
-    if struct.unpack('<H', blob, off) == slot then
-      hset(name, blob:sub(1, off - 1) .. packed .. blob:sub(off + SP))
-      return
+-- every written cell: cells[slot] = {stamp, value}, and the slots
+local function ring_cells(blob)
+  local cells, slots, j = {}, {}, 0
+  local f = ring_fmt(blob)
+  local base = ring_base(blob, f)
+  for off = f.hdr + 1, #blob, f.size do
+    local s, st, v
+    if f.sparse then s, st, v = struct.unpack(f.fmt, blob, off)
+    else s = j; st, v = struct.unpack(f.fmt, blob, off) end
+    j = j + 1
+    if f.sparse or (f.off and st ~= 0) or ((not f.off) and st ~= EMPTY) then
+      cells[s] = {st + base, v}
+      slots[#slots + 1] = s
     end
   end
-  if n < SPARSE_MAX then hset(name, blob .. packed) return end
-  local dense = ''
-  for off = 2, #blob - 1, SP do
-    local s, st, v = struct.unpack('<Hi4d', blob, off)
-    dense = dense_put(dense, s, st, v)
+  return cells, slots
+end
+-- the canonical packing of a ring's cells (packed.py `_encode`)
+local function ring_encode(cells, slots)
+  table.sort(slots)
+  local n, lo, hi, narrow = #slots, math.huge, -math.huge, true
+  for _, s in ipairs(slots) do
+    local st = cells[s][1]
+    if st < lo then lo = st end
+    if st > hi then hi = st end
+    if narrow and not fits32(cells[s][2]) then narrow = false end
   end
-  hset(name, dense_put(dense, slot, stamp, value))
+  local f, parts, base
+  if hi - lo >= MAX_K then
+    if n <= SPARSE_MAX then f, parts = RING_FMT.S, {'S'} else f, parts = WIDE, {} end
+    base = 0
+  else
+    local tag
+    if n <= SPARSE_MAX then tag = narrow and 'a' or 'b' else tag = narrow and 'c' or 'd' end
+    f, parts, base = RING_FMT[tag], {tag .. struct.pack('<i4', lo)}, lo - 1
+  end
+  if f.sparse then
+    for _, s in ipairs(slots) do
+      parts[#parts + 1] = struct.pack(f.fmt, s, cells[s][1] - base, cells[s][2])
+    end
+  else
+    for s = 0, slots[n] do
+      local c = cells[s]
+      if c then parts[#parts + 1] = struct.pack(f.fmt, c[1] - base, c[2])
+      else parts[#parts + 1] = f.empty end
+    end
+  end
+  return table.concat(parts)
+end
+-- set a slot's cell: in place when the ring's format holds it, else packed afresh
+local function cell_put(name, slot, stamp, value)
+  local blob = held[name]
+  if blob then
+    local f = ring_fmt(blob)
+    local k, fits = stamp, true
+    if f.off then
+      k = stamp - ring_base(blob, f)
+      fits = k >= 1 and k <= MAX_K and ((not f.f32) or fits32(value))
+    end
+    if fits and not f.sparse then
+      local off = f.hdr + slot * f.size
+      if #blob < off then blob = blob .. string.rep(f.empty, (off - #blob) / f.size) end
+      hset(name, blob:sub(1, off) .. struct.pack(f.fmt, k, value) .. blob:sub(off + f.size + 1))
+      return
+    elseif fits then
+      local n = 0
+      for off = f.hdr + 1, #blob, f.size do
+        n = n + 1
+        if struct.unpack('<H', blob, off) == slot then
+          hset(name, blob:sub(1, off - 1) .. struct.pack(f.fmt, slot, k, value) .. blob:sub(off + f.size))
+          return
+        end
+      end
+      if n < SPARSE_MAX then hset(name, blob .. struct.pack(f.fmt, slot, k, value)) return end
+    end
+  end
+  local cells, slots = {}, {}
+  if blob then cells, slots = ring_cells(blob) end
+  if not cells[slot] then slots[#slots + 1] = slot end
+  cells[slot] = {stamp, value}
+  hset(name, ring_encode(cells, slots))
 end
 
 -- packed capped sets, unpacked once per call into member hashes and times
