@@ -174,7 +174,7 @@ SIZE_PEAK_FLOOR_TOKENS = 256.0
 """A key whose largest request of the day was tiny is judged against this many tokens."""
 NETWORK_OK = "netok:"
 """Prefix of the per-key fields marking a network (ASN) as used by traffic judged normal;
-`netok:n` counts them, and no more than `NETWORK_CAP` are recorded."""
+`IDENTITY_COUNTS` counts them, and no more than `NETWORK_CAP` are recorded."""
 PREFIX_OK = "pfxok:"
 """The same for address prefixes (/24 for IPv4, /48 for IPv6), up to `PREFIX_CAP`."""
 UA_FAMILY_OK = "uafok:"
@@ -189,7 +189,8 @@ UA_FAMILY_CAP = 32
 app) that a new one is no evidence, and the novelty features read 0."""
 HOUR_COUNT = "hodc"
 """Per-key counts of events judged normal by hour of day, one packed vector: slots 0..23
-the hours, slot 24 the total (`hodc#h`): the hours the key's normal traffic uses."""
+the hours, slot 24 the total (`hodc#h`): the hours the key's normal traffic uses. Then
+the counts of known networks, prefixes and client libraries (`IDENTITY_COUNTS`)."""
 HOUR_TOTAL = 24
 LAST_NORMAL = "ok:last"
 """Time of the key's last event judged normal: are the owner's identities in use?"""
@@ -263,6 +264,9 @@ IDENTITY_FIELDS = ("net_ok", "pfx_ok", "ua_ok", "net_n", "pfx_n", "ua_n", "hour_
 """Names of the identity read's results: is the event's network, prefix and client
 library known, how many of each are, and the key's normal events by hour of day."""
 _HOUR_SLOTS = tuple(f"{HOUR_COUNT}#{h}" for h in range(HOUR_TOTAL + 1))
+IDENTITY_COUNTS = {prefix: f"{HOUR_COUNT}#{HOUR_TOTAL + 1 + j}"
+                   for j, prefix in enumerate((NETWORK_OK, PREFIX_OK, UA_FAMILY_OK))}
+"""How many networks, prefixes and client libraries the key's normal traffic used."""
 _HOW_NAMES = tuple(f"how#{h}" for h in range(168))
 """The hour-of-week profile: one packed profile `how`, slot h (`features.stores.packed`)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
@@ -709,7 +713,7 @@ class FeatureExtractor:
                                      ident.get("ua_family"))):
             if new and member:  # when it was learned: the owner's networks predate a leak
                 ops.append((SET, prefix + member, repr(float(ctx["timestamp"]))))
-                ops.append((INCR, prefix + "n", 1.0))
+                ops.append((INCR, IDENTITY_COUNTS[prefix], 1.0))
         hod = int(ctx["timestamp"] // 3600) % 24
         ops.append((INCR, _HOUR_SLOTS[hod], 1.0))
         ops.append((INCR, _HOUR_SLOTS[HOUR_TOTAL], 1.0))
@@ -956,8 +960,8 @@ def _identity_ops(k: Reads, event: Event, asn: str | None) -> None:
     hod = int(event.timestamp // 3600) % 24
     k.read("identity", GETS, 10, NETWORK_OK + (asn or "-"),
            PREFIX_OK + (network_prefix(event.source_ip) or "-"),
-           UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
-           PREFIX_OK + "n", UA_FAMILY_OK + "n", _HOUR_SLOTS[(hod - 1) % 24],
+           UA_FAMILY_OK + ua_family(event.user_agent), *IDENTITY_COUNTS.values(),
+           _HOUR_SLOTS[(hod - 1) % 24],
            _HOUR_SLOTS[hod], _HOUR_SLOTS[(hod + 1) % 24], _HOUR_SLOTS[HOUR_TOTAL])
 
 
