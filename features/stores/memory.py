@@ -26,9 +26,9 @@ it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +89,8 @@ from features.stores.packed import (
     ring_read,
     scalar_get,
     scalar_put,
+    set_bytes,
+    set_members,
 )
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
@@ -97,10 +99,15 @@ from features.stores.snapshot import SnapshotError, read_snapshot, write_snapsho
 class _EntityState:
     hash: dict[str, Any] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Sorted sets of members (claims, logs, the global entities' indexes)."""
+    sets: dict[str, bytes] = field(default_factory=dict)
+    """Capped sets (RECENT_ADD, SEEN_ADD): (member hash, time) doubles per member, the
+    bytes the Redis hash holds in `z|name`."""
     rings: dict[str, bytes] = field(default_factory=dict)
     """Packed rings, the bytes the Redis hash holds (`features.stores.packed`)."""
-    profiles: dict[str, array] = field(default_factory=dict)
-    """Packed profiles (`name#slot` EWMs): (n, m, v) per slot."""
+    profiles: dict[str, bytes] = field(default_factory=dict)
+    """Packed profiles (`name#slot:part`: (n, m, v) per slot) and vectors (`name#slot`),
+    the bytes the Redis hash holds."""
     last_ts: float = 0.0
     size: int = 0
     """Estimated bytes of the feature state (`features.stores.budget`), as last applied."""
@@ -111,7 +118,7 @@ class _EntityState:
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
 
-_FEATURE_FIELDS = ("hash", "zsets", "rings", "profiles", "last_ts", "logs")
+_FEATURE_FIELDS = ("hash", "zsets", "sets", "rings", "profiles", "last_ts", "logs")
 
 
 def _fmt(value: float) -> str:
@@ -459,11 +466,10 @@ class MemoryStore(StateStore):
         if PROFILE_MARK in name:
             where = profile_slot(name)
             if where is not None:
-                profile = s.profiles.get(where[0])
-                if profile is None:
-                    profile = s.profiles[where[0]] = array("d")
-                profile_put(profile, where[1], *ewm_next(*profile_get(profile, where[1]),
-                                                         x, alpha))
+                base, slot = where[0], where[1]
+                profile = s.profiles.get(base)
+                s.profiles[base] = profile_put(profile, slot,
+                                               *ewm_next(*profile_get(profile, slot), x, alpha))
                 return
         h = s.hash
         nf = f"{name}:n"
@@ -507,9 +513,7 @@ class MemoryStore(StateStore):
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, window_s, cap = op
         member = member_hash(member)
-        z = s.zsets.get(zname)
-        if z is None:
-            z = s.zsets[zname] = {}
+        z = set_members(s.sets.get(zname))
         held = z.get(member)
         if held is None or held < ts:
             z[member] = ts
@@ -518,26 +522,23 @@ class MemoryStore(StateStore):
             if ts > self._newest_ts:
                 self._newest_ts = ts
         cutoff = ts - window_s
-        stale = [m for m, t in z.items() if t <= cutoff]
-        for m in stale:
-            del z[m]
+        z = {m: t for m, t in z.items() if t > cutoff}
         if len(z) > cap:
             _cap(z, cap)
+        _keep_set(s, zname, z)
         return len(z)
 
     def _recent_count(self, s: _EntityState, op: tuple[Any, ...]) -> int:
-        z = s.zsets.get(op[1])
+        z = s.sets.get(op[1])
         if not z:
             return 0
         cutoff = op[2] - op[3]
-        return sum(1 for t in z.values() if t > cutoff)
+        return sum(1 for t in set_members(z).values() if t > cutoff)
 
     def _seen_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, cap = op
         member = member_hash(member)
-        z = s.zsets.get(zname)
-        if z is None:
-            z = s.zsets[zname] = {}
+        z = set_members(s.sets.get(zname))
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
@@ -547,8 +548,8 @@ class MemoryStore(StateStore):
             z[member] = ts
         if len(z) > cap:
             _cap(z, cap)
+        _keep_set(s, zname, z)
         return 1 if held is None else 0
-
 
     def _zset(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         _, zname, member, score, cap = op
@@ -640,6 +641,13 @@ def _profile_read(s: _EntityState, fld: str) -> Any:
     return profile_part(s.profiles.get(where[0]), where[1], where[2])
 
 
+def _keep_set(s: _EntityState, name: str, members: dict[Any, float]) -> None:
+    if members:
+        s.sets[name] = set_bytes(members)
+    else:  # as the script deletes an emptied set's field
+        s.sets.pop(name, None)
+
+
 def _scalar(s: _EntityState, fld: str) -> float | None:
     """The number held in `fld`: a plain field, or a slot of a packed vector (`v#slot`)."""
     where = profile_slot(fld) if PROFILE_MARK in fld else None
@@ -654,17 +662,14 @@ def _put_scalar(s: _EntityState, fld: str, x: float) -> None:
     if where is None:
         s.hash[fld] = x
         return
-    vector = s.profiles.get(where[0])
-    if vector is None:
-        vector = s.profiles[where[0]] = array("d")
-    scalar_put(vector, where[1], x)
+    s.profiles[where[0]] = scalar_put(s.profiles.get(where[0]), where[1], x)
 
 
 def _plain(state: _EntityState) -> dict[str, Any]:
     """An entity's feature state as plain values (its enforcement dict is saved apart)."""
     return {"hash": dict(state.hash), "zsets": {z: dict(m) for z, m in state.zsets.items()},
-            "rings": dict(state.rings),
-            "profiles": {p: list(a) for p, a in state.profiles.items()},
+            "sets": dict(state.sets), "rings": dict(state.rings),
+            "profiles": dict(state.profiles),
             "last_ts": state.last_ts,
             "logs": {name: {**log, "entries": list(log["entries"])}
                      for name, log in state.logs.items()}}
@@ -674,8 +679,13 @@ def _state_of(fields: dict[str, Any]) -> _EntityState:
     state = _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
     state.rings = {name: ring for name, cells in state.rings.items()
                    if (ring := _ring_of(cells)) is not None}
-    state.profiles = {name: array("d", values) for name, values in state.profiles.items()}
-    # (capped sets of older snapshots hold members, not their hashes: each is new once)
+    state.profiles = {name: values if isinstance(values, bytes)  # older: lists of doubles
+                      else struct.pack(f"<{len(values)}d", *values)
+                      for name, values in state.profiles.items()}
+    # capped sets of older snapshots: {member hash: time} among the sorted sets (older
+    # still hold members, not their hashes: each is new once)
+    for name in [z for z, m in state.zsets.items() if m and isinstance(next(iter(m)), int)]:
+        state.sets[name] = set_bytes(state.zsets.pop(name))
     return state
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from array import array
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -35,7 +34,8 @@ days since the epoch, all far above it)."""
 SPARSE_MAX = 8
 """Live buckets a ring holds as (slot, stamp, value) cells before it turns dense."""
 MAX_K = 65535
-"""Stamps are kept as 16-bit offsets k = stamp - epoch + 1 (0: an empty dense slot)."""
+"""Stamps are kept as offsets k = stamp - epoch + 1 from the ring's epoch, in one byte
+while they span less than 255 buckets, else two (k = 0: an empty dense slot)."""
 
 
 class _Format(NamedTuple):
@@ -45,31 +45,53 @@ class _Format(NamedTuple):
     offset: bool
     """Stamps are offsets from the int32 epoch after the tag (else absolute int32)."""
     f32: bool
+    max_k: int
     empty: bytes
     """A dense slot without a cell."""
 
 
-def _format(sparse: bool, header: int, cell: str, offset: bool, f32: bool) -> _Format:
-    packer = struct.Struct(cell)
+def _format(sparse: bool, cell: str, f32: bool = False, max_k: int = 0) -> _Format:
+    packer, offset = struct.Struct(cell), max_k > 0
     empty = b"" if sparse else packer.pack(0 if offset else EMPTY_STAMP, 0.0)
-    return _Format(sparse, header, packer, offset, f32, empty)
+    header = 5 if offset else (1 if sparse else 0)
+    return _Format(sparse, header, packer, offset, f32, max_k, empty)
 
 
 _FORMATS = {
-    ord("a"): _format(True, 5, "<HHf", True, True),
-    ord("b"): _format(True, 5, "<HHd", True, False),
-    ord("c"): _format(False, 5, "<Hf", True, True),
-    ord("d"): _format(False, 5, "<Hd", True, False),
-    ord("S"): _format(True, 1, "<Hid", False, False),
+    ord("a"): _format(True, "<HHf", True, MAX_K),
+    ord("b"): _format(True, "<HHd", False, MAX_K),
+    ord("c"): _format(False, "<Hf", True, MAX_K),
+    ord("d"): _format(False, "<Hd", False, MAX_K),
+    ord("e"): _format(True, "<HBf", True, 255),
+    ord("f"): _format(True, "<HBd", False, 255),
+    ord("g"): _format(False, "<Bf", True, 255),
+    ord("h"): _format(False, "<Bd", False, 255),
+    ord("S"): _format(True, "<Hid"),
 }
-_WIDE = _format(False, 0, "<id", False, False)
+_TAGS = {(sparse, narrow, short): tag for tag, sparse, narrow, short in (
+    ("a", True, True, False), ("b", True, False, False), ("c", False, True, False),
+    ("d", False, False, False), ("e", True, True, True), ("f", True, False, True),
+    ("g", False, True, True), ("h", False, False, True))}
+"""The tag of (sparse, 32-bit values, one-byte offsets)."""
+_WIDE = _format(False, "<id")
 _EPOCH = struct.Struct("<i")
 _SLOT = struct.Struct("<H")
 _F32 = struct.Struct("<f")
 
 
 def _fmt(blob: bytes) -> _Format:
+    """A tagged ring is of odd length (a zero byte pads it); an even one is wide."""
     return _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
+
+
+def _end(blob: bytes, f: _Format) -> int:
+    """Where the ring's last whole cell ends (before the padding byte, if any)."""
+    return len(blob) - (len(blob) - f.header) % f.cell.size
+
+
+def _padded(blob: bytes, f: _Format) -> bytes:
+    """A tagged ring padded to an odd length (the wide forms need none)."""
+    return blob + b"\0" if f.offset and len(blob) % 2 == 0 else blob
 
 
 def _fits_f32(value: float) -> bool:
@@ -86,15 +108,15 @@ def _cell(blob: bytes | None, slot: int) -> tuple[int, float]:
         return EMPTY_STAMP, 0.0
     f = _fmt(blob)
     base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
-    size = f.cell.size
+    size, end = f.cell.size, _end(blob, f)
     if f.sparse:
-        for off in range(f.header, len(blob), size):
+        for off in range(f.header, end, size):
             if _SLOT.unpack_from(blob, off)[0] == slot:
                 _, st, value = f.cell.unpack_from(blob, off)
                 return st + base, value
         return EMPTY_STAMP, 0.0
     off = f.header + slot * size
-    if off + size > len(blob):
+    if off + size > end:
         return EMPTY_STAMP, 0.0
     st, value = f.cell.unpack_from(blob, off)
     if f.offset and st == 0:
@@ -108,7 +130,7 @@ def ring_cells(blob: bytes | None) -> list[tuple[int, int, float]]:
         return []
     f = _fmt(blob)
     base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
-    cells = f.cell.iter_unpack(memoryview(blob)[f.header:])
+    cells = f.cell.iter_unpack(memoryview(blob)[f.header:_end(blob, f)])
     if f.sparse:
         return [(slot, st + base, value) for slot, st, value in cells]
     empty = 0 if f.offset else EMPTY_STAMP
@@ -118,28 +140,29 @@ def ring_cells(blob: bytes | None) -> list[tuple[int, int, float]]:
 def _encode(cells: dict[int, tuple[int, float]]) -> bytes:
     """The canonical packing of a ring's cells (the Lua script's `ring_encode`): sparse
     while it has at most SPARSE_MAX cells (in slot order), else dense up to the highest
-    slot; 32-bit values when each is exact as one; 16-bit stamp offsets from the oldest
-    stamp, or the wide forms (absolute int32 stamps, doubles) when the stamps span more."""
+    slot; 32-bit values when each is exact as one; stamps as one-byte offsets from the
+    oldest stamp when they span less than 255 buckets, two-byte ones when less than
+    65535, else the wide forms (absolute int32 stamps, doubles)."""
     slots = sorted(cells)
     stamps = [cells[s][0] for s in slots]
     lo = min(stamps)
-    sparse = len(slots) <= SPARSE_MAX
-    if max(stamps) - lo >= MAX_K:
+    span, sparse = max(stamps) - lo, len(slots) <= SPARSE_MAX
+    if span >= MAX_K:
         if sparse:
             f = _FORMATS[ord("S")]
             return b"S" + b"".join(f.cell.pack(s, *cells[s]) for s in slots)
         return b"".join(_WIDE.cell.pack(*cells[s]) if s in cells else _WIDE.empty
                         for s in range(slots[-1] + 1))
     narrow = all(_fits_f32(cells[s][1]) for s in slots)
-    tag = ("a" if narrow else "b") if sparse else ("c" if narrow else "d")
-    f = _FORMATS[ord(tag)]
+    tag = _TAGS[(sparse, narrow, span < 255)]
+    f, base = _FORMATS[ord(tag)], lo - 1
     head = tag.encode() + _EPOCH.pack(lo)
-    base = lo - 1
     if sparse:
-        return head + b"".join(f.cell.pack(s, cells[s][0] - base, cells[s][1])
-                               for s in slots)
-    return head + b"".join(f.cell.pack(cells[s][0] - base, cells[s][1]) if s in cells
-                           else f.empty for s in range(slots[-1] + 1))
+        body = b"".join(f.cell.pack(s, cells[s][0] - base, cells[s][1]) for s in slots)
+    else:
+        body = b"".join(f.cell.pack(cells[s][0] - base, cells[s][1]) if s in cells
+                        else f.empty for s in range(slots[-1] + 1))
+    return _padded(head + body, f)
 
 
 def _put(blob: bytes | None, slot: int, stamp: int, value: float) -> bytes:
@@ -151,21 +174,20 @@ def _put(blob: bytes | None, slot: int, stamp: int, value: float) -> bytes:
         fits = True
         if f.offset:
             k = stamp - _EPOCH.unpack_from(blob, 1)[0] + 1
-            fits = 1 <= k <= MAX_K and (not f.f32 or _fits_f32(value))
+            fits = 1 <= k <= f.max_k and (not f.f32 or _fits_f32(value))
         if fits:
-            size = f.cell.size
+            size, end = f.cell.size, _end(blob, f)
             if not f.sparse:
                 off = f.header + slot * size
-                if off >= len(blob):
-                    return blob + f.empty * ((off - len(blob)) // size) + f.cell.pack(k, value)
+                if off >= end:
+                    return _padded(blob[:end] + f.empty * ((off - end) // size)
+                                   + f.cell.pack(k, value), f)
                 return blob[:off] + f.cell.pack(k, value) + blob[off + size:]
-            n = 0
-            for off in range(f.header, len(blob), size):
-                n += 1
+            for off in range(f.header, end, size):
                 if _SLOT.unpack_from(blob, off)[0] == slot:
                     return blob[:off] + f.cell.pack(slot, k, value) + blob[off + size:]
-            if n < SPARSE_MAX:
-                return blob + f.cell.pack(slot, k, value)
+            if (end - f.header) // size < SPARSE_MAX:
+                return _padded(blob[:end] + f.cell.pack(slot, k, value), f)
     cells = {s: (st, v) for s, st, v in ring_cells(blob)}
     cells[slot] = (stamp, value)
     return _encode(cells)
@@ -272,22 +294,28 @@ def profile_slot(name: str) -> tuple[str, int, str] | None:
     return base, int(slot), part
 
 
-def profile_get(profile: array | None, slot: int) -> tuple[float, float, float]:
+_TRIPLE = struct.Struct("<ddd")
+_DOUBLE = struct.Struct("<d")
+_NAN8 = _DOUBLE.pack(float("nan"))
+
+
+def profile_get(profile: bytes | None, slot: int) -> tuple[float, float, float]:
     """(n, m, v) of a profile slot; n == 0 when it was never written."""
-    i = 3 * slot
-    if profile is None or i + 3 > len(profile):
+    off = 24 * slot
+    if profile is None or off + 24 > len(profile):
         return 0.0, 0.0, 0.0
-    return profile[i], profile[i + 1], profile[i + 2]
+    return _TRIPLE.unpack_from(profile, off)
 
 
-def profile_put(profile: array, slot: int, n: float, m: float, v: float) -> None:
-    i = 3 * slot
-    if i + 3 > len(profile):
-        profile.extend((0.0,) * (i + 3 - len(profile)))
-    profile[i], profile[i + 1], profile[i + 2] = n, m, v
+def profile_put(profile: bytes | None, slot: int, n: float, m: float, v: float) -> bytes:
+    """The profile with slot `slot` set (the slots before it, if new, unwritten)."""
+    off, held = 24 * slot, profile or b""
+    if off > len(held):
+        held += bytes(off - len(held))
+    return held[:off] + _TRIPLE.pack(n, m, v) + held[off + 24:]
 
 
-def profile_part(profile: array | None, slot: int, part: str) -> float | None:
+def profile_part(profile: bytes | None, slot: int, part: str) -> float | None:
     """GET of `profile#slot:part` (m, v or n): None when the slot was never written.
     Without a part, the scalar `vector#slot` (`scalar_get`)."""
     if not part:
@@ -298,22 +326,22 @@ def profile_part(profile: array | None, slot: int, part: str) -> float | None:
     return {"m": m, "v": v, "n": n}.get(part)
 
 
-def scalar_get(vector: array | None, slot: int) -> float | None:
+def scalar_get(vector: bytes | None, slot: int) -> float | None:
     """Slot `slot` of a packed vector of scalars (`name#slot`, no part): None when it was
     never written (NaN marks an unwritten slot)."""
-    if vector is None or slot >= len(vector):
+    off = 8 * slot
+    if vector is None or off + 8 > len(vector):
         return None
-    x = vector[slot]
+    x = _DOUBLE.unpack_from(vector, off)[0]
     return None if x != x else x
 
 
-def scalar_put(vector: array, slot: int, x: float) -> None:
-    if slot >= len(vector):
-        vector.extend((_NAN,) * (slot + 1 - len(vector)))
-    vector[slot] = x
-
-
-_NAN = float("nan")
+def scalar_put(vector: bytes | None, slot: int, x: float) -> bytes:
+    """The vector with slot `slot` set (the slots before it, if new, unwritten)."""
+    off, held = 8 * slot, vector or b""
+    if off > len(held):
+        held += _NAN8 * ((off - len(held)) // 8)
+    return held[:off] + _DOUBLE.pack(x) + held[off + 8:]
 
 
 def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[float, float, float]:
@@ -323,6 +351,20 @@ def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[floa
     diff = x - m
     incr = alpha * diff
     return n + 1.0, m + incr, (1 - alpha) * (v + diff * incr)
+
+
+_PAIR = struct.Struct("<dd")
+
+
+def set_members(blob: bytes | None) -> dict[float, float]:
+    """A capped set's {member hash: time}, in the order the field packs them (as the
+    script appends a new member and keeps the order when it drops some)."""
+    return dict(_PAIR.iter_unpack(blob)) if blob else {}
+
+
+def set_bytes(members: dict[Any, float]) -> bytes:
+    """A capped set's field: (member hash, time) doubles per member, in order."""
+    return struct.pack(f"<{2 * len(members)}d", *(x for pair in members.items() for x in pair))
 
 
 @lru_cache(maxsize=65_536)

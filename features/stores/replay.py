@@ -16,8 +16,6 @@ members hashed: `packed.member_hash`). The sorted-set ops of the enforcement ind
 
 from __future__ import annotations
 
-import struct
-from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,9 +148,6 @@ def plan_request(ops: Sequence[tuple[Any, ...]]) -> Plan:
     return list(touched), list(touched.values()), sent, n_written
 
 
-_PAIR = struct.Struct("<dd")
-
-
 def rebuild(state: Any, fields: Sequence[str], kinds: Sequence[int],
             values: Sequence[bytes | None]) -> Any:
     """Fill a detached memory-store state (`memory.new_state`) with fetched fields."""
@@ -162,11 +157,9 @@ def rebuild(state: Any, fields: Sequence[str], kinds: Sequence[int],
         if kind == RING:
             state.rings[name] = unpack_ring(raw)
         elif kind == CAPPED_SET:
-            state.zsets[name[len(SET_PREFIX):]] = {
-                int(h): t for h, t in _PAIR.iter_unpack(raw[:len(raw) // 16 * 16])}
+            state.sets[name[len(SET_PREFIX):]] = bytes(raw)
         elif kind == PROFILE:
-            state.profiles[name] = array("d", struct.unpack(f"<{len(raw) // 8}d",
-                                                            raw[:len(raw) // 8 * 8]))
+            state.profiles[name] = bytes(raw)
         elif is_enforcement_field(name):
             state.enf[name] = raw.decode()
         elif kind == NUMBER:

@@ -129,29 +129,50 @@ local function ewm(name, x, alpha)
 end
 
 -- packed rings (features/stores/packed.py holds the same code, and says why). A tag
--- byte, an int32 epoch, then the cells, with stamps as 16-bit offsets k = stamp - epoch
--- + 1: sparse while a ring has at most SPARSE_MAX cells, (uint16 slot, uint16 k, value)
--- each ('a': float values, 'b': doubles), then dense, (uint16 k, value) per slot up to the
--- highest written, k = 0 for an empty slot ('c': floats, 'd': doubles). Floats only
--- while every value is exact as one. A ring whose stamps span more than 16 bits takes
--- the wide forms: 'S' then (uint16 slot, int32 stamp, double) cells, or (even length) an
--- (int32 stamp, double) per slot.
+-- byte, an int32 epoch, then the cells, with stamps as offsets k = stamp - epoch + 1 in
+-- one byte while they span less than 255 buckets, else two: sparse while a ring has at
+-- most SPARSE_MAX cells, (uint16 slot, k, value) each, then dense, (k, value) per slot up
+-- to the highest written, k = 0 for an empty slot; values floats while every one is
+-- exact as one, else doubles. A zero byte pads the field to an odd length. A ring whose
+-- stamps span more than 16 bits takes the wide forms: 'S' then (uint16 slot, int32
+-- stamp, double) cells, or (even length) an (int32 stamp, double) per slot.
 local SPARSE_MAX, MAX_K = 8, 65535
 local RING_FMT = {
-  a = {sparse = true, hdr = 5, fmt = '<HHf', size = 8, off = true, f32 = true},
-  b = {sparse = true, hdr = 5, fmt = '<HHd', size = 12, off = true},
-  c = {hdr = 5, fmt = '<Hf', size = 6, off = true, f32 = true},
-  d = {hdr = 5, fmt = '<Hd', size = 10, off = true},
+  a = {sparse = true, fmt = '<HHf', size = 8, max_k = MAX_K, f32 = true},
+  b = {sparse = true, fmt = '<HHd', size = 12, max_k = MAX_K},
+  c = {fmt = '<Hf', size = 6, max_k = MAX_K, f32 = true},
+  d = {fmt = '<Hd', size = 10, max_k = MAX_K},
+  e = {sparse = true, fmt = '<HBf', size = 7, max_k = 255, f32 = true},
+  f = {sparse = true, fmt = '<HBd', size = 11, max_k = 255},
+  g = {fmt = '<Bf', size = 5, max_k = 255, f32 = true},
+  h = {fmt = '<Bd', size = 9, max_k = 255},
   S = {sparse = true, hdr = 1, fmt = '<Hi4d', size = 14},
 }
-local WIDE = {hdr = 0, fmt = '<i4d', size = 12}
+local WIDE = {hdr = 0, fmt = '<i4d', size = 12, empty = EMPTY_CELL}
 for _, f in pairs(RING_FMT) do
-  if not f.sparse then f.empty = struct.pack(f.fmt, 0, 0) end
+  f.off = f.max_k ~= nil
+  if f.off then
+    f.hdr = 5
+    if not f.sparse then f.empty = struct.pack(f.fmt, 0, 0) end
+  end
 end
-WIDE.empty = EMPTY_CELL
+-- the tag of (sparse, float values, one-byte offsets)
+local function ring_tag(sparse, narrow, short)
+  local j = 1
+  if not sparse then j = j + 2 end
+  if not narrow then j = j + 1 end
+  if short then j = j + 4 end
+  return string.sub('abcdefgh', j, j)
+end
 local function ring_fmt(blob)
   if #blob % 2 == 0 then return WIDE end
   return RING_FMT[string.sub(blob, 1, 1)]
+end
+-- the end of the last whole cell (before the padding byte)
+local function ring_end(blob, f) return #blob - (#blob - f.hdr) % f.size end
+local function padded(blob, f)
+  if f.off and #blob % 2 == 0 then return blob .. '\0' end
+  return blob
 end
 local function fits32(x) return struct.unpack('<f', struct.pack('<f', x)) == x end
 -- stamp = k + base
@@ -163,16 +184,16 @@ end
 local function cell(blob, slot)
   if not blob then return EMPTY, 0 end
   local f = ring_fmt(blob)
-  local base = ring_base(blob, f)
+  local base, stop = ring_base(blob, f), ring_end(blob, f)
   if f.sparse then
-    for off = f.hdr + 1, #blob, f.size do
+    for off = f.hdr + 1, stop, f.size do
       local s, st, v = struct.unpack(f.fmt, blob, off)
       if s == slot then return st + base, v end
     end
     return EMPTY, 0
   end
   local off = f.hdr + slot * f.size
-  if #blob < off + f.size then return EMPTY, 0 end
+  if stop < off + f.size then return EMPTY, 0 end
   local st, v = struct.unpack(f.fmt, blob, off + 1)
   if f.off and st == 0 then return EMPTY, 0 end
   return st + base, v
@@ -182,7 +203,7 @@ local function ring_cells(blob)
   local cells, slots, j = {}, {}, 0
   local f = ring_fmt(blob)
   local base = ring_base(blob, f)
-  for off = f.hdr + 1, #blob, f.size do
+  for off = f.hdr + 1, ring_end(blob, f), f.size do
     local s, st, v
     if f.sparse then s, st, v = struct.unpack(f.fmt, blob, off)
     else s = j; st, v = struct.unpack(f.fmt, blob, off) end
@@ -204,13 +225,13 @@ local function ring_encode(cells, slots)
     if st > hi then hi = st end
     if narrow and not fits32(cells[s][2]) then narrow = false end
   end
+  local sparse = n <= SPARSE_MAX
   local f, parts, base
   if hi - lo >= MAX_K then
-    if n <= SPARSE_MAX then f, parts = RING_FMT.S, {'S'} else f, parts = WIDE, {} end
+    if sparse then f, parts = RING_FMT.S, {'S'} else f, parts = WIDE, {} end
     base = 0
   else
-    local tag
-    if n <= SPARSE_MAX then tag = narrow and 'a' or 'b' else tag = narrow and 'c' or 'd' end
+    local tag = ring_tag(sparse, narrow, hi - lo < 255)
     f, parts, base = RING_FMT[tag], {tag .. struct.pack('<i4', lo)}, lo - 1
   end
   if f.sparse then
@@ -224,7 +245,7 @@ local function ring_encode(cells, slots)
       else parts[#parts + 1] = f.empty end
     end
   end
-  return table.concat(parts)
+  return padded(table.concat(parts), f)
 end
 -- set a slot's cell: in place when the ring's format holds it, else packed afresh
 local function cell_put(name, slot, stamp, value)
@@ -234,23 +255,29 @@ local function cell_put(name, slot, stamp, value)
     local k, fits = stamp, true
     if f.off then
       k = stamp - ring_base(blob, f)
-      fits = k >= 1 and k <= MAX_K and ((not f.f32) or fits32(value))
+      fits = k >= 1 and k <= f.max_k and ((not f.f32) or fits32(value))
     end
+    local stop = ring_end(blob, f)
     if fits and not f.sparse then
       local off = f.hdr + slot * f.size
-      if #blob < off then blob = blob .. string.rep(f.empty, (off - #blob) / f.size) end
-      hset(name, blob:sub(1, off) .. struct.pack(f.fmt, k, value) .. blob:sub(off + f.size + 1))
+      if stop <= off then
+        blob = blob:sub(1, stop) .. string.rep(f.empty, (off - stop) / f.size)
+        hset(name, padded(blob .. struct.pack(f.fmt, k, value), f))
+      else
+        hset(name, blob:sub(1, off) .. struct.pack(f.fmt, k, value) .. blob:sub(off + f.size + 1))
+      end
       return
     elseif fits then
-      local n = 0
-      for off = f.hdr + 1, #blob, f.size do
-        n = n + 1
+      for off = f.hdr + 1, stop, f.size do
         if struct.unpack('<H', blob, off) == slot then
           hset(name, blob:sub(1, off - 1) .. struct.pack(f.fmt, slot, k, value) .. blob:sub(off + f.size))
           return
         end
       end
-      if n < SPARSE_MAX then hset(name, blob .. struct.pack(f.fmt, slot, k, value)) return end
+      if (stop - f.hdr) / f.size < SPARSE_MAX then
+        hset(name, padded(blob:sub(1, stop) .. struct.pack(f.fmt, slot, k, value), f))
+        return
+      end
     end
   end
   local cells, slots = {}, {}
