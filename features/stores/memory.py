@@ -3,9 +3,9 @@
 It applies the same generic operations as the Redis store's Lua script, with the same
 semantics, so that a single process needs nothing else installed and a test can compare
 the two backends op for op. It is also the engine of the batch feature extractor, so it
-is written for speed: each op is a small function of the op tuple. Rings, hour-of-week
-profiles and capped sets are packed as the Lua script packs them (`features.stores.packed`):
-a ring is one array of (stamp, value) cells, not an object per bucket.
+is written for speed: each op is a small function of the op tuple. Rings, profiles,
+vectors and capped sets are held as the very bytes the Lua script packs into the Redis
+hash (`features.stores.packed`): one `bytes` object per field, not an object per bucket.
 
 Memory is bounded three ways: the feature state's estimated bytes stay within `max_mb`
 (least recently used evicted first, addresses before keys: `features.stores.budget`;

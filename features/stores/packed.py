@@ -1,13 +1,23 @@
-"""The packed layouts of rings and profiles, as the memory store holds them.
+"""The packed layouts of rings, profiles, vectors and capped sets: the bytes of one Redis
+hash field each, which the memory store holds as they are.
 
 Why: a warm key used to hold hundreds of small objects — a `[stamp, value]` cell per ring
-bucket and three floats per hour-of-week slot — about 80 KB in Redis and more in Python.
-A ring is now one flat `array('d')`: while it has at most `SPARSE_MAX` live buckets,
-`[SPARSE, slot, stamp, value, ...]` (an address seen once holds a cell or two, not a run
-of empty slots); past that, `(stamp, value)` pairs indexed by slot, up to the highest slot
-written. A profile is one `array('d')` of `(n, m, v)` triples indexed by slot. The Lua
-script packs the same cells into one hash field (`lua/apply_ops.lua`), with the same
-semantics.
+bucket, three floats per hour-of-week slot, three fields per EWM — about 80 KB in Redis
+and more in Python. Now (both stores alike, byte for byte):
+
+* a ring is a tag byte, an int32 epoch, then its cells. Stamps are offsets k = stamp -
+  epoch + 1 (one byte while the ring's stamps span under 255 buckets, else two), values
+  32-bit floats while every one is exact as one, else doubles. While a ring has at most
+  `SPARSE_MAX` cells they are (uint16 slot, k, value) (an address seen once holds a cell
+  or two, not a run of empty slots); past that, (k, value) per slot up to the highest
+  written, k = 0 for an empty slot. Tags: sparse a (k 2 bytes, floats), b (2, doubles),
+  e (1, floats), f (1, doubles); dense c, d, g, h likewise. A zero byte pads the field to
+  an odd length. A ring whose stamps span 65,535 buckets or more takes the wide forms:
+  `S` then (uint16 slot, int32 stamp, double) cells, or (even length, no tag) an (int32
+  stamp, double) per slot. Any write may repack the ring in the narrowest form that holds
+  it (`_encode`); the Lua script does the same, so the bytes stay equal;
+* a profile is (n, m, v) doubles per slot (n = 0: unwritten), a vector a double per
+  slot (NaN: unwritten), a capped set (member hash, time) doubles per member.
 
 A slot whose stamp is not the one asked for is stale and reads as 0; a write to a stale
 slot starts it afresh; a write older than the slot's stamp is refused (too late).
