@@ -147,7 +147,25 @@ def test_memory_and_redis_give_the_same_results(redis_url: str, seed: int) -> No
         for ent in rng.sample(["x", "y", "z"], k=rng.randint(1, 2)):
             reqs.append(EntityOps("k", ent, random_ops(rng, ts)))
         assert normalise(mem.execute(reqs)) == normalise(red.execute(reqs))
+    for ent in ("x", "y", "z"):
+        assert_same_packed_fields(mem, redis_url, f"eq{seed}", "k", ent)
     red.close()
+
+
+def assert_same_packed_fields(mem: MemoryStore, redis_url: str, namespace: str, kind: str,
+                              entity_id: str) -> None:
+    """The memory store holds an entity's rings, profiles, vectors and capped sets as the
+    very bytes of the Redis hash's fields."""
+    import redis
+
+    state = mem._entities.get((kind, entity_id))
+    if state is None:
+        return
+    held = redis.Redis.from_url(redis_url).hgetall(f"{namespace}:{{{kind}:{entity_id}}}:h")
+    packed = {**state.rings, **state.profiles,
+              **{f"z|{name}": blob for name, blob in state.sets.items()}}
+    assert packed  # the random ops write some
+    assert packed == {f.decode(): v for f, v in held.items() if f.decode() in packed}
 
 
 def test_one_round_trip_per_event_and_hash_tagged_keys(redis_url: str) -> None:
