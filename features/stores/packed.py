@@ -112,26 +112,47 @@ def _fits_f32(value: float) -> bool:
         return False
 
 
-def _cell(blob: bytes | None, slot: int) -> tuple[int, float]:
-    """(stamp, value) of `slot`'s cell; (EMPTY_STAMP, 0.0) when it has none."""
-    if not blob:
-        return EMPTY_STAMP, 0.0
-    f = _fmt(blob)
+class _Place(NamedTuple):
+    """Where a slot's cell is in a ring: its format, stamp base (stamp = k + base), the
+    offset of the cell (-1: none) and the end of the last whole cell."""
+
+    f: _Format
+    base: int
+    off: int
+    end: int
+
+
+def _place(blob: bytes, slot: int) -> _Place:
+    f = _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
+    size = f.cell.size
+    end = len(blob) - (len(blob) - f.header) % size
     base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
-    size, end = f.cell.size, _end(blob, f)
     if f.sparse:
         for off in range(f.header, end, size):
             if _SLOT.unpack_from(blob, off)[0] == slot:
-                _, st, value = f.cell.unpack_from(blob, off)
-                return st + base, value
-        return EMPTY_STAMP, 0.0
+                return _Place(f, base, off, end)
+        return _Place(f, base, -1, end)
     off = f.header + slot * size
-    if off + size > end:
+    return _Place(f, base, off if off + size <= end else -1, end)
+
+
+def _held(blob: bytes, at: _Place) -> tuple[int, float]:
+    """(stamp, value) of the cell at `at`; (EMPTY_STAMP, 0.0) when there is none."""
+    f = at.f
+    if at.off < 0:
         return EMPTY_STAMP, 0.0
-    st, value = f.cell.unpack_from(blob, off)
-    if f.offset and st == 0:
-        return EMPTY_STAMP, 0.0
-    return st + base, value
+    if f.sparse:
+        _, k, value = f.cell.unpack_from(blob, at.off)
+    else:
+        k, value = f.cell.unpack_from(blob, at.off)
+        if f.offset and k == 0:
+            return EMPTY_STAMP, 0.0
+    return k + at.base, value
+
+
+def _cell(blob: bytes | None, slot: int) -> tuple[int, float]:
+    """(stamp, value) of `slot`'s cell; (EMPTY_STAMP, 0.0) when it has none."""
+    return _held(blob, _place(blob, slot)) if blob else (EMPTY_STAMP, 0.0)
 
 
 def ring_cells(blob: bytes | None) -> list[tuple[int, int, float]]:
@@ -175,29 +196,20 @@ def _encode(cells: dict[int, tuple[int, float]]) -> bytes:
     return _padded(head + body, f)
 
 
-def _put(blob: bytes | None, slot: int, stamp: int, value: float) -> bytes:
-    """`blob` with `slot`'s cell set to (stamp, value): in place when its format holds
-    them (the Lua script's `cell_put`), else packed afresh (`_encode`)."""
-    if blob:
-        f = _fmt(blob)
-        k = stamp
-        fits = True
-        if f.offset:
-            k = stamp - _EPOCH.unpack_from(blob, 1)[0] + 1
-            fits = 1 <= k <= f.max_k and (not f.f32 or _fits_f32(value))
-        if fits:
-            size, end = f.cell.size, _end(blob, f)
-            if not f.sparse:
-                off = f.header + slot * size
-                if off >= end:
-                    return _padded(blob[:end] + f.empty * ((off - end) // size)
-                                   + f.cell.pack(k, value), f)
-                return blob[:off] + f.cell.pack(k, value) + blob[off + size:]
-            for off in range(f.header, end, size):
-                if _SLOT.unpack_from(blob, off)[0] == slot:
-                    return blob[:off] + f.cell.pack(slot, k, value) + blob[off + size:]
-            if (end - f.header) // size < SPARSE_MAX:
-                return _padded(blob[:end] + f.cell.pack(slot, k, value), f)
+def _put(blob: bytes, at: _Place, slot: int, stamp: int, value: float) -> bytes:
+    """`blob` with `slot`'s cell (at `at`) set to (stamp, value): in place when its
+    format holds them (the Lua script's `cell_put`), else packed afresh (`_encode`)."""
+    f, k = at.f, stamp - at.base
+    if not f.offset or (1 <= k <= f.max_k and (not f.f32 or _fits_f32(value))):
+        size, off, end = f.cell.size, at.off, at.end
+        if off >= 0:
+            cell = f.cell.pack(slot, k, value) if f.sparse else f.cell.pack(k, value)
+            return blob[:off] + cell + blob[off + size:]
+        if not f.sparse:
+            gap = (f.header + slot * size - end) // size
+            return _padded(blob[:end] + f.empty * gap + f.cell.pack(k, value), f)
+        if (end - f.header) // size < SPARSE_MAX:
+            return _padded(blob[:end] + f.cell.pack(slot, k, value), f)
     cells = {s: (st, v) for s, st, v in ring_cells(blob)}
     cells[slot] = (stamp, value)
     return _encode(cells)
@@ -207,36 +219,75 @@ def ring_add(blob: bytes | None, slot: int, stamp: int,
              amount: float) -> tuple[bytes | None, float | None]:
     """Add to bucket `stamp` in `slot`: (the ring after, the bucket's new value), or
     (the ring unchanged, None) when the slot holds a newer bucket."""
-    held, value = _cell(blob, slot)
+    if not blob:
+        value = 0.0 + amount
+        return _encode({slot: (stamp, value)}), value
+    at = _place(blob, slot)
+    held, value = _held(blob, at)
     if held > stamp:
         return blob, None
     if held != stamp:  # a newer bucket starts afresh
         value = 0.0
     value += amount
-    return _put(blob, slot, stamp, value), value
+    return _put(blob, at, slot, stamp, value), value
 
 
 def ring_max(blob: bytes | None, slot: int, stamp: int,
              value: float) -> tuple[bytes | None, float | None]:
     """Keep the largest value of bucket `stamp` in `slot` (as `ring_add`)."""
-    held, kept = _cell(blob, slot)
+    if not blob:
+        return _encode({slot: (stamp, value)}), value
+    at = _place(blob, slot)
+    held, kept = _held(blob, at)
     if held > stamp:
         return blob, None
     if held != stamp or value > kept:
-        return _put(blob, slot, stamp, value), value
+        return _put(blob, at, slot, stamp, value), value
     return blob, kept
 
 
 def bucket(blob: bytes | None, size: int, stamp: int) -> float:
     """The value of bucket `stamp` in a ring of `size` slots (0.0 when stale)."""
-    held, value = _cell(blob, stamp % size)
-    return value if held == stamp else 0.0
+    return _values(blob, size, (stamp,))[0] if blob else 0.0
 
 
-def _buckets(blob: bytes, size: int) -> dict[int, float]:
-    """Every live bucket of a ring of `size` slots by stamp (a cell counts for the stamp
-    it holds only in the slot that stamp maps to, as `bucket` reads it)."""
-    return {st: value for slot, st, value in ring_cells(blob) if st % size == slot}
+_UNPACKERS: dict[tuple[str, int], struct.Struct] = {}
+
+
+def _flat(blob: bytes) -> tuple[_Format, int, tuple[Any, ...]]:
+    """(format, base, every cell's fields in one flat tuple): stamp = k + base."""
+    f = _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
+    n = (len(blob) - f.header) // f.cell.size
+    key = (f.cell.format, n)
+    unpacker = _UNPACKERS.get(key)
+    if unpacker is None:
+        unpacker = _UNPACKERS[key] = struct.Struct("<" + f.cell.format[1:] * n)
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    return f, base, unpacker.unpack_from(blob, f.header)
+
+
+def _values(blob: bytes, size: int, stamps: Iterable[int]) -> list[float]:
+    """The value of each bucket `stamp` of a ring of `size` slots (0.0 when stale): its
+    slot's cell, when that holds this stamp."""
+    f, base, flat = _flat(blob)
+    if f.sparse:
+        held = {flat[i]: (flat[i + 1] + base, flat[i + 2]) for i in range(0, len(flat), 3)}
+        out = []
+        for stamp in stamps:
+            cell = held.get(stamp % size)
+            out.append(cell[1] if cell is not None and cell[0] == stamp else 0.0)
+        return out
+    # dense: k == 0 (or the wide forms' EMPTY_STAMP) is an empty slot, never a stamp
+    end, empty, out = len(flat), (0 if f.offset else EMPTY_STAMP), []
+    for stamp in stamps:
+        i = 2 * (stamp % size)
+        if i < end:
+            k = flat[i]
+            if k != empty and k + base == stamp:
+                out.append(flat[i + 1])
+                continue
+        out.append(0.0)
+    return out
 
 
 def ring_windows(blob: bytes | None, size: int, stamp: int,
@@ -245,8 +296,7 @@ def ring_windows(blob: bytes | None, size: int, stamp: int,
     newest first, then the edge bucket stamp-n."""
     if not blob:
         return [0.0] * (2 * len(ns))
-    live = _buckets(blob, size).get
-    vals = [live(stamp - off, 0.0) for off in range(max(ns) + 1)]
+    vals = _values(blob, size, range(stamp, stamp - max(ns) - 1, -1))
     out: list[float] = []
     for n in ns:
         out.append(sum(vals[:n if n < size else size], 0.0))
@@ -263,22 +313,16 @@ def ring_read(op: tuple[Any, ...], blob: bytes | None) -> Any:
     if code == "ring_windows":
         return ring_windows(blob, op[2], op[3], op[5:5 + op[4]])
     if code == "ring_values":
-        size, stamps = op[2], op[4:4 + op[3]]
-        if not blob:
-            return [0.0] * len(stamps)
-        if 4 * len(stamps) < size:
-            return [bucket(blob, size, st) for st in stamps]
-        live = _buckets(blob, size).get
-        return [live(st, 0.0) for st in stamps]
+        stamps = op[4:4 + op[3]]
+        return _values(blob, op[2], stamps) if blob else [0.0] * len(stamps)
     if code == "ring_get":
         held, value = _cell(blob, op[2])
         return value if held == op[3] else 0.0
     _, _, size, lo, hi = op  # ring_sum
     total = 0.0
     if blob:
-        live = _buckets(blob, size).get
-        for stamp in range(max(lo, hi - size + 1), hi + 1):
-            total += live(stamp, 0.0)
+        for value in _values(blob, size, range(max(lo, hi - size + 1), hi + 1)):
+            total += value
     return total
 
 
@@ -293,6 +337,7 @@ def ring_of_cells(cells: Iterable[tuple[int, int, float]]) -> bytes | None:
     return _encode(held) if held else None
 
 
+@lru_cache(maxsize=8192)
 def profile_slot(name: str) -> tuple[str, int, str] | None:
     """(profile, slot, part) of `profile#slot[:part]`, or None for a plain name."""
     if PROFILE_MARK not in name:
