@@ -174,7 +174,7 @@ SIZE_PEAK_FLOOR_TOKENS = 256.0
 """A key whose largest request of the day was tiny is judged against this many tokens."""
 NETWORK_OK = "netok:"
 """Prefix of the per-key fields marking a network (ASN) as used by traffic judged normal;
-`netok:n` counts them, and no more than `NETWORK_CAP` are recorded."""
+`IDENTITY_COUNTS` counts them, and no more than `NETWORK_CAP` are recorded."""
 PREFIX_OK = "pfxok:"
 """The same for address prefixes (/24 for IPv4, /48 for IPv6), up to `PREFIX_CAP`."""
 UA_FAMILY_OK = "uafok:"
@@ -187,9 +187,11 @@ PREFIX_CAP = 256
 UA_FAMILY_CAP = 32
 """Beyond its cap a set is saturated: the key is used from so many places (a consumer
 app) that a new one is no evidence, and the novelty features read 0."""
-HOUR_COUNT = "hodc:"
-"""Per-key counts of events judged normal by hour of day (`hodc:0`..`hodc:23`, `hodc:n`
-the total): the hours the key's normal traffic uses."""
+HOUR_COUNT = "hodc"
+"""Per-key counts of events judged normal by hour of day, one packed vector: slots 0..23
+the hours, slot 24 the total (`hodc#h`): the hours the key's normal traffic uses. Then
+the counts of known networks, prefixes and client libraries (`IDENTITY_COUNTS`)."""
+HOUR_TOTAL = 24
 LAST_NORMAL = "ok:last"
 """Time of the key's last event judged normal: are the owner's identities in use?"""
 NEVER_S = 1e9
@@ -217,6 +219,27 @@ _METRICS = ("requests", "tokens", "errors", "auth_fails")
 address (spend is added by the key alone, and has a day ring too)."""
 
 
+KEY_EWMS = ("tok", "lat", "rate", "host", "gap", "same", "psame")
+"""The key's EWMs by name. Each is a slot of the key's packed profile `ewm`
+(`features.stores.packed`): one field for all, not three per EWM; after them, two slots
+per loop bucket (its gaps, then its repeats)."""
+EWM_SLOT = {name: f"ewm#{slot}" for slot, name in enumerate(KEY_EWMS)}
+LAST_SLOT = {name: f"last#{slot}" for slot, name in enumerate(("gap", "same", "psame"))}
+"""What EWM_GAP and EWM_SAME remember (the last time, size, prompt): slots of the packed
+vector `last`; after them, two slots per loop bucket."""
+_LOOP_SLOTS = tuple(
+    (f"ewm#{len(KEY_EWMS) + 2 * b}", f"ewm#{len(KEY_EWMS) + 2 * b + 1}",
+     f"last#{len(LAST_SLOT) + 2 * b}", f"last#{len(LAST_SLOT) + 2 * b + 1}")
+    for b in range(LOOP_BUCKETS))
+"""Per loop bucket: (gap EWM, repeat EWM, last time, last prompt)."""
+
+
+def _store_field(name: str) -> str:
+    """The store's field of an EWM part named by the key's EWM (`tok:m` -> `ewm#0:m`)."""
+    ewm, _, part = name.partition(":")
+    return f"{EWM_SLOT[ewm]}:{part}" if ewm in EWM_SLOT else name
+
+
 def hour_of_week(ts: float) -> int:
     """0..167, Monday 00:00 UTC = 0 (the epoch fell on a Thursday)."""
     return int((ts // 3600 + 72) % 168)
@@ -227,34 +250,23 @@ _IP_RINGS = ring_reads("ip")
 _IP_WINDOW_NAMES = tuple(f.name for f in windowed("ip"))
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
-KEY_EWMS = ("tok", "lat", "rate", "host", "gap", "same", "psame",
-            *(f"lp{b}:{part}" for b in range(LOOP_BUCKETS) for part in "gs"))
-"""The key's exponentially weighted means, stored as the slots of one packed profile
-`ew` (`features.stores.packed`): one field of (n, m, v) per EWM rather than three fields
-each, so an event rewrites one field in Redis, and the memory store holds one array."""
-_EWM_SLOT = {name: f"ew#{i}" for i, name in enumerate(KEY_EWMS)}
-
-
-def ewm_field(name: str) -> str:
-    """The store's name of a part of a key EWM: `tok:m` is `ew#0:m`."""
-    base, _, part = name.partition(":")
-    return f"{_EWM_SLOT[base]}:{part}"
-
-
 BASELINE_FIELDS = ("tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
                    "rate:n", "how:m", "how:v", "how:n", "host:m", "host:n")
 """The learned baselines read for every event (`how:*` stands for the event's own
 hour-of-week slot, `how:<h>:*` in the store)."""
 _BASELINE_GETS = tuple(
-    (GETS, 14, *(f.replace("how:", f"how#{h}:") if f.startswith("how:") else ewm_field(f)
-                 for f in BASELINE_FIELDS))
+    (GETS, 14, *(_store_field(f.replace("how:", f"how#{h}:")) for f in BASELINE_FIELDS))
     for h in range(168))
 REGULARITY_FIELDS = ("gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m", "psame:n")
-_REGULARITY_GETS = (GETS, 7, *(ewm_field(f) for f in REGULARITY_FIELDS))
+_REGULARITY_GETS = (GETS, 7, *map(_store_field, REGULARITY_FIELDS))
 IDENTITY_FIELDS = ("net_ok", "pfx_ok", "ua_ok", "net_n", "pfx_n", "ua_n", "hour_before",
                    "hour", "hour_after", "hours_n")
 """Names of the identity read's results: is the event's network, prefix and client
 library known, how many of each are, and the key's normal events by hour of day."""
+_HOUR_SLOTS = tuple(f"{HOUR_COUNT}#{h}" for h in range(HOUR_TOTAL + 1))
+IDENTITY_COUNTS = {prefix: f"{HOUR_COUNT}#{HOUR_TOTAL + 1 + j}"
+                   for j, prefix in enumerate((NETWORK_OK, PREFIX_OK, UA_FAMILY_OK))}
+"""How many networks, prefixes and client libraries the key's normal traffic used."""
 _HOW_NAMES = tuple(f"how#{h}" for h in range(168))
 """The hour-of-week profile: one packed profile `how`, slot h (`features.stores.packed`)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
@@ -701,10 +713,10 @@ class FeatureExtractor:
                                      ident.get("ua_family"))):
             if new and member:  # when it was learned: the owner's networks predate a leak
                 ops.append((SET, prefix + member, repr(float(ctx["timestamp"]))))
-                ops.append((INCR, prefix + "n", 1.0))
+                ops.append((INCR, IDENTITY_COUNTS[prefix], 1.0))
         hod = int(ctx["timestamp"] // 3600) % 24
-        ops.append((INCR, HOUR_COUNT + str(hod), 1.0))
-        ops.append((INCR, HOUR_COUNT + "n", 1.0))
+        ops.append((INCR, _HOUR_SLOTS[hod], 1.0))
+        ops.append((INCR, _HOUR_SLOTS[HOUR_TOTAL], 1.0))
         return ops
 
     def learn_ops(self, fv: FeatureVector) -> list[EntityOps]:
@@ -718,9 +730,9 @@ class FeatureExtractor:
         values = fv.values
         rate = values["requests_count_by_key_1h"]
         ops: list[tuple[Any, ...]] = [*self.recurrence_ops(fv), *self.identity_learn_ops(fv),
-            (EWM, _EWM_SLOT["tok"], values["tokens_log_by_event"], self.ewm_alpha),
-            (EWM, _EWM_SLOT["lat"], values["latency_log_ms_by_event"], self.ewm_alpha),
-            (EWM, _EWM_SLOT["rate"], rate, self.ewm_alpha),
+            (EWM, EWM_SLOT["tok"], values["tokens_log_by_event"], self.ewm_alpha),
+            (EWM, EWM_SLOT["lat"], values["latency_log_ms_by_event"], self.ewm_alpha),
+            (EWM, EWM_SLOT["rate"], rate, self.ewm_alpha),
             (EWM, _HOW_NAMES[hour_of_week(ts)], rate, self.how_alpha),
         ]
         stamp_h = int(ts // 3600)
@@ -737,7 +749,7 @@ class FeatureExtractor:
         if country and (trusted_ts is None or values.get("untrusted_country_by_key")):
             ops.append((SET, TRUSTED_COUNTRY + country, "1"))
         hosting = values.get("hosting_asn_by_event", 0.0)
-        ops.append((EWM, _EWM_SLOT["host"], hosting, self.ewm_alpha))
+        ops.append((EWM, EWM_SLOT["host"], hosting, self.ewm_alpha))
         if hosting and ctx.get("asn"):
             ops.append((SET, TRUSTED_HOSTING_ASN + ctx["asn"], "1"))
         out = [EntityOps(KEY, ctx["key_id"], ops)]
@@ -934,10 +946,10 @@ def _regularity_ops(k: Reads, event: Event) -> None:
     this is the key's first event. A client stuck in a loop resends the same prompt (the
     completion, and so the total, varies from one answer to the next)."""
     ts = event.timestamp
-    k.read("gap_last", EWM_GAP, _EWM_SLOT["gap"], "gap:last", ts, GAP_ALPHA, GAP_CAP_S)
-    k.write(EWM_SAME, _EWM_SLOT["same"], "same:last", event.tokens, SAME_ALPHA)
+    k.read("gap_last", EWM_GAP, EWM_SLOT["gap"], LAST_SLOT["gap"], ts, GAP_ALPHA, GAP_CAP_S)
+    k.write(EWM_SAME, EWM_SLOT["same"], LAST_SLOT["same"], event.tokens, SAME_ALPHA)
     prompt = event.prompt_tokens if event.prompt_tokens is not None else event.tokens
-    k.write(EWM_SAME, _EWM_SLOT["psame"], "psame:last", prompt, SAME_ALPHA)
+    k.write(EWM_SAME, EWM_SLOT["psame"], LAST_SLOT["psame"], prompt, SAME_ALPHA)
     k.read("regularity", *_REGULARITY_GETS)
     _loop_ops(k, ts, prompt)
 
@@ -948,19 +960,19 @@ def _identity_ops(k: Reads, event: Event, asn: str | None) -> None:
     hod = int(event.timestamp // 3600) % 24
     k.read("identity", GETS, 10, NETWORK_OK + (asn or "-"),
            PREFIX_OK + (network_prefix(event.source_ip) or "-"),
-           UA_FAMILY_OK + ua_family(event.user_agent), NETWORK_OK + "n",
-           PREFIX_OK + "n", UA_FAMILY_OK + "n", HOUR_COUNT + str((hod - 1) % 24),
-           HOUR_COUNT + str(hod), HOUR_COUNT + str((hod + 1) % 24), HOUR_COUNT + "n")
+           UA_FAMILY_OK + ua_family(event.user_agent), *IDENTITY_COUNTS.values(),
+           _HOUR_SLOTS[(hod - 1) % 24],
+           _HOUR_SLOTS[hod], _HOUR_SLOTS[(hod + 1) % 24], _HOUR_SLOTS[HOUR_TOTAL])
 
 
 def _loop_ops(k: Reads, ts: float, prompt: float) -> None:
     """Regularity of the event's prompt-size sub-stream (one of `LOOP_BUCKETS`): gaps and
     whether the prompt repeats the sub-stream's previous one, read back as `loop`."""
-    bucket = f"lp{int(prompt) % LOOP_BUCKETS}"
-    gaps, same = _EWM_SLOT[f"{bucket}:g"], _EWM_SLOT[f"{bucket}:s"]
-    k.write(EWM_GAP, gaps, f"{bucket}:g:last", ts, LOOP_ALPHA, LOOP_GAP_CAP_S)
-    k.write(EWM_SAME, same, f"{bucket}:s:last", prompt, LOOP_ALPHA)
-    k.read("loop", GETS, 5, f"{gaps}:m", f"{gaps}:v", f"{gaps}:n", f"{same}:m", f"{same}:n")
+    gaps, repeats, last_ts, last_prompt = _LOOP_SLOTS[int(prompt) % LOOP_BUCKETS]
+    k.write(EWM_GAP, gaps, last_ts, ts, LOOP_ALPHA, LOOP_GAP_CAP_S)
+    k.write(EWM_SAME, repeats, last_prompt, prompt, LOOP_ALPHA)
+    k.read("loop", GETS, 5, f"{gaps}:m", f"{gaps}:v", f"{gaps}:n", f"{repeats}:m",
+           f"{repeats}:n")
 
 
 def _loop_values(v: dict[str, float], res: Sequence[Any]) -> None:

@@ -60,8 +60,10 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             ops.append((SET, rng.choice(["a", "b"]), str(rng.randint(0, 9))))
         elif kind == "del":
             ops.append((DEL, rng.choice(["a", "b", "c"])))
-        elif kind == "incr":
-            ops.append((INCR, "c", rng.choice([1, 2.5, -1])))
+        elif kind == "incr":  # a plain field, or a slot of a packed vector
+            fld = rng.choice(["c", "cv#0", "cv#3"])
+            ops.append((INCR, fld, rng.choice([1, 2.5, -1])))
+            ops.append((GETS, 3, fld, "cv#1", "cv#9"))
         elif kind == "ring":
             ops.append((RING_ADD, "r", stamp % 8, stamp, rng.choice([1, 3, 0.5])))
         elif kind == "ring_get":
@@ -100,9 +102,17 @@ def random_ops(rng: random.Random, ts: float) -> list[tuple[object, ...]]:
             at = ts + rng.choice([0.0, -30.0, 0.01, 2.5, 500.0])
             ops.append((EWM_GAP, "g", "g:last", at, 0.1, 100.0))
             ops.extend([(GET, "g:m"), (GET, "g:v"), (GET, "g:n"), (GET, "g:last")])
+            # the same, kept in slots of a packed profile and a packed vector
+            slot = rng.choice([0, 2])
+            ops.append((EWM_GAP, f"pe#{slot}", f"lv#{slot}", at, 0.1, 100.0))
+            ops.extend([(GETS, 3, f"pe#{slot}:m", f"pe#{slot}:n", f"lv#{slot}"),
+                        (GET, "lv#1")])
         elif kind == "same":
-            ops.append((EWM_SAME, "q", "q:last", rng.choice([0, 7, 7, 12.5]), 0.2))
+            x = rng.choice([0, 7, 7, 12.5])
+            ops.append((EWM_SAME, "q", "q:last", x, 0.2))
             ops.extend([(GET, "q:m"), (GET, "q:v"), (GET, "q:last")])
+            ops.append((EWM_SAME, "pe#1", "lv#3", x, 0.2))
+            ops.extend([(GET, "pe#1:m"), (GET, "pe#1:v"), (GET, "lv#3")])
         elif kind == "budget":
             # periods that move on, stay, and come late; amounts that fit and that do not
             period = int(ts // 600) - rng.choice([0, 0, 0, 1])
@@ -137,7 +147,25 @@ def test_memory_and_redis_give_the_same_results(redis_url: str, seed: int) -> No
         for ent in rng.sample(["x", "y", "z"], k=rng.randint(1, 2)):
             reqs.append(EntityOps("k", ent, random_ops(rng, ts)))
         assert normalise(mem.execute(reqs)) == normalise(red.execute(reqs))
+    for ent in ("x", "y", "z"):
+        assert_same_packed_fields(mem, redis_url, f"eq{seed}", "k", ent)
     red.close()
+
+
+def assert_same_packed_fields(mem: MemoryStore, redis_url: str, namespace: str, kind: str,
+                              entity_id: str) -> None:
+    """The memory store holds an entity's rings, profiles, vectors and capped sets as the
+    very bytes of the Redis hash's fields."""
+    import redis
+
+    state = mem._entities.get((kind, entity_id))
+    if state is None:
+        return
+    held = redis.Redis.from_url(redis_url).hgetall(f"{namespace}:{{{kind}:{entity_id}}}:h")
+    packed = {**state.rings, **state.profiles,
+              **{f"z|{name}": blob for name, blob in state.sets.items()}}
+    assert packed  # the random ops write some
+    assert packed == {f.decode(): v for f, v in held.items() if f.decode() in packed}
 
 
 def test_one_round_trip_per_event_and_hash_tagged_keys(redis_url: str) -> None:
@@ -293,7 +321,42 @@ def test_rings_read_alike_while_sparse_and_once_dense(redis_url: str) -> None:
     import redis
 
     held = redis.Redis.from_url(redis_url).hget("sparse:{ip:198.51.100.7}:h", "w") or b""
-    assert len(held) % 2 == 0 and len(held) >= 9 * 12  # it turned dense on the way
+    assert held[:1] == b"c" and len(held) >= 5 + 9 * 6  # it turned dense on the way
+    assert held == mem._addresses[("ip", "198.51.100.7")].rings["w"]  # the same bytes
+    red.close()
+
+
+def test_rings_change_format_alike_in_both_stores(redis_url: str) -> None:
+    """A ring's cells keep 32-bit values while each is exact as one, then doubles; its
+    stamps one-byte offsets while they span less than 255 buckets, then two bytes, then
+    int32 past 65535; sparse, then dense. Both stores hold the same bytes and read the
+    same buckets throughout, whatever the order of the writes (late ones, far older
+    ones, newer ones)."""
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)
+    rng = random.Random(5)
+    mem, red = MemoryStore(), RedisStore(redis_url, namespace="fmt")
+    seen: set[bytes] = set()
+    regimes = {"near": ([1, 1, 2, 3], [0, 0, 2, 5]), "mid": ([1, 30, 300], [0, 2, 50, 400]),
+               "far": ([1, 3, 70_000], [0, 2, 80_000])}
+    for round_ in range(6):
+        name, stamp = f"r{round_}", 1_000_000
+        steps, lates = regimes[("near", "mid", "far")[round_ % 3]]
+        for _ in range(150):
+            stamp += rng.choice(steps)
+            at = stamp - rng.choice(lates)
+            amount = rng.choice([1.0, 2.5, 0.1, 3e9]) if round_ >= 3 else 1.0
+            op = RING_ADD if rng.random() < 0.7 else RING_MAX
+            ops = [(op, name, at % 64, at, amount),
+                   (RING_VALUES, name, 64, 4, stamp, at, at - 1, at - 64),
+                   (RING_WINDOWS, name, 64, stamp, 2, 3, 70), (RING_SUM, name, 64, at - 9, at)]
+            req = [EntityOps("k", "f", ops)]
+            assert mem.execute(req) == red.execute(req)
+            held = raw.hget("fmt:{k:f}:h", name)
+            assert held == mem._entities[("k", "f")].rings[name]
+            seen.add(held[:1] if len(held) % 2 else b"wide")
+    assert {bytes([c]) for c in b"abcdefghS"} | {b"wide"} <= seen, seen
     red.close()
 
 

@@ -21,18 +21,20 @@ ENTITY_BYTES = 800
 """The entity itself: its state object, its dicts, its place in the LRU and its id."""
 FIELD_BYTES = 130
 """One plain hash field: its name, its value (a short string or a float), a dict slot."""
-ARRAY_BYTES = 150
-"""One packed ring or profile, besides its 8-byte cells: the array and its name."""
+PACKED_BYTES = 100
+"""One packed field (ring, profile, vector, capped set), besides its bytes: the bytes
+object, its name and its dict slot."""
 SET_BYTES = 250
-"""One capped set, besides its members: the dict and its name."""
+"""One sorted set (claims, logs, indexes), besides its members: the dict and its name."""
 MEMBER_BYTES = 100
-"""One member of a capped set: its 48-bit hash, its time and the dict slot."""
+"""One member of a sorted set: the member, its score and the dict slot."""
 
 
 def entity_bytes(state: Any) -> int:
     """Estimated bytes of an entity's feature state (`memory._EntityState`)."""
-    rings, profiles, zsets = state.rings, state.profiles, state.zsets
+    zsets = state.zsets
+    packed = (state.rings, state.profiles, state.sets)
     return (ENTITY_BYTES + FIELD_BYTES * len(state.hash)
-            + ARRAY_BYTES * (len(rings) + len(profiles))
-            + 8 * (sum(map(len, rings.values())) + sum(map(len, profiles.values())))
+            + sum(PACKED_BYTES * len(fields) + sum(map(len, fields.values()))
+                  for fields in packed)
             + SET_BYTES * len(zsets) + MEMBER_BYTES * sum(map(len, zsets.values())))

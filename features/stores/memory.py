@@ -3,9 +3,9 @@
 It applies the same generic operations as the Redis store's Lua script, with the same
 semantics, so that a single process needs nothing else installed and a test can compare
 the two backends op for op. It is also the engine of the batch feature extractor, so it
-is written for speed: each op is a small function of the op tuple. Rings, hour-of-week
-profiles and capped sets are packed as the Lua script packs them (`features.stores.packed`):
-a ring is one array of (stamp, value) cells, not an object per bucket.
+is written for speed: each op is a small function of the op tuple. Rings, profiles,
+vectors and capped sets are held as the very bytes the Lua script packs into the Redis
+hash (`features.stores.packed`): one `bytes` object per field, not an object per bucket.
 
 Memory is bounded three ways: the feature state's estimated bytes stay within `max_mb`
 (least recently used evicted first, addresses before keys: `features.stores.budget`;
@@ -26,9 +26,9 @@ it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,17 +75,22 @@ from features.stores.base import (
 from features.stores.budget import entity_bytes
 from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
+    EMPTY_STAMP,
     PROFILE_MARK,
     ewm_next,
     member_hash,
-    new_ring,
     profile_get,
     profile_part,
     profile_put,
     profile_slot,
     ring_add,
     ring_max,
+    ring_of_cells,
     ring_read,
+    scalar_get,
+    scalar_put,
+    set_bytes,
+    set_members,
 )
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
@@ -94,10 +99,15 @@ from features.stores.snapshot import SnapshotError, read_snapshot, write_snapsho
 class _EntityState:
     hash: dict[str, Any] = field(default_factory=dict)
     zsets: dict[str, dict[str, float]] = field(default_factory=dict)
-    rings: dict[str, array] = field(default_factory=dict)
-    """Packed rings: (stamp, value) per slot (`features.stores.packed`)."""
-    profiles: dict[str, array] = field(default_factory=dict)
-    """Packed profiles (`name#slot` EWMs): (n, m, v) per slot."""
+    """Sorted sets of members (claims, logs, the global entities' indexes)."""
+    sets: dict[str, bytes] = field(default_factory=dict)
+    """Capped sets (RECENT_ADD, SEEN_ADD): (member hash, time) doubles per member, the
+    bytes the Redis hash holds in `z|name`."""
+    rings: dict[str, bytes] = field(default_factory=dict)
+    """Packed rings, the bytes the Redis hash holds (`features.stores.packed`)."""
+    profiles: dict[str, bytes] = field(default_factory=dict)
+    """Packed profiles (`name#slot:part`: (n, m, v) per slot) and vectors (`name#slot`),
+    the bytes the Redis hash holds."""
     last_ts: float = 0.0
     size: int = 0
     """Estimated bytes of the feature state (`features.stores.budget`), as last applied."""
@@ -108,7 +118,7 @@ class _EntityState:
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
 
 
-_FEATURE_FIELDS = ("hash", "zsets", "rings", "profiles", "last_ts", "logs")
+_FEATURE_FIELDS = ("hash", "zsets", "sets", "rings", "profiles", "last_ts", "logs")
 
 
 def _fmt(value: float) -> str:
@@ -419,21 +429,23 @@ class MemoryStore(StateStore):
 
     def _incr(self, s: _EntityState, op: tuple[Any, ...]) -> float:
         fld = op[1]
+        if PROFILE_MARK in fld:
+            value = (_scalar(s, fld) or 0.0) + float(op[2])
+            _put_scalar(s, fld, value)
+            return value
         value = float(s.hash.get(fld, "0")) + float(op[2])
         s.hash[fld] = _fmt(value)
         return value
 
     def _ring_add(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        ring = s.rings.get(op[1])
-        if ring is None:
-            ring = s.rings[op[1]] = new_ring()
-        return ring_add(ring, op[2], op[3], float(op[4]))
+        rings = s.rings
+        rings[op[1]], value = ring_add(rings.get(op[1]), op[2], op[3], float(op[4]))
+        return value
 
     def _ring_max(self, s: _EntityState, op: tuple[Any, ...]) -> float | None:
-        ring = s.rings.get(op[1])
-        if ring is None:
-            ring = s.rings[op[1]] = new_ring()
-        return ring_max(ring, op[2], op[3], float(op[4]))
+        rings = s.rings
+        rings[op[1]], value = ring_max(rings.get(op[1]), op[2], op[3], float(op[4]))
+        return value
 
     def _ring_read(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         return ring_read(op, s.rings.get(op[1]))
@@ -454,11 +466,10 @@ class MemoryStore(StateStore):
         if PROFILE_MARK in name:
             where = profile_slot(name)
             if where is not None:
-                profile = s.profiles.get(where[0])
-                if profile is None:
-                    profile = s.profiles[where[0]] = array("d")
-                profile_put(profile, where[1], *ewm_next(*profile_get(profile, where[1]),
-                                                         x, alpha))
+                base, slot = where[0], where[1]
+                profile = s.profiles.get(base)
+                s.profiles[base] = profile_put(profile, slot,
+                                               *ewm_next(*profile_get(profile, slot), x, alpha))
                 return
         h = s.hash
         nf = f"{name}:n"
@@ -476,37 +487,33 @@ class MemoryStore(StateStore):
 
     def _ewm_gap(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         _, name, fld, ts, alpha, max_gap = op
-        h = s.hash
-        held = h.get(fld)
+        held = _scalar(s, fld)
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
                 self._newest_ts = ts
         if held is None:
-            h[fld] = float(ts)
+            _put_scalar(s, fld, float(ts))
             return None
         gap = ts - held
         if gap >= 0:
             self._ewm_update(s, name, gap if gap < max_gap else float(max_gap), alpha)
-            h[fld] = float(ts)
+            _put_scalar(s, fld, float(ts))
         return held
 
     def _ewm_same(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
         _, name, fld, x, alpha = op
-        h = s.hash
-        held = h.get(fld)
+        held = _scalar(s, fld)
         x = float(x)
         if held is not None:
             self._ewm_update(s, name, 1.0 if held == x else 0.0, alpha)
-        h[fld] = x
+        _put_scalar(s, fld, x)
         return held
 
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, window_s, cap = op
         member = member_hash(member)
-        z = s.zsets.get(zname)
-        if z is None:
-            z = s.zsets[zname] = {}
+        z = set_members(s.sets.get(zname))
         held = z.get(member)
         if held is None or held < ts:
             z[member] = ts
@@ -515,26 +522,23 @@ class MemoryStore(StateStore):
             if ts > self._newest_ts:
                 self._newest_ts = ts
         cutoff = ts - window_s
-        stale = [m for m, t in z.items() if t <= cutoff]
-        for m in stale:
-            del z[m]
+        z = {m: t for m, t in z.items() if t > cutoff}
         if len(z) > cap:
             _cap(z, cap)
+        _keep_set(s, zname, z)
         return len(z)
 
     def _recent_count(self, s: _EntityState, op: tuple[Any, ...]) -> int:
-        z = s.zsets.get(op[1])
+        z = s.sets.get(op[1])
         if not z:
             return 0
         cutoff = op[2] - op[3]
-        return sum(1 for t in z.values() if t > cutoff)
+        return sum(1 for t in set_members(z).values() if t > cutoff)
 
     def _seen_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, cap = op
         member = member_hash(member)
-        z = s.zsets.get(zname)
-        if z is None:
-            z = s.zsets[zname] = {}
+        z = set_members(s.sets.get(zname))
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
@@ -544,8 +548,8 @@ class MemoryStore(StateStore):
             z[member] = ts
         if len(z) > cap:
             _cap(z, cap)
+        _keep_set(s, zname, z)
         return 1 if held is None else 0
-
 
     def _zset(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         _, zname, member, score, cap = op
@@ -637,11 +641,35 @@ def _profile_read(s: _EntityState, fld: str) -> Any:
     return profile_part(s.profiles.get(where[0]), where[1], where[2])
 
 
+def _keep_set(s: _EntityState, name: str, members: dict[Any, float]) -> None:
+    if members:
+        s.sets[name] = set_bytes(members)
+    else:  # as the script deletes an emptied set's field
+        s.sets.pop(name, None)
+
+
+def _scalar(s: _EntityState, fld: str) -> float | None:
+    """The number held in `fld`: a plain field, or a slot of a packed vector (`v#slot`)."""
+    where = profile_slot(fld) if PROFILE_MARK in fld else None
+    if where is None:
+        held = s.hash.get(fld)
+        return None if held is None else float(held)
+    return scalar_get(s.profiles.get(where[0]), where[1])
+
+
+def _put_scalar(s: _EntityState, fld: str, x: float) -> None:
+    where = profile_slot(fld) if PROFILE_MARK in fld else None
+    if where is None:
+        s.hash[fld] = x
+        return
+    s.profiles[where[0]] = scalar_put(s.profiles.get(where[0]), where[1], x)
+
+
 def _plain(state: _EntityState) -> dict[str, Any]:
     """An entity's feature state as plain values (its enforcement dict is saved apart)."""
     return {"hash": dict(state.hash), "zsets": {z: dict(m) for z, m in state.zsets.items()},
-            "rings": {r: list(a) for r, a in state.rings.items()},
-            "profiles": {p: list(a) for p, a in state.profiles.items()},
+            "sets": dict(state.sets), "rings": dict(state.rings),
+            "profiles": dict(state.profiles),
             "last_ts": state.last_ts,
             "logs": {name: {**log, "entries": list(log["entries"])}
                      for name, log in state.logs.items()}}
@@ -649,21 +677,36 @@ def _plain(state: _EntityState) -> dict[str, Any]:
 
 def _state_of(fields: dict[str, Any]) -> _EntityState:
     state = _EntityState(**{k: v for k, v in fields.items() if k in _FEATURE_FIELDS})
-    state.rings = {name: _ring_of(cells) for name, cells in state.rings.items()}
-    state.profiles = {name: array("d", values) for name, values in state.profiles.items()}
-    # (capped sets of older snapshots hold members, not their hashes: each is new once)
+    state.rings = {name: ring for name, cells in state.rings.items()
+                   if (ring := _ring_of(cells)) is not None}
+    state.profiles = {name: values if isinstance(values, bytes)  # older: lists of doubles
+                      else struct.pack(f"<{len(values)}d", *values)
+                      for name, values in state.profiles.items()}
+    # capped sets of older snapshots: {member hash: time} among the sorted sets (older
+    # still hold members, not their hashes: each is new once)
+    for name in [z for z, m in state.zsets.items() if m and isinstance(next(iter(m)), int)]:
+        state.sets[name] = set_bytes(state.zsets.pop(name))
     return state
 
 
-def _ring_of(cells: Any) -> array:
-    """A packed ring from a snapshot: a flat list, or (older snapshots) {slot: [stamp,
-    value]}."""
-    if not isinstance(cells, dict):
-        return array("d", cells)
-    ring = new_ring()
-    for slot, (stamp, value) in sorted(cells.items()):
-        ring_add(ring, int(slot), stamp, float(value))
-    return ring
+def _ring_of(held: Any) -> bytes | None:
+    """A packed ring from a snapshot: its bytes, or as older snapshots held it, a flat
+    list of doubles (`[SPARSE, slot, stamp, value, ...]` or `(stamp, value)` per slot) or
+    {slot: [stamp, value]}."""
+    if isinstance(held, bytes):
+        return held
+    if isinstance(held, dict):
+        return ring_of_cells((slot, st, v) for slot, (st, v) in held.items())
+    flat = list(held)
+    if flat and flat[0] == _OLD_SPARSE:
+        return ring_of_cells(zip(flat[1::3], flat[2::3], flat[3::3], strict=True))
+    return ring_of_cells((slot, st, v) for slot, (st, v)
+                         in enumerate(zip(flat[::2], flat[1::2], strict=True))
+                         if st != EMPTY_STAMP)
+
+
+_OLD_SPARSE = float(-(2**31) - 1)
+"""First item of a sparse ring in snapshots that held rings as lists of doubles."""
 
 
 def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,

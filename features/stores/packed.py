@@ -1,13 +1,23 @@
-"""The packed layouts of rings and profiles, as the memory store holds them.
+"""The packed layouts of rings, profiles, vectors and capped sets: the bytes of one Redis
+hash field each, which the memory store holds as they are.
 
 Why: a warm key used to hold hundreds of small objects — a `[stamp, value]` cell per ring
-bucket and three floats per hour-of-week slot — about 80 KB in Redis and more in Python.
-A ring is now one flat `array('d')`: while it has at most `SPARSE_MAX` live buckets,
-`[SPARSE, slot, stamp, value, ...]` (an address seen once holds a cell or two, not a run
-of empty slots); past that, `(stamp, value)` pairs indexed by slot, up to the highest slot
-written. A profile is one `array('d')` of `(n, m, v)` triples indexed by slot. The Lua
-script packs the same cells into one hash field (`lua/apply_ops.lua`), with the same
-semantics.
+bucket, three floats per hour-of-week slot, three fields per EWM — about 80 KB in Redis
+and more in Python. Now (both stores alike, byte for byte):
+
+* a ring is a tag byte, an int32 epoch, then its cells. Stamps are offsets k = stamp -
+  epoch + 1 (one byte while the ring's stamps span under 255 buckets, else two), values
+  32-bit floats while every one is exact as one, else doubles. While a ring has at most
+  `SPARSE_MAX` cells they are (uint16 slot, k, value) (an address seen once holds a cell
+  or two, not a run of empty slots); past that, (k, value) per slot up to the highest
+  written, k = 0 for an empty slot. Tags: sparse a (k 2 bytes, floats), b (2, doubles),
+  e (1, floats), f (1, doubles); dense c, d, g, h likewise. A zero byte pads the field to
+  an odd length. A ring whose stamps span 65,535 buckets or more takes the wide forms:
+  `S` then (uint16 slot, int32 stamp, double) cells, or (even length, no tag) an (int32
+  stamp, double) per slot. Any write may repack the ring in the narrowest form that holds
+  it (`_encode`); the Lua script does the same, so the bytes stay equal;
+* a profile is (n, m, v) doubles per slot (n = 0: unwritten), a vector a double per
+  slot (NaN: unwritten), a capped set (member hash, time) doubles per member.
 
 A slot whose stamp is not the one asked for is stale and reads as 0; a write to a stale
 slot starts it afresh; a write older than the slot's stamp is refused (too late).
@@ -17,116 +27,276 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
-EMPTY_STAMP = float(-(2**31))
-"""The stamp of a never-written ring slot (stamps are bucket numbers: minutes, hours,
-days since the epoch, all far above it; Redis packs them as 32-bit integers)."""
 PROFILE_MARK = "#"
-"""`name#slot` is slot `slot` of the packed profile `name` (EWM and GET on it)."""
+"""`name#slot:part` is part m, v or n of slot `slot` of the packed profile `name` (EWM
+and GET on it); `name#slot` alone is one scalar of the packed vector `name` (INCR, GET,
+and the remembered value of EWM_GAP and EWM_SAME): one double per slot, NaN while
+unwritten. A name is used one way or the other, never both."""
 
 
-SPARSE = float(-(2**31) - 1)
-"""First item of a sparse ring (below any int32 stamp, so never a dense ring's first)."""
+EMPTY_STAMP = -(2**31)
+"""The stamp a slot without a cell reads as (stamps are bucket numbers: minutes, hours,
+days since the epoch, all far above it)."""
 SPARSE_MAX = 8
 """Live buckets a ring holds as (slot, stamp, value) cells before it turns dense."""
+MAX_K = 65535
+"""Stamps are kept as offsets k = stamp - epoch + 1 from the ring's epoch, in one byte
+while they span less than 255 buckets, else two (k = 0: an empty dense slot)."""
 
 
-def new_ring() -> array:
-    return array("d", (SPARSE,))
+class _Format(NamedTuple):
+    sparse: bool
+    header: int
+    cell: struct.Struct
+    offset: bool
+    """Stamps are offsets from the int32 epoch after the tag (else absolute int32)."""
+    f32: bool
+    max_k: int
+    empty: bytes
+    """A dense slot without a cell."""
 
 
-def _grow(ring: array, slot: int) -> None:
-    missing = slot + 1 - len(ring) // 2
-    if missing > 0:
-        ring.extend((EMPTY_STAMP, 0.0) * missing)
+def _format(sparse: bool, cell: str, f32: bool = False, max_k: int = 0) -> _Format:
+    packer, offset = struct.Struct(cell), max_k > 0
+    empty = b"" if sparse else packer.pack(0 if offset else EMPTY_STAMP, 0.0)
+    header = 5 if offset else (1 if sparse else 0)
+    return _Format(sparse, header, packer, offset, f32, max_k, empty)
 
 
-def _locate(ring: Sequence[float], slot: int) -> int:
-    """Index of the stamp of `slot`'s cell in a non-empty ring, or -1 (no cell)."""
-    if ring[0] == SPARSE:
-        for i in range(1, len(ring), 3):
-            if ring[i] == slot:
-                return i + 1
-        return -1
-    i = 2 * slot
-    return i if i < len(ring) else -1
+_FORMATS = {
+    ord("a"): _format(True, "<HHf", True, MAX_K),
+    ord("b"): _format(True, "<HHd", False, MAX_K),
+    ord("c"): _format(False, "<Hf", True, MAX_K),
+    ord("d"): _format(False, "<Hd", False, MAX_K),
+    ord("e"): _format(True, "<HBf", True, 255),
+    ord("f"): _format(True, "<HBd", False, 255),
+    ord("g"): _format(False, "<Bf", True, 255),
+    ord("h"): _format(False, "<Bd", False, 255),
+    ord("S"): _format(True, "<Hid"),
+}
+_TAGS = {(sparse, narrow, short): tag for tag, sparse, narrow, short in (
+    ("a", True, True, False), ("b", True, False, False), ("c", False, True, False),
+    ("d", False, False, False), ("e", True, True, True), ("f", True, False, True),
+    ("g", False, True, True), ("h", False, False, True))}
+"""The tag of (sparse, 32-bit values, one-byte offsets)."""
+_WIDE = _format(False, "<id")
+_EPOCH = struct.Struct("<i")
+_SLOT = struct.Struct("<H")
+_F32 = struct.Struct("<f")
 
 
-def _place(ring: array, slot: int) -> int:
-    """Index of the stamp of `slot`'s cell, made (empty) when there is none."""
-    i = _locate(ring, slot)
-    if i >= 0:
-        return i
-    if ring[0] == SPARSE:
-        if len(ring) // 3 < SPARSE_MAX:
-            ring.extend((slot, EMPTY_STAMP, 0.0))
-            return len(ring) - 2
-        dense = array("d")
-        for j in range(1, len(ring), 3):
-            at = int(ring[j])
-            _grow(dense, at)
-            dense[2 * at], dense[2 * at + 1] = ring[j + 1], ring[j + 2]
-        ring[:] = dense
-    _grow(ring, slot)
-    return 2 * slot
+def _fmt(blob: bytes) -> _Format:
+    """A tagged ring is of odd length (a zero byte pads it); an even one is wide."""
+    return _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
 
 
-def ring_cells(ring: Sequence[float]) -> list[tuple[int, float, float]]:
-    """(slot, stamp, value) of each written cell of a ring, sparse or dense."""
-    if not ring:
+def _end(blob: bytes, f: _Format) -> int:
+    """Where the ring's last whole cell ends (before the padding byte, if any)."""
+    return len(blob) - (len(blob) - f.header) % f.cell.size
+
+
+def _padded(blob: bytes, f: _Format) -> bytes:
+    """A tagged ring padded to an odd length (the wide forms need none)."""
+    return blob + b"\0" if f.offset and len(blob) % 2 == 0 else blob
+
+
+def _fits_f32(value: float) -> bool:
+    """Whether a 32-bit float holds `value` exactly (counts and sizes do; money rarely)."""
+    try:
+        return _F32.unpack(_F32.pack(value))[0] == value
+    except OverflowError:
+        return False
+
+
+class _Place(NamedTuple):
+    """Where a slot's cell is in a ring: its format, stamp base (stamp = k + base), the
+    offset of the cell (-1: none) and the end of the last whole cell."""
+
+    f: _Format
+    base: int
+    off: int
+    end: int
+
+
+def _place(blob: bytes, slot: int) -> _Place:
+    f = _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
+    size = f.cell.size
+    end = len(blob) - (len(blob) - f.header) % size
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    if f.sparse:
+        for off in range(f.header, end, size):
+            if _SLOT.unpack_from(blob, off)[0] == slot:
+                return _Place(f, base, off, end)
+        return _Place(f, base, -1, end)
+    off = f.header + slot * size
+    return _Place(f, base, off if off + size <= end else -1, end)
+
+
+def _held(blob: bytes, at: _Place) -> tuple[int, float]:
+    """(stamp, value) of the cell at `at`; (EMPTY_STAMP, 0.0) when there is none."""
+    f = at.f
+    if at.off < 0:
+        return EMPTY_STAMP, 0.0
+    if f.sparse:
+        _, k, value = f.cell.unpack_from(blob, at.off)
+    else:
+        k, value = f.cell.unpack_from(blob, at.off)
+        if f.offset and k == 0:
+            return EMPTY_STAMP, 0.0
+    return k + at.base, value
+
+
+def _cell(blob: bytes | None, slot: int) -> tuple[int, float]:
+    """(stamp, value) of `slot`'s cell; (EMPTY_STAMP, 0.0) when it has none."""
+    return _held(blob, _place(blob, slot)) if blob else (EMPTY_STAMP, 0.0)
+
+
+def ring_cells(blob: bytes | None) -> list[tuple[int, int, float]]:
+    """(slot, stamp, value) of each written cell of a packed ring, any format."""
+    if not blob:
         return []
-    if ring[0] == SPARSE:
-        return [(int(ring[i]), ring[i + 1], ring[i + 2]) for i in range(1, len(ring), 3)]
-    return [(i // 2, ring[i], ring[i + 1]) for i in range(0, len(ring), 2)
-            if ring[i] != EMPTY_STAMP]
+    f = _fmt(blob)
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    cells = f.cell.iter_unpack(memoryview(blob)[f.header:_end(blob, f)])
+    if f.sparse:
+        return [(slot, st + base, value) for slot, st, value in cells]
+    empty = 0 if f.offset else EMPTY_STAMP
+    return [(slot, st + base, value) for slot, (st, value) in enumerate(cells) if st != empty]
 
 
-def ring_add(ring: array, slot: int, stamp: int, amount: float) -> float | None:
-    """Add to bucket `stamp` in `slot`; its new value, or None when the slot is newer."""
-    i = _place(ring, slot)
-    held = ring[i]
+def _encode(cells: dict[int, tuple[int, float]]) -> bytes:
+    """The canonical packing of a ring's cells (the Lua script's `ring_encode`): sparse
+    while it has at most SPARSE_MAX cells (in slot order), else dense up to the highest
+    slot; 32-bit values when each is exact as one; stamps as one-byte offsets from the
+    oldest stamp when they span less than 255 buckets, two-byte ones when less than
+    65535, else the wide forms (absolute int32 stamps, doubles)."""
+    slots = sorted(cells)
+    stamps = [cells[s][0] for s in slots]
+    lo = min(stamps)
+    span, sparse = max(stamps) - lo, len(slots) <= SPARSE_MAX
+    if span >= MAX_K:
+        if sparse:
+            f = _FORMATS[ord("S")]
+            return b"S" + b"".join(f.cell.pack(s, *cells[s]) for s in slots)
+        return b"".join(_WIDE.cell.pack(*cells[s]) if s in cells else _WIDE.empty
+                        for s in range(slots[-1] + 1))
+    narrow = all(_fits_f32(cells[s][1]) for s in slots)
+    tag = _TAGS[(sparse, narrow, span < 255)]
+    f, base = _FORMATS[ord(tag)], lo - 1
+    head = tag.encode() + _EPOCH.pack(lo)
+    if sparse:
+        body = b"".join(f.cell.pack(s, cells[s][0] - base, cells[s][1]) for s in slots)
+    else:
+        body = b"".join(f.cell.pack(cells[s][0] - base, cells[s][1]) if s in cells
+                        else f.empty for s in range(slots[-1] + 1))
+    return _padded(head + body, f)
+
+
+def _put(blob: bytes, at: _Place, slot: int, stamp: int, value: float) -> bytes:
+    """`blob` with `slot`'s cell (at `at`) set to (stamp, value): in place when its
+    format holds them (the Lua script's `cell_put`), else packed afresh (`_encode`)."""
+    f, k = at.f, stamp - at.base
+    if not f.offset or (1 <= k <= f.max_k and (not f.f32 or _fits_f32(value))):
+        size, off, end = f.cell.size, at.off, at.end
+        if off >= 0:
+            cell = f.cell.pack(slot, k, value) if f.sparse else f.cell.pack(k, value)
+            return blob[:off] + cell + blob[off + size:]
+        if not f.sparse:
+            gap = (f.header + slot * size - end) // size
+            return _padded(blob[:end] + f.empty * gap + f.cell.pack(k, value), f)
+        if (end - f.header) // size < SPARSE_MAX:
+            return _padded(blob[:end] + f.cell.pack(slot, k, value), f)
+    cells = {s: (st, v) for s, st, v in ring_cells(blob)}
+    cells[slot] = (stamp, value)
+    return _encode(cells)
+
+
+def ring_add(blob: bytes | None, slot: int, stamp: int,
+             amount: float) -> tuple[bytes | None, float | None]:
+    """Add to bucket `stamp` in `slot`: (the ring after, the bucket's new value), or
+    (the ring unchanged, None) when the slot holds a newer bucket."""
+    if not blob:
+        value = 0.0 + amount
+        return _encode({slot: (stamp, value)}), value
+    at = _place(blob, slot)
+    held, value = _held(blob, at)
     if held > stamp:
-        return None
-    if held != stamp:
-        ring[i] = stamp
-        ring[i + 1] = 0.0
-    ring[i + 1] += amount
-    return ring[i + 1]
+        return blob, None
+    if held != stamp:  # a newer bucket starts afresh
+        value = 0.0
+    value += amount
+    return _put(blob, at, slot, stamp, value), value
 
 
-def ring_max(ring: array, slot: int, stamp: int, value: float) -> float | None:
-    """Keep the largest value of bucket `stamp` in `slot` (None when the slot is newer)."""
-    i = _place(ring, slot)
-    held = ring[i]
+def ring_max(blob: bytes | None, slot: int, stamp: int,
+             value: float) -> tuple[bytes | None, float | None]:
+    """Keep the largest value of bucket `stamp` in `slot` (as `ring_add`)."""
+    if not blob:
+        return _encode({slot: (stamp, value)}), value
+    at = _place(blob, slot)
+    held, kept = _held(blob, at)
     if held > stamp:
-        return None
-    if held != stamp or value > ring[i + 1]:  # a newer bucket starts afresh
-        ring[i] = stamp
-        ring[i + 1] = value
-    return ring[i + 1]
+        return blob, None
+    if held != stamp or value > kept:
+        return _put(blob, at, slot, stamp, value), value
+    return blob, kept
 
 
-def bucket(ring: Sequence[float] | None, size: int, stamp: int) -> float:
+def bucket(blob: bytes | None, size: int, stamp: int) -> float:
     """The value of bucket `stamp` in a ring of `size` slots (0.0 when stale)."""
-    if not ring:
-        return 0.0
-    i = _locate(ring, stamp % size)
-    if i >= 0 and ring[i] == stamp:
-        return ring[i + 1]
-    return 0.0
+    return _values(blob, size, (stamp,))[0] if blob else 0.0
 
 
-def ring_windows(ring: Sequence[float] | None, size: int, stamp: int,
+_UNPACKERS: dict[tuple[str, int], struct.Struct] = {}
+
+
+def _flat(blob: bytes) -> tuple[_Format, int, tuple[Any, ...]]:
+    """(format, base, every cell's fields in one flat tuple): stamp = k + base."""
+    f = _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
+    n = (len(blob) - f.header) // f.cell.size
+    key = (f.cell.format, n)
+    unpacker = _UNPACKERS.get(key)
+    if unpacker is None:
+        unpacker = _UNPACKERS[key] = struct.Struct("<" + f.cell.format[1:] * n)
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    return f, base, unpacker.unpack_from(blob, f.header)
+
+
+def _values(blob: bytes, size: int, stamps: Iterable[int]) -> list[float]:
+    """The value of each bucket `stamp` of a ring of `size` slots (0.0 when stale): its
+    slot's cell, when that holds this stamp."""
+    f, base, flat = _flat(blob)
+    if f.sparse:
+        held = {flat[i]: (flat[i + 1] + base, flat[i + 2]) for i in range(0, len(flat), 3)}
+        out = []
+        for stamp in stamps:
+            cell = held.get(stamp % size)
+            out.append(cell[1] if cell is not None and cell[0] == stamp else 0.0)
+        return out
+    # dense: k == 0 (or the wide forms' EMPTY_STAMP) is an empty slot, never a stamp
+    end, empty, out = len(flat), (0 if f.offset else EMPTY_STAMP), []
+    for stamp in stamps:
+        i = 2 * (stamp % size)
+        if i < end:
+            k = flat[i]
+            if k != empty and k + base == stamp:
+                out.append(flat[i + 1])
+                continue
+        out.append(0.0)
+    return out
+
+
+def ring_windows(blob: bytes | None, size: int, stamp: int,
                  ns: tuple[int, ...]) -> list[float]:
     """For each n: the sum of the live buckets stamp-n+1..stamp (at most `size`), summed
-    newest first as the Lua script does, then the edge bucket stamp-n."""
-    if not ring:
+    newest first, then the edge bucket stamp-n."""
+    if not blob:
         return [0.0] * (2 * len(ns))
-    vals = [bucket(ring, size, stamp - off) for off in range(max(ns) + 1)]
+    vals = _values(blob, size, range(stamp, stamp - max(ns) - 1, -1))
     out: list[float] = []
     for n in ns:
         out.append(sum(vals[:n if n < size else size], 0.0))
@@ -134,52 +304,40 @@ def ring_windows(ring: Sequence[float] | None, size: int, stamp: int,
     return out
 
 
-def ring_read(op: tuple[Any, ...], ring: Sequence[float] | None) -> Any:
+def ring_read(op: tuple[Any, ...], blob: bytes | None) -> Any:
     """The result of a ring read op (RING_GET, RING_SUM, RING_WINDOWS, RING_VALUES; see
-    `features.stores.base`) on a ring's flat (stamp, value) cells. Both stores answer
-    ring reads with this one function: the memory store on its array, the Redis store on
-    the packed field its script returns (`unpack_ring`)."""
+    `features.stores.base`) on a packed ring. Both stores answer ring reads with this one
+    function: the memory store on the ring it holds, the Redis store on the field its
+    script returns (the same bytes)."""
     code = op[0]
     if code == "ring_windows":
-        return ring_windows(ring, op[2], op[3], op[5:5 + op[4]])
+        return ring_windows(blob, op[2], op[3], op[5:5 + op[4]])
     if code == "ring_values":
-        size = op[2]
-        return [bucket(ring, size, stamp) for stamp in op[4:4 + op[3]]]
+        stamps = op[4:4 + op[3]]
+        return _values(blob, op[2], stamps) if blob else [0.0] * len(stamps)
     if code == "ring_get":
-        i = _locate(ring, op[2]) if ring else -1
-        return ring[i + 1] if i >= 0 and ring[i] == op[3] else 0.0
+        held, value = _cell(blob, op[2])
+        return value if held == op[3] else 0.0
     _, _, size, lo, hi = op  # ring_sum
     total = 0.0
-    if ring:
-        for stamp in range(max(lo, hi - size + 1), hi + 1):
-            total += bucket(ring, size, stamp)
+    if blob:
+        for value in _values(blob, size, range(max(lo, hi - size + 1), hi + 1)):
+            total += value
     return total
 
 
-_CELL = struct.Struct("<id")
-_UNPACKERS: dict[int, struct.Struct] = {}
+def unpack_ring(blob: bytes) -> bytes:
+    """A ring as the memory store holds it, from the Redis field: the same bytes."""
+    return bytes(blob)
 
 
-_SPARSE_CELL = struct.Struct("<Hid")
+def ring_of_cells(cells: Iterable[tuple[int, int, float]]) -> bytes | None:
+    """A packed ring holding (slot, stamp, value) cells (snapshots of older layouts)."""
+    held = {int(slot): (int(stamp), float(value)) for slot, stamp, value in cells}
+    return _encode(held) if held else None
 
 
-def unpack_ring(blob: bytes) -> Sequence[float]:
-    """The flat (stamp, value) cells of a ring packed by the Lua script: dense (even
-    length: 12 bytes a slot, little-endian int32 stamp and double value) or sparse (odd
-    length: `S`, then 14-byte (uint16 slot, int32 stamp, double value) cells), as the
-    memory store holds a ring (`new_ring`)."""
-    if len(blob) % 2:
-        ring = new_ring()
-        for cell in _SPARSE_CELL.iter_unpack(blob[1:]):
-            ring.extend(cell)
-        return ring
-    n = len(blob) // _CELL.size
-    unpacker = _UNPACKERS.get(n)
-    if unpacker is None:
-        unpacker = _UNPACKERS[n] = struct.Struct("<" + "id" * n)
-    return unpacker.unpack(blob[:n * _CELL.size])
-
-
+@lru_cache(maxsize=8192)
 def profile_slot(name: str) -> tuple[str, int, str] | None:
     """(profile, slot, part) of `profile#slot[:part]`, or None for a plain name."""
     if PROFILE_MARK not in name:
@@ -191,27 +349,54 @@ def profile_slot(name: str) -> tuple[str, int, str] | None:
     return base, int(slot), part
 
 
-def profile_get(profile: array | None, slot: int) -> tuple[float, float, float]:
+_TRIPLE = struct.Struct("<ddd")
+_DOUBLE = struct.Struct("<d")
+_NAN8 = _DOUBLE.pack(float("nan"))
+
+
+def profile_get(profile: bytes | None, slot: int) -> tuple[float, float, float]:
     """(n, m, v) of a profile slot; n == 0 when it was never written."""
-    i = 3 * slot
-    if profile is None or i + 3 > len(profile):
+    off = 24 * slot
+    if profile is None or off + 24 > len(profile):
         return 0.0, 0.0, 0.0
-    return profile[i], profile[i + 1], profile[i + 2]
+    return _TRIPLE.unpack_from(profile, off)
 
 
-def profile_put(profile: array, slot: int, n: float, m: float, v: float) -> None:
-    i = 3 * slot
-    if i + 3 > len(profile):
-        profile.extend((0.0,) * (i + 3 - len(profile)))
-    profile[i], profile[i + 1], profile[i + 2] = n, m, v
+def profile_put(profile: bytes | None, slot: int, n: float, m: float, v: float) -> bytes:
+    """The profile with slot `slot` set (the slots before it, if new, unwritten)."""
+    off, held = 24 * slot, profile or b""
+    if off > len(held):
+        held += bytes(off - len(held))
+    return held[:off] + _TRIPLE.pack(n, m, v) + held[off + 24:]
 
 
-def profile_part(profile: array | None, slot: int, part: str) -> float | None:
-    """GET of `profile#slot:part` (m, v or n): None when the slot was never written."""
+def profile_part(profile: bytes | None, slot: int, part: str) -> float | None:
+    """GET of `profile#slot:part` (m, v or n): None when the slot was never written.
+    Without a part, the scalar `vector#slot` (`scalar_get`)."""
+    if not part:
+        return scalar_get(profile, slot)
     n, m, v = profile_get(profile, slot)
     if n == 0.0:
         return None
     return {"m": m, "v": v, "n": n}.get(part)
+
+
+def scalar_get(vector: bytes | None, slot: int) -> float | None:
+    """Slot `slot` of a packed vector of scalars (`name#slot`, no part): None when it was
+    never written (NaN marks an unwritten slot)."""
+    off = 8 * slot
+    if vector is None or off + 8 > len(vector):
+        return None
+    x = _DOUBLE.unpack_from(vector, off)[0]
+    return None if x != x else x
+
+
+def scalar_put(vector: bytes | None, slot: int, x: float) -> bytes:
+    """The vector with slot `slot` set (the slots before it, if new, unwritten)."""
+    off, held = 8 * slot, vector or b""
+    if off > len(held):
+        held += _NAN8 * ((off - len(held)) // 8)
+    return held[:off] + _DOUBLE.pack(x) + held[off + 8:]
 
 
 def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[float, float, float]:
@@ -221,6 +406,20 @@ def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[floa
     diff = x - m
     incr = alpha * diff
     return n + 1.0, m + incr, (1 - alpha) * (v + diff * incr)
+
+
+_PAIR = struct.Struct("<dd")
+
+
+def set_members(blob: bytes | None) -> dict[float, float]:
+    """A capped set's {member hash: time}, in the order the field packs them (as the
+    script appends a new member and keeps the order when it drops some)."""
+    return dict(_PAIR.iter_unpack(blob)) if blob else {}
+
+
+def set_bytes(members: dict[Any, float]) -> bytes:
+    """A capped set's field: (member hash, time) doubles per member, in order."""
+    return struct.pack(f"<{2 * len(members)}d", *(x for pair in members.items() for x in pair))
 
 
 @lru_cache(maxsize=65_536)
@@ -233,22 +432,3 @@ def member_hash(member: str) -> int:
     return int.from_bytes(hashlib.blake2b(str(member).encode(), digest_size=6).digest(),
                           "little")
 
-
-def pack_ring(ring: Sequence[float]) -> bytes:
-    """A ring as the Lua script packs it (`unpack_ring` reads it back): sparse (`S`, then
-    (uint16 slot, int32 stamp, double value) cells) or dense ((int32 stamp, double value)
-    per slot)."""
-    if ring and ring[0] == SPARSE:
-        return b"S" + b"".join(_SPARSE_CELL.pack(int(ring[i]), int(ring[i + 1]), ring[i + 2])
-                               for i in range(1, len(ring), 3))
-    n = len(ring) // 2
-    unpacker = _UNPACKERS.get(n)
-    if unpacker is None:
-        unpacker = _UNPACKERS[n] = struct.Struct("<" + "id" * n)
-    return unpacker.pack(*[int(x) if i % 2 == 0 else x for i, x in enumerate(ring)])
-
-
-def pack_doubles(values: Sequence[float]) -> bytes:
-    """Little-endian doubles: a profile's (n, m, v) triples, a capped set's (member hash,
-    time) pairs."""
-    return struct.pack(f"<{len(values)}d", *values)

@@ -16,8 +16,6 @@ members hashed: `packed.member_hash`). The sorted-set ops of the enforcement ind
 
 from __future__ import annotations
 
-import struct
-from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,8 +55,6 @@ from features.stores.base import (
 )
 from features.stores.packed import (
     member_hash,
-    pack_doubles,
-    pack_ring,
     profile_slot,
     unpack_ring,
 )
@@ -112,7 +108,8 @@ def _touches(op: tuple[Any, ...], out: dict[str, int]) -> None:
         _ewm_fields(op[1], out)
     elif code in (EWM_GAP, EWM_SAME):
         _ewm_fields(op[1], out)
-        out[op[2]] = NUMBER
+        where = profile_slot(op[2])
+        out[where[0] if where else op[2]] = PROFILE if where else NUMBER
     elif code == BUDGET_ADD:
         for name in (op[1], op[1] + ":p", op[1] + ":over"):
             _plain(name, out)
@@ -155,9 +152,6 @@ def plan_request(ops: Sequence[tuple[Any, ...]]) -> Plan:
     return list(touched), list(touched.values()), sent, n_written
 
 
-_PAIR = struct.Struct("<dd")
-
-
 def rebuild(state: Any, fields: Sequence[str], kinds: Sequence[int],
             values: Sequence[bytes | None]) -> Any:
     """Fill a detached memory-store state (`memory.new_state`) with fetched fields."""
@@ -165,13 +159,11 @@ def rebuild(state: Any, fields: Sequence[str], kinds: Sequence[int],
         if raw is None:
             continue
         if kind == RING:
-            state.rings[name] = array("d", unpack_ring(raw))
+            state.rings[name] = unpack_ring(raw)
         elif kind == CAPPED_SET:
-            state.zsets[name[len(SET_PREFIX):]] = {
-                int(h): t for h, t in _PAIR.iter_unpack(raw[:len(raw) // 16 * 16])}
+            state.sets[name[len(SET_PREFIX):]] = bytes(raw)
         elif kind == PROFILE:
-            state.profiles[name] = array("d", struct.unpack(f"<{len(raw) // 8}d",
-                                                            raw[:len(raw) // 8 * 8]))
+            state.profiles[name] = bytes(raw)
         elif is_enforcement_field(name):
             state.enf[name] = raw.decode()
         elif kind == NUMBER:
@@ -191,18 +183,14 @@ def _number_text(value: Any) -> bytes:
 
 def pack_field(state: Any, name: str, kind: int) -> bytes | None:
     """The inverse of `rebuild` for one field: its value in the script's layout, from a
-    memory-store state (None: the field is absent, or an empty capped set)."""
+    memory-store state (None: the field is absent, or an empty capped set). Rings,
+    profiles, vectors and capped sets are held as the very bytes of the Redis field."""
     if kind == RING:
-        ring = state.rings.get(name)
-        return None if ring is None else pack_ring(ring)
+        return state.rings.get(name)
     if kind == CAPPED_SET:
-        members = state.zsets.get(name[len(SET_PREFIX):])
-        if not members:
-            return None
-        return pack_doubles([x for h, t in members.items() for x in (float(h), t)])
+        return state.sets.get(name[len(SET_PREFIX):]) or None
     if kind == PROFILE:
-        profile = state.profiles.get(name)
-        return None if profile is None else pack_doubles(profile)
+        return state.profiles.get(name)
     value = (state.enf.get(name) if is_enforcement_field(name)
              else state.hash.get(name))
     return None if value is None else _number_text(value)

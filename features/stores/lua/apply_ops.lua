@@ -33,7 +33,8 @@
 -- (features/stores/redis_store.py): one implementation of each op's answer, and no
 -- reads, sums or number formatting here.
 -- Layout (features/stores/packed.py): a ring is ONE field packing its cells (sparse while
--- it has few, then a 12-byte (int32 stamp, double value) cell per slot); a profile (EWM names `p#slot`) one field `p` packing
+-- it has few, then a cell per slot, stamps as 16-bit offsets from an epoch, values as
+-- floats while exact); a profile (EWM names `p#slot`) one field `p` packing
 -- (n, m, v) doubles per slot; a capped set one field `z|name` packing (member hash,
 -- newest time) doubles per member. Everything else is a plain field, numbers as %.17g.
 local h = KEYS[1]
@@ -201,6 +202,26 @@ local function profile_put(base, s, n, m, v)
   hset(base, blob:sub(1, off) .. struct.pack('<ddd', n, m, v) .. blob:sub(off + TRIPLE + 1))
 end
 
+-- `base#slot` with no part is one double of the packed vector `base` (NaN: unwritten);
+-- a plain name is a plain field holding a number
+local NAN8 = '\0\0\0\0\0\0\248\127'
+local function number_get(f)
+  local base, s = profile_of(f)
+  if not base then return tonumber(held[f]) end
+  local blob, off = held[base], s * 8
+  if not blob or #blob < off + 8 then return nil end
+  local x = struct.unpack('<d', blob, off + 1)
+  if x ~= x then return nil end
+  return x
+end
+local function number_put(f, x)
+  local base, s = profile_of(f)
+  if not base then hset(f, g17(x)) return end
+  local blob, off = held[base] or '', s * 8
+  if #blob < off then blob = blob .. string.rep(NAN8, (off - #blob) / 8) end
+  hset(base, blob:sub(1, off) .. struct.pack('<d', x) .. blob:sub(off + 9))
+end
+
 -- one step of an exponentially weighted mean and variance
 local function ewm_next(n, m, v, x, alpha)
   if n == 0 then return 1, x, 0 end
@@ -220,49 +241,163 @@ local function ewm(name, x, alpha)
   hset(name .. ':m', g17(m)); hset(name .. ':v', g17(v)); hset(name .. ':n', string.format('%d', n))
 end
 
--- packed rings. Dense (even length): a 12-byte (stamp, value) cell per slot, up to the
--- highest slot written. Sparse (odd length: 'S', then 14-byte (slot, stamp, value)
--- cells): a ring with few live buckets, such as an address seen once, stays a few dozen
--- bytes, and its hash stays in Redis' compact encoding. Past SPARSE_MAX cells it turns
--- dense. features/stores/packed.py `unpack_ring` reads both.
-local SP, SPARSE_MAX = 14, 8
+-- packed rings (features/stores/packed.py holds the same code, and says why). A tag
+-- byte, an int32 epoch, then the cells, with stamps as offsets k = stamp - epoch + 1 in
+-- one byte while they span less than 255 buckets, else two: sparse while a ring has at
+-- most SPARSE_MAX cells, (uint16 slot, k, value) each, then dense, (k, value) per slot up
+-- to the highest written, k = 0 for an empty slot; values floats while every one is
+-- exact as one, else doubles. A zero byte pads the field to an odd length. A ring whose
+-- stamps span more than 16 bits takes the wide forms: 'S' then (uint16 slot, int32
+-- stamp, double) cells, or (even length) an (int32 stamp, double) per slot.
+local SPARSE_MAX, MAX_K = 8, 65535
+local RING_FMT = {
+  a = {sparse = true, fmt = '<HHf', size = 8, max_k = MAX_K, f32 = true},
+  b = {sparse = true, fmt = '<HHd', size = 12, max_k = MAX_K},
+  c = {fmt = '<Hf', size = 6, max_k = MAX_K, f32 = true},
+  d = {fmt = '<Hd', size = 10, max_k = MAX_K},
+  e = {sparse = true, fmt = '<HBf', size = 7, max_k = 255, f32 = true},
+  f = {sparse = true, fmt = '<HBd', size = 11, max_k = 255},
+  g = {fmt = '<Bf', size = 5, max_k = 255, f32 = true},
+  h = {fmt = '<Bd', size = 9, max_k = 255},
+  S = {sparse = true, hdr = 1, fmt = '<Hi4d', size = 14},
+}
+local WIDE = {hdr = 0, fmt = '<i4d', size = 12, empty = EMPTY_CELL}
+for _, f in pairs(RING_FMT) do
+  f.off = f.max_k ~= nil
+  if f.off then
+    f.hdr = 5
+    if not f.sparse then f.empty = struct.pack(f.fmt, 0, 0) end
+  end
+end
+-- the tag of (sparse, float values, one-byte offsets)
+local function ring_tag(sparse, narrow, short)
+  local j = 1
+  if not sparse then j = j + 2 end
+  if not narrow then j = j + 1 end
+  if short then j = j + 4 end
+  return string.sub('abcdefgh', j, j)
+end
+local function ring_fmt(blob)
+  if #blob % 2 == 0 then return WIDE end
+  return RING_FMT[string.sub(blob, 1, 1)]
+end
+-- the end of the last whole cell (before the padding byte)
+local function ring_end(blob, f) return #blob - (#blob - f.hdr) % f.size end
+local function padded(blob, f)
+  if f.off and #blob % 2 == 0 then return blob .. '\0' end
+  return blob
+end
+local function fits32(x) return struct.unpack('<f', struct.pack('<f', x)) == x end
+-- stamp = k + base
+local function ring_base(blob, f)
+  if f.off then return struct.unpack('<i4', blob, 2) - 1 end
+  return 0
+end
+-- (stamp, value) of a slot's cell; (EMPTY, 0) when it has none
 local function cell(blob, slot)
   if not blob then return EMPTY, 0 end
-  if #blob % 2 == 1 then
-    for off = 2, #blob - 1, SP do
-      local s, st, v = struct.unpack('<Hi4d', blob, off)
-      if s == slot then return st, v end
+  local f = ring_fmt(blob)
+  local base, stop = ring_base(blob, f), ring_end(blob, f)
+  if f.sparse then
+    for off = f.hdr + 1, stop, f.size do
+      local s, st, v = struct.unpack(f.fmt, blob, off)
+      if s == slot then return st + base, v end
     end
     return EMPTY, 0
   end
-  local off = slot * CELL
-  if #blob < off + CELL then return EMPTY, 0 end
-  return struct.unpack('<i4d', blob, off + 1)
+  local off = f.hdr + slot * f.size
+  if stop < off + f.size then return EMPTY, 0 end
+  local st, v = struct.unpack(f.fmt, blob, off + 1)
+  if f.off and st == 0 then return EMPTY, 0 end
+  return st + base, v
 end
-local function dense_put(blob, slot, stamp, value)
-  local off = slot * CELL
-  if #blob < off then blob = blob .. string.rep(EMPTY_CELL, (off - #blob) / CELL) end
-  return blob:sub(1, off) .. struct.pack('<i4d', stamp, value) .. blob:sub(off + CELL + 1)
-end
-local function cell_put(name, slot, stamp, value)
-  local blob = held[name]
-  local packed = struct.pack('<Hi4d', slot, stamp, value)
-  if not blob then hset(name, 'S' .. packed) return end
-  if #blob % 2 == 0 then hset(name, dense_put(blob, slot, stamp, value)) return end
-  local n = (#blob - 1) / SP
-  for off = 2, #blob - 1, SP do
-    if struct.unpack('<H', blob, off) == slot then
-      hset(name, blob:sub(1, off - 1) .. packed .. blob:sub(off + SP))
-      return
+-- every written cell: cells[slot] = {stamp, value}, and the slots
+local function ring_cells(blob)
+  local cells, slots, j = {}, {}, 0
+  local f = ring_fmt(blob)
+  local base = ring_base(blob, f)
+  for off = f.hdr + 1, ring_end(blob, f), f.size do
+    local s, st, v
+    if f.sparse then s, st, v = struct.unpack(f.fmt, blob, off)
+    else s = j; st, v = struct.unpack(f.fmt, blob, off) end
+    j = j + 1
+    if f.sparse or (f.off and st ~= 0) or ((not f.off) and st ~= EMPTY) then
+      cells[s] = {st + base, v}
+      slots[#slots + 1] = s
     end
   end
-  if n < SPARSE_MAX then hset(name, blob .. packed) return end
-  local dense = ''
-  for off = 2, #blob - 1, SP do
-    local s, st, v = struct.unpack('<Hi4d', blob, off)
-    dense = dense_put(dense, s, st, v)
+  return cells, slots
+end
+-- the canonical packing of a ring's cells (packed.py `_encode`)
+local function ring_encode(cells, slots)
+  table.sort(slots)
+  local n, lo, hi, narrow = #slots, math.huge, -math.huge, true
+  for _, s in ipairs(slots) do
+    local st = cells[s][1]
+    if st < lo then lo = st end
+    if st > hi then hi = st end
+    if narrow and not fits32(cells[s][2]) then narrow = false end
   end
-  hset(name, dense_put(dense, slot, stamp, value))
+  local sparse = n <= SPARSE_MAX
+  local f, parts, base
+  if hi - lo >= MAX_K then
+    if sparse then f, parts = RING_FMT.S, {'S'} else f, parts = WIDE, {} end
+    base = 0
+  else
+    local tag = ring_tag(sparse, narrow, hi - lo < 255)
+    f, parts, base = RING_FMT[tag], {tag .. struct.pack('<i4', lo)}, lo - 1
+  end
+  if f.sparse then
+    for _, s in ipairs(slots) do
+      parts[#parts + 1] = struct.pack(f.fmt, s, cells[s][1] - base, cells[s][2])
+    end
+  else
+    for s = 0, slots[n] do
+      local c = cells[s]
+      if c then parts[#parts + 1] = struct.pack(f.fmt, c[1] - base, c[2])
+      else parts[#parts + 1] = f.empty end
+    end
+  end
+  return padded(table.concat(parts), f)
+end
+-- set a slot's cell: in place when the ring's format holds it, else packed afresh
+local function cell_put(name, slot, stamp, value)
+  local blob = held[name]
+  if blob then
+    local f = ring_fmt(blob)
+    local k, fits = stamp, true
+    if f.off then
+      k = stamp - ring_base(blob, f)
+      fits = k >= 1 and k <= f.max_k and ((not f.f32) or fits32(value))
+    end
+    local stop = ring_end(blob, f)
+    if fits and not f.sparse then
+      local off = f.hdr + slot * f.size
+      if stop <= off then
+        blob = blob:sub(1, stop) .. string.rep(f.empty, (off - stop) / f.size)
+        hset(name, padded(blob .. struct.pack(f.fmt, k, value), f))
+      else
+        hset(name, blob:sub(1, off) .. struct.pack(f.fmt, k, value) .. blob:sub(off + f.size + 1))
+      end
+      return
+    elseif fits then
+      for off = f.hdr + 1, stop, f.size do
+        if struct.unpack('<H', blob, off) == slot then
+          hset(name, blob:sub(1, off - 1) .. struct.pack(f.fmt, slot, k, value) .. blob:sub(off + f.size))
+          return
+        end
+      end
+      if (stop - f.hdr) / f.size < SPARSE_MAX then
+        hset(name, padded(blob:sub(1, stop) .. struct.pack(f.fmt, slot, k, value), f))
+        return
+      end
+    end
+  end
+  local cells, slots = {}, {}
+  if blob then cells, slots = ring_cells(blob) end
+  if not cells[slot] then slots[#slots + 1] = slot end
+  cells[slot] = {stamp, value}
+  hset(name, ring_encode(cells, slots))
 end
 
 -- packed capped sets, unpacked once per call into member hashes and times
@@ -368,26 +503,26 @@ for _, op in ipairs(ops) do
     ewm(op[2], op[3], op[4])
   elseif code == 'ewm_gap' then
     local fld, ts = op[3], op[4]
-    local last = held[fld]
+    local last = number_get(fld)
     if not last then
-      hset(fld, g17(ts))
+      number_put(fld, ts)
     else
-      local gap = ts - tonumber(last)
+      local gap = ts - last
       if gap >= 0 then
         if gap > op[6] then gap = op[6] end
         ewm(op[2], gap, op[5])
-        hset(fld, g17(ts))
+        number_put(fld, ts)
       end
     end
   elseif code == 'ewm_same' then
     local fld, x = op[3], tonumber(op[4])
-    local last = held[fld]
+    local last = number_get(fld)
     if last then
       local same = 0
-      if tonumber(last) == x then same = 1 end
+      if last == x then same = 1 end
       ewm(op[2], same, op[5])
     end
-    hset(fld, g17(x))
+    number_put(fld, x)
   elseif code == 'recent_add' then
     local st, ts = set_of(op[2]), op[4]
     set_touch(st, op[3], ts)
@@ -407,7 +542,7 @@ for _, op in ipairs(ops) do
   elseif code == 'del' then
     if held[op[2]] then hset(op[2], false) end
   elseif code == 'incr' then
-    hset(op[2], g17(tonumber(held[op[2]] or '0') + op[3]))
+    number_put(op[2], (number_get(op[2]) or 0) + op[3])
   elseif code == 'budget_add' then
     -- check-and-increment in one atomic step: exact budgets across replicas
     local name, period, amount, limit = op[2], op[3], op[4], op[5]
