@@ -131,8 +131,9 @@ def memory_entity_bytes(store: Any, kind: str) -> tuple[list[int], list[int]]:
 
 
 def _client(url: str, namespace: str, old: bool, events: list[tuple[Event, str]]) -> None:
-    store = (OldLayoutRedisStore(url, namespace=namespace) if old
-             else RedisStore(url, namespace=namespace))
+    # a generous timeout: on a loaded machine the previous layout's calls can take long
+    store = (OldLayoutRedisStore(url, namespace=namespace, timeout_s=5.0) if old
+             else RedisStore(url, namespace=namespace, timeout_s=5.0))
     replay(store, events)
     store.close()
 
@@ -174,7 +175,7 @@ def run_state_bench(redis_url: str, *, n_keys: int = 6, days: float = 8.0,
         ("new", RedisStore), ("ops_in_lua", partial(RedisStore, cache_mb=0)),
         ("old", OldLayoutRedisStore))
     for label, cls in stores:
-        store = cls(redis_url, namespace=f"state{label}{time.time_ns()}")
+        store = cls(redis_url, namespace=f"state{label}{time.time_ns()}", timeout_s=5.0)
         cpu, trips = redis_cpu_per_event(store, events, warm)
         keys, ips = redis_entity_bytes(store, "k"), redis_entity_bytes(store, "ip")
         out[label] = {"server_cpu_us_per_event": cpu, "round_trips_per_event": trips,

@@ -250,12 +250,18 @@ _IP_RINGS = ring_reads("ip")
 _IP_WINDOW_NAMES = tuple(f.name for f in windowed("ip"))
 # ring names per metric, precomputed: (minute ring, hour ring)
 _RINGS = tuple((ring_name(m, 60), ring_name(m, 3600)) for m in _METRICS)
+HOW_PART = 42
+"""Hours of the week per part of the hour-of-week profile."""
+_HOW_NAMES = tuple(f"how{h // HOW_PART}#{h % HOW_PART}" for h in range(168))
+"""The hour-of-week profile, in four packed profiles `how0`..`how3` of 42 hours each
+(`features.stores.packed`): one profile of 168 slots is 4 KiB that every learned event
+rewrites; a part is 1 KiB, and each part costs the stores a field's overhead."""
 BASELINE_FIELDS = ("tok:m", "tok:v", "tok:n", "lat:m", "lat:v", "lat:n", "rate:m", "rate:v",
                    "rate:n", "how:m", "how:v", "how:n", "host:m", "host:n")
 """The learned baselines read for every event (`how:*` stands for the event's own
-hour-of-week slot, `how:<h>:*` in the store)."""
+hour-of-week slot, `how<part>#<hour>:*` in the store)."""
 _BASELINE_GETS = tuple(
-    (GETS, 14, *(_store_field(f.replace("how:", f"how#{h}:")) for f in BASELINE_FIELDS))
+    (GETS, 14, *(_store_field(f.replace("how:", f"{_HOW_NAMES[h]}:")) for f in BASELINE_FIELDS))
     for h in range(168))
 REGULARITY_FIELDS = ("gap:m", "gap:v", "gap:n", "same:m", "same:n", "psame:m", "psame:n")
 _REGULARITY_GETS = (GETS, 7, *map(_store_field, REGULARITY_FIELDS))
@@ -267,8 +273,6 @@ _HOUR_SLOTS = tuple(f"{HOUR_COUNT}#{h}" for h in range(HOUR_TOTAL + 1))
 IDENTITY_COUNTS = {prefix: f"{HOUR_COUNT}#{HOUR_TOTAL + 1 + j}"
                    for j, prefix in enumerate((NETWORK_OK, PREFIX_OK, UA_FAMILY_OK))}
 """How many networks, prefixes and client libraries the key's normal traffic used."""
-_HOW_NAMES = tuple(f"how#{h}" for h in range(168))
-"""The hour-of-week profile: one packed profile `how`, slot h (`features.stores.packed`)."""
 _POP_LAGS = (*POP_WEEK_LAGS, *POP_DAY_LAGS)
 
 
