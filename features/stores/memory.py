@@ -27,6 +27,7 @@ it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -401,7 +402,7 @@ class MemoryStore(StateStore):
                 s.enf = self._enforcement.setdefault(self._current, {})
             s.enf[fld] = str(op[2])
             return
-        s.hash[fld] = str(op[2])
+        s.hash[fld if fld in s.hash else sys.intern(fld)] = str(op[2])
 
     def _del(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         fld = op[1]
@@ -671,7 +672,8 @@ def _touch_set(s: _EntityState, name: str, blob: bytes, member: int, ts: float,
 
 def _keep_set(s: _EntityState, name: str, members: dict[Any, float]) -> None:
     if members:
-        s.sets[name] = set_bytes(members)
+        # names built per event (`ips:<country>`) are kept once for all entities
+        s.sets[name if name in s.sets else sys.intern(name)] = set_bytes(members)
     else:  # as the script deletes an emptied set's field
         s.sets.pop(name, None)
 
