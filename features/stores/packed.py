@@ -58,13 +58,20 @@ class _Format(NamedTuple):
     max_k: int
     empty: bytes
     """A dense slot without a cell."""
+    size: int
+    empty_k: int
+    """What an empty dense slot holds where a stamp would be."""
+    slots: dict[int, struct.Struct]
+    """Unpackers of the slots alone of a sparse ring, by its number of cells."""
 
 
 def _format(sparse: bool, cell: str, f32: bool = False, max_k: int = 0) -> _Format:
     packer, offset = struct.Struct(cell), max_k > 0
-    empty = b"" if sparse else packer.pack(0 if offset else EMPTY_STAMP, 0.0)
+    empty_k = 0 if offset else EMPTY_STAMP
+    empty = b"" if sparse else packer.pack(empty_k, 0.0)
     header = 5 if offset else (1 if sparse else 0)
-    return _Format(sparse, header, packer, offset, f32, max_k, empty)
+    return _Format(sparse, header, packer, offset, f32, max_k, empty, packer.size, empty_k,
+                   {})
 
 
 _FORMATS = {
@@ -126,20 +133,24 @@ def _place(blob: bytes, slot: int) -> _Place:
         base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
     else:
         f, base = _WIDE, 0
-    size = f.cell.size
-    end = len(blob) - (len(blob) - f.header) % size
+    size, header = f.size, f.header
+    end = len(blob) - (len(blob) - header) % size
     if f.sparse:
-        flat = _flat(blob)[2]
-        slots = flat[0::3]
+        n = (end - header) // size
+        unpacker = f.slots.get(n)
+        if unpacker is None:
+            unpacker = f.slots[n] = struct.Struct("<" + ("H" + "x" * (size - 2)) * n)
+        slots = unpacker.unpack_from(blob, header)
         if slot in slots:
-            i = slots.index(slot)
-            return f, base, f.header + i * size, end, flat[3 * i + 1] + base, flat[3 * i + 2]
+            off = header + slots.index(slot) * size
+            _, k, value = f.cell.unpack_from(blob, off)
+            return f, base, off, end, k + base, value
         return f, base, -1, end, EMPTY_STAMP, 0.0
-    off = f.header + slot * size
+    off = header + slot * size
     if off + size > end:
         return f, base, -1, end, EMPTY_STAMP, 0.0
     k, value = f.cell.unpack_from(blob, off)
-    if k == (0 if f.offset else EMPTY_STAMP):
+    if k == f.empty_k:
         return f, base, off, end, EMPTY_STAMP, 0.0
     return f, base, off, end, k + base, value
 
@@ -199,10 +210,10 @@ def _put(blob: bytes, at: _Place, slot: int, stamp: int, value: float) -> bytes:
     f, base, off, end = at[0], at[1], at[2], at[3]
     k = stamp - base
     if not f.offset or (1 <= k <= f.max_k and (not f.f32 or _fits_f32(value))):
-        size = f.cell.size
+        size = f.size
         if off >= 0:
             cell = f.cell.pack(slot, k, value) if f.sparse else f.cell.pack(k, value)
-            return blob[:off] + cell + blob[off + size:]
+            return b"".join((blob[:off], cell, blob[off + size:]))
         if not f.sparse:
             gap = (f.header + slot * size - end) // size
             return _padded(blob[:end] + f.empty * gap + f.cell.pack(k, value), f)
@@ -374,7 +385,7 @@ def profile_put(profile: bytes | None, slot: int, n: float, m: float, v: float) 
     off, held = 24 * slot, profile or b""
     if off > len(held):
         held += bytes(off - len(held))
-    return held[:off] + _TRIPLE.pack(n, m, v) + held[off + 24:]
+    return b"".join((held[:off], _TRIPLE.pack(n, m, v), held[off + 24:]))
 
 
 def profile_part(profile: bytes | None, slot: int, part: str) -> float | None:
@@ -382,10 +393,13 @@ def profile_part(profile: bytes | None, slot: int, part: str) -> float | None:
     Without a part, the scalar `vector#slot` (`scalar_get`)."""
     if not part:
         return scalar_get(profile, slot)
-    n, m, v = profile_get(profile, slot)
+    off = 24 * slot
+    if profile is None or off + 24 > len(profile):
+        return None
+    n, m, v = _TRIPLE.unpack_from(profile, off)
     if n == 0.0:
         return None
-    return {"m": m, "v": v, "n": n}.get(part)
+    return m if part == "m" else v if part == "v" else n if part == "n" else None
 
 
 def scalar_get(vector: bytes | None, slot: int) -> float | None:
@@ -403,7 +417,7 @@ def scalar_put(vector: bytes | None, slot: int, x: float) -> bytes:
     off, held = 8 * slot, vector or b""
     if off > len(held):
         held += _NAN8 * ((off - len(held)) // 8)
-    return held[:off] + _DOUBLE.pack(x) + held[off + 8:]
+    return b"".join((held[:off], _DOUBLE.pack(x), held[off + 8:]))
 
 
 def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[float, float, float]:
