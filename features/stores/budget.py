@@ -32,9 +32,11 @@ MEMBER_BYTES = 100
 
 def entity_bytes(state: Any) -> int:
     """Estimated bytes of an entity's feature state (`memory._EntityState`)."""
-    zsets = state.zsets
-    packed = (state.rings, state.profiles, state.sets)
-    return (ENTITY_BYTES + FIELD_BYTES * len(state.hash)
-            + sum(PACKED_BYTES * len(fields) + sum(map(len, fields.values()))
-                  for fields in packed)
-            + SET_BYTES * len(zsets) + MEMBER_BYTES * sum(map(len, zsets.values())))
+    rings, profiles, sets, zsets = state.rings, state.profiles, state.sets, state.zsets
+    size = (ENTITY_BYTES + FIELD_BYTES * len(state.hash)
+            + PACKED_BYTES * (len(rings) + len(profiles) + len(sets))
+            + sum(map(len, rings.values())) + sum(map(len, profiles.values()))
+            + sum(map(len, sets.values())))
+    if zsets:
+        size += SET_BYTES * len(zsets) + MEMBER_BYTES * sum(map(len, zsets.values()))
+    return size

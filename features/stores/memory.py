@@ -27,6 +27,7 @@ it returns, and replayed at start, so `kill -9` loses no ban and no admin act.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -90,7 +91,9 @@ from features.stores.packed import (
     scalar_get,
     scalar_put,
     set_bytes,
+    set_find,
     set_members,
+    set_times,
 )
 from features.stores.snapshot import SnapshotError, read_snapshot, write_snapshot
 
@@ -399,7 +402,7 @@ class MemoryStore(StateStore):
                 s.enf = self._enforcement.setdefault(self._current, {})
             s.enf[fld] = str(op[2])
             return
-        s.hash[fld] = str(op[2])
+        s.hash[fld if fld in s.hash else sys.intern(fld)] = str(op[2])
 
     def _del(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         fld = op[1]
@@ -513,15 +516,20 @@ class MemoryStore(StateStore):
     def _recent_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, window_s, cap = op
         member = member_hash(member)
-        z = set_members(s.sets.get(zname))
-        held = z.get(member)
-        if held is None or held < ts:
-            z[member] = ts
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
                 self._newest_ts = ts
         cutoff = ts - window_s
+        blob = s.sets.get(zname)
+        if blob and min(set_times(blob)) > cutoff and len(blob) // 16 <= cap:
+            n = _touch_set(s, zname, blob, member, ts, cap)  # nothing to forget
+            if n:
+                return n
+        z = set_members(blob)
+        held = z.get(member)
+        if held is None or held < ts:
+            z[member] = ts
         z = {m: t for m, t in z.items() if t > cutoff}
         if len(z) > cap:
             _cap(z, cap)
@@ -533,16 +541,21 @@ class MemoryStore(StateStore):
         if not z:
             return 0
         cutoff = op[2] - op[3]
-        return sum(1 for t in set_members(z).values() if t > cutoff)
+        return sum(1 for t in set_times(z) if t > cutoff)
 
     def _seen_add(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, zname, member, ts, cap = op
         member = member_hash(member)
-        z = set_members(s.sets.get(zname))
         if ts > s.last_ts:
             s.last_ts = ts
             if ts > self._newest_ts:
                 self._newest_ts = ts
+        blob = s.sets.get(zname)
+        if blob and len(blob) // 16 <= cap:
+            found = set_find(blob, member) >= 0
+            if _touch_set(s, zname, blob, member, ts, cap):
+                return 0 if found else 1
+        z = set_members(blob)
         held = z.get(member)
         if held is None or held < ts:
             z[member] = ts
@@ -641,9 +654,26 @@ def _profile_read(s: _EntityState, fld: str) -> Any:
     return profile_part(s.profiles.get(where[0]), where[1], where[2])
 
 
+def _touch_set(s: _EntityState, name: str, blob: bytes, member: int, ts: float,
+               cap: int) -> int:
+    """Add `member` at `ts` to a capped set within its cap, or move its time forward, in
+    the field's bytes (as the script does, and as repacking would): the set's size, or
+    0 when adding would pass the cap."""
+    off = set_find(blob, member)
+    if off >= 0:
+        if struct.unpack_from("<d", blob, off + 8)[0] < ts:
+            s.sets[name] = blob[:off + 8] + struct.pack("<d", ts) + blob[off + 16:]
+        return len(blob) // 16
+    if len(blob) // 16 >= cap:
+        return 0
+    s.sets[name] = blob + struct.pack("<dd", member, ts)
+    return len(blob) // 16 + 1
+
+
 def _keep_set(s: _EntityState, name: str, members: dict[Any, float]) -> None:
     if members:
-        s.sets[name] = set_bytes(members)
+        # names built per event (`ips:<country>`) are kept once for all entities
+        s.sets[name if name in s.sets else sys.intern(name)] = set_bytes(members)
     else:  # as the script deletes an emptied set's field
         s.sets.pop(name, None)
 

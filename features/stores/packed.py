@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -58,13 +58,20 @@ class _Format(NamedTuple):
     max_k: int
     empty: bytes
     """A dense slot without a cell."""
+    size: int
+    empty_k: int
+    """What an empty dense slot holds where a stamp would be."""
+    slots: dict[int, struct.Struct]
+    """Unpackers of the slots alone of a sparse ring, by its number of cells."""
 
 
 def _format(sparse: bool, cell: str, f32: bool = False, max_k: int = 0) -> _Format:
     packer, offset = struct.Struct(cell), max_k > 0
-    empty = b"" if sparse else packer.pack(0 if offset else EMPTY_STAMP, 0.0)
+    empty_k = 0 if offset else EMPTY_STAMP
+    empty = b"" if sparse else packer.pack(empty_k, 0.0)
     header = 5 if offset else (1 if sparse else 0)
-    return _Format(sparse, header, packer, offset, f32, max_k, empty)
+    return _Format(sparse, header, packer, offset, f32, max_k, empty, packer.size, empty_k,
+                   {})
 
 
 _FORMATS = {
@@ -106,53 +113,54 @@ def _padded(blob: bytes, f: _Format) -> bytes:
 
 def _fits_f32(value: float) -> bool:
     """Whether a 32-bit float holds `value` exactly (counts and sizes do; money rarely)."""
+    if -16_777_216.0 <= value <= 16_777_216.0 and value == int(value):
+        return True  # an integer up to 2**24
     try:
         return _F32.unpack(_F32.pack(value))[0] == value
     except OverflowError:
         return False
 
 
-class _Place(NamedTuple):
-    """Where a slot's cell is in a ring: its format, stamp base (stamp = k + base), the
-    offset of the cell (-1: none) and the end of the last whole cell."""
-
-    f: _Format
-    base: int
-    off: int
-    end: int
+_Place = tuple[_Format, int, int, int, int, float]
+"""Where a slot's cell is in a ring: its format, stamp base (stamp = k + base), the
+offset of the cell (-1: none), the end of the last whole cell, and the (stamp, value)
+the cell holds ((EMPTY_STAMP, 0.0) when none)."""
 
 
 def _place(blob: bytes, slot: int) -> _Place:
-    f = _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
-    size = f.cell.size
-    end = len(blob) - (len(blob) - f.header) % size
-    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
-    if f.sparse:
-        for off in range(f.header, end, size):
-            if _SLOT.unpack_from(blob, off)[0] == slot:
-                return _Place(f, base, off, end)
-        return _Place(f, base, -1, end)
-    off = f.header + slot * size
-    return _Place(f, base, off if off + size <= end else -1, end)
-
-
-def _held(blob: bytes, at: _Place) -> tuple[int, float]:
-    """(stamp, value) of the cell at `at`; (EMPTY_STAMP, 0.0) when there is none."""
-    f = at.f
-    if at.off < 0:
-        return EMPTY_STAMP, 0.0
-    if f.sparse:
-        _, k, value = f.cell.unpack_from(blob, at.off)
+    if len(blob) % 2:
+        f = _FORMATS[blob[0]]
+        base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
     else:
-        k, value = f.cell.unpack_from(blob, at.off)
-        if f.offset and k == 0:
-            return EMPTY_STAMP, 0.0
-    return k + at.base, value
+        f, base = _WIDE, 0
+    size, header = f.size, f.header
+    end = len(blob) - (len(blob) - header) % size
+    if f.sparse:
+        n = (end - header) // size
+        unpacker = f.slots.get(n)
+        if unpacker is None:
+            unpacker = f.slots[n] = struct.Struct("<" + ("H" + "x" * (size - 2)) * n)
+        slots = unpacker.unpack_from(blob, header)
+        if slot in slots:
+            off = header + slots.index(slot) * size
+            _, k, value = f.cell.unpack_from(blob, off)
+            return f, base, off, end, k + base, value
+        return f, base, -1, end, EMPTY_STAMP, 0.0
+    off = header + slot * size
+    if off + size > end:
+        return f, base, -1, end, EMPTY_STAMP, 0.0
+    k, value = f.cell.unpack_from(blob, off)
+    if k == f.empty_k:
+        return f, base, off, end, EMPTY_STAMP, 0.0
+    return f, base, off, end, k + base, value
 
 
 def _cell(blob: bytes | None, slot: int) -> tuple[int, float]:
     """(stamp, value) of `slot`'s cell; (EMPTY_STAMP, 0.0) when it has none."""
-    return _held(blob, _place(blob, slot)) if blob else (EMPTY_STAMP, 0.0)
+    if not blob:
+        return EMPTY_STAMP, 0.0
+    at = _place(blob, slot)
+    return at[4], at[5]
 
 
 def ring_cells(blob: bytes | None) -> list[tuple[int, int, float]]:
@@ -199,12 +207,13 @@ def _encode(cells: dict[int, tuple[int, float]]) -> bytes:
 def _put(blob: bytes, at: _Place, slot: int, stamp: int, value: float) -> bytes:
     """`blob` with `slot`'s cell (at `at`) set to (stamp, value): in place when its
     format holds them (the Lua script's `cell_put`), else packed afresh (`_encode`)."""
-    f, k = at.f, stamp - at.base
+    f, base, off, end = at[0], at[1], at[2], at[3]
+    k = stamp - base
     if not f.offset or (1 <= k <= f.max_k and (not f.f32 or _fits_f32(value))):
-        size, off, end = f.cell.size, at.off, at.end
+        size = f.size
         if off >= 0:
             cell = f.cell.pack(slot, k, value) if f.sparse else f.cell.pack(k, value)
-            return blob[:off] + cell + blob[off + size:]
+            return b"".join((blob[:off], cell, blob[off + size:]))
         if not f.sparse:
             gap = (f.header + slot * size - end) // size
             return _padded(blob[:end] + f.empty * gap + f.cell.pack(k, value), f)
@@ -223,12 +232,10 @@ def ring_add(blob: bytes | None, slot: int, stamp: int,
         value = 0.0 + amount
         return _encode({slot: (stamp, value)}), value
     at = _place(blob, slot)
-    held, value = _held(blob, at)
+    held = at[4]
     if held > stamp:
         return blob, None
-    if held != stamp:  # a newer bucket starts afresh
-        value = 0.0
-    value += amount
+    value = (at[5] if held == stamp else 0.0) + amount  # a newer bucket starts afresh
     return _put(blob, at, slot, stamp, value), value
 
 
@@ -238,7 +245,7 @@ def ring_max(blob: bytes | None, slot: int, stamp: int,
     if not blob:
         return _encode({slot: (stamp, value)}), value
     at = _place(blob, slot)
-    held, kept = _held(blob, at)
+    held, kept = at[4], at[5]
     if held > stamp:
         return blob, None
     if held != stamp or value > kept:
@@ -266,25 +273,36 @@ def _flat(blob: bytes) -> tuple[_Format, int, tuple[Any, ...]]:
     return f, base, unpacker.unpack_from(blob, f.header)
 
 
-def _values(blob: bytes, size: int, stamps: Iterable[int]) -> list[float]:
+def _values(blob: bytes, size: int, stamps: Sequence[int]) -> list[float]:
     """The value of each bucket `stamp` of a ring of `size` slots (0.0 when stale): its
     slot's cell, when that holds this stamp."""
+    f = _WIDE if len(blob) % 2 == 0 else _FORMATS[blob[0]]
+    if not f.sparse and 8 * len(stamps) < len(blob):  # a few cells of a long ring
+        return _few_values(blob, f, size, stamps)
     f, base, flat = _flat(blob)
     if f.sparse:
         held = {flat[i]: (flat[i + 1] + base, flat[i + 2]) for i in range(0, len(flat), 3)}
-        out = []
-        for stamp in stamps:
-            cell = held.get(stamp % size)
-            out.append(cell[1] if cell is not None and cell[0] == stamp else 0.0)
-        return out
+        return [cell[1] if (cell := held.get(st % size)) is not None and cell[0] == st
+                else 0.0 for st in stamps]
     # dense: k == 0 (or the wide forms' EMPTY_STAMP) is an empty slot, never a stamp
-    end, empty, out = len(flat), (0 if f.offset else EMPTY_STAMP), []
+    ks, vs, empty = flat[0::2], flat[1::2], (0 if f.offset else EMPTY_STAMP)
+    n = len(ks)
+    return [vs[j] if (j := st % size) < n and ks[j] + base == st and ks[j] != empty
+            else 0.0 for st in stamps]
+
+
+def _few_values(blob: bytes, f: _Format, size: int, stamps: Sequence[int]) -> list[float]:
+    """`_values` of a dense ring, cell by cell."""
+    base = _EPOCH.unpack_from(blob, 1)[0] - 1 if f.offset else 0
+    cell, width = f.cell, f.cell.size
+    last = len(blob) - (len(blob) - f.header) % width - width
+    empty, out = (0 if f.offset else EMPTY_STAMP), []
     for stamp in stamps:
-        i = 2 * (stamp % size)
-        if i < end:
-            k = flat[i]
-            if k != empty and k + base == stamp:
-                out.append(flat[i + 1])
+        off = f.header + (stamp % size) * width
+        if off <= last:
+            k, value = cell.unpack_from(blob, off)
+            if k + base == stamp and k != empty:
+                out.append(value)
                 continue
         out.append(0.0)
     return out
@@ -367,7 +385,7 @@ def profile_put(profile: bytes | None, slot: int, n: float, m: float, v: float) 
     off, held = 24 * slot, profile or b""
     if off > len(held):
         held += bytes(off - len(held))
-    return held[:off] + _TRIPLE.pack(n, m, v) + held[off + 24:]
+    return b"".join((held[:off], _TRIPLE.pack(n, m, v), held[off + 24:]))
 
 
 def profile_part(profile: bytes | None, slot: int, part: str) -> float | None:
@@ -375,10 +393,13 @@ def profile_part(profile: bytes | None, slot: int, part: str) -> float | None:
     Without a part, the scalar `vector#slot` (`scalar_get`)."""
     if not part:
         return scalar_get(profile, slot)
-    n, m, v = profile_get(profile, slot)
+    off = 24 * slot
+    if profile is None or off + 24 > len(profile):
+        return None
+    n, m, v = _TRIPLE.unpack_from(profile, off)
     if n == 0.0:
         return None
-    return {"m": m, "v": v, "n": n}.get(part)
+    return m if part == "m" else v if part == "v" else n if part == "n" else None
 
 
 def scalar_get(vector: bytes | None, slot: int) -> float | None:
@@ -396,7 +417,7 @@ def scalar_put(vector: bytes | None, slot: int, x: float) -> bytes:
     off, held = 8 * slot, vector or b""
     if off > len(held):
         held += _NAN8 * ((off - len(held)) // 8)
-    return held[:off] + _DOUBLE.pack(x) + held[off + 8:]
+    return b"".join((held[:off], _DOUBLE.pack(x), held[off + 8:]))
 
 
 def ewm_next(n: float, m: float, v: float, x: float, alpha: float) -> tuple[float, float, float]:
@@ -415,6 +436,24 @@ def set_members(blob: bytes | None) -> dict[float, float]:
     """A capped set's {member hash: time}, in the order the field packs them (as the
     script appends a new member and keeps the order when it drops some)."""
     return dict(_PAIR.iter_unpack(blob)) if blob else {}
+
+
+def set_find(blob: bytes, member: int) -> int:
+    """The byte offset of `member`'s (hash, time) pair in a capped set's field, or -1."""
+    key = _DOUBLE.pack(member)
+    off = blob.find(key)
+    while off % 16 and off >= 0:  # a time that happens to hold the same bytes
+        off = blob.find(key, off + 1)
+    return off
+
+
+def set_times(blob: bytes) -> tuple[float, ...]:
+    """The time of each member of a capped set's field, in order."""
+    n = len(blob) // 16
+    unpacker = _UNPACKERS.get(("dd", n))
+    if unpacker is None:
+        unpacker = _UNPACKERS["dd", n] = struct.Struct("<" + "dd" * n)
+    return unpacker.unpack(blob)[1::2]
 
 
 def set_bytes(members: dict[Any, float]) -> bytes:
