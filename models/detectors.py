@@ -53,12 +53,13 @@ STREAM_PARAMS: dict[str, StreamParams] = {
 """The key's univariate series and their detectors: the rate has a daily rhythm; a
 call's size and latency are judged against the key's recent level."""
 _HALF_LIVES: list[float] = [h for p in STREAM_PARAMS.values() for h in half_lives(p)]
-_STATE_SIZE = sum(state_size(p) for p in STREAM_PARAMS.values())
+_SIZES = {name: state_size(p) for name, p in STREAM_PARAMS.items()}
+_STATE_SIZE = sum(_SIZES.values())
 
 
 def _floats(text: str) -> list[float] | None:
     try:
-        values = [float(x) for x in text.split(",")]
+        values = list(map(float, text.split(",")))
     except ValueError:
         return None
     if len(values) != _STATE_SIZE:
@@ -90,13 +91,15 @@ class KeyStreams:
         self.before: dict[str, SeasonalStream] = {}
         at = 0
         for name, params in STREAM_PARAMS.items():
-            n = state_size(params)
-            stream = SeasonalStream(params, values[at:at + n] if values is not None else None)
+            n = _SIZES[name]
+            stream = (SeasonalStream.wrap(params, values[at:at + n]) if values is not None
+                      else SeasonalStream(params))
             if stored:
                 stream = stream.at(ref)
             self.streams[name] = stream
             # a legacy state is not in the new field yet: all of it is this write's delta
-            self.before[name] = stream.at(stream.ref_time) if stored else SeasonalStream(params)
+            self.before[name] = (SeasonalStream.wrap(params, stream.v.copy()) if stored
+                                 else SeasonalStream(params))
             at += n
 
     def encode(self) -> str:
@@ -260,13 +263,13 @@ class Detectors:
         series = KeyStreams.series(fv)
         ts = float(fv.context.get("timestamp") or 0.0)
         signals = ModelSignals()
-        scores = {name: s.score(ts, series[name]) for name, s in streams.streams.items()
-                  if s.warm()}
-        if scores:
+        zs = {name: s.zscore(ts, series[name]) for name, s in streams.streams.items()
+              if s.warm()}
+        if zs:
             # the key's own view: the rarest of its series, as a percentile of its own
             # normal points
-            signals.key_baseline = max(scores.values())
-        zs = {name: streams.streams[name].zscore(ts, series[name]) for name in scores}
+            signals.key_baseline = max(streams.streams[name].score_of_z(z)
+                                       for name, z in zs.items())
         pending = None
         with self._lock:
             if self.population is not None:
