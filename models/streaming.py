@@ -213,6 +213,12 @@ class SeasonalStream:
         below = sum(v[base:base + b])
         return min(1.0, (below + 0.5 * v[base + b]) / total)
 
+    def tracks_regime(self, ts: float, x: float) -> bool:
+        """Whether `x` at `ts` moves the shift rule's run (it is beyond `clip` scales, or a
+        run is under way that it continues or ends): a point that is not learned must
+        still be shown to `learn(flagged=True)` then."""
+        return self.warm() and (self.v[_RUN] != 0.0 or abs(self.zscore(ts, x)) > self.p.clip)
+
     def learn(self, ts: float, x: float, *, flagged: bool = False) -> None:
         """Learn one point, robustly (its residual clipped). A point the pipeline flagged
         is not learned, but it still counts towards the shift rule: a level that stays
