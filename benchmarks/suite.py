@@ -160,6 +160,24 @@ STAGES = (
     ("online", "+ online models (population, per-key baselines)"),
     ("offline", "+ offline Isolation Forest (the full pipeline)"),
 )
+STORE_STAGE = ("store", "of the full pipeline: the memory store's operations")
+
+
+class TimedMemoryStore(MemoryStore):
+    """A memory store that counts the thread CPU time spent in its operations: how much of
+    an event's cost is the state store's (every stage's operations together) and how much
+    the Python around it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cpu_s = 0.0
+
+    def execute(self, requests: Any) -> list[list[Any]]:
+        t0 = time.thread_time()
+        try:
+            return super().execute(requests)
+        finally:
+            self.cpu_s += time.thread_time() - t0
 
 
 def bench_stages(events: list[Event], offline: OfflineDetector) -> list[dict[str, Any]]:
@@ -170,7 +188,9 @@ def bench_stages(events: list[Event], offline: OfflineDetector) -> list[dict[str
     timed on all four in turn (the order rotating), so a slow spell on a shared machine
     lands on every stage rather than on whichever was measured then. Costs are medians
     over the chunks of the thread's CPU time, which a descheduled process does not
-    accrue; the differences of medians can still read slightly off, never below zero."""
+    accrue; the differences of medians can still read slightly off, never below zero.
+    A last row, `store`, is the part of the full pipeline's cost spent inside the memory
+    store's operations (its `cumulative_us` is the full pipeline's, for comparison)."""
     from features.extractor import FeatureExtractor, FeatureStream
 
     hasher = KeyHasher(BENCH_SECRET)
@@ -179,7 +199,8 @@ def bench_stages(events: list[Event], offline: OfflineDetector) -> list[dict[str
     def features_step(e: Event) -> None:
         stream.learn(stream.process(e, hasher.key_id(e.api_key)))
 
-    full = make_scorer(MemoryStore())
+    store = TimedMemoryStore()
+    full = make_scorer(store)
     if full.detectors is not None:
         full.detectors.offline, full.detectors.offline_version = offline, "bench"
     steps: dict[str, Callable[[Event], object]] = {
@@ -193,16 +214,19 @@ def bench_stages(events: list[Event], offline: OfflineDetector) -> list[dict[str
         for e in warm:
             step(e)
     size = max(1, len(timed) // (2 * CHUNKS))
-    costs: dict[str, list[float]] = {name: [] for name in steps}
+    costs: dict[str, list[float]] = {name: [] for name in (*steps, STORE_STAGE[0])}
     names = list(steps)
     for n, start in enumerate(range(0, len(timed) - size + 1, size)):
         chunk = timed[start:start + size]
         for name in names[n % len(names):] + names[:n % len(names)]:
             step = steps[name]
+            in_store = store.cpu_s
             t0 = time.thread_time()
             for e in chunk:
                 step(e)
             costs[name].append((time.thread_time() - t0) / len(chunk) * 1e6)
+            if name == "offline":
+                costs[STORE_STAGE[0]].append((store.cpu_s - in_store) / len(chunk) * 1e6)
     rows, before = [], 0.0
     for name, what in STAGES:
         total = float(np.median(costs[name]))
@@ -210,6 +234,9 @@ def bench_stages(events: list[Event], offline: OfflineDetector) -> list[dict[str
                      "us_per_event": round(max(0.0, total - before), 1),
                      "cumulative_us": round(total, 1)})
         before = total
+    in_store = float(np.median(costs[STORE_STAGE[0]]))
+    rows.append({"stage": STORE_STAGE[0], "what": STORE_STAGE[1],
+                 "us_per_event": round(in_store, 1), "cumulative_us": round(before, 1)})
     return rows
 
 

@@ -71,6 +71,7 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from features.catalogue import (
@@ -359,6 +360,13 @@ def network_prefix(ip: str | None) -> str | None:
     """The address's /24 (IPv4) or /48 (IPv6) network, or None."""
     if not ip:
         return None
+    return _prefix_of(ip)
+
+
+@lru_cache(maxsize=8192)
+def _prefix_of(ip: str) -> str | None:
+    """`network_prefix` of a non-empty address (cached: every event asks for its
+    address's prefix twice, and traffic repeats addresses)."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,20 @@ STREAM_PARAMS: dict[str, StreamParams] = {
 }
 """The key's univariate series and their detectors: the rate has a daily rhythm; a
 call's size and latency are judged against the key's recent level."""
+STREAM_LEARN_EVERY = 4
+"""A key's streams learn one normal event in four: learning a point (and the store's
+DECAY_ADD of it) was about a fifth of scoring an event, and the streams' statistics
+(decayed means over hours and days, a histogram over a week) hold on a sample. A stream
+then warms up after three learned points, about twelve events. Flagged events and the
+shift rule's run still see every point."""
 _HALF_LIVES: list[float] = [h for p in STREAM_PARAMS.values() for h in half_lives(p)]
-_STATE_SIZE = sum(state_size(p) for p in STREAM_PARAMS.values())
+_SIZES = {name: state_size(p) for name, p in STREAM_PARAMS.items()}
+_STATE_SIZE = sum(_SIZES.values())
 
 
 def _floats(text: str) -> list[float] | None:
     try:
-        values = [float(x) for x in text.split(",")]
+        values = list(map(float, text.split(",")))
     except ValueError:
         return None
     if len(values) != _STATE_SIZE:
@@ -90,13 +98,15 @@ class KeyStreams:
         self.before: dict[str, SeasonalStream] = {}
         at = 0
         for name, params in STREAM_PARAMS.items():
-            n = state_size(params)
-            stream = SeasonalStream(params, values[at:at + n] if values is not None else None)
+            n = _SIZES[name]
+            stream = (SeasonalStream.wrap(params, values[at:at + n]) if values is not None
+                      else SeasonalStream(params))
             if stored:
                 stream = stream.at(ref)
             self.streams[name] = stream
             # a legacy state is not in the new field yet: all of it is this write's delta
-            self.before[name] = stream.at(stream.ref_time) if stored else SeasonalStream(params)
+            self.before[name] = (SeasonalStream.wrap(params, stream.v.copy()) if stored
+                                 else SeasonalStream(params))
             at += n
 
     def encode(self) -> str:
@@ -154,6 +164,8 @@ class Detectors:
         Where the promoted offline model is found; None to run without it.
     reload_interval_s:
         How often the registry's `current` pointer is checked for a new version.
+    stream_learn_every:
+        The key's streams learn one normal event in this many (1: all of them).
     """
 
     def __init__(
@@ -164,8 +176,10 @@ class Detectors:
         registry: ModelRegistry | None = None,
         reload_interval_s: float = 10.0,
         baseline_params: dict[str, Any] | None = None,
+        stream_learn_every: int = STREAM_LEARN_EVERY,
     ) -> None:
         self.feature_names = feature_names
+        self.stream_learn_every = stream_learn_every
         self.population = population
         self.registry = registry
         self.reload_interval_s = reload_interval_s
@@ -260,13 +274,13 @@ class Detectors:
         series = KeyStreams.series(fv)
         ts = float(fv.context.get("timestamp") or 0.0)
         signals = ModelSignals()
-        scores = {name: s.score(ts, series[name]) for name, s in streams.streams.items()
-                  if s.warm()}
-        if scores:
+        zs = {name: s.zscore(ts, series[name]) for name, s in streams.streams.items()
+              if s.warm()}
+        if zs:
             # the key's own view: the rarest of its series, as a percentile of its own
             # normal points
-            signals.key_baseline = max(scores.values())
-        zs = {name: streams.streams[name].zscore(ts, series[name]) for name in scores}
+            signals.key_baseline = max(streams.streams[name].score_of_z(z)
+                                       for name, z in zs.items())
         pending = None
         with self._lock:
             if self.population is not None:
@@ -294,18 +308,38 @@ class Detectors:
     def after(self, state: DetectorState, *, flagged: bool) -> list[EntityOps]:
         """Learn from an event the pipeline did not flag; always track the key's regime.
 
+        The key's streams learn a deterministic sample of the normal events, one in
+        `stream_learn_every` (`learns_sample`). An event left out is still shown to the
+        shift rule when it moves its run (`SeasonalStream.tracks_regime`), as a flagged
+        one is, so a new regime is adopted after the same run of points; an event that
+        changes nothing sends nothing.
+
         Returns the store write of the key's baseline (sent with the next round trip).
         """
+        learn = flagged or self.learns_sample(state.key_id, state.ts)
+        learned = False
         for name, stream in state.streams.streams.items():
-            stream.learn(state.ts, state.series[name], flagged=flagged)
-        ops = EntityOps("k", state.key_id)
-        ops.ops.append(state.streams.delta_op())
-        out = [ops]
+            x = state.series[name]
+            if learn:
+                stream.learn(state.ts, x, flagged=flagged)
+            elif stream.tracks_regime(state.ts, x):
+                stream.learn(state.ts, x, flagged=True)
+            else:
+                continue
+            learned = True
+        out = [EntityOps("k", state.key_id, [state.streams.delta_op()])] if learned else []
         if (not flagged and state.pending is not None and state.pending.clean
                 and self.population_log is not None):
             with self._lock:
                 out.append(self.population_log.append(state.pending))
         return out
+
+    def learns_sample(self, key_id: str, ts: float) -> bool:
+        """Whether a normal event is in the sample the key's streams learn: one in
+        `stream_learn_every`, chosen by a hash of the key and the event's time, so every
+        replica (and a replay) picks the same events."""
+        every = self.stream_learn_every
+        return every <= 1 or zlib.crc32(f"{key_id}|{ts!r}".encode()) % every == 0
 
     # ---- checkpoints --------------------------------------------------------------------
     def save_population(self, path: Path, *, signing_key: str | None = None) -> str | None:

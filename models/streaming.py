@@ -122,6 +122,16 @@ class SeasonalStream:
                 raise ValueError(f"a stream state has {n} values, not {len(state)}")
             self.v = [float(x) for x in state]
 
+    @classmethod
+    def wrap(cls, params: StreamParams, values: list[float]) -> SeasonalStream:
+        """A stream over `values`, taken as they are (floats, the right length, not shared
+        with anyone): a key's streams are rebuilt for every event, and copying and
+        converting their state each time was a measurable part of scoring one."""
+        out = cls.__new__(cls)
+        out.p = params
+        out.v = values
+        return out
+
     # ---- time ------------------------------------------------------------------------
     def _decay_to(self, ts: float) -> None:
         """Bring every decayed sum to time `ts` (never backwards: a late point is
@@ -144,10 +154,9 @@ class SeasonalStream:
         v[_AW] *= a
         v[_AS] *= a
         v[_HW] *= h
-        for i in range(_FIXED, _FIXED + 2 * p.phases):
-            v[i] *= s
-        for i in range(_FIXED + 2 * p.phases, len(v)):
-            v[i] *= h
+        mid = _FIXED + 2 * p.phases
+        v[_FIXED:mid] = [x * s for x in v[_FIXED:mid]]
+        v[mid:] = [x * h for x in v[mid:]]
         v[_T] = ts
 
     def _phase(self, ts: float) -> int:
@@ -187,7 +196,11 @@ class SeasonalStream:
         """Anomaly score in [0, 1] of `x` at `ts` (0.0 while cold)."""
         if not self.warm():
             return 0.0
-        z = abs(self.zscore(ts, x))
+        return self.score_of_z(self.zscore(ts, x))
+
+    def score_of_z(self, z: float) -> float:
+        """The score of a point whose `zscore` is `z` (for a caller that needs both)."""
+        z = abs(z)
         return (self._hist_percentile(z) + z * z / (1.0 + z * z)) / 2.0
 
     def _hist_percentile(self, z: float) -> float:
@@ -199,6 +212,12 @@ class SeasonalStream:
         b = bisect_right(Z_EDGES, z)
         below = sum(v[base:base + b])
         return min(1.0, (below + 0.5 * v[base + b]) / total)
+
+    def tracks_regime(self, ts: float, x: float) -> bool:
+        """Whether `x` at `ts` moves the shift rule's run (it is beyond `clip` scales, or a
+        run is under way that it continues or ends): a point that is not learned must
+        still be shown to `learn(flagged=True)` then."""
+        return self.warm() and (self.v[_RUN] != 0.0 or abs(self.zscore(ts, x)) > self.p.clip)
 
     def learn(self, ts: float, x: float, *, flagged: bool = False) -> None:
         """Learn one point, robustly (its residual clipped). A point the pipeline flagged
@@ -257,7 +276,7 @@ class SeasonalStream:
 
     def at(self, ts: float) -> SeasonalStream:
         """A copy whose reference time is `ts` (0: a fresh state)."""
-        out = SeasonalStream(self.p, self.v)
+        out = SeasonalStream.wrap(self.p, self.v.copy())
         out.v[_T] = ts
         return out
 
@@ -265,7 +284,7 @@ class SeasonalStream:
         """What learning added to `before` (this stream's earlier state), at this state's
         reference time: the increment a store adds (DECAY_ADD with `half_lives`), so that
         replicas learning one key send updates that merge instead of overwriting."""
-        old = SeasonalStream(before.p, before.v)
+        old = SeasonalStream.wrap(before.p, before.v.copy())
         if self.v[_T]:
             old._decay_to(self.v[_T])
         d = [new - was for new, was in zip(self.v, old.v, strict=True)]

@@ -32,7 +32,7 @@ def test_bench_smoke_writes_every_figure_with_its_baseline(
     assert json.loads(out.read_text())["figures"] == report["figures"]
     assert "| pipeline_memory_events_per_s |" in format_report(report)
     stages = report["stages"]
-    assert [r["stage"] for r in stages] == ["features", "rules", "online", "offline"]
+    assert [r["stage"] for r in stages] == ["features", "rules", "online", "offline", "store"]
     assert all(r["us_per_event"] >= 0 and r["cumulative_us"] > 0 for r in stages)
     assert "| offline |" in format_report(report)
     assert list(work.iterdir()) == []

@@ -41,7 +41,7 @@ from typing import Any
 from features.contract import event_time_iso
 from features.extractor import PREFIX_OK, network_prefix
 from features.keys import KeyHasher, looks_like_key_id
-from features.stores.base import GET, LIMIT, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
+from features.stores.base import GET, GETS, LIMIT, PERSIST, SET, ZITEMS, ZREM, ZSET, EntityOps
 from serving.engine.decision import Action
 from serving.policy.fusion import BLOCKING_EVIDENCE, Fusion
 from serving.policy.rules import BanView, Finding
@@ -112,18 +112,19 @@ class BanState:
                        permanent=self.permanent, by=self.by, reason=self.reason)
 
 
-BanIdx = tuple[int, ...]
+BanIdx = int
+
+
+_BAN_FIELDS = (BAN_UNTIL, BAN_LEVEL, BAN_LAST, BAN_BY, BAN_REASON, BAN_KIND, BAN_SINCE)
 
 
 def add_ban_reads(ops: EntityOps) -> BanIdx:
-    return tuple(ops.add(GET, f) for f in (BAN_UNTIL, BAN_LEVEL, BAN_LAST, BAN_BY,
-                                           BAN_REASON, BAN_KIND, BAN_SINCE))
+    """Read the entity's ban, in one op (every event reads two bans)."""
+    return ops.add(GETS, len(_BAN_FIELDS), *_BAN_FIELDS)
 
 
 def read_ban(results: list[Any], idx: BanIdx) -> BanState:
-    until, level, last, by, reason, *rest = (results[i] for i in idx)
-    kind = rest[0] if rest else None
-    since = rest[1] if len(rest) > 1 else None
+    until, level, last, by, reason, kind, since = results[idx]
     return BanState(
         until=float(until) if until else 0.0,
         level=int(float(level)) if level else 0,
