@@ -101,8 +101,3 @@ class EntityCache:
         while self._bytes > self.max_bytes and self._held:
             _, dropped = self._held.popitem(last=False)
             self._bytes -= dropped.size
-
-    def drop(self, key: tuple[str, str]) -> None:
-        old = self._held.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size

@@ -51,9 +51,9 @@ from features.stores.replay import (
     IN_SCRIPT,
     KEEP_FIELDS,
     Plan,
-    pack_field,
     plan_request,
     rebuild,
+    written_values,
 )
 
 _LUA = resources.files("features.stores").joinpath("lua/apply_ops.lua").read_text()
@@ -224,7 +224,7 @@ class RedisStore(StateStore):
     def _compute_locally(self, req: EntityOps, plan: Plan) -> LocalResult | None:
         """The request's results and changed fields computed on the held copy of the
         entity, when there is one holding every field the request touches."""
-        fields, kinds, sent, n_written = plan
+        fields, kinds, sent, _ = plan
         entry = self.cache.get((req.kind, req.entity_id)) if self.cache.max_bytes else None
         if entry is None or not entry.holds(fields) or any(
                 op[0] in IN_SCRIPT and op[0] not in FAST_IN_SCRIPT for op in sent):
@@ -233,11 +233,8 @@ class RedisStore(StateStore):
         state = rebuild(new_state(), fields, kinds, [raw[name] for name in fields])
         in_script = [i for i, op in enumerate(req.ops) if op[0] in IN_SCRIPT]
         results = replay_ops(state, req.ops, dict.fromkeys(in_script))
-        changed: dict[str, bytes | None] = {}
-        for name, kind in zip(fields[:n_written], kinds[:n_written], strict=True):
-            value = pack_field(state, name, kind)
-            if value != raw[name]:
-                changed[name] = value
+        changed = {name: value for name, value in written_values(state, plan).items()
+                   if value != raw[name]}
         keep = (time.monotonic() - entry.kept > self._keep_every
                 or not changed.keys().isdisjoint(KEEP_FIELDS)
                 or any(req.ops[i][0] in _CREATES_KEYS for i in in_script))
@@ -262,13 +259,10 @@ class RedisStore(StateStore):
         if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
             return self._decode(req, raw, plan)
         results, state = self._decode_state(req, raw, plan)
-        fields, kinds, _, n_written = plan
-        values: dict[str, bytes | None] = dict(zip(fields, raw[1], strict=True))
-        wrote = False
-        for name, kind in zip(fields[:n_written], kinds[:n_written], strict=True):
-            value = pack_field(state, name, kind)
-            wrote = wrote or value != values[name]
-            values[name] = value
+        values: dict[str, bytes | None] = dict(zip(plan[0], raw[1], strict=True))
+        after = written_values(state, plan)
+        wrote = any(value != values[name] for name, value in after.items())
+        values.update(after)
         current = raw[2] if len(raw) > 2 else None
         held = self.cache.get(key)
         self.cache.put(key, token if wrote else current, values,

@@ -53,11 +53,7 @@ from features.stores.base import (
     StoreError,
     is_enforcement_field,
 )
-from features.stores.packed import (
-    member_hash,
-    profile_slot,
-    unpack_ring,
-)
+from features.stores.packed import member_hash, profile_slot, unpack_ring
 
 PLAIN, NUMBER, RING, CAPPED_SET, PROFILE = range(5)
 """How a fetched field is rebuilt: text, a float (as the memory store keeps EWM state and
@@ -194,3 +190,10 @@ def pack_field(state: Any, name: str, kind: int) -> bytes | None:
     value = (state.enf.get(name) if is_enforcement_field(name)
              else state.hash.get(name))
     return None if value is None else _number_text(value)
+
+
+def written_values(state: Any, plan: Plan) -> dict[str, bytes | None]:
+    """Each field the plan's writes touch, packed from the state after the ops."""
+    fields, kinds, _, n_written = plan
+    return {name: pack_field(state, name, kind)
+            for name, kind in zip(fields[:n_written], kinds[:n_written], strict=True)}
