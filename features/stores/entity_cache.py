@@ -10,6 +10,10 @@ act, or an expiry) changed the entity since, the token differs and the script ap
 the ops itself, in the same call, as it always did: one round trip either way, and a
 copy is never trusted past a change.
 
+A round trip that fails (Redis down, a timeout) leaves the copy as it was: if the write
+was applied all the same, the entity is at a token the copy does not hold, and the next
+call takes the slow path. Nothing is applied twice and no copy runs ahead of Redis.
+
 The copy holds raw field values in the script's layout (`replay.pack_field`), so the
 client rebuilds its state with the same code whichever path answered. It is bounded by a
 byte budget, least recently used first out; an entity that was dropped only costs one
