@@ -29,6 +29,7 @@ from typing import Any
 
 from features.extractor import FeatureVector, Plan
 from features.stores.base import DECAY_ADD, GETS, EntityOps
+from features.stores.packed import BLOB_PREFIX, decayed_sums
 from models.feature_space import to_model_space
 from models.offline import OfflineDetector
 from models.online import PendingEvent, PopulationDetector
@@ -40,9 +41,13 @@ from models.streaming import SeasonalStream, StreamParams, half_lives, state_siz
 log = logging.getLogger("keywatch.detectors")
 
 BASELINE_FIELD = "kb"
-STREAMS_FIELD = "ksd"
+STREAMS_FIELD = BLOB_PREFIX + "ks"
 """The key's streaming detectors (requests per minute, tokens, latency): one field of
-mergeable decayed sums, "T|v1,...", changed only by the store's DECAY_ADD."""
+mergeable decayed sums, packed doubles (`features.stores.packed.decay_add`), changed only
+by the store's DECAY_ADD."""
+TEXT_STREAMS_FIELD = "ksd"
+"""The same sums as text, "T|v1,..." (before they were packed): read while the packed
+field is absent, so a key keeps what it learned; its first delta carries them over."""
 LEGACY_STREAMS_FIELD = "ks"
 """The same state as each replica wrote it back whole (before DECAY_ADD): read once, so
 a key keeps what it learned, then superseded."""
@@ -60,9 +65,9 @@ seventh of scoring an event, but on `keywatch evaluate` it let key resale throug
 worst seed's attack events stopped fell from 89.3% to 79.1% for that incident type, and
 94.8% to 93.2% overall; detection comes first. Flagged events and the shift rule's run
 see every point either way."""
-_HALF_LIVES: list[float] = [h for p in STREAM_PARAMS.values() for h in half_lives(p)]
+STREAM_HALF_LIVES: list[float] = [h for p in STREAM_PARAMS.values() for h in half_lives(p)]
 _SIZES = {name: state_size(p) for name, p in STREAM_PARAMS.items()}
-_STATE_SIZE = sum(_SIZES.values())
+STREAM_STATE_SIZE = sum(_SIZES.values())
 
 
 def _floats(text: str) -> list[float] | None:
@@ -70,10 +75,21 @@ def _floats(text: str) -> list[float] | None:
         values = list(map(float, text.split(",")))
     except ValueError:
         return None
-    if len(values) != _STATE_SIZE:
+    if len(values) != STREAM_STATE_SIZE:
         log.error("unreadable key streams (%d values), starting afresh", len(values))
         return None
     return values
+
+
+def _held_streams(raw: Any) -> tuple[Any, Any, Any]:
+    """(packed, text, legacy) as read by `Detectors.plan` (a lone value: the packed one)."""
+    if isinstance(raw, list | tuple):
+        return (*raw, None, None, None)[:3]
+    return raw, None, None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class KeyStreams:
@@ -84,17 +100,17 @@ class KeyStreams:
     """
 
     def __init__(self, raw: str | bytes | Sequence[Any] | None = None) -> None:
-        held, legacy = (raw[0], raw[1]) if isinstance(raw, list | tuple) else (raw, None)
+        packed, text, legacy = _held_streams(raw)
         ref, values, stored = 0.0, None, False
-        if held:
-            text = held.decode() if isinstance(held, bytes) else held
-            stamp, _, rest = text.partition("|")
+        held = decayed_sums(packed, STREAM_STATE_SIZE) if packed else None
+        if held is not None:
+            (ref, values), stored = held, True
+        elif text:
+            stamp, _, rest = _text(text).partition("|")
             values = _floats(rest)
-            if values is not None:
-                ref, stored = float(stamp), True
+            ref = float(stamp) if values is not None else 0.0
         elif legacy:
-            text = legacy.decode() if isinstance(legacy, bytes) else legacy
-            values = _floats(text)
+            values = _floats(_text(legacy))
         self.streams: dict[str, SeasonalStream] = {}
         self.before: dict[str, SeasonalStream] = {}
         at = 0
@@ -102,10 +118,10 @@ class KeyStreams:
             n = _SIZES[name]
             stream = (SeasonalStream.wrap(params, values[at:at + n]) if values is not None
                       else SeasonalStream(params))
-            if stored:
+            if ref:
                 stream = stream.at(ref)
             self.streams[name] = stream
-            # a legacy state is not in the new field yet: all of it is this write's delta
+            # a state not in the packed field yet: all of it is this write's delta
             self.before[name] = (SeasonalStream.wrap(params, stream.v.copy()) if stored
                                  else SeasonalStream(params))
             at += n
@@ -118,7 +134,7 @@ class KeyStreams:
         ts = max(s.ref_time for s in self.streams.values())
         deltas = [d for name, s in self.streams.items()
                   for d in s.delta_since(self.before[name])]
-        return (DECAY_ADD, STREAMS_FIELD, ts, _HALF_LIVES, deltas)
+        return (DECAY_ADD, STREAMS_FIELD, ts, STREAM_HALF_LIVES, deltas)
 
     @staticmethod
     def series(fv: FeatureVector) -> dict[str, float]:
@@ -252,7 +268,8 @@ class Detectors:
     # ---- scoring path -------------------------------------------------------------------
     def plan(self, plan: Plan) -> int:
         """Queue the read of the key's streaming detectors in the event's round trip."""
-        return plan.key_ops.add(GETS, 2, STREAMS_FIELD, LEGACY_STREAMS_FIELD)
+        return plan.key_ops.add(GETS, 3, STREAMS_FIELD, TEXT_STREAMS_FIELD,
+                                LEGACY_STREAMS_FIELD)
 
     def plan_population(self, plan: Plan) -> int | None:
         """Queue the read of the population's learning log in the event's round trip."""

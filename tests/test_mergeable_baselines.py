@@ -15,8 +15,15 @@ from features.extractor import FEATURE_NAMES
 from features.keys import KeyHasher
 from features.stores.base import DECAY_ADD, GET, EntityOps, StateStore
 from features.stores.memory import MemoryStore
+from features.stores.packed import decayed_sums
 from features.stores.redis_store import RedisStore
-from models.detectors import STREAM_PARAMS, STREAMS_FIELD, build_detectors
+from models.detectors import (
+    STREAM_HALF_LIVES,
+    STREAM_PARAMS,
+    STREAM_STATE_SIZE,
+    STREAMS_FIELD,
+    build_detectors,
+)
 from models.feature_space import model_features
 from models.streaming import state_size
 from serving.engine.scorer import Scorer
@@ -69,7 +76,9 @@ def _run(stores: list[StateStore], events: list[Event], *,
         scorer.flush()
     key_id = scorers[0].hasher.key_id(events[0].api_key)
     raw = stores[0].execute([EntityOps("k", key_id, [(GET, STREAMS_FIELD)])])[0][0]
-    state = [float(raw.split("|")[0]), *map(float, raw.split("|")[1].split(","))]
+    held = decayed_sums(raw, STREAM_STATE_SIZE)
+    assert held is not None
+    state = [held[0], *held[1]]
     return [(d.decision, d.severity, d.score) for d in decisions], state
 
 
@@ -119,27 +128,89 @@ def test_deferred_learning_loses_no_update(backend: str, redis_url: str) -> None
                          ids=["memory", "redis"])
 def test_decay_add_commutes_and_both_stores_agree(
         make: Callable[[str], StateStore], redis_url: str) -> None:
-    """Deltas sent in either order give one state; memory and Redis hold the same digits;
+    """Deltas sent in either order give one state; memory and Redis hold the same bytes;
     a value that is not a sum (half-life < 0) takes the last write."""
     hl = [3600.0, 0.0, -1.0]
     d1, d2 = (1700000000.0, [2.0, 1.0, 5.0]), (1700003600.0, [4.0, 1.0, 7.0])
     store = make(redis_url)
 
-    def apply(entity: str, *deltas: tuple[float, list[float]]) -> str:
+    def apply(entity: str, *deltas: tuple[float, list[float]]) -> bytes:
         for ts, d in deltas:
-            store.execute([EntityOps("k", entity, [(DECAY_ADD, "f", ts, hl, d)])])
-        return store.execute([EntityOps("k", entity, [(GET, "f")])])[0][0]
+            store.execute([EntityOps("k", entity, [(DECAY_ADD, "b|f", ts, hl, d)])])
+        return store.execute([EntityOps("k", entity, [(GET, "b|f")])])[0][0]
 
     forward, backward = apply("a", d1, d2), apply("b", d2, d1)
-    assert forward.split("|")[0] == backward.split("|")[0] == "1700003600"
-    fwd = [float(x) for x in forward.split("|")[1].split(",")]
-    bwd = [float(x) for x in backward.split("|")[1].split(",")]
+    (t_fwd, fwd), (t_bwd, bwd) = decayed_sums(forward, 3), decayed_sums(backward, 3)
+    assert t_fwd == t_bwd == 1700003600.0
     assert fwd[:2] == pytest.approx(bwd[:2]) == [2.0 * 0.5 + 4.0, 2.0]
     assert (fwd[2], bwd[2]) == (7.0, 5.0)
     other = MemoryStore()
     for ts, d in (d1, d2):
-        other.execute([EntityOps("k", "a", [(DECAY_ADD, "f", ts, hl, d)])])
-    assert other.execute([EntityOps("k", "a", [(GET, "f")])])[0][0] == forward
+        other.execute([EntityOps("k", "a", [(DECAY_ADD, "b|f", ts, hl, d)])])
+    assert other.execute([EntityOps("k", "a", [(GET, "b|f")])])[0][0] == forward
+
+
+def test_the_script_and_the_memory_store_hold_the_same_sums(redis_url: str) -> None:
+    """Random deltas of the key streams' real shape (every half-life they use), early,
+    late and simultaneous, and a held vector of another length: the script (copies off,
+    so Lua does the arithmetic) and the memory store hold the same bytes after every
+    write, and the sums are the decayed additions the op promises."""
+    rng = random.Random(7)
+    redis_store = RedisStore(redis_url, namespace="merge-sums", cache_mb=0)
+    memory = MemoryStore()
+    ts, held = T0, None
+    for step in range(120):
+        ts += rng.choice((-7200.0, 0.0, 0.5, 61.0, 3600.0, 90000.0)) * rng.random()
+        size = STREAM_STATE_SIZE if step != 60 else 5  # once: a vector of another length
+        hls, d = STREAM_HALF_LIVES[:size], [rng.gauss(0, 10) * rng.choice((1.0, 1e-9, 1e6))
+                                     for _ in range(size)]
+        op = [(DECAY_ADD, STREAMS_FIELD, ts, hls, d), (GET, STREAMS_FIELD)]
+        got = [store.execute([EntityOps("k", "sums", op)])[0][1]
+               for store in (redis_store, memory)]
+        assert got[0] == got[1], step
+        expected = _expected(held, ts, hls, d)
+        held = decayed_sums(got[1], size)
+        assert held is not None
+        assert held[0] == expected[0] and held[1] == pytest.approx(expected[1], rel=1e-12)
+
+
+def _expected(held: tuple[float, list[float]] | None, ts: float, hls: list[float],
+              d: list[float]) -> tuple[float, list[float]]:
+    """DECAY_ADD as `features.stores.base` states it, one sum at a time."""
+    if held is not None and len(held[1]) != len(d):
+        held = None
+    t0, values = held if held is not None else (0.0, [0.0] * len(d))
+    t1 = max(t0, ts)
+    out = []
+    for v, x, hl in zip(values, d, hls, strict=True):
+        if hl < 0:
+            out.append(x)
+        elif hl == 0:
+            out.append(v + x)
+        else:
+            out.append(v * 0.5 ** ((t1 - t0) / hl) + x * 0.5 ** ((t1 - ts) / hl))
+    return t1, out
+
+
+def test_a_key_learned_as_text_keeps_its_state() -> None:
+    """A key whose sums were stored as text (`TEXT_STREAMS_FIELD`, before they were
+    packed) keeps them: its first delta carries all of that state into the packed field,
+    at the text's reference time."""
+    from models.detectors import KeyStreams
+
+    learned = KeyStreams()
+    for i in range(50):
+        for s in learned.streams.values():
+            s.learn(T0 + 60 * i, 10.0 + i % 3)
+    ref = max(s.ref_time for s in learned.streams.values())
+    text = f"{ref!r}|" + ",".join(repr(x) for s in learned.streams.values()
+                                  for x in s.at(ref).v)
+    store = MemoryStore()
+    store.execute([EntityOps("k", "key", [KeyStreams([None, text, None]).delta_op()])])
+    held = store.execute([EntityOps("k", "key", [(GET, STREAMS_FIELD)])])[0][0]
+    again = KeyStreams([held, text, None])
+    for name, s in learned.streams.items():
+        assert again.streams[name].v == pytest.approx(s.at(ref).v, rel=1e-12)
 
 
 def test_a_key_learned_before_keeps_its_state() -> None:
@@ -153,8 +224,8 @@ def test_a_key_learned_before_keeps_its_state() -> None:
             s.learn(T0 + 60 * i, 10.0 + i % 3)
     raw = ",".join(repr(x) for s in legacy.streams.values() for x in s.v)
     store = MemoryStore()
-    store.execute([EntityOps("k", "key", [KeyStreams([None, raw]).delta_op()])])
+    store.execute([EntityOps("k", "key", [KeyStreams([None, None, raw]).delta_op()])])
     held = store.execute([EntityOps("k", "key", [(GET, STREAMS_FIELD)])])[0][0]
-    again = KeyStreams([held, raw])
+    again = KeyStreams([held, None, raw])
     for name, s in legacy.streams.items():
         assert again.streams[name].v == pytest.approx(s.v, rel=1e-12)

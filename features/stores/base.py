@@ -103,7 +103,8 @@ LOG_READ = "log_read"  # (LOG_READ, name, after, limit) -> [id | None, head, [[s
 
 # Mergeable decayed sums (a key's streaming detectors, `models.streaming`):
 DECAY_ADD = "decay_add"  # (DECAY_ADD, field, ts, half_lives, deltas) -> None
-#   the field holds "T|v1,v2,..." (%.17g): sums held at reference time T. With
+#   the field (named `b|...`, `packed.BLOB_PREFIX`) holds packed doubles T, v1, v2, ...
+#   (`packed.decay_add`): sums held at reference time T. With
 #   T' = max(T, ts), each v_i becomes v_i * 0.5 ** ((T' - T) / hl_i)
 #   + d_i * 0.5 ** ((T' - ts) / hl_i) (hl_i = 0: no decay; hl_i < 0: v_i is replaced by
 #   d_i, a value that is not a sum), and T becomes T'. Additions commute, so replicas

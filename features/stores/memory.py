@@ -76,8 +76,10 @@ from features.stores.base import (
 from features.stores.budget import entity_bytes
 from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
+    BLOB_PREFIX,
     EMPTY_STAMP,
     PROFILE_MARK,
+    decay_add,
     ewm_next,
     member_hash,
     profile_get,
@@ -393,6 +395,8 @@ class MemoryStore(StateStore):
             return s.enf.get(fld) if s.enf is not None else None
         if PROFILE_MARK in fld:
             return _profile_read(s, fld)
+        if fld[:2] == BLOB_PREFIX:
+            return s.profiles.get(fld)
         return s.hash.get(fld)
 
     def _set(self, s: _EntityState, op: tuple[Any, ...]) -> None:
@@ -455,7 +459,8 @@ class MemoryStore(StateStore):
 
     def _gets(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         get = s.hash.get
-        out = [_profile_read(s, f) if PROFILE_MARK in f else get(f)
+        out = [_profile_read(s, f) if PROFILE_MARK in f
+               else s.profiles.get(f) if f[:2] == BLOB_PREFIX else get(f)
                for f in op[2:2 + op[1]]]
         if s.enf is not None:  # enforcement fields live apart (never evicted)
             for i, f in enumerate(op[2:2 + op[1]]):
@@ -609,7 +614,7 @@ class MemoryStore(StateStore):
 
     def _decay_add(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         _, fld, ts, half_lives, deltas = op
-        s.hash[fld] = decay_add(s.hash.get(fld), float(ts), half_lives, deltas)
+        s.profiles[fld] = decay_add(s.profiles.get(fld), float(ts), half_lives, deltas)
 
     def _log_read(self, s: _EntityState, op: tuple[Any, ...]) -> list[Any]:
         _, name, after, limit = op
@@ -758,32 +763,6 @@ def gcra(mode: str, now: float, rate_per_min: float, burst: float, until: float,
         return (1.0 if own - tolerance <= now else 0.0,
                 max(0.0, after - tolerance - now), tat, new_e)
     return (1.0 if conforms else 0.0), (0.0 if conforms else held - tolerance - now), tat, tat_e
-
-
-def decay_add(held: str | None, ts: float, half_lives: Sequence[float],
-              deltas: Sequence[float]) -> str:
-    """DECAY_ADD on a held "T|v1,..." value (see `features.stores.base`); the Lua script
-    computes the same, in the same order, so both stores hold the same digits."""
-    t0, values = 0.0, None
-    if held and "|" in held:
-        stamp, _, rest = held.partition("|")
-        values = [float(x) for x in rest.split(",")] if rest else []
-        t0 = float(stamp)
-        if len(values) != len(deltas):
-            t0, values = 0.0, None
-    t1 = max(t0, ts)
-    out = []
-    for j, d in enumerate(deltas):
-        a, b, hl = (values[j] if values is not None else 0.0), float(d), float(half_lives[j])
-        if hl < 0:  # not a sum: the last write wins
-            a = 0.0
-        elif hl > 0:
-            if values is not None and t1 > t0:
-                a = a * 0.5 ** ((t1 - t0) / hl)
-            if t1 > ts:
-                b = b * 0.5 ** ((t1 - ts) / hl)
-        out.append(_g17(a + b))
-    return _g17(t1) + "|" + ",".join(out)
 
 
 def _applied(requests: Sequence[EntityOps], results: list[list[Any]]) -> list[EntityOps]:

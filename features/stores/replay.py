@@ -53,7 +53,7 @@ from features.stores.base import (
     StoreError,
     is_enforcement_field,
 )
-from features.stores.packed import member_hash, profile_slot, unpack_ring
+from features.stores.packed import BLOB_PREFIX, member_hash, profile_slot, unpack_ring
 
 PLAIN, NUMBER, RING, CAPPED_SET, PROFILE = range(5)
 """How a fetched field is rebuilt: text, a float (as the memory store keeps EWM state and
@@ -84,6 +84,8 @@ def _plain(name: str, out: dict[str, int]) -> None:
     where = profile_slot(name)
     if where is not None:
         out[where[0]] = PROFILE
+    elif name[:2] == BLOB_PREFIX:  # bytes kept as they are, as a profile's
+        out[name] = PROFILE
     elif name not in out:
         out[name] = PLAIN
 

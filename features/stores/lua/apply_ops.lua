@@ -458,31 +458,38 @@ local function set_pack(st)
   return struct.pack(f, unpack(flat))
 end
 
--- mergeable decayed sums "T|v1,...": both decayed to max(T, ts), then added
+-- mergeable decayed sums, packed doubles (T, v1, ...): both decayed to max(T, ts), then
+-- added; a decay factor is computed once per half-life (the float features.stores.packed
+-- computes), so both stores hold the same bytes
+local DFMT = {}
 local function decay_add(op)
   local ts, hl, d = tonumber(op[3]), op[4], op[5]
+  local f = DFMT[#d]
+  if not f then f = '<' .. string.rep('d', #d + 1); DFMT[#d] = f end
   local cur, t0, v = held[op[2]], 0, nil
-  if cur then
-    local bar = string.find(cur, '|', 1, true)
-    if bar then
-      t0 = tonumber(string.sub(cur, 1, bar - 1))
-      v = {}
-      for x in string.gmatch(string.sub(cur, bar + 1), '[^,]+') do v[#v + 1] = tonumber(x) end
-      if #v ~= #d then t0, v = 0, nil end
-    end
+  if cur and #cur == 8 * (#d + 1) then
+    v = {struct.unpack(f, cur)}
+    t0 = v[1]
   end
   local t1 = math.max(t0, ts)
+  local old, new = {}, {}
   local parts = {}
   for j = 1, #d do
     local a, b, hj = 0, d[j], hl[j]
-    if v and hj >= 0 then a = v[j] end
+    if v and hj >= 0 then a = v[j + 1] end
     if hj > 0 then
-      if v and t1 > t0 then a = a * 0.5 ^ ((t1 - t0) / hj) end
-      if t1 > ts then b = b * 0.5 ^ ((t1 - ts) / hj) end
+      if v and t1 > t0 then
+        if not old[hj] then old[hj] = 0.5 ^ ((t1 - t0) / hj) end
+        a = a * old[hj]
+      end
+      if t1 > ts then
+        if not new[hj] then new[hj] = 0.5 ^ ((t1 - ts) / hj) end
+        b = b * new[hj]
+      end
     end
-    parts[j] = g17(a + b)
+    parts[j] = a + b
   end
-  hset(op[2], g17(t1) .. '|' .. table.concat(parts, ','))
+  hset(op[2], struct.pack(f, t1, unpack(parts)))
 end
 
 local zout = {}
