@@ -43,7 +43,7 @@ from features.stores.base import (
     StoreError,
 )
 from features.stores.memory import MemoryStore
-from features.stores.packed import decayed_sums
+from features.stores.packed import decayed_sums, ring_add, ring_read
 from features.stores.redis_store import RedisStore
 
 
@@ -427,3 +427,28 @@ def test_a_snapshot_keeps_the_logs(tmp_path: Path) -> None:
     back.restore(tmp_path / "s.snap")
     assert back.execute([EntityOps("g", "pop", [(LOG_READ, "l", 1, 9)])]) == [
         [["id", 3, [[2, "e1"], [3, "e2"]]]]]
+
+
+def test_window_sums_of_a_sparse_ring_are_its_buckets_sums() -> None:
+    """A sparse ring's windows are summed from its few cells: the very floats of summing
+    every bucket newest first (empty ones adding 0.0), and the same edge bucket, on
+    random rings of the sizes the catalogue uses (late, early and negative-zero adds)."""
+    rng = random.Random(5)
+    sparse = 0
+    for _ in range(3000):
+        size = rng.choice((8, 26, 32, 194))
+        start, blob = rng.randint(1000, 30_000_000), None
+        for _ in range(rng.randint(1, 12)):
+            stamp = start + rng.randint(-40, 40)
+            blob, _ = ring_add(blob, stamp % size, stamp,
+                               rng.choice((1.0, 0.1, rng.random() * 1e3, -0.0)))
+        assert blob is not None
+        stamp = start + rng.randint(-5, 45)
+        ns = tuple(sorted(rng.sample(range(1, size + 3), rng.randint(1, 3))))
+        values = [ring_read((RING_GET, "r", st % size, st), blob)
+                  for st in range(stamp, stamp - max(ns) - 1, -1)]
+        expected = [x for n in ns for x in (sum(values[:min(n, size)], 0.0), values[n])]
+        got = ring_read((RING_WINDOWS, "r", size, stamp, len(ns), *ns), blob)
+        assert [repr(x) for x in got] == [repr(x) for x in expected]
+        sparse += len(blob) % 2 == 1 and blob[:1] in (b"a", b"b", b"e", b"f")
+    assert sparse > 1000  # most of them are sparse

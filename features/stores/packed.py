@@ -314,11 +314,34 @@ def ring_windows(blob: bytes | None, size: int, stamp: int,
     newest first, then the edge bucket stamp-n."""
     if not blob:
         return [0.0] * (2 * len(ns))
+    if len(blob) % 2 and _FORMATS[blob[0]].sparse:
+        return _sparse_windows(blob, size, stamp, ns)
     vals = _values(blob, size, range(stamp, stamp - max(ns) - 1, -1))
     out: list[float] = []
     for n in ns:
         out.append(sum(vals[:n if n < size else size], 0.0))
         out.append(vals[n])
+    return out
+
+
+def _sparse_windows(blob: bytes, size: int, stamp: int, ns: tuple[int, ...]) -> list[float]:
+    """`ring_windows` of a sparse ring (an address seen a few times, a quiet key), from
+    its few cells rather than bucket by bucket: the same sums, since the live cells are
+    added in the same order (newest first) and the empty buckets added nothing."""
+    _, base, flat = _flat(blob)
+    reach = max(ns)
+    live = sorted(((st, flat[i + 2]) for i in range(0, len(flat), 3)
+                   if 0 <= stamp - (st := flat[i + 1] + base) <= reach
+                   and flat[i] == st % size), reverse=True)
+    out: list[float] = []
+    for n in ns:
+        width, total, edge = min(n, size), 0.0, 0.0
+        for st, value in live:
+            if stamp - st < width:
+                total += value
+            elif stamp - st == n:
+                edge = value
+        out.extend((total, edge))
     return out
 
 
