@@ -171,7 +171,7 @@ def run_all(n_events: int = 20_000, redis_url: str | None = None, *,
 
     server = None
     if redis_url is None:
-        from tests.support.redis_server import LocalRedisServer
+        from features.stores.local_server import LocalRedisServer
 
         server = LocalRedisServer().start()
         redis_url = server.url

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -23,16 +22,11 @@ import httpx
 import numpy as np
 import uvicorn
 
+from features.stores.local_server import free_port
 from serving.api.app import create_app
 from serving.settings import Settings
 
 T0 = 1_794_999_960
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _batch(n: int, offset: int) -> list[dict[str, object]]:
@@ -57,7 +51,7 @@ def _probe(client: httpx.Client, url: str, n: int, stop: threading.Event | None 
 def run(batches: int = 6, probes: int = 200) -> dict[str, float]:
     settings = Settings(secret="bench-secret-0123456789", data_dir=Path(tempfile.mkdtemp()),
                         event_log=False)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -216,7 +216,7 @@ def main() -> None:
     server = None
     url = args.redis
     if url is None:
-        from tests.support.redis_server import LocalRedisServer
+        from features.stores.local_server import LocalRedisServer
 
         server = LocalRedisServer().start()
         url = server.url

@@ -299,7 +299,7 @@ def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Fi
     Each server is sent every body at most once, in order, so keywatch never sees an event
     twice or a timestamp go backwards."""
     from benchmarks.http_load import LoadResult, json_bodies, run_load
-    from tests.support.redis_server import _free_port
+    from features.stores.local_server import free_port
 
     figures: list[Figure] = []
     # A data directory of its own: the service starts fresh (no checkpoint or snapshot of
@@ -318,7 +318,7 @@ def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Fi
     sent = dict.fromkeys(targets, 0)
     try:
         for name, target in targets.items():
-            ports[name] = port = _free_port()
+            ports[name] = port = free_port()
             cmd = [sys.executable, "-m", "uvicorn", target, "--app-dir", str(REPO_ROOT),
                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                    "--no-access-log"]
@@ -467,7 +467,7 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
 
     server = None
     if redis_url is None:
-        from tests.support.redis_server import LocalRedisServer
+        from features.stores.local_server import LocalRedisServer
 
         server = LocalRedisServer().start()
         redis_url = server.url
@@ -525,7 +525,7 @@ def run_state_only(*, size: str = "full", out: Path | None = None,
     replaced, the others kept as they were measured)."""
     server = None
     if redis_url is None:
-        from tests.support.redis_server import LocalRedisServer
+        from features.stores.local_server import LocalRedisServer
 
         server = LocalRedisServer().start()
         redis_url = server.url

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from features.stores.local_server import LocalRedisCluster, LocalRedisServer
 from serving.api.app import create_app
 from serving.settings import Settings
-from tests.support.redis_server import LocalRedisCluster, LocalRedisServer
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -12,11 +12,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from features.stores.base import CLAIM, INCR, LOG_APPEND, LOG_READ, REMEMBER, EntityOps
+from features.stores.local_server import LocalRedisCluster
 from features.stores.memory import MemoryStore
 from features.stores.redis_cluster import RedisClusterStore
 from serving.api.app import create_app
 from tests.conftest import ADMIN_TOKEN, make_settings
-from tests.support.redis_server import LocalRedisCluster
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from features.keys import KeyHasher
 from features.stores.base import GET, INCR, LIMIT, SET, ZITEMS, EntityOps, StateStore
+from features.stores.local_server import LocalRedisServer, free_port
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import RedisStore
 from serving.api.app import create_app
@@ -33,7 +33,6 @@ from serving.policy.responses import (
     limit_writes,
 )
 from tests.conftest import ADMIN_TOKEN, TEST_SECRET, make_settings
-from tests.support.redis_server import LocalRedisServer
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 HASHER = KeyHasher(TEST_SECRET)
@@ -240,12 +239,6 @@ def test_a_flood_through_the_api_does_not_unban(tmp_path: Path) -> None:
 
 
 # ---- crashes ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET, "KEYWATCH_ADMIN_TOKEN": ADMIN_TOKEN,
            "KEYWATCH_DATA_DIR": str(data_dir), "KEYWATCH_MODELS": "false"}
@@ -265,7 +258,7 @@ def _serve(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    yield tmp_path / "data", _free_port()
+    yield tmp_path / "data", free_port()
 
 
 def test_kill_9_loses_no_ban_and_no_admin_act(served: tuple[Path, int]) -> None:
@@ -422,7 +415,7 @@ def test_the_audit_trail_names_the_forwarded_admin_only_behind_a_trusted_proxy(
         tmp_path: Path, trusted: str, recorded: str) -> None:
     """`keywatch serve --trusted-proxy` believes X-Forwarded-For from that proxy only: the
     audit trail names the admin's own address behind it, and the direct peer otherwise."""
-    port = _free_port()
+    port = free_port()
     proc = _serve(tmp_path / "data", port, "--trusted-proxy", trusted)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as c:

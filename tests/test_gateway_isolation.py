@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import httpx
 import openai
 import pytest
 
+from features.stores.local_server import free_port
 from serving.api.app import create_app
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.ops_servers import serve_in_thread
@@ -67,12 +67,6 @@ def test_the_gateway_imports_only_the_standard_library_and_its_http_dependencies
     assert not set(ML_AND_SERVICE) & gateway_dependencies()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 BLOCKED_RUN = """
 import runpy, sys
 for name in {blocked!r}:
@@ -87,7 +81,7 @@ def proxy_without_ml(tmp_path: Path) -> Iterator[tuple[str, str, object]]:
     """A real keywatch, a fake upstream, and the proxy as a process without the ML stack."""
     keywatch = create_app(make_settings())
     with serve_in_thread(keywatch) as kw_url, serve_in_thread(FakeOpenAI().app()) as up_url:
-        port = _free_port()
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWATCH_")}
         proc = subprocess.Popen(
             [sys.executable, "-c", BLOCKED_RUN.format(blocked=ML_AND_SERVICE),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from benchmarks.http_load import run_load
+from features.stores.local_server import free_port
 from serving.engine.event_log import read_event_log
 from tests.conftest import TEST_SECRET
 
@@ -25,12 +25,6 @@ CONCURRENCY = 32
 TARGET_S = 20.0
 MAX_REQUESTS = 60_000
 RSS_GROWTH_LIMIT_KB = 30 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kb(pid: int) -> int:
@@ -53,7 +47,7 @@ def make_bodies(n: int, offset: int) -> list[bytes]:
 
 @pytest.mark.slow
 def test_sustained_load_has_no_errors_no_lost_events_and_flat_memory(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KEYWATCH_SECRET": TEST_SECRET, "KEYWATCH_DATA_DIR": str(tmp_path),
            "KEYWATCH_STORE": "memory", "PYTHONPATH": str(ROOT)}
     # the server's log goes to a file: a pipe nobody reads fills up, and a service whose

@@ -19,13 +19,13 @@ import redis
 from fastapi.testclient import TestClient
 
 from features.stores.base import GET, INCR, RECENT_ADD, RECENT_COUNT, RING_SUM, EntityOps
+from features.stores.local_server import LocalRedisServer
 from features.stores.redis_store import RedisStore
 from features.stores.resilient import ResilientStore, StoreError, write_requests
 from features.stores.spool import WriteSpool
 from serving.api.app import create_app
 from tests.conftest import make_settings
 from tests.state_probe import redis_request_total
-from tests.support.redis_server import LocalRedisServer
 
 T0 = 1_794_999_960
 

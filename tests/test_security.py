@@ -12,10 +12,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from features.stores.local_server import LocalRedisServer
 from serving.api.app import create_app
 from serving.cli.worker import WorkerConfig, build_worker
 from tests.conftest import make_settings
-from tests.support.redis_server import LocalRedisServer
 
 T0 = 1_794_999_960
 RAW_KEYS = [f"sk-live-RAWSECRET{i}-9f8e7d6c5b4a39281706" for i in range(4)]

@@ -34,7 +34,8 @@ def find_redis_server() -> str:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -48,7 +49,7 @@ class LocalRedisServer:
     """
 
     def __init__(self, port: int | None = None, *, persist: bool = False) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.persist = persist
         self.executable = find_redis_server()
         self._dir = tempfile.TemporaryDirectory(prefix="keywatch-redis-")
@@ -112,7 +113,7 @@ class LocalRedisServer:
 def _free_cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too."""
     for _ in range(100):
-        port = _free_port()
+        port = free_port()
         if port + 10000 > 65535:
             continue
         with socket.socket() as s:
