@@ -36,3 +36,16 @@ def test_bench_smoke_writes_every_figure_with_its_baseline(
     assert all(r["us_per_event"] >= 0 and r["cumulative_us"] > 0 for r in stages)
     assert "| offline |" in format_report(report)
     assert list(work.iterdir()) == []
+
+
+def test_redis_unit_costs_measure_every_case(redis_url: str) -> None:
+    """The unit-cost benchmark runs each case on a real server and derives every price
+    (the numbers are reported, never asserted)."""
+    from benchmarks.redis_costs import measure, unit_costs
+
+    rt = measure(redis_url, n=50)
+    assert set(rt) == {"get_1", "get_4", "script_4", "fast_30x8", "fast_30x270",
+                       "hset_30x270"}
+    assert all(us > 0 for us in rt.values())
+    assert set(unit_costs(rt)) == {"round_trip", "command", "script_call",
+                                   "field_in_script", "kb_in_script", "field_by_hset"}
