@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from features.extractor import FeatureVector, Plan
-from features.stores.base import DECAY_ADD, GETS, EntityOps
+from features.stores.base import DECAY_ADD, DEL, GETS, EntityOps
 from features.stores.packed import BLOB_PREFIX, decayed_sums
 from models.feature_space import to_model_space
 from models.offline import OfflineDetector
@@ -103,6 +103,11 @@ class KeyStreams:
         packed, text, legacy = _held_streams(raw)
         ref, values, stored = 0.0, None, False
         held = decayed_sums(packed, STREAM_STATE_SIZE) if packed else None
+        self.superseded: tuple[str, ...] = () if held is not None else tuple(
+            name for name, value in ((TEXT_STREAMS_FIELD, text), (LEGACY_STREAMS_FIELD, legacy))
+            if value)
+        """Older fields read in place of the packed one: the first delta carries their
+        state over, and deletes them (an active key would otherwise keep them for good)."""
         if held is not None:
             (ref, values), stored = held, True
         elif text:
@@ -345,7 +350,8 @@ class Detectors:
             else:
                 continue
             learned = True
-        out = [EntityOps("k", state.key_id, [state.streams.delta_op()])] if learned else []
+        out = [EntityOps("k", state.key_id, [state.streams.delta_op(), *(
+            (DEL, name) for name in state.streams.superseded)])] if learned else []
         if (not flagged and state.pending is not None and state.pending.clean
                 and self.population_log is not None):
             with self._lock:

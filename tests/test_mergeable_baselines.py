@@ -13,7 +13,7 @@ import pytest
 from features.contract import Event
 from features.extractor import FEATURE_NAMES
 from features.keys import KeyHasher
-from features.stores.base import DECAY_ADD, GET, EntityOps, StateStore
+from features.stores.base import DECAY_ADD, GET, SET, EntityOps, StateStore
 from features.stores.memory import MemoryStore
 from features.stores.packed import decayed_sums
 from features.stores.redis_store import RedisStore
@@ -190,6 +190,44 @@ def _expected(held: tuple[float, list[float]] | None, ts: float, hls: list[float
         else:
             out.append(v * 0.5 ** ((t1 - t0) / hl) + x * 0.5 ** ((t1 - ts) / hl))
     return t1, out
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_scored_key_moves_its_text_sums_to_the_packed_field(backend: str,
+                                                               redis_url: str) -> None:
+    """A key whose sums are held as text (written before they were packed): its first
+    learned event carries them into the packed field and deletes the text, so an active
+    key does not keep 2.4 KB of dead state for good."""
+    from models.detectors import TEXT_STREAMS_FIELD, KeyStreams
+
+    events = one_key_events(days=0.3, quiet=True)
+    store = _stores(backend, redis_url, 1, "text")[0]
+    scorer = Scorer(store=store, hasher=KeyHasher(SECRET), detectors=build_detectors(
+        model_dir=None, checkpoint=None, feature_names=model_features(FEATURE_NAMES)))
+    key_id = scorer.hasher.key_id(events[0].api_key)
+    learned = KeyStreams()
+    for i in range(40):
+        for stream in learned.streams.values():
+            stream.learn(events[0].timestamp - 3600 + 60 * i, 5.0 + i % 3)
+    ref = max(stream.ref_time for stream in learned.streams.values())
+    text = f"{ref!r}|" + ",".join(repr(x) for stream in learned.streams.values()
+                                  for x in stream.at(ref).v)
+    store.execute([EntityOps("k", key_id, [(SET, TEXT_STREAMS_FIELD, text)])])
+    fresh = [e.model_copy(update={"api_key": e.api_key + "-fresh"}) for e in events[:5]]
+    for event in [*events[:5], *fresh]:
+        scorer.score(event)
+    scorer.flush()
+    packed, old = store.execute([EntityOps("k", key_id, [(GET, STREAMS_FIELD),
+                                                        (GET, TEXT_STREAMS_FIELD)])])[0]
+    assert old is None
+    fresh_id = scorer.hasher.key_id(fresh[0].api_key)
+    alone = KeyStreams(store.execute([EntityOps("k", fresh_id, [(GET, STREAMS_FIELD)])])[0])
+    now = KeyStreams([packed, None, None])
+    weight = 3  # the learned points' decayed count (`models.streaming`): the text's plus
+    for name, stream in learned.streams.items():  # the five events' (learned alike)
+        both = stream.at(ref).merge(alone.streams[name])
+        assert stream.v[weight] > 10
+        assert now.streams[name].v[weight] == pytest.approx(both.v[weight], rel=1e-9)
 
 
 def test_a_key_learned_as_text_keeps_its_state() -> None:
