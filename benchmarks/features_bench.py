@@ -27,6 +27,7 @@ from typing import Any
 from features.contract import Event
 from features.extractor import FeatureExtractor, FeatureStream
 from features.stores.base import StateStore
+from features.stores.local_server import redis_url_or_local
 
 NAIVE_COUNTERS = 9
 """Counters the naive design keeps per event (requests and tokens per key and window,
@@ -169,13 +170,7 @@ def run_all(n_events: int = 20_000, redis_url: str | None = None, *,
     from features.stores.memory import MemoryStore
     from features.stores.redis_store import RedisStore
 
-    server = None
-    if redis_url is None:
-        from features.stores.local_server import LocalRedisServer
-
-        server = LocalRedisServer().start()
-        redis_url = server.url
-    try:
+    with redis_url_or_local(redis_url) as redis_url:
         events = synthetic_events(n_events)
         redis_events = events[: n_redis_events or min(n_events, 5_000)]
         out = {"memory": bench_features(len(events), MemoryStore(), events=events)}
@@ -183,9 +178,6 @@ def run_all(n_events: int = 20_000, redis_url: str | None = None, *,
         out["redis"] = bench_features(len(redis_events), store, events=redis_events)
         store.close()
         out["naive"] = bench_naive_redis(len(redis_events), redis_url, events=redis_events)
-    finally:
-        if server is not None:
-            server.close()
     for name, r in out.items():
         trips = r["round_trips_per_event"]
         echo(f"{name:>7}: {r['events_per_s']:>9,.0f} events/s wall "

@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 
+from features.stores.local_server import redis_url_or_local
 from features.stores.redis_store import APPLY_OPS
 
 HASH = "costs:h"
@@ -107,14 +108,7 @@ def main() -> None:
     parser.add_argument("--redis", default=None, help="redis:// URL (default: a local one)")
     parser.add_argument("--n", type=int, default=3_000, help="round trips per case")
     args = parser.parse_args()
-    server = None
-    url = args.redis
-    if url is None:
-        from features.stores.local_server import LocalRedisServer
-
-        server = LocalRedisServer().start()
-        url = server.url
-    try:
+    with redis_url_or_local(args.redis) as url:
         t0 = time.perf_counter()
         rt = measure(url, n=args.n)
         floor = rt["get_1"]
@@ -126,9 +120,6 @@ def main() -> None:
         for name, us in unit_costs(rt).items():
             print(f"| {name} | {us:.2f} | {us / floor:.3f}x |")
         print(f"\n({time.perf_counter() - t0:.0f} s)")
-    finally:
-        if server is not None:
-            server.close()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from features.contract import Event
 from features.extractor import FeatureExtractor, FeatureStream
 from features.stores.base import StateStore
 from features.stores.budget import entity_bytes
+from features.stores.local_server import redis_url_or_local
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import RedisStore
 
@@ -213,18 +214,8 @@ def main() -> None:
     parser.add_argument("--redis", default=None, help="redis:// URL (default: a local one)")
     parser.add_argument("--keys", type=int, default=6)
     args = parser.parse_args()
-    server = None
-    url = args.redis
-    if url is None:
-        from features.stores.local_server import LocalRedisServer
-
-        server = LocalRedisServer().start()
-        url = server.url
-    try:
+    with redis_url_or_local(args.redis) as url:
         run_state_bench(url, n_keys=args.keys)
-    finally:
-        if server is not None:
-            server.close()
 
 
 if __name__ == "__main__":

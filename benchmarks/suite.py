@@ -42,6 +42,7 @@ from features.contract import Event
 from features.extractor import FEATURE_NAMES
 from features.keys import KeyHasher
 from features.stores.base import StateStore
+from features.stores.local_server import redis_url_or_local
 from features.stores.memory import MemoryStore
 from models.detectors import build_detectors
 from models.feature_space import model_features
@@ -465,13 +466,7 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
 
     figures.append(retrain_features_figure(size))
 
-    server = None
-    if redis_url is None:
-        from features.stores.local_server import LocalRedisServer
-
-        server = LocalRedisServer().start()
-        redis_url = server.url
-    try:
+    with redis_url_or_local(redis_url) as redis_url:
         from features.stores.redis_store import RedisStore
 
         feats = run_all(sizes["pipeline"], redis_url, n_redis_events=sizes["redis"],
@@ -496,9 +491,6 @@ def run_bench(*, size: str = "smoke", out: Path | None = None,
                               higher_is_better=False))
         store.close()
         figures.extend(state_figures(sizes, redis_url))
-    finally:
-        if server is not None:
-            server.close()
 
     if http:
         # every HTTP request carries a new event: warm-up, three concurrency levels, batches
@@ -523,17 +515,8 @@ def run_state_only(*, size: str = "full", out: Path | None = None,
                    redis_url: str | None = None) -> dict[str, Any]:
     """Only the state store's figures; merged into `out` (figures of the same name are
     replaced, the others kept as they were measured)."""
-    server = None
-    if redis_url is None:
-        from features.stores.local_server import LocalRedisServer
-
-        server = LocalRedisServer().start()
-        redis_url = server.url
-    try:
+    with redis_url_or_local(redis_url) as redis_url:
         figures = [f.as_dict() for f in state_figures(SIZES[size], redis_url)]
-    finally:
-        if server is not None:
-            server.close()
     report: dict[str, Any] = {"size": size, "figures": []}
     if out is not None and out.exists():
         report = json.loads(out.read_text())

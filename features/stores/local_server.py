@@ -12,6 +12,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -108,6 +110,17 @@ class LocalRedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def redis_url_or_local(url: str | None) -> Iterator[str]:
+    """`url` as it is, or the URL of a throwaway local server for the duration (the
+    benchmarks' `--redis`: a given server, else one of their own)."""
+    if url is not None:
+        yield url
+        return
+    with LocalRedisServer() as server:
+        yield server.url
 
 
 def _free_cluster_port() -> int:
