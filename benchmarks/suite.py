@@ -50,7 +50,8 @@ from models.offline import OfflineDetector
 from serving.engine.scorer import Scorer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-"""The checkout the benchmark runs from: its servers import `tests.support` from here."""
+"""Where the benchmarked servers import keywatch and the parse-only baseline from (the
+checkout, or the installed packages' directory)."""
 
 BENCH_SECRET = "keywatch-benchmark-secret-0123456789"
 T0 = 1_794_999_960.0
@@ -309,7 +310,7 @@ def bench_http(sizes: dict[str, int], payloads: list[dict[str, Any]]) -> list[Fi
     env = {**os.environ, "KEYWATCH_SECRET": BENCH_SECRET, "KEYWATCH_EVENT_LOG": "false",
            "KEYWATCH_DATA_DIR": data_dir.name}
     targets = {
-        "baseline": "tests.support.trivial_app:app",
+        "baseline": "benchmarks.parse_only_app:app",
         "keywatch": "serving.api.app:app_from_env",
     }
     ports: dict[str, int] = {}

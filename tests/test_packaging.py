@@ -54,16 +54,32 @@ def test_every_data_file_of_an_installed_package_is_shipped() -> None:
     assert missing == [], f"tracked files no package-data pattern ships: {missing}"
 
 
+NOT_INSTALLED = ("tests", "notebooks", "scripts")
+
+
+def _module_names(tree: ast.AST) -> list[str]:
+    """Modules a file imports, and module paths it names in strings (a server it starts
+    as `package.module:app`, a module it runs with `-m`)."""
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module or "")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value.split(":", 1)[0]
+            if "." in text and all(part.isidentifier() for part in text.split(".")):
+                names.append(text)
+    return names
+
+
 def test_installed_code_imports_nothing_from_the_checkout() -> None:
-    """No installed module imports `tests` (or anything else not installed)."""
+    """No installed module imports, or starts a server from, `tests` (or anything else
+    not installed)."""
     wrong = []
     for pkg in _installed_packages():
         for path in pkg.glob("*.py"):
             tree = ast.parse(path.read_text(), str(path))
-            for node in ast.walk(tree):
-                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom)
-                         and node.level == 0 else [])
-                wrong += [f"{path.relative_to(ROOT)}: {n}" for n in names
-                          if n.split(".")[0] in ("tests", "notebooks", "scripts")]
+            wrong += [f"{path.relative_to(ROOT)}: {n}" for n in _module_names(tree)
+                      if n.split(".")[0] in NOT_INSTALLED]
     assert wrong == []
