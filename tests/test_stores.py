@@ -6,6 +6,7 @@ The Redis side runs against a real redis-server process.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -452,3 +453,26 @@ def test_window_sums_of_a_sparse_ring_are_its_buckets_sums() -> None:
         assert [repr(x) for x in got] == [repr(x) for x in expected]
         sparse += len(blob) % 2 == 1 and blob[:1] in (b"a", b"b", b"e", b"f")
     assert sparse > 1000  # most of them are sparse
+
+
+@pytest.mark.parametrize("make", [
+    lambda url: MemoryStore(),
+    lambda url: RedisStore(url, namespace="blob-off", cache_mb=0),
+    lambda url: RedisStore(url, namespace="blob-copies")], ids=["memory", "redis", "copies"])
+def test_packed_fields_are_deleted_and_never_written_as_text(
+        make: Callable[[str], StateStore], redis_url: str) -> None:
+    """A `b|` field (packed sums) is removed by DEL on every path, the copies' fast path
+    included; a SET of text into one, or DECAY_ADD into a text field, is refused before
+    any op of the request is applied."""
+    store = make(redis_url)
+    sums = (DECAY_ADD, "b|s", 1000.0, [60.0], [2.0])
+    store.execute([EntityOps("k", "e", [sums, (INCR, "n", 1)])])
+    store.execute([EntityOps("k", "e", [(INCR, "n", 1)])])  # the copy is now current
+    assert store.execute([EntityOps("k", "e", [(DEL, "b|s"), (GET, "b|s")])])[0] == [
+        None, None]
+    for bad in ((SET, "b|s", "1|2"), (DECAY_ADD, "plain", 1000.0, [60.0], [2.0])):
+        with pytest.raises(StoreError) as refused:
+            store.execute([EntityOps("k", "e", [(INCR, "n", 5), bad])])
+        assert getattr(refused.value, "data_error", False)
+    assert store.execute([EntityOps("k", "e", [(GET, "n"), (GET, "b|s"),
+                                               (GET, "plain")])])[0] == ["2", None, None]

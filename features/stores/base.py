@@ -147,6 +147,14 @@ class StoreError(RuntimeError):
     """The state store failed; no operation of the failing request was applied."""
 
 
+def data_error(message: str) -> StoreError:
+    """A `StoreError` for a request that is wrong in itself (bad data, not an outage):
+    retrying it cannot help (`data_error` is set)."""
+    error = StoreError(message)
+    error.data_error = True  # type: ignore[attr-defined]
+    return error
+
+
 @dataclass(slots=True)
 class EntityOps:
     """Operations applied atomically, in order, to one entity's state."""

@@ -71,6 +71,7 @@ from features.stores.base import (
     EntityOps,
     StateStore,
     StoreError,
+    data_error,
     is_enforcement_field,
 )
 from features.stores.budget import entity_bytes
@@ -79,6 +80,7 @@ from features.stores.packed import (
     BLOB_PREFIX,
     EMPTY_STAMP,
     PROFILE_MARK,
+    blob_misuse,
     decay_add,
     ewm_next,
     member_hash,
@@ -375,6 +377,10 @@ class MemoryStore(StateStore):
         except (KeyError, IndexError, TypeError):
             bad = next((op for op in ops if not op or op[0] not in _HANDLERS), ())
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
+        if (MemoryStore._set in handlers or MemoryStore._decay_add in handlers) and (
+                bad_field := blob_misuse(ops)) is not None:
+            raise data_error(f"{bad_field[0]} cannot write field {bad_field[1]!r} (see "
+                              f"packed.BLOB_PREFIX)")
         state = self._entity(req.kind, req.entity_id)
         self._current = (req.kind, req.entity_id)
         if ops and ops[0][0] == CLAIM:
@@ -413,6 +419,9 @@ class MemoryStore(StateStore):
         if fld[:4] in _ENF:
             if s.enf is not None:
                 s.enf.pop(fld, None)
+            return
+        if fld[:2] == BLOB_PREFIX:
+            s.profiles.pop(fld, None)
             return
         s.hash.pop(fld, None)
 

@@ -50,10 +50,16 @@ from features.stores.base import (
     ZITEMS,
     ZREM,
     ZSET,
-    StoreError,
+    data_error,
     is_enforcement_field,
 )
-from features.stores.packed import BLOB_PREFIX, member_hash, profile_slot, unpack_ring
+from features.stores.packed import (
+    BLOB_PREFIX,
+    blob_misuse,
+    member_hash,
+    profile_slot,
+    unpack_ring,
+)
 
 PLAIN, NUMBER, RING, CAPPED_SET, PROFILE = range(5)
 """How a fetched field is rebuilt: text, a float (as the memory store keeps EWM state and
@@ -128,15 +134,16 @@ Plan = tuple[list[str], list[int], list[Any], int]
 def plan_request(ops: Sequence[tuple[Any, ...]]) -> Plan:
     """(fields to fetch, how to rebuild each, ops for the script, how many of the fields,
     first, the script's writes need)."""
+    bad = blob_misuse(ops)
+    if bad is not None:
+        raise data_error(f"{bad[0]} cannot write field {bad[1]!r} (see packed.BLOB_PREFIX)")
     touched: dict[str, int] = dict.fromkeys(KEEP_FIELDS, PLAIN)
     read_only: dict[str, int] = {}
     sent: list[Any] = []
     for op in ops:
         code = op[0] if op else None
         if code not in OP_CODES:
-            error = StoreError(f"unknown store operation {code!r}")
-            error.data_error = True  # type: ignore[attr-defined] # bad data, not an outage
-            raise error
+            raise data_error(f"unknown store operation {code!r}")
         if code in _CHANGES or (code == LIMIT and op[1] != "peek"):
             _touches(op, touched)
             sent.append((code, op[1], member_hash(op[2]), *op[3:]) if code in _HASHED
