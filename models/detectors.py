@@ -92,6 +92,31 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _older_state(text: Any, legacy: Any) -> tuple[float, list[float]] | None:
+    """(reference time, sums) of the text field ("T|v1,..."), else of the legacy field
+    (written back whole, no reference time: 0); None when neither holds a readable state."""
+    if text:
+        stamp, _, rest = _text(text).partition("|")
+        values = _floats(rest)
+        if values is not None:
+            return float(stamp), values
+    if legacy:
+        values = _floats(_text(legacy))
+        if values is not None:
+            return 0.0, values
+    return None
+
+
+def _stream(params: StreamParams, state: tuple[float, list[float]] | None, at: int,
+            n: int) -> SeasonalStream | None:
+    """One stream's part of a held state (`n` values from `at`), at its reference time."""
+    if state is None:
+        return None
+    ref, values = state
+    stream = SeasonalStream.wrap(params, values[at:at + n])
+    return stream.at(ref) if ref else stream
+
+
 class KeyStreams:
     """A key's `SeasonalStream`s as read from the store, and what learning adds to them.
 
@@ -101,34 +126,28 @@ class KeyStreams:
 
     def __init__(self, raw: str | bytes | Sequence[Any] | None = None) -> None:
         packed, text, legacy = _held_streams(raw)
-        ref, values, stored = 0.0, None, False
         held = decayed_sums(packed, STREAM_STATE_SIZE) if packed else None
-        self.superseded: tuple[str, ...] = () if held is not None else tuple(
+        older = _older_state(text, legacy)
+        self.superseded: tuple[str, ...] = tuple(
             name for name, value in ((TEXT_STREAMS_FIELD, text), (LEGACY_STREAMS_FIELD, legacy))
             if value)
-        """Older fields read in place of the packed one: the first delta carries their
-        state over, and deletes them (an active key would otherwise keep them for good)."""
-        if held is not None:
-            (ref, values), stored = held, True
-        elif text:
-            stamp, _, rest = _text(text).partition("|")
-            values = _floats(rest)
-            ref = float(stamp) if values is not None else 0.0
-        elif legacy:
-            values = _floats(_text(legacy))
+        """Older fields found beside (or instead of) the packed one: their state is not in
+        it yet (carrying it over deletes them in the same atomic call), so this write's
+        delta carries it and deletes them; an active key would otherwise keep them for
+        good. They reappear beside a packed field when an older replica writes them, or
+        when a delta sent during an outage created the packed field without them."""
         self.streams: dict[str, SeasonalStream] = {}
         self.before: dict[str, SeasonalStream] = {}
         at = 0
         for name, params in STREAM_PARAMS.items():
             n = _SIZES[name]
-            stream = (SeasonalStream.wrap(params, values[at:at + n]) if values is not None
-                      else SeasonalStream(params))
-            if ref:
-                stream = stream.at(ref)
-            self.streams[name] = stream
-            # a state not in the packed field yet: all of it is this write's delta
-            self.before[name] = (SeasonalStream.wrap(params, stream.v.copy()) if stored
-                                 else SeasonalStream(params))
+            mine, old = _stream(params, held, at, n), _stream(params, older, at, n)
+            if mine is None:  # nothing packed yet: all of the older state is this delta
+                self.streams[name] = old or SeasonalStream(params)
+                self.before[name] = SeasonalStream(params)
+            else:
+                self.before[name] = SeasonalStream.wrap(params, mine.v.copy())
+                self.streams[name] = mine.merge(old) if old is not None else mine
             at += n
 
     def encode(self) -> str:
