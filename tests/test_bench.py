@@ -44,8 +44,8 @@ def test_redis_unit_costs_measure_every_case(redis_url: str) -> None:
     from benchmarks.redis_costs import measure, unit_costs
 
     rt = measure(redis_url, n=50)
-    assert set(rt) == {"get_1", "get_4", "script_4", "fast_30x8", "fast_30x270",
-                       "hset_30x270"}
+    assert set(rt) == {"get_1", "get_4", "script_4", "fast_1x8", "fast_30x8",
+                       "fast_30x270", "hset_1x8", "hset_30x8"}
     assert all(us > 0 for us in rt.values())
-    assert set(unit_costs(rt)) == {"round_trip", "command", "script_call",
+    assert set(unit_costs(rt)) == {"round_trip", "command", "script_call", "fast_path_call",
                                    "field_in_script", "kb_in_script", "field_by_hset"}
