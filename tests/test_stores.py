@@ -433,12 +433,16 @@ def test_a_snapshot_keeps_the_logs(tmp_path: Path) -> None:
 def test_window_sums_of_a_sparse_ring_are_its_buckets_sums() -> None:
     """A sparse ring's windows are summed from its few cells: the very floats of summing
     every bucket newest first (empty ones adding 0.0), and the same edge bucket, on
-    random rings of the sizes the catalogue uses (late, early and negative-zero adds)."""
+    random rings of the sizes the catalogue uses (late, early and negative-zero adds, and
+    a cell from long ago in some: the wide form)."""
     rng = random.Random(5)
-    sparse = 0
+    sparse = wide = 0
     for _ in range(3000):
         size = rng.choice((8, 26, 32, 194))
         start, blob = rng.randint(1000, 30_000_000), None
+        if rng.random() < 0.3:  # a cell from long ago: the wide sparse form (tag S)
+            old = start - rng.randint(70_000, 200_000)
+            blob, _ = ring_add(blob, old % size, old, 1.0)
         for _ in range(rng.randint(1, 12)):
             stamp = start + rng.randint(-40, 40)
             blob, _ = ring_add(blob, stamp % size, stamp,
@@ -451,8 +455,9 @@ def test_window_sums_of_a_sparse_ring_are_its_buckets_sums() -> None:
         expected = [x for n in ns for x in (sum(values[:min(n, size)], 0.0), values[n])]
         got = ring_read((RING_WINDOWS, "r", size, stamp, len(ns), *ns), blob)
         assert [repr(x) for x in got] == [repr(x) for x in expected]
-        sparse += len(blob) % 2 == 1 and blob[:1] in (b"a", b"b", b"e", b"f")
-    assert sparse > 1000  # most of them are sparse
+        sparse += len(blob) % 2 == 1 and blob[:1] in (b"a", b"b", b"e", b"f", b"S")
+        wide += blob[:1] == b"S" and len(blob) % 2 == 1
+    assert sparse > 1000 and wide > 100  # most of them sparse, some of the wide form
 
 
 @pytest.mark.parametrize("make", [
