@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from features.extractor import FeatureVector, Plan
-from features.stores.base import DECAY_ADD, DEL, GETS, EntityOps
-from features.stores.packed import BLOB_PREFIX, decayed_sums
+from features.stores.base import BLOB_PREFIX, DECAY_ADD, DEL, GETS, EntityOps
+from features.stores.packed import decayed_sums
 from models.feature_space import to_model_space
 from models.offline import OfflineDetector
 from models.online import PendingEvent, PopulationDetector
@@ -149,9 +149,6 @@ class KeyStreams:
                 self.before[name] = SeasonalStream.wrap(params, mine.v.copy())
                 self.streams[name] = mine.merge(old) if old is not None else mine
             at += n
-
-    def encode(self) -> str:
-        return ",".join(f"{x:.10g}" for s in self.streams.values() for x in s.v)
 
     def delta_op(self) -> tuple[Any, ...]:
         """DECAY_ADD of what was learned since the read (see `SeasonalStream.delta_since`)."""

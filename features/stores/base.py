@@ -103,13 +103,29 @@ LOG_READ = "log_read"  # (LOG_READ, name, after, limit) -> [id | None, head, [[s
 
 # Mergeable decayed sums (a key's streaming detectors, `models.streaming`):
 DECAY_ADD = "decay_add"  # (DECAY_ADD, field, ts, half_lives, deltas) -> None
-#   the field (named `b|...`, `packed.BLOB_PREFIX`) holds packed doubles T, v1, v2, ...
+#   the field (named `b|...`, `BLOB_PREFIX`) holds packed doubles T, v1, v2, ...
 #   (`packed.decay_add`): sums held at reference time T. With
 #   T' = max(T, ts), each v_i becomes v_i * 0.5 ** ((T' - T) / hl_i)
 #   + d_i * 0.5 ** ((T' - ts) / hl_i) (hl_i = 0: no decay; hl_i < 0: v_i is replaced by
 #   d_i, a value that is not a sum), and T becomes T'. Additions commute, so replicas
 #   sending their deltas in any order hold one state. A held vector of another length is
 #   replaced by the delta.
+
+BLOB_PREFIX = "b|"
+"""A field named `b|name` holds bytes the ops pack themselves (DECAY_ADD's sums,
+`packed.decay_add`): kept as they are, like a profile, never decoded as text. DECAY_ADD
+writes only such fields, SET never does (GET, GETS and DEL take both kinds)."""
+
+
+def check_blob_fields(ops: Sequence[tuple[Any, ...]]) -> None:
+    """Refuse (a data error) a request that would write packed sums into a text field
+    (DECAY_ADD without the `b|` prefix) or text into a packed field (SET with it). Both
+    stores call it before applying any op of the request."""
+    for op in ops:
+        if op and op[0] in (DECAY_ADD, SET) and len(op) > 1 and (
+                (str(op[1])[:2] == BLOB_PREFIX) != (op[0] == DECAY_ADD)):
+            raise data_error(f"{op[0]} cannot write field {op[1]!r} (see BLOB_PREFIX)")
+
 
 OP_CODES = (GET, SET, DEL, INCR, RING_ADD, RING_MAX, RING_GET, RING_SUM, EWM,
     RECENT_ADD, RECENT_COUNT, SEEN_ADD, EWM_GAP, EWM_SAME, GETS, RING_WINDOWS, RING_VALUES,

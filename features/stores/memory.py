@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from features.stores.base import (
+    BLOB_PREFIX,
     BUDGET_ADD,
     CLAIM,
     CLAIM_FIELD_PREFIX,
@@ -71,16 +72,14 @@ from features.stores.base import (
     EntityOps,
     StateStore,
     StoreError,
-    data_error,
+    check_blob_fields,
     is_enforcement_field,
 )
 from features.stores.budget import entity_bytes
 from features.stores.journal import EnforcementJournal, enforcement_writes
 from features.stores.packed import (
-    BLOB_PREFIX,
     EMPTY_STAMP,
     PROFILE_MARK,
-    blob_misuse,
     decay_add,
     ewm_next,
     member_hash,
@@ -377,10 +376,8 @@ class MemoryStore(StateStore):
         except (KeyError, IndexError, TypeError):
             bad = next((op for op in ops if not op or op[0] not in _HANDLERS), ())
             raise StoreError(f"unknown store operation {bad[:1]!r}") from None
-        if (MemoryStore._set in handlers or MemoryStore._decay_add in handlers) and (
-                bad_field := blob_misuse(ops)) is not None:
-            raise data_error(f"{bad_field[0]} cannot write field {bad_field[1]!r} (see "
-                              f"packed.BLOB_PREFIX)")
+        if MemoryStore._set in handlers or MemoryStore._decay_add in handlers:
+            check_blob_fields(ops)
         state = self._entity(req.kind, req.entity_id)
         self._current = (req.kind, req.entity_id)
         if ops and ops[0][0] == CLAIM:

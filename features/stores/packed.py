@@ -495,24 +495,6 @@ def member_hash(member: str) -> int:
                           "little")
 
 
-
-BLOB_PREFIX = "b|"
-"""A field named `b|name` holds bytes the ops pack themselves (DECAY_ADD's sums): kept as
-they are, like a profile, never decoded as text. DECAY_ADD writes only such fields, SET
-never does (GET and DEL take both kinds)."""
-
-
-def blob_misuse(ops: Sequence[tuple[Any, ...]]) -> tuple[Any, ...] | None:
-    """The first op that would write packed sums into a text field (DECAY_ADD without the
-    `b|` prefix) or text into a packed field (SET with it); None when there is none. Both
-    stores refuse such a request before applying any of it."""
-    for op in ops:
-        if op and op[0] in ("decay_add", "set") and len(op) > 1 and (
-                (str(op[1])[:2] == BLOB_PREFIX) != (op[0] == "decay_add")):
-            return op
-    return None
-
-
 @lru_cache(maxsize=16)
 def _sums_struct(n: int) -> struct.Struct:
     return struct.Struct(f"<{n + 1}d")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from features.stores.base import (
+    BLOB_PREFIX,
     BUDGET_ADD,
     CLAIM,
     DECAY_ADD,
@@ -50,16 +51,11 @@ from features.stores.base import (
     ZITEMS,
     ZREM,
     ZSET,
+    check_blob_fields,
     data_error,
     is_enforcement_field,
 )
-from features.stores.packed import (
-    BLOB_PREFIX,
-    blob_misuse,
-    member_hash,
-    profile_slot,
-    unpack_ring,
-)
+from features.stores.packed import member_hash, profile_slot, unpack_ring
 
 PLAIN, NUMBER, RING, CAPPED_SET, PROFILE = range(5)
 """How a fetched field is rebuilt: text, a float (as the memory store keeps EWM state and
@@ -134,9 +130,7 @@ Plan = tuple[list[str], list[int], list[Any], int]
 def plan_request(ops: Sequence[tuple[Any, ...]]) -> Plan:
     """(fields to fetch, how to rebuild each, ops for the script, how many of the fields,
     first, the script's writes need)."""
-    bad = blob_misuse(ops)
-    if bad is not None:
-        raise data_error(f"{bad[0]} cannot write field {bad[1]!r} (see packed.BLOB_PREFIX)")
+    check_blob_fields(ops)
     touched: dict[str, int] = dict.fromkeys(KEEP_FIELDS, PLAIN)
     read_only: dict[str, int] = {}
     sent: list[Any] = []
