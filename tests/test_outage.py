@@ -18,7 +18,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from features.stores.base import GET, INCR, RECENT_ADD, RECENT_COUNT, RING_SUM, EntityOps
+from features.stores.base import GET, INCR, LIMIT, RECENT_ADD, RECENT_COUNT, RING_SUM, EntityOps
 from features.stores.local_server import LocalRedisServer
 from features.stores.redis_store import RedisStore
 from features.stores.resilient import ResilientStore, StoreError, write_requests
@@ -135,6 +135,30 @@ def test_an_interrupted_replay_is_resumed_without_applying_anything_twice(
     assert store.skipped_on_replay == 120
     assert store.status()["state"] == "ok" and store.status()["spooled"] == 0
     assert not list(store.spool.dir.glob("seg-*"))
+    store.close()
+
+
+def test_replay_follows_writes_that_change_no_field_of_the_entity(
+        own_redis: LocalRedisServer, tmp_path: Path) -> None:
+    """A spooled write that changes no field (metering a key that has no limit) still
+    moves the entity's replay mark: the next record's mark read must see it, not the
+    replica's held copy of the entity from before (which once refused every later write
+    of the entity as "an earlier spooled write is missing")."""
+    store = ResilientStore(RedisStore(own_redis.url), policy="fail_open", spool_dir=tmp_path,
+                           retry_interval_s=60, replay_batch=1)
+    store.execute(incr("a"))
+    own_redis.kill()
+    for _ in range(5):
+        meter = EntityOps("k", "a")
+        meter.add(LIMIT, "count", float(T0))  # no active limit: nothing changes
+        store.execute([meter])
+        store.execute(incr("a"))
+    own_redis.start()
+    assert store.recover()
+    status = store.status()
+    assert status["rejected"] == 0 and status["replayed_total"] == status["spooled_total"] == 10
+    client = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    assert float(client.hget("kw:{k:a}:h", "n")) == 1 + 5
     store.close()
 
 

@@ -34,7 +34,10 @@ local inner = {}
 for k = 1, na - 3 do inner[k] = ARGV[k] end
 local out = apply_ops(KEYS, inner)
 if type(out) == 'table' and out.err then return out end
-redis.call('HSET', h, field, ARGV[na])
+-- the mark is a write of the hash like any other: it gets a new version token (`_v`,
+-- the request's own, inner[3]), so a replica's held copy of the entity, which may hold
+-- the mark, is not trusted past it even when the ops themselves changed nothing
+redis.call('HSET', h, field, ARGV[na], '_v', inner[3])
 local ttl = tonumber(inner[1])
 if ttl > 0 then redis.call('EXPIRE', h, ttl) end
 return 1
