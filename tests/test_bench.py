@@ -49,3 +49,13 @@ def test_redis_unit_costs_measure_every_case(redis_url: str) -> None:
     assert all(us > 0 for us in rt.values())
     assert set(unit_costs(rt)) == {"round_trip", "command", "script_call", "fast_path_call",
                                    "field_in_script", "kb_in_script", "field_by_hset"}
+
+
+def test_bench_writes_into_a_checkout_only_when_run_from_one(tmp_path: Path) -> None:
+    """Run elsewhere (an installed keywatch), the figures go to a file of their own in the
+    current directory, and no `benchmarks/` folder is created there."""
+    from serving.cli.bench import CHECKOUT_RESULTS, INSTALLED_RESULTS, default_out
+
+    assert default_out(tmp_path) == INSTALLED_RESULTS
+    (tmp_path / "benchmarks").mkdir()
+    assert default_out(tmp_path) == CHECKOUT_RESULTS

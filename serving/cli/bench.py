@@ -1,21 +1,31 @@
-"""The `bench` verb: every path's speed as ratios (needs a source checkout)."""
+"""The `bench` verb: every path's speed as ratios against baselines run alongside."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from serving.runtime import tune_gc
 
-if TYPE_CHECKING:
-    pass
+CHECKOUT_RESULTS = Path("benchmarks/results.json")
+"""Where a checkout keeps its recorded figures (the README's tables come from it)."""
+INSTALLED_RESULTS = Path("keywatch-bench.json")
+
+
+def default_out(cwd: Path) -> Path:
+    """The checkout's results file when run from a checkout, else a file of its own in
+    the current directory: a run elsewhere never creates a `benchmarks/` folder there."""
+    if (cwd / CHECKOUT_RESULTS).parent.is_dir():
+        return CHECKOUT_RESULTS
+    return INSTALLED_RESULTS
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.suite import format_report, run_bench, run_state_only
 
     tune_gc()  # as the service runs (see serving.runtime)
+    if args.out is None:
+        args.out = default_out(Path.cwd())
     if args.only == "state":
         report = run_state_only(size=args.size, out=args.out, redis_url=args.redis)
     else:
@@ -29,7 +39,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = sub.add_parser("bench", help="speed of every path, as ratios against baselines")
     bench.add_argument("--size", choices=["tiny", "smoke", "full"], default="full")
-    bench.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    bench.add_argument("--out", type=Path, default=None,
+                       help="results file (default: benchmarks/results.json in a checkout, "
+                            "else keywatch-bench.json)")
     bench.add_argument("--redis", help="use this Redis instead of starting a local one")
     bench.add_argument("--no-http", action="store_true")
     bench.add_argument("--no-rss", action="store_true")
