@@ -26,6 +26,7 @@ from features.stores.spool import WriteSpool
 from serving.api.app import create_app
 from tests.conftest import make_settings
 from tests.state_probe import redis_request_total
+from tests.test_metrics import value
 
 T0 = 1_794_999_960
 
@@ -235,12 +236,16 @@ def test_service_survives_redis_being_killed_and_restarted(
             if step % 25 == 0 or step in (kill_at + 1, restart_at - 1):
                 r = c.get("/readyz")
                 readiness.append((step, r.status_code, r.json()["status"]))
+            if step == restart_at - 1:
+                scrapes.append(c.get("/metrics").text)
 
+        scrapes: list[str] = []
         result = _post_all(c, n, keys, batch, on_step)
         assert wait_until(lambda: store.status()["state"] == "ok")
         final = c.get("/readyz")
         assert final.status_code == 200 and final.json()["store"]["outage"]["state"] == "ok"
         status = store.status()
+        scrapes.append(c.get("/metrics").text)
 
     # readiness followed the outage
     during = [code for i, code, _ in readiness if kill_at < i < restart_at]
@@ -256,6 +261,17 @@ def test_service_survives_redis_being_killed_and_restarted(
         assert codes.get(503, 0) >= restart_at - kill_at and set(codes) <= {200, 503}
     assert status["outages"] == 1 and status["spooled"] == 0
     assert status["replayed_total"] == status["spooled_total"]
+    # and so did /metrics, where an operator alerts on it
+    during_outage, after = scrapes
+    assert value(during_outage, "keywatch_store_degraded") == 1
+    assert value(after, "keywatch_store_degraded") == 0
+    assert value(during_outage, "keywatch_store_spool_pending") == (
+        value(during_outage, "keywatch_store_spooled_total"))
+    assert value(after, "keywatch_store_spool_pending") == 0
+    assert value(after, "keywatch_store_outages_total") == 1
+    assert value(after, "keywatch_store_replayed_total") == status["spooled_total"]
+    assert value(after, "keywatch_store_spool_rejected_total") == 0
+    assert value(after, "keywatch_store_spool_errors_total") == 0
     if policy == "fail_open":
         assert status["spooled_total"] >= (restart_at - kill_at - 1) * batch
     else:  # a 503 applies nothing: no spool, the retry is the one application

@@ -42,6 +42,7 @@ def _operations(settings: Settings, scorer: Scorer, event_log: EventLog | None) 
     ops.limit_lookup = lambda key_id: key_enforcement(scorer, key_id)["limit"]
     ops.bans_active = lambda: active_bans(scorer)
     ops.metrics.store_stats = getattr(scorer.store, "stats", None)
+    ops.metrics.store_outage = lambda: resilience.store_status(scorer.store)
     return ops
 
 

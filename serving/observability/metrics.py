@@ -45,6 +45,7 @@ class _ComponentCollector(Collector):
             yield from self._models()
             yield from self._bans()
             yield from self._store()
+            yield from self._outage()
         except Exception:  # a scrape must answer even if a component misbehaves
             log.exception("metrics collection failed")
 
@@ -141,7 +142,39 @@ class _ComponentCollector(Collector):
                 yield g
 
 
+    def _outage(self) -> Iterator[Metric]:
+        """A Redis store's outage state: whether it is degraded now, what waits in the
+        spool, and the writes that did not make it back (refused, or lost to the disk)."""
+        status = self.m.store_outage() if self.m.store_outage is not None else None
+        if not status:
+            return
+        degraded = GaugeMetricFamily("keywatch_store_degraded",
+                                     "1 while the state store is unreachable and this "
+                                     "replica decides from local state (or refuses)")
+        degraded.add_metric([], float(status["state"] == "degraded"))
+        yield degraded
+        pending = GaugeMetricFamily("keywatch_store_spool_pending",
+                                    "State writes in the spool, waiting for Redis")
+        pending.add_metric([], float(status["spooled"]))
+        yield pending
+        for name, key, help_text in _OUTAGE_COUNTERS:
+            c = CounterMetricFamily(name, help_text)
+            c.add_metric([], float(status[key]))
+            yield c
+
+
 _STORE_GAUGES = frozenset(("enforcement_entities", "feature_bytes", "feature_entities"))
+_OUTAGE_COUNTERS = (
+    ("keywatch_store_outages", "outages", "Times the state store became unreachable"),
+    ("keywatch_store_spooled", "spooled_total", "Records of state writes spooled"),
+    ("keywatch_store_replayed", "replayed_total", "Spooled records replayed into Redis"),
+    ("keywatch_store_spool_rejected", "rejected",
+     "Spooled records Redis refused, set aside in the spool's rejected.jsonl (not applied)"),
+    ("keywatch_store_spool_errors", "spool_errors",
+     "State writes lost because the spool could not be written (disk full or failing)"),
+    ("keywatch_store_ambiguous", "ambiguous",
+     "Calls in flight when Redis failed, replayed (applied at least once)"),
+)
 
 
 class KeywatchMetrics:
@@ -171,6 +204,7 @@ class KeywatchMetrics:
         self.model_versions: Callable[[], dict[str, str | None]] | None = None
         self.bans_active: Callable[[], int | None] | None = None
         self.store_stats: Callable[[], dict[str, float]] | None = None
+        self.store_outage: Callable[[], dict[str, Any] | None] | None = None
         self.registry.register(_ComponentCollector(self))
 
     def observe_decision(self, decision: str, severity: str) -> None:
