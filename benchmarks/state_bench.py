@@ -4,6 +4,8 @@
   round trips per event, beside the CPU one bare GET round trip costs the server in the
   same run (the floor of any design with one round trip per event), and the same store
   with its entity copies turned off (every call's ops applied in the script);
+* the same through the full scorer with event ids (claims, ban reads, the population's
+  learning log), against claims applied in the script (the previous design);
 * events per second one Redis core serves, with several client processes replaying at
   once: the events replayed divided by the server CPU seconds they cost (the clients share
   this machine's cores, so wall-clock rate measures them, not Redis);
@@ -35,7 +37,7 @@ from benchmarks.old_layout.memory_v1 import OldLayoutMemoryStore
 from benchmarks.old_layout.redis_v1 import OldLayoutRedisStore
 from features.contract import Event
 from features.extractor import FeatureExtractor, FeatureStream
-from features.stores.base import StateStore
+from features.stores.base import CLAIM, REMEMBER, EntityOps, StateStore
 from features.stores.budget import entity_bytes
 from features.stores.local_server import redis_url_or_local
 from features.stores.memory import MemoryStore
@@ -100,6 +102,44 @@ def redis_cpu_per_event(store: RedisStore, events: list[tuple[Event, str]],
     replay(store, events[warm:])
     n = len(events) - warm
     return (server_cpu_s(store) - cpu) / n * 1e6, (store.round_trips - trips) / n
+
+
+class ClaimsInScriptRedisStore(RedisStore):
+    """The previous design, as a baseline: a call holding an event id's claim (or the
+    decision remembered for it) is applied in the script, never computed on the copy."""
+
+    def _compute_all(self, merged: list[EntityOps], plans: list[Any],
+                     tokens: list[bytes]) -> list[Any]:
+        out = super()._compute_all(merged, plans, tokens)
+        return [None if any(op[0] in (CLAIM, REMEMBER) for op in req.ops) else local
+                for req, local in zip(merged, out, strict=True)]
+
+
+def scorer_cpu_per_event(redis_url: str, events: list[tuple[Event, str]], *,
+                         rounds: int = 2) -> dict[str, float]:
+    """Server CPU µs per event through the full scorer (features, ban reads, models, the
+    population's learning log, event-id claims as a live service makes them), this
+    store and the baseline alternating `rounds` times in fresh namespaces: the mean."""
+    from benchmarks.suite import make_scorer
+    from serving.engine.ingest import Dedupe
+
+    with_ids = [e.model_copy(update={"event_id": f"ev-{i}"})
+                for i, (e, _) in enumerate(events)]
+    warm = len(with_ids) // 2
+    spent: dict[str, list[float]] = {"new": [], "claims_in_script": []}
+    for _ in range(rounds):
+        for label, cls in (("new", RedisStore), ("claims_in_script", ClaimsInScriptRedisStore)):
+            store = cls(redis_url, namespace=f"scorer{label}{time.time_ns()}", timeout_s=5.0)
+            scorer = make_scorer(store)
+            scorer.dedupe = Dedupe(window_s=3600)
+            for event in with_ids[:warm]:
+                scorer.score(event)
+            cpu = server_cpu_s(store)
+            for event in with_ids[warm:]:
+                scorer.score(event)
+            spent[label].append((server_cpu_s(store) - cpu) / (len(with_ids) - warm) * 1e6)
+            store.close()
+    return {label: statistics.mean(values) for label, values in spent.items()}
 
 
 def redis_entity_bytes(store: RedisStore, kind: str) -> list[int]:
@@ -188,6 +228,9 @@ def run_state_bench(redis_url: str, *, n_keys: int = 6, days: float = 8.0,
         store.close()
         echo(f"redis {label}: {cpu:.0f} µs server CPU/event, {trips:.2f} round trips/event, "
              f"key {_median(keys):.0f} B, address {_median(ips):.0f} B")
+    out["scorer_cpu_us_per_event"] = scorer_cpu_per_event(redis_url, events)
+    echo("full scorer with event ids: {new:.0f} µs server CPU/event, claims in the "
+         "script {claims_in_script:.0f}".format(**out["scorer_cpu_us_per_event"]))
     for label, mem in (("new", MemoryStore(max_mb=None)), ("old", OldLayoutMemoryStore())):
         replay(mem, events)
         keys, key_est = memory_entity_bytes(mem, "k")

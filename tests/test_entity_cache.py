@@ -13,7 +13,7 @@ import random
 import pytest
 import redis
 
-from features.stores.base import GET, INCR, SET, EntityOps
+from features.stores.base import CLAIM, GET, INCR, REMEMBER, SET, EntityOps
 from features.stores.memory import MemoryStore
 from features.stores.redis_store import RedisStore
 from tests.test_stores import normalise, random_ops
@@ -78,3 +78,36 @@ def test_a_call_computed_here_still_refreshes_a_ban_s_ttl(redis_url: str) -> Non
     store.execute([EntityOps("k", "abc", [(SET, "ban:until", "9999999999")])])
     assert store.cache.hits == 1
     assert client.ttl("cache-ttl:{k:abc}:h") > 600  # kept until the ban ends, not idle TTL
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_claims_are_computed_on_the_copy_and_a_repeat_applies_nothing(
+        redis_url: str, seed: int) -> None:
+    """An event's claim rides the fast path: its round trip holds the key's learning
+    first and the claim as a call of its own, computed on the copy as the learning leaves
+    it. A repeated token answers what was remembered and applies nothing, on both paths;
+    claims expire. One memory store sees the same calls and gives the same results."""
+    rng = random.Random(seed)
+    mem = MemoryStore()
+    store = RedisStore(redis_url, namespace=f"claims{seed}")
+    other = RedisStore(redis_url, namespace=f"claims{seed}", cache_mb=0)
+    now = 1_700_000_000.0
+    for i in range(300):
+        now += rng.uniform(0, 30)
+        token = f"ev{i - rng.randint(1, 60) if rng.random() < 0.1 else i}"  # a retry
+        learning = EntityOps("k", "x", [(INCR, "learned", 1), (SET, "last", str(now))])
+        claim = EntityOps("k", "x", [(CLAIM, "cl", token, now + 600, now), (INCR, "n", 1),
+                                     (GET, "n"), (GET, "learned")])
+        reqs = [learning, claim]
+        if rng.random() < 0.5:
+            reqs.append(EntityOps("k", "x", [(REMEMBER, "cl", token, f"decided {token}")]))
+        replica = other if rng.random() < 0.1 else store
+        assert normalise(mem.execute(reqs)) == normalise(replica.execute(reqs))
+    # the claims computed on the copy too: the calls applied in the script are those
+    # after another replica wrote, and after a repeat
+    calls = store.cache.hits + store.cache.misses
+    assert store.cache.misses < calls / 4, (store.cache.misses, calls)
+    repeats = normalise(mem.execute([EntityOps("k", "x", [
+        (CLAIM, "cl", "ev0", now + 600, now)])]))
+    assert repeats == normalise(store.execute([EntityOps("k", "x", [
+        (CLAIM, "cl", "ev0", now + 600, now)])]))

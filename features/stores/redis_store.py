@@ -45,7 +45,7 @@ from features.stores.base import (
     StateStore,
     StoreError,
 )
-from features.stores.entity_cache import EntityCache
+from features.stores.entity_cache import CachedEntity, EntityCache
 from features.stores.memory import new_state, replay_ops
 from features.stores.replay import (
     IN_SCRIPT,
@@ -87,10 +87,11 @@ class LuaScript:
 
 
 APPLY_OPS = LuaScript(_LUA)
-FAST_IN_SCRIPT = frozenset((ZSET, ZREM, ZITEMS, LOG_APPEND, LOG_READ))
-"""Sorted-set ops the script runs on the fast path too: they touch no field a copy holds
-(CLAIM and REMEMBER do, and always go the slow way)."""
-_CREATES_KEYS = frozenset((ZSET, LOG_APPEND))
+SLOW_PATH_SUFFIX = b"/s"
+"""What the script appends to a call's token when it applied the ops itself (the entity
+was not at the client's token): the token a computed call writes differs from it."""
+_CREATES_KEYS = frozenset((ZSET, LOG_APPEND, CLAIM))
+"""In-script ops that may create a sorted-set key, which must then be given its TTL."""
 
 
 def _bulk(value: str | bytes) -> bytes:
@@ -208,9 +209,8 @@ class RedisStore(StateStore):
     def execute(self, requests: Sequence[EntityOps]) -> list[list[Any]]:
         merged, parts = merge_by_entity(requests)
         plans = [plan_request(req.ops) for req in merged]
-        locals_ = [self._compute_locally(req, plan) for req, plan in zip(merged, plans,
-                                                                         strict=True)]
         tokens = [self.cache.new_token() for _ in merged]
+        locals_ = self._compute_all(merged, plans, tokens)
         raw = self.run_script(APPLY_OPS, [
             self._encode(req, plan, local, token)
             for req, plan, local, token in zip(merged, plans, locals_, tokens, strict=True)])
@@ -221,13 +221,36 @@ class RedisStore(StateStore):
         return [results[m][start:start + len(req.ops)]
                 for req, (m, start) in zip(requests, parts, strict=True)]
 
-    def _compute_locally(self, req: EntityOps, plan: Plan) -> LocalResult | None:
-        """The request's results and changed fields computed on the held copy of the
-        entity, when there is one holding every field the request touches."""
-        fields, kinds, sent, _ = plan
-        entry = self.cache.get((req.kind, req.entity_id)) if self.cache.max_bytes else None
-        if entry is None or not entry.holds(fields) or any(
-                op[0] in IN_SCRIPT and op[0] not in FAST_IN_SCRIPT for op in sent):
+    def _compute_all(self, merged: list[EntityOps], plans: list[Plan],
+                     tokens: list[bytes]) -> list[LocalResult | None]:
+        """Each call computed on the held copy where it can be. An entity with two calls
+        in the round trip (a claim is a call of its own) has its later call computed on
+        the copy as the earlier call leaves it, at the token that call writes: the
+        script runs them in order, so the later one is not refused for a token its own
+        predecessor moved."""
+        if not self.cache.max_bytes:
+            return [None] * len(merged)
+        keys = [(req.kind, req.entity_id) for req in merged]
+        if len(set(keys)) == len(keys):
+            return [self._compute_locally(req, plan, self.cache.get(key))
+                    for req, plan, key in zip(merged, plans, keys, strict=True)]
+        out: list[LocalResult | None] = []
+        ahead: dict[tuple[str, str], CachedEntity | None] = {}
+        for req, plan, key, token in zip(merged, plans, keys, tokens, strict=True):
+            entry = ahead[key] if key in ahead else self.cache.get(key)
+            local = self._compute_locally(req, plan, entry)
+            out.append(local)
+            ahead[key] = None if local is None or entry is None else CachedEntity(
+                token if local.changed else local.token, {**entry.raw, **local.changed},
+                kept=entry.kept)
+        return out
+
+    def _compute_locally(self, req: EntityOps, plan: Plan,
+                         entry: CachedEntity | None) -> LocalResult | None:
+        """The request's results and changed fields computed on `entry`, the held copy
+        of the entity, when it holds every field the request touches."""
+        fields, kinds, _, _ = plan
+        if entry is None or not entry.holds(fields):
             return None
         raw = entry.raw
         state = rebuild(new_state(), fields, kinds, [raw[name] for name in fields])
@@ -265,7 +288,7 @@ class RedisStore(StateStore):
         values.update(after)
         current = raw[2] if len(raw) > 2 else None
         held = self.cache.get(key)
-        self.cache.put(key, token if wrote else current, values,
+        self.cache.put(key, token + SLOW_PATH_SUFFIX if wrote else current, values,
                        merge=held is not None and held.token == current, kept=True)
         return results
 

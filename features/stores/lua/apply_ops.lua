@@ -4,12 +4,14 @@
 -- in the order named in the spec.
 -- ARGV[1]: ttl seconds. ARGV[2]: the version token the client's cached copy of the
 -- entity was written at, when the client computed this call on it ('' otherwise).
--- ARGV[3]: the token this call writes. ARGV[4], ARGV[5]: w and d. ARGV[6]: '1' when the
+-- ARGV[3]: the token this call writes ('/s' appended when the ops were applied here, so
+-- a later call of the round trip, computed on the copy as this call would have left it,
+-- is applied here too). ARGV[4], ARGV[5]: w and d. ARGV[6]: '1' when the
 -- fast path must refresh the TTL (the client knows when it last did, and when a ban, a
 -- limit or a permanent ban changed). Then w (field, new value) pairs and d fields to
 -- delete: the client's own result of the ops on its copy. ARGV[7 + 2w + d]: the fast
 -- path's sorted-set ops, JSON [[zset names...], [[code, args...]...]] ('' for none): they
--- run here either way (CLAIM and REMEMBER never take the fast path). ARGV[8 + 2w + d]:
+-- run here either way (a CLAIM first, so a repeat applies nothing). ARGV[8 + 2w + d]:
 -- the spec, JSON
 -- [[zset names...], n, [[code, args...]...], [fields...]]: the ops that change state (and
 -- ZITEMS), and the hash fields the request touches, the n that those ops read or write
@@ -72,11 +74,39 @@ local function log_read(op)
   return {ids[1] or false, ids[2] or '0', entries}
 end
 
--- the sorted-set ops that either path runs here (never CLAIM or REMEMBER, which touch
--- the hash): their result, false for none
+-- CLAIM (a request's first op): forget the claims expired at `now` (and what they
+-- remembered), then the value remembered for `token` when it is still claimed (a repeat:
+-- the caller applies nothing of the call), else claim it and return nil. The remembered
+-- values live in `_c:<token>` fields that no request reads, so no copy holds them and
+-- neither path changes the version token for them (features/stores/entity_cache.py).
+local function claim(op)
+  local zk, token = zkeys[op[2]], op[3]
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', g17(op[5]), 'LIMIT', 0, 64)
+  if #old > 0 then
+    local names = {}
+    for j = 1, #old do names[j] = '_c:' .. old[j] end
+    redis.call('HDEL', h, unpack(names))
+    redis.call('ZREM', zk, unpack(old))
+  end
+  if redis.call('ZSCORE', zk, token) then
+    return redis.call('HGET', h, '_c:' .. token) or ''
+  end
+  redis.call('ZADD', zk, g17(op[4]), token)
+  return nil
+end
+
+-- the sorted-set ops that either path runs here, CLAIM (done first, see above) and
+-- REMEMBER included: their result, false for none
 local function sorted_set_op(op)
   local code = op[1]
-  if code == 'zset' then
+  if code == 'claim' then
+    return false
+  elseif code == 'remember' then
+    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then
+      redis.call('HSET', h, '_c:' .. op[3], op[4])
+    end
+    return false
+  elseif code == 'zset' then
     local zk = zkeys[op[2]]
     redis.call('ZADD', zk, g17(op[4]), op[3])
     cap_z(zk, op[5])
@@ -120,6 +150,16 @@ local spec_at = 7 + 2 * n_pairs + n_dels  -- the fast path's sorted-set ops; the
 local current = redis.call('HGET', h, VERSION)
 if ARGV[2] ~= '' and current == ARGV[2] then
   -- the fast path: the client computed this call on the entity as it is
+  local zspec = false
+  if ARGV[spec_at] ~= '' then
+    zspec = cjson.decode(ARGV[spec_at])
+    for j, name in ipairs(zspec[1]) do zkeys[name] = KEYS[1 + j] end
+    local first = zspec[2][1]
+    if first and first[1] == 'claim' then  -- a repeat applies nothing of the call
+      local remembered = claim(first)
+      if remembered then return {'!', remembered} end
+    end
+  end
   if n_pairs + n_dels > 0 then
     redis.call('HSET', h, VERSION, ARGV[3], unpack(ARGV, 7, 6 + 2 * n_pairs))
   end
@@ -128,9 +168,7 @@ if ARGV[2] ~= '' and current == ARGV[2] then
     local keep = redis.call('HMGET', h, '_persist', 'ban:until', 'lim:until')
     keep_alive(keep[1], keep[2], keep[3])
   end
-  if ARGV[spec_at] == '' then return '=' end
-  local zspec = cjson.decode(ARGV[spec_at])
-  for j, name in ipairs(zspec[1]) do zkeys[name] = KEYS[1 + j] end
+  if not zspec then return '=' end
   local zout = {}
   for j, op in ipairs(zspec[2]) do zout[j] = sorted_set_op(op) end
   return {'=', cjson.encode(zout)}
@@ -162,18 +200,8 @@ end
 -- reply is {'!', what was remembered for it}
 local first = ops[1]
 if first and first[1] == 'claim' then
-  local zk, token = zkeys[first[2]], first[3]
-  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', g17(first[5]), 'LIMIT', 0, 64)
-  if #old > 0 then
-    local fields = {}
-    for j = 1, #old do fields[j] = '_c:' .. old[j] end
-    redis.call('HDEL', h, unpack(fields))
-    redis.call('ZREM', zk, unpack(old))
-  end
-  if redis.call('ZSCORE', zk, token) then
-    return {'!', redis.call('HGET', h, '_c:' .. token) or ''}
-  end
-  redis.call('ZADD', zk, g17(first[4]), token)
+  local remembered = claim(first)
+  if remembered then return {'!', remembered} end
 end
 
 -- the entity's fields: fetched once, those the writes need held in Lua, written back once
@@ -585,12 +613,7 @@ for _, op in ipairs(ops) do
     elseif held['_persist'] then hset('_persist', false) end
   elseif code == 'decay_add' then
     decay_add(op)
-  elseif code == 'claim' then
-    zout[#zout + 1] = false
-  elseif code == 'remember' then
-    if redis.call('ZSCORE', zkeys[op[2]], op[3]) then hset('_c:' .. op[3], op[4]) end
-    zout[#zout + 1] = false
-  else  -- zset, zrem, zitems, log_append, log_read
+  else  -- zset, zrem, zitems, claim, remember, log_append, log_read
     zout[#zout + 1] = sorted_set_op(op)
   end
 end
@@ -608,9 +631,9 @@ for f in pairs(dirty) do
     dels[#dels + 1] = f
   end
 end
-if #writes > 0 or #dels > 0 then  -- a new state: a new token
+if #writes > 0 or #dels > 0 then  -- a new state: a new token, marked as the slow path's
   writes[#writes + 1] = VERSION
-  writes[#writes + 1] = ARGV[3]
+  writes[#writes + 1] = ARGV[3] .. '/s'
   redis.call('HSET', h, unpack(writes))
 end
 if #dels > 0 then redis.call('HDEL', h, unpack(dels)) end
