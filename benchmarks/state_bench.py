@@ -5,7 +5,8 @@
   same run (the floor of any design with one round trip per event), and the same store
   with its entity copies turned off (every call's ops applied in the script);
 * the same through the full scorer with event ids (claims, ban reads, the population's
-  learning log), against claims applied in the script (the previous design);
+  learning log), against claims applied in the script (the previous design), and through
+  the stream worker's once scopes, against every call of a scope applied in the script;
 * events per second one Redis core serves, with several client processes replaying at
   once: the events replayed divided by the server CPU seconds they cost (the clients share
   this machine's cores, so wall-clock rate measures them, not Redis);
@@ -41,6 +42,7 @@ from features.stores.base import CLAIM, REMEMBER, EntityOps, StateStore
 from features.stores.budget import entity_bytes
 from features.stores.local_server import redis_url_or_local
 from features.stores.memory import MemoryStore
+from features.stores.once import OnceRedisStore
 from features.stores.redis_store import RedisStore
 
 T0 = 1_794_999_960.0
@@ -115,31 +117,74 @@ class ClaimsInScriptRedisStore(RedisStore):
                 for req, local in zip(merged, out, strict=True)]
 
 
-def scorer_cpu_per_event(redis_url: str, events: list[tuple[Event, str]], *,
-                         rounds: int = 2) -> dict[str, float]:
-    """Server CPU µs per event through the full scorer (features, ban reads, models, the
-    population's learning log, event-id claims as a live service makes them), this
-    store and the baseline alternating `rounds` times in fresh namespaces: the mean."""
-    from benchmarks.suite import make_scorer
-    from serving.engine.ingest import Dedupe
+class OnceInScriptRedisStore(OnceRedisStore):
+    """The previous design of the stream worker's store, as a baseline: every call inside
+    a once scope applied in the script (its reply cached), never computed on the copy."""
 
-    with_ids = [e.model_copy(update={"event_id": f"ev-{i}"})
-                for i, (e, _) in enumerate(events)]
-    warm = len(with_ids) // 2
-    spent: dict[str, list[float]] = {"new": [], "claims_in_script": []}
+    def _compute_all(self, merged: list[EntityOps], plans: list[Any],
+                     tokens: list[bytes]) -> list[Any]:
+        if self._token is not None:
+            return [None] * len(merged)
+        return super()._compute_all(merged, plans, tokens)
+
+
+def _with_ids(events: list[tuple[Event, str]]) -> list[Event]:
+    return [e.model_copy(update={"event_id": f"ev-{i}"}) for i, (e, _) in enumerate(events)]
+
+
+def _scorer_cpu(redis_url: str, events: list[Event], variants: dict[str, type[RedisStore]],
+                score: Callable[[Any, Any, Event], None], rounds: int) -> dict[str, float]:
+    """Server CPU µs per event through the full scorer (features, ban reads, models, the
+    population's learning log), each variant's store in turn, `rounds` times in fresh
+    namespaces: the mean. The first half of the events warms the state."""
+    from benchmarks.suite import make_scorer
+
+    warm = len(events) // 2
+    spent: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(rounds):
-        for label, cls in (("new", RedisStore), ("claims_in_script", ClaimsInScriptRedisStore)):
+        for label, cls in variants.items():
             store = cls(redis_url, namespace=f"scorer{label}{time.time_ns()}", timeout_s=5.0)
             scorer = make_scorer(store)
-            scorer.dedupe = Dedupe(window_s=3600)
-            for event in with_ids[:warm]:
-                scorer.score(event)
+            for event in events[:warm]:
+                score(store, scorer, event)
             cpu = server_cpu_s(store)
-            for event in with_ids[warm:]:
-                scorer.score(event)
-            spent[label].append((server_cpu_s(store) - cpu) / (len(with_ids) - warm) * 1e6)
+            for event in events[warm:]:
+                score(store, scorer, event)
+            spent[label].append((server_cpu_s(store) - cpu) / (len(events) - warm) * 1e6)
             store.close()
     return {label: statistics.mean(values) for label, values in spent.items()}
+
+
+def scorer_cpu_per_event(redis_url: str, events: list[tuple[Event, str]], *,
+                         rounds: int = 2) -> dict[str, float]:
+    """A live service's events (event ids claimed), against claims applied in the script."""
+    from serving.engine.ingest import Dedupe
+
+    def score(_store: Any, scorer: Any, event: Event) -> None:
+        if scorer.dedupe is None:
+            scorer.dedupe = Dedupe(window_s=3600)
+        scorer.score(event)
+
+    return _scorer_cpu(redis_url, _with_ids(events),
+                       {"new": RedisStore, "claims_in_script": ClaimsInScriptRedisStore},
+                       score, rounds)
+
+
+def worker_cpu_per_event(redis_url: str, events: list[tuple[Event, str]], *,
+                         rounds: int = 2) -> dict[str, float]:
+    """The stream worker's events (each in its once scope, its once keys deleted after, as
+    `keywatch worker` does), against every call of a scope applied in the script."""
+
+    def score(store: Any, scorer: Any, event: Event) -> None:
+        with store.once(f"ev:{event.event_id}") as keys, scorer.pinned_clock(event.timestamp):
+            scorer.score(event)
+            scorer.flush()
+        if keys:
+            store.client.delete(*keys)
+
+    return _scorer_cpu(redis_url, _with_ids(events),
+                       {"new": OnceRedisStore, "once_in_script": OnceInScriptRedisStore},
+                       score, rounds)
 
 
 def redis_entity_bytes(store: RedisStore, kind: str) -> list[int]:
@@ -231,6 +276,9 @@ def run_state_bench(redis_url: str, *, n_keys: int = 6, days: float = 8.0,
     out["scorer_cpu_us_per_event"] = scorer_cpu_per_event(redis_url, events)
     echo("full scorer with event ids: {new:.0f} µs server CPU/event, claims in the "
          "script {claims_in_script:.0f}".format(**out["scorer_cpu_us_per_event"]))
+    out["worker_cpu_us_per_event"] = worker_cpu_per_event(redis_url, events)
+    echo("stream worker: {new:.0f} µs server CPU/event, every call of a once scope in "
+         "the script {once_in_script:.0f}".format(**out["worker_cpu_us_per_event"]))
     for label, mem in (("new", MemoryStore(max_mb=None)), ("old", OldLayoutMemoryStore())):
         replay(mem, events)
         keys, key_est = memory_entity_bytes(mem, "k")

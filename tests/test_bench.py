@@ -24,6 +24,7 @@ def test_bench_smoke_writes_every_figure_with_its_baseline(
                      "http_p99_ms_c1", "http_rps_c16", "http_batch_events_per_s",
                      "rss_mib_after_events", "redis_server_cpu_us_per_event",
                      "redis_server_cpu_us_per_event_scorer",
+                     "redis_server_cpu_us_per_event_worker",
                      "redis_events_per_core_second", "redis_bytes_per_warm_key",
                      "redis_bytes_per_address", "memory_bytes_per_warm_key",
                      "memory_bytes_per_address"}

@@ -10,8 +10,16 @@ the request's ops. On the first call it applies the ops and caches the script's 
 fields as they were before, from which the client computes every result) in the same
 atomic script call; on a repeat it applies nothing and returns the cached reply.
 So a re-scored event reads back exactly what it read the first time, and its decision is
-the same. The cache keys live in the entity's hash-tag slot (legal on a cluster), expire
-after `once_ttl_s`, and the worker deletes them once the decision is published.
+the same.
+
+A call computed on the store's copy of its entity (the fast path, `RedisStore`) sends its
+results with it, and the wrapper caches those (with the sorted-set ops' answers) instead
+of a reply holding the fields before the ops, which the fast path never reads: a worker
+then costs the Redis core what a service's call does, not a full application of the ops
+in Lua for every call. A repeat answers from the cache whichever path the first took.
+
+The cache keys live in the entity's hash-tag slot (legal on a cluster), expire after
+`once_ttl_s`, and the worker deletes them once the decision is published.
 
 Outside a `once` scope the store behaves exactly like `RedisStore`.
 """
@@ -24,24 +32,34 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
+
 from features.stores.base import LIMIT, LOG_APPEND, LOG_READ, EntityOps
 from features.stores.lua_wrap import wrap_apply_ops
-from features.stores.redis_store import LuaScript, RedisStore
+from features.stores.redis_store import LocalResult, LuaScript, RedisStore, sorted_set_result
+from features.stores.replay import IN_SCRIPT, Plan, plan_request
+from features.stores.results_codec import decode_results, encode_results
 
 ONCE_LUA = wrap_apply_ops("""
 local n = #KEYS
 local once_key = KEYS[n]
 local cached = redis.call('GET', once_key)
-if cached then return cmsgpack.unpack(cached) end
+if cached then return {'~', cmsgpack.unpack(cached)} end
 local inner_keys, inner_argv = {}, {}
 for k = 1, n - 1 do inner_keys[k] = KEYS[k] end
-for k = 1, #ARGV - 1 do inner_argv[k] = ARGV[k] end
+for k = 1, #ARGV - 2 do inner_argv[k] = ARGV[k] end
 local out = apply_ops(inner_keys, inner_argv)
 if type(out) == 'table' and out.err then return out end
-redis.call('SET', once_key, cmsgpack.pack(out), 'EX', tonumber(ARGV[#ARGV]))
+local kept = out
+if out == '=' then kept = {'=', ARGV[#ARGV - 1], ''}
+elseif out[1] == '=' then kept = {'=', ARGV[#ARGV - 1], out[2]} end
+redis.call('SET', once_key, cmsgpack.pack(kept), 'EX', tonumber(ARGV[#ARGV]))
 return out
 """)
-"""apply_ops.lua as a function, plus: KEYS[last] = the once key, ARGV[last] = its TTL."""
+"""apply_ops.lua as a function, plus: KEYS[last] = the once key; ARGV[last - 1] = the
+results the client computed (when it sent the call's fast path), ARGV[last] = the key's
+TTL. A repeat answers ['~', what was kept]: the script's reply, or ['=', the client's
+results, the sorted-set ops' answers] when the first call took the fast path."""
 ONCE = LuaScript(ONCE_LUA)
 
 
@@ -91,11 +109,45 @@ class OnceRedisStore(RedisStore):
         token = self._token
         if token is None:
             return super().execute(requests)
+        plans = [plan_request(req.ops) for req in requests]
+        tokens = [self.cache.new_token() for _ in requests]
+        locals_ = [self._with_blob(local)
+                   for local in self._compute_all(list(requests), plans, tokens)]
         calls = []
-        for req in requests:
-            keys, argv = self.encode(req)
+        for req, plan, local, call_token in zip(requests, plans, locals_, tokens, strict=True):
+            keys, argv = self._encode(req, plan, local[0] if local else None, call_token)
             key = self.once_key(req, token)
             self._once_keys.append(key)
-            calls.append(([*keys, key], [*argv, str(self.once_ttl_s)]))
+            calls.append(([*keys, key], [*argv, local[1] if local else b"",
+                                         str(self.once_ttl_s)]))
         raw = self.run_script(ONCE, calls)
-        return [self._decode(req, res) for req, res in zip(requests, raw, strict=True)]
+        return [self._answer(req, res, plan, local[0] if local else None, call_token)
+                for req, res, plan, local, call_token
+                in zip(requests, raw, plans, locals_, tokens, strict=True)]
+
+    @staticmethod
+    def _with_blob(local: LocalResult | None) -> tuple[LocalResult, bytes] | None:
+        """A computed call with its results encoded for the cache; None (the call is
+        applied in the script) when they hold a value the encoding does not keep."""
+        if local is None:
+            return None
+        try:
+            return local, encode_results(local.results)
+        except TypeError:
+            return None
+
+    def _answer(self, req: EntityOps, raw: Any, plan: Plan, local: LocalResult | None,
+                token: bytes) -> list[Any]:
+        """A first application settles like any call (the copy follows it); a repeat
+        answers what the first application answered, and leaves the copy alone."""
+        if not (isinstance(raw, list) and raw and raw[0] == b"~"):
+            return self._settle(req, raw, plan, local, token)
+        kept = raw[1]
+        if kept[0] != b"=":
+            return self._decode(req, kept, plan)
+        results = decode_results(kept[1])
+        if kept[2]:
+            in_script = [i for i, op in enumerate(req.ops) if op[0] in IN_SCRIPT]
+            for i, value in zip(in_script, orjson.loads(kept[2]), strict=True):
+                results[i] = sorted_set_result(req.ops[i][0], value)
+        return results

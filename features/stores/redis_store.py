@@ -276,7 +276,7 @@ class RedisStore(StateStore):
             results = local.results
             if local.in_script:
                 for i, value in zip(local.in_script, orjson.loads(raw[1]), strict=True):
-                    results[i] = _sorted_set_result(req.ops[i][0], value)
+                    results[i] = sorted_set_result(req.ops[i][0], value)
             return results
         self.cache.misses += 1
         if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
@@ -378,7 +378,7 @@ class RedisStore(StateStore):
             at = iter(zres)
             for i, op in enumerate(req.ops):
                 if op[0] in IN_SCRIPT:
-                    given[i] = _sorted_set_result(op[0], next(at))
+                    given[i] = sorted_set_result(op[0], next(at))
         state = rebuild(new_state(), fields, kinds, raw[1])
         return replay_ops(state, req.ops, given), state
 
@@ -397,7 +397,7 @@ class LocalResult:
     """The sorted-set ops (by index), which the script answers on the fast path too."""
 
 
-def _sorted_set_result(code: str, value: Any) -> Any:
+def sorted_set_result(code: str, value: Any) -> Any:
     """An op answered by the script itself, as the memory store answers it."""
     if code == ZITEMS:
         return [[m, float(t)] for m, t in value] if isinstance(value, list) else []
