@@ -91,7 +91,12 @@ def test_a_repeat_on_another_replica_is_answered_from_the_store(redis_url: str) 
         first = a.post("/v1/events", json=body)
         again = b.post("/v1/events", json=body)
         assert again.status_code == 200 and again.json() == first.json()
-        assert redis_request_total(redis.Redis.from_url(redis_url), "sk-two-replicas") == 1
+        client = redis.Redis.from_url(redis_url)
+        assert redis_request_total(client, "sk-two-replicas") == 1
+        key_hash = f"kw:{{k:{first.json()['key_id']}}}:h"
+        kept = client.hget(key_hash, f"_c:{body['event_id']}")
+        assert kept is not None and b'"reasons"' not in kept  # defaults left out
+        assert len(kept) < 0.75 * len(first.content)
 
 
 def test_a_repeat_before_the_decision_is_remembered_is_not_applied(redis_url: str) -> None:

@@ -401,9 +401,10 @@ class Scorer:
         if obs.detector_state is not None and self.detectors is not None:
             learn.extend(self.detectors.after(obs.detector_state, flagged=flagged))
         event_id = event.event_id if self.dedupe is not None else None
-        if event_id:  # remembered with the key's claim, in the next round trip
+        if event_id:  # remembered with the key's claim, in the next round trip; a key
+            # holds one for each id of the dedupe window, so without its default values
             learn.append(self.dedupe.remember(  # type: ignore[union-attr]
-                KEY, obs.key_id, event_id, decision.model_dump_json()))
+                KEY, obs.key_id, event_id, decision.model_dump_json(exclude_defaults=True)))
         if not learn:
             return
         with self._lock:
