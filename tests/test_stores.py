@@ -306,6 +306,39 @@ def test_memory_store_keeps_to_its_budget_evicting_addresses_before_keys() -> No
     assert store.stats()["feature_bytes"] == store.feature_bytes
 
 
+def test_remembered_decisions_count_in_the_budget(tmp_path: Path) -> None:
+    """An event id's remembered decision is hundreds of characters: the byte estimate
+    follows them as they are remembered and forgotten, and a snapshot restores it."""
+    import pickle
+    import tracemalloc
+
+    store = MemoryStore(max_mb=None)
+    t = 1_700_000_000.0
+    base = None
+    for i in range(300):
+        decision = f'{{"key_id":"k_0","decision":"allow","score":0.{i},' + '"x":1,' * 50 + "}"
+        store.execute([EntityOps("k", "hot", [(CLAIM, "_claims", f"ev{i}", t + 900, t),
+                                              (INCR, "n", 1)])])
+        store.execute([EntityOps("k", "hot", [(REMEMBER, "_claims", f"ev{i}", decision)])])
+        if base is None:
+            base = store.feature_bytes
+    state = store._entities[("k", "hot")]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    clone = pickle.loads(pickle.dumps(state))
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del clone
+    assert 0.8 < store.feature_bytes / held < 1.25, (store.feature_bytes, held)
+    store.snapshot(tmp_path / "state.snapshot")
+    restored = MemoryStore(max_mb=None)
+    restored.restore(tmp_path / "state.snapshot")
+    assert restored.feature_bytes == store.feature_bytes
+    for _ in range(6):  # all expire: 64 are forgotten a call
+        store.execute([EntityOps("k", "hot", [(CLAIM, "_claims", "late", t + 5000, t + 1000)])])
+    assert state.remembered == 0 and store.feature_bytes < base + 2_000
+
+
 def test_rings_read_alike_while_sparse_and_once_dense(redis_url: str) -> None:
     # a ring starts as a few (slot, stamp, value) cells and turns dense past eight of them
     rng = random.Random(11)

@@ -39,4 +39,6 @@ def entity_bytes(state: Any) -> int:
             + sum(map(len, sets.values())))
     if zsets:
         size += SET_BYTES * len(zsets) + MEMBER_BYTES * sum(map(len, zsets.values()))
-    return size
+    # a claim's remembered decision (hundreds of characters) is far longer than the
+    # plain value FIELD_BYTES allows for
+    return size + state.remembered

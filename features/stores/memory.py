@@ -122,6 +122,9 @@ class _EntityState:
     snapshots (builtins only) keep them."""
     enf: dict[str, Any] | None = None
     """The entity's enforcement fields: the store's own dict for it, outside the LRU."""
+    remembered: int = 0
+    """Characters of the claims' remembered values in `hash` (a decision each, for the
+    dedupe window): kept as they change, so the byte estimate need not scan the hash."""
 
 
 _FEATURE_FIELDS = ("hash", "zsets", "sets", "rings", "profiles", "last_ts", "logs")
@@ -383,13 +386,18 @@ class MemoryStore(StateStore):
         if ops and ops[0][0] == CLAIM:
             held = _claim(state, ops[0])
             if held is not None:  # a repeat: nothing of this request is applied
+                self._resize(req.kind, state)  # but expired claims were forgotten
                 return [held, *([None] * (len(ops) - 1))]
         results = [h(self, state, op) for h, op in zip(handlers, ops, strict=False)]
-        if req.kind != GLOBAL_KIND:
+        self._resize(req.kind, state)
+        return results
+
+    def _resize(self, kind: str, state: _EntityState) -> None:
+        """Bring the store's byte count to the entity's state as it now is."""
+        if kind != GLOBAL_KIND:
             size = entity_bytes(state)
             self._bytes += size - state.size
             state.size = size
-        return results
 
     # --- operations (same semantics as stores/lua/apply_ops.lua); op = (code, *args) ------
     def _get(self, s: _EntityState, op: tuple[Any, ...]) -> Any:
@@ -605,7 +613,10 @@ class MemoryStore(StateStore):
     def _remember(self, s: _EntityState, op: tuple[Any, ...]) -> None:
         _, zname, token, value = op
         if token in s.zsets.get(zname, {}):
-            s.hash[CLAIM_FIELD_PREFIX + token] = str(value)
+            text = str(value)
+            old = s.hash.get(CLAIM_FIELD_PREFIX + token)
+            s.hash[CLAIM_FIELD_PREFIX + token] = text
+            s.remembered += len(text) - (len(old) if old is not None else 0)
 
     def _log_append(self, s: _EntityState, op: tuple[Any, ...]) -> int:
         _, name, entry, cap, new_id = op
@@ -727,6 +738,8 @@ def _state_of(fields: dict[str, Any]) -> _EntityState:
     # still hold members, not their hashes: each is new once)
     for name in [z for z, m in state.zsets.items() if m and isinstance(next(iter(m)), int)]:
         state.sets[name] = set_bytes(state.zsets.pop(name))
+    state.remembered = sum(len(str(v)) for f, v in state.hash.items()
+                           if f.startswith(CLAIM_FIELD_PREFIX))
     return state
 
 
@@ -790,7 +803,9 @@ def _claim(s: _EntityState, op: tuple[Any, ...]) -> str | None:
         expired.append(m)
     for old in expired:
         del z[old]
-        s.hash.pop(CLAIM_FIELD_PREFIX + old, None)
+        kept = s.hash.pop(CLAIM_FIELD_PREFIX + old, None)
+        if kept is not None:
+            s.remembered -= len(kept)
     if token in z:
         return str(s.hash.get(CLAIM_FIELD_PREFIX + token, ""))
     z[token] = float(expires_at)
