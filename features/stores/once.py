@@ -32,11 +32,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import orjson
-
 from features.stores.base import LIMIT, LOG_APPEND, LOG_READ, EntityOps
 from features.stores.lua_wrap import wrap_apply_ops
-from features.stores.redis_store import LocalResult, LuaScript, RedisStore, sorted_set_result
+from features.stores.redis_store import (
+    LocalResult,
+    LuaScript,
+    RedisStore,
+    fill_sorted_set_results,
+)
 from features.stores.replay import IN_SCRIPT, Plan, plan_request
 from features.stores.results_codec import decode_results, encode_results
 
@@ -111,30 +114,19 @@ class OnceRedisStore(RedisStore):
             return super().execute(requests)
         plans = [plan_request(req.ops) for req in requests]
         tokens = [self.cache.new_token() for _ in requests]
-        locals_ = [self._with_blob(local)
-                   for local in self._compute_all(list(requests), plans, tokens)]
+        computed = self._compute_all(list(requests), plans, tokens)
+        blobs = [_results_blob(local) for local in computed]
+        locals_ = [local if blob else None for local, blob in zip(computed, blobs, strict=True)]
         calls = []
-        for req, plan, local, call_token in zip(requests, plans, locals_, tokens, strict=True):
-            keys, argv = self._encode(req, plan, local[0] if local else None, call_token)
+        for req, plan, local, blob, call_token in zip(requests, plans, locals_, blobs, tokens,
+                                                      strict=True):
+            keys, argv = self._encode(req, plan, local, call_token)
             key = self.once_key(req, token)
             self._once_keys.append(key)
-            calls.append(([*keys, key], [*argv, local[1] if local else b"",
-                                         str(self.once_ttl_s)]))
+            calls.append(([*keys, key], [*argv, blob, str(self.once_ttl_s)]))
         raw = self.run_script(ONCE, calls)
-        return [self._answer(req, res, plan, local[0] if local else None, call_token)
-                for req, res, plan, local, call_token
-                in zip(requests, raw, plans, locals_, tokens, strict=True)]
-
-    @staticmethod
-    def _with_blob(local: LocalResult | None) -> tuple[LocalResult, bytes] | None:
-        """A computed call with its results encoded for the cache; None (the call is
-        applied in the script) when they hold a value the encoding does not keep."""
-        if local is None:
-            return None
-        try:
-            return local, encode_results(local.results)
-        except TypeError:
-            return None
+        return [self._answer(*call)
+                for call in zip(requests, raw, plans, locals_, tokens, strict=True)]
 
     def _answer(self, req: EntityOps, raw: Any, plan: Plan, local: LocalResult | None,
                 token: bytes) -> list[Any]:
@@ -148,6 +140,17 @@ class OnceRedisStore(RedisStore):
         results = decode_results(kept[1])
         if kept[2]:
             in_script = [i for i, op in enumerate(req.ops) if op[0] in IN_SCRIPT]
-            for i, value in zip(in_script, orjson.loads(kept[2]), strict=True):
-                results[i] = sorted_set_result(req.ops[i][0], value)
+            fill_sorted_set_results(req, results, in_script, kept[2])
         return results
+
+
+def _results_blob(local: LocalResult | None) -> bytes:
+    """A computed call's results encoded for the once cache; b"" when there are none, or
+    when they hold a value the encoding does not keep (the call is then applied in the
+    script, whose reply is kept)."""
+    if local is None:
+        return b""
+    try:
+        return encode_results(local.results)
+    except TypeError:
+        return b""

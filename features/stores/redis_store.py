@@ -273,11 +273,9 @@ class RedisStore(StateStore):
             assert local is not None
             self.cache.put(key, token if local.changed else local.token, local.changed,
                            merge=True, kept=local.keep)
-            results = local.results
             if local.in_script:
-                for i, value in zip(local.in_script, orjson.loads(raw[1]), strict=True):
-                    results[i] = sorted_set_result(req.ops[i][0], value)
-            return results
+                fill_sorted_set_results(req, local.results, local.in_script, raw[1])
+            return local.results
         self.cache.misses += 1
         if raw[0] == b"!":  # a token still claimed (CLAIM): nothing was applied
             return self._decode(req, raw, plan)
@@ -395,6 +393,14 @@ class LocalResult:
     """Whether the call refreshes the entity's TTL (see `RedisStore._keep_every`)."""
     in_script: list[int]
     """The sorted-set ops (by index), which the script answers on the fast path too."""
+
+
+def fill_sorted_set_results(req: EntityOps, results: list[Any], indices: list[int],
+                            answers: bytes) -> None:
+    """Put the script's answers (JSON, in op order) to the request's sorted-set ops at
+    `indices` into the results computed on the copy."""
+    for i, value in zip(indices, orjson.loads(answers), strict=True):
+        results[i] = sorted_set_result(req.ops[i][0], value)
 
 
 def sorted_set_result(code: str, value: Any) -> Any:

@@ -41,4 +41,3 @@ def encode_results(results: list[Any]) -> bytes:
 def decode_results(blob: bytes) -> list[Any]:
     out: list[Any] = _decoder.decode(blob.decode())
     return out
-

@@ -141,7 +141,6 @@ class _ComponentCollector(Collector):
                 g.add_metric([], float(stats[name]))
                 yield g
 
-
     def _outage(self) -> Iterator[Metric]:
         """A Redis store's outage state: whether it is degraded now, what waits in the
         spool, and the writes that did not make it back (refused, or lost to the disk)."""
